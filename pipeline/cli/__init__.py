@@ -1,0 +1,1 @@
+"""The ``pacsflow`` command line (typer). The only place that configures logging."""

@@ -1,0 +1,115 @@
+"""``pacsflow demo``: the pipeline on a generated archive, embedded defaults, no servers.
+
+Today the pipeline is synth -> crawl; each later stage joins the demo as it lands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.cli._common import ConfigOpt, WorkersOpt, build_config, fail, guarded
+
+#: The demo's embedded defaults, below any --config file and flags.
+DEMO_DEFAULTS: dict[str, Any] = {
+    "synth": {"patients": 3, "seed": 0, "ct_slices": 120, "rows": 512, "columns": 512},
+    "compute": {"workers": 2},
+}
+
+
+def _expected_quarantine(ground_truth: dict[str, Any]) -> set[str]:
+    return {str(b["path"]) for b in ground_truth.get("bad_objects", [])}
+
+
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the archive and the lake.")] = Path(
+        "demo-out"
+    ),
+    config: ConfigOpt = None,
+    workers: WorkersOpt = None,
+    patients: Annotated[
+        int | None, typer.Option("--patients", min=1, help="Synthetic patients (default 3).")
+    ] = None,
+) -> None:
+    """Run the whole pipeline on a generated archive (folder source, local Dask, CPU)."""
+    from pipeline.config.loader import deep_merge
+
+    extra: dict[str, Any] = {"lake": str(out / "lake"), "source": {"uri": str(out / "archive")}}
+    if patients is not None:
+        extra["synth"] = {"patients": patients}
+    cfg = build_config(config, workers=workers, extra=deep_merge(DEMO_DEFAULTS, extra))
+
+    def body() -> None:
+        import time
+
+        from pipeline.cli._common import progress_bar
+        from pipeline.cli.crawl import crawl_with_manifest
+        from pipeline.crawl import current_index
+        from pipeline.lake import LakePaths, read_table
+        from pipeline.synth import synthesize
+
+        t0 = time.perf_counter()
+        archive = out / "archive"
+        gt_path = archive / "ground_truth.json"
+        s = cfg.synth
+        if gt_path.exists():
+            typer.echo(f"synth: reusing the archive in {archive} (delete it to regenerate)")
+        else:
+            with progress_bar("synth", None) as advance:
+                result = synthesize(
+                    archive,
+                    patients=s.patients,
+                    seed=s.seed,
+                    ct_slices=s.ct_slices,
+                    rows=s.rows,
+                    columns=s.columns,
+                    include_mr=s.include_mr,
+                    include_bad=s.include_bad,
+                    workers=cfg.compute.workers,
+                    progress=advance,
+                )
+            typer.echo(
+                f"synth: {result.n_instances} instances in {result.n_series} series "
+                f"(+{result.n_bad} bad objects), {result.bytes_written / 2**20:.0f} MiB "
+                f"in {result.seconds:.1f} s"
+            )
+        typer.echo(crawl_with_manifest(cfg, str(archive), "demo"))
+
+        assert cfg.lake is not None
+        lake = LakePaths(cfg.lake)
+        index = current_index(lake)
+        quarantine = read_table(lake, "quarantine", columns=["location", "reason"])
+        gt = json.loads(gt_path.read_text(encoding="utf-8"))
+        expected = _expected_quarantine(gt)
+        got = set(quarantine.column("location").to_pylist())
+        n = lambda col: len(set(index.column(col).to_pylist()))  # noqa: E731
+        typer.echo("")
+        typer.echo(f"archive     {archive}  (ground truth: {gt_path.name})")
+        typer.echo(f"lake        {lake.root}")
+        typer.echo(f"  index       {lake.table('index')}")
+        typer.echo(f"  quarantine  {lake.table('quarantine')}")
+        typer.echo(f"  audit log   {lake.audit}")
+        typer.echo(f"  runs        {lake.runs}")
+        typer.echo(
+            f"summary     {n('PatientID')} patients, {n('StudyInstanceUID')} studies, "
+            f"{n('SeriesInstanceUID')} series, {index.num_rows} instances indexed, "
+            f"{len(got)} quarantined"
+        )
+        if expected != got:
+            missing = sorted(expected - got)
+            extra_q = sorted(got - expected)
+            fail(
+                f"quarantine differs from the ground truth: missing {missing[:5]}, "
+                f"unexpected {extra_q[:5]}"
+            )
+        typer.echo(
+            f"check       every bad object of the ground truth is quarantined, nothing else "
+            f"({len(expected)})"
+        )
+        typer.echo(f"next        pacsflow status --lake {lake.root}")
+        typer.echo(f"done in {time.perf_counter() - t0:.1f} s")
+
+    guarded(body)

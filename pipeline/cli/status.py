@@ -1,0 +1,177 @@
+"""``pacsflow status``: versions, pixel codecs, compute devices, and a lake's state."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.cli._common import ConfigOpt, LakeOpt, build_config, fail, guarded
+
+
+def environment_report() -> dict[str, Any]:
+    """Versions of the key libraries, pixel codecs and compute devices."""
+    from pipeline._deps import codec_table, compute_devices, library_versions
+
+    return {
+        "versions": library_versions(),
+        "codecs": [
+            {
+                "transfer_syntax": c.transfer_syntax,
+                "name": c.name,
+                "decode": list(c.decoders) or (["native"] if _native(c.transfer_syntax) else []),
+                "encode": list(c.encoders) or (["native"] if _native(c.transfer_syntax) else []),
+            }
+            for c in codec_table()
+        ],
+        "devices": [
+            {"name": d.name, "kind": d.kind, "detail": d.detail} for d in compute_devices()
+        ],
+    }
+
+
+def _native(uid: str) -> bool:
+    return uid in {
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.840.10008.1.2.2",
+    }
+
+
+def lake_report(root: Path) -> dict[str, Any]:
+    """Counts per object state, quarantine by reason, the last run and the audit chain."""
+    from pipeline.crawl import current_index
+    from pipeline.lake import LakePaths, list_manifests, read_table, verify_chain
+
+    lake = LakePaths(root)
+    if not lake.root.is_dir():
+        fail(f"no lake at {root}", 2)
+    index = current_index(lake)
+    quarantine = read_table(lake, "quarantine", columns=["object_key", "reason"])
+    indexed_keys = set(index.column("object_key").to_pylist())
+    # an object quarantined once and indexed later (fixed at the source) counts as indexed
+    q_latest: dict[str, str] = {}
+    for key, reason in zip(
+        quarantine.column("object_key").to_pylist(),
+        quarantine.column("reason").to_pylist(),
+        strict=True,
+    ):
+        if key not in indexed_keys:
+            q_latest[key] = reason
+    states = Counter(index.column("state").to_pylist())
+    states["quarantined"] = len(q_latest)
+    manifests = list_manifests(lake)
+    chain = verify_chain(lake)
+    audit_problem = chain.reason
+    if chain.ok:
+        hashes = {r.get("seq"): r.get("hash") for r in _audit_records(lake)}
+        for m in manifests:
+            head = m.audit_head
+            if head and hashes.get(head["seq"]) != head["hash"]:
+                audit_problem = (
+                    f"run {m.run_id} ended at audit record {head['seq']}, "
+                    "which is missing or different (log truncated or replaced)"
+                )
+                break
+    last = manifests[-1] if manifests else None
+    return {
+        "lake": str(lake.root),
+        "objects": {"seen": sum(states.values()), **dict(sorted(states.items()))},
+        "quarantine_by_reason": dict(sorted(Counter(q_latest.values()).items())),
+        "runs": len(manifests),
+        "last_run": None
+        if last is None
+        else {
+            "run_id": last.run_id,
+            "command": last.command,
+            "status": last.status,
+            "started_at": last.started_at,
+            "seconds": last.seconds,
+            "stages": {
+                k: {
+                    "seen": v.seen,
+                    "out": v.out,
+                    "quarantined": v.quarantined,
+                    "skipped": v.skipped,
+                }
+                for k, v in last.stages.items()
+            },
+        },
+        "audit": {
+            "records": chain.records,
+            "ok": chain.ok and not audit_problem,
+            "problem": audit_problem or None,
+        },
+    }
+
+
+def _audit_records(lake: Any) -> list[dict[str, Any]]:
+    from pipeline.lake import AuditLog
+
+    return AuditLog(lake).records()
+
+
+def _print_env(env: dict[str, Any]) -> None:
+    typer.echo("versions:")
+    for name, version in env["versions"].items():
+        typer.echo(f"  {name:<20} {version or '-'}")
+    typer.echo("pixel codecs (transfer syntax: decode | encode):")
+    for c in env["codecs"]:
+        dec = ", ".join(c["decode"]) or "NONE"
+        enc = ", ".join(c["encode"]) or "-"
+        typer.echo(f"  {c['name'][:60]:<60} {dec} | {enc}")
+    typer.echo("compute devices:")
+    for d in env["devices"]:
+        typer.echo(f"  {d['name']:<8} {d['detail']}")
+    if not any(d["kind"] == "cuda" for d in env["devices"]):
+        typer.echo("  (no CUDA device: models run on the CPU)")
+
+
+def _print_lake(rep: dict[str, Any]) -> None:
+    typer.echo(f"lake: {rep['lake']}")
+    objs = rep["objects"]
+    typer.echo("  objects: " + ", ".join(f"{k} {v}" for k, v in objs.items()))
+    if rep["quarantine_by_reason"]:
+        typer.echo(
+            "  quarantine by reason: "
+            + ", ".join(f"{k} {v}" for k, v in rep["quarantine_by_reason"].items())
+        )
+    last = rep["last_run"]
+    if last:
+        typer.echo(
+            f"  last run: {last['run_id']} ({last['command']}) {last['status']}, "
+            f"{last['seconds']} s; {rep['runs']} run(s) in all"
+        )
+    else:
+        typer.echo("  no runs yet")
+    a = rep["audit"]
+    verdict = "intact" if a["ok"] else f"BROKEN: {a['problem']}"
+    typer.echo(f"  audit log: {a['records']} records, chain {verdict}")
+
+
+def status(
+    lake: LakeOpt = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
+) -> None:
+    """Versions, pixel codecs, compute devices; with --lake: counts per state, last run, audit."""
+    cfg = build_config(config, lake=lake)
+
+    def body() -> None:
+        report: dict[str, Any] = {"environment": environment_report()}
+        if cfg.lake is not None:
+            report["lake"] = lake_report(cfg.lake)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+        else:
+            _print_env(report["environment"])
+            if "lake" in report:
+                _print_lake(report["lake"])
+        if "lake" in report and not report["lake"]["audit"]["ok"]:
+            raise typer.Exit(1)
+
+    guarded(body)

@@ -1,0 +1,116 @@
+"""Contract verbs whose stages arrive with later issues: each says so in one line and exits 2.
+
+Their signatures are already the CLI contract's (DESIGN.md), so scripts and ``dvc.yaml`` can be
+written against them now.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli._common import ConfigOpt, LakeOpt, SchedulerOpt, WorkersOpt, not_implemented
+
+KeyFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--key-file", help="Secret key file (or env PACSFLOW_KEY_FILE).", show_default=False
+    ),
+]
+
+
+def register_keygen(app: typer.Typer) -> None:
+    """Add ``keygen``."""
+
+    @app.command("keygen")
+    def keygen(path: Annotated[Path, typer.Argument(help="Where to write the key file.")]) -> None:
+        """Create a secret key file (mode 0600) for keyed pseudonyms and date shifts."""
+        not_implemented("keygen", 4)
+
+
+def register_stages(app: typer.Typer) -> None:
+    """Add ``deid``, ``tensors``, ``infer``, ``writeback``, ``review`` and ``run``."""
+
+    @app.command("deid")
+    def deid(
+        lake: LakeOpt = None,
+        key_file: KeyFileOpt = None,
+        config: ConfigOpt = None,
+        workers: WorkersOpt = None,
+        scheduler: SchedulerOpt = None,
+    ) -> None:
+        """De-identify the restricted index into the research tables (PS3.15 Annex E)."""
+        not_implemented("deid", 4)
+
+    @app.command("tensors")
+    def tensors(
+        lake: LakeOpt = None,
+        config: ConfigOpt = None,
+        workers: WorkersOpt = None,
+        scheduler: SchedulerOpt = None,
+    ) -> None:
+        """Build geometry-exact volumes and the tensors table from research series."""
+        not_implemented("tensors", 5)
+
+    @app.command("infer")
+    def infer(
+        lake: LakeOpt = None,
+        model: Annotated[
+            str | None, typer.Option("--model", help="Model name in models/ or a bundle path.")
+        ] = None,
+        config: ConfigOpt = None,
+        workers: WorkersOpt = None,
+        scheduler: SchedulerOpt = None,
+    ) -> None:
+        """Run MONAI models over the tensors: findings table and masks."""
+        not_implemented("infer", 6)
+
+    @app.command("writeback")
+    def writeback(
+        lake: LakeOpt = None,
+        dest: Annotated[
+            str | None,
+            typer.Option("--dest", help="Folder, dicomweb+http(s)://... or dimse://AET@host:port."),
+        ] = None,
+        config: ConfigOpt = None,
+        workers: WorkersOpt = None,
+        scheduler: SchedulerOpt = None,
+    ) -> None:
+        """Send findings back as DICOM SEG and TID 1500 SR, re-identified and idempotent."""
+        not_implemented("writeback", 7)
+
+    @app.command("review")
+    def review(
+        lake: LakeOpt = None,
+        report: Annotated[
+            Path | None, typer.Option("--report", help="Write a self-contained HTML report.")
+        ] = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        """QA review of AI findings: a web worklist, or a static report."""
+        not_implemented("review", 9)
+
+    @app.command("run")
+    def run(config_file: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")]) -> None:
+        """Every stage, as the config says; incremental; one lock per lake."""
+        not_implemented("run", 8)
+
+
+def register_tools(app: typer.Typer) -> None:
+    """Add ``sql`` and ``verify``."""
+
+    @app.command("sql")
+    def sql(
+        query: Annotated[str, typer.Argument(help="SQL over the research tables.")],
+        lake: LakeOpt = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        """DuckDB over the research tables (views instances, series, studies, patients, ...)."""
+        not_implemented("sql", 4)
+
+    @app.command("verify")
+    def verify(lake: LakeOpt = None, config: ConfigOpt = None) -> None:
+        """Scan research outputs for identifiers of the restricted index (non-zero on a hit)."""
+        not_implemented("verify", 4)

@@ -1,0 +1,24 @@
+"""Configuration: pydantic models, the layered YAML loader, and the module that reads env vars."""
+
+from pipeline.config.loader import config_hash, load_config
+from pipeline.config.models import (
+    AuthConfig,
+    ComputeConfig,
+    CrawlConfig,
+    LoggingConfig,
+    PipelineConfig,
+    SourceConfig,
+    SynthConfig,
+)
+
+__all__ = [
+    "AuthConfig",
+    "ComputeConfig",
+    "CrawlConfig",
+    "LoggingConfig",
+    "PipelineConfig",
+    "SourceConfig",
+    "SynthConfig",
+    "config_hash",
+    "load_config",
+]

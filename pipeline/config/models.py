@@ -1,0 +1,130 @@
+"""Pydantic models of the pacsflow configuration: one root, one model per section.
+
+Every model forbids unknown keys (the loader turns the error into a message that names the
+closest valid key) and is frozen once built. Secrets are references (an environment variable
+name or a key-file path), never values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "AuthConfig",
+    "ComputeConfig",
+    "CrawlConfig",
+    "LoggingConfig",
+    "PipelineConfig",
+    "SourceConfig",
+    "SynthConfig",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ComputeConfig(_Section):
+    """Where and how stages compute."""
+
+    workers: int = Field(
+        2, ge=1, le=1024, description="Local Dask worker processes when no scheduler is given."
+    )
+    threads_per_worker: int = Field(1, ge=1, le=256, description="Threads per local worker.")
+    scheduler: str | None = Field(
+        None,
+        description="Address of a Dask distributed scheduler (tcp://host:8786). "
+        "Unset: a local cluster of `workers` processes, or in-process for workers=1.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Compute device for models: auto picks CUDA when present."
+    )
+    partition_size: int = Field(
+        2000, ge=1, le=1_000_000, description="Objects per Dask partition (one task each)."
+    )
+
+
+class AuthConfig(_Section):
+    """Credentials for a PACS, by reference only: names of environment variables."""
+
+    username_env: str | None = Field(None, description="Env var holding the HTTP basic user.")
+    password_env: str | None = Field(None, description="Env var holding the HTTP basic password.")
+    token_env: str | None = Field(None, description="Env var holding a bearer token.")
+
+
+class SourceConfig(_Section):
+    """The archive to crawl: a folder or a PACS."""
+
+    uri: str | None = Field(
+        None,
+        description="A folder path, dicomweb+http(s)://host:port/root, or dimse://AET@host:port. "
+        "Never put credentials in it.",
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Credentials by reference.")
+    ca_bundle: Path | None = Field(None, description="CA bundle (PEM) for HTTPS or DICOM TLS.")
+    calling_aet: str = Field(
+        "PACSFLOW", min_length=1, max_length=16, description="Our AE title for DIMSE."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Network timeout per request, seconds.")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, v: str | None) -> str | None:
+        if v and "://" in v:
+            netloc = v.split("://", 1)[1].split("/", 1)[0]
+            if ":" in netloc.split("@", 1)[0] and "@" in netloc:
+                raise ValueError(
+                    "the source URI carries a password; name an environment variable in "
+                    "source.auth.password_env instead"
+                )
+        return v
+
+
+class CrawlConfig(_Section):
+    """The crawl stage."""
+
+    on_invalid: Literal["quarantine", "raise"] = Field(
+        "quarantine",
+        description="What an unusable object does: a quarantine row (production) or an "
+        "exception (development).",
+    )
+    follow_symlinks: bool = Field(True, description="Follow symlinks (loops are guarded).")
+    incremental: bool = Field(
+        True, description="Skip objects whose path, size and mtime are unchanged since last crawl."
+    )
+
+
+class SynthConfig(_Section):
+    """The synthetic archive that `pacsflow demo` generates."""
+
+    patients: int = Field(3, ge=1, le=1_000_000, description="Number of synthetic patients.")
+    seed: int = Field(0, ge=0, description="Random seed: same seed, same archive, byte for byte.")
+    ct_slices: int = Field(120, ge=8, le=2000, description="Slices per CT series.")
+    rows: int = Field(512, ge=8, le=4096, description="CT image rows.")
+    columns: int = Field(512, ge=8, le=4096, description="CT image columns.")
+    include_mr: bool = Field(True, description="Add MR series.")
+    include_bad: bool = Field(True, description="Add deliberately broken objects.")
+
+
+class LoggingConfig(_Section):
+    """Logging of the CLI (library code only emits records)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    json_lines: bool = Field(False, description="Structured JSON log lines instead of text.")
+
+
+class PipelineConfig(_Section):
+    """The root of a pacsflow configuration file."""
+
+    lake: Path | None = Field(None, description="Root folder of the lake.")
+    key_file: Path | None = Field(
+        None, description="Secret key file for pseudonyms (or env PACSFLOW_KEY_FILE)."
+    )
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Compute settings.")
+    source: SourceConfig = Field(default_factory=SourceConfig, description="Archive to crawl.")
+    crawl: CrawlConfig = Field(default_factory=CrawlConfig, description="Crawl stage.")
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="Demo archive.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")

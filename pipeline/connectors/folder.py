@@ -1,0 +1,102 @@
+"""A folder tree of DICOM files as an archive (any file names, nested to any depth)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pipeline.connectors.base import ObjectRef
+from pipeline.enums import SourceKind
+from pipeline.errors import SourceError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FolderSource"]
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """Every regular file below ``root`` is an object; ``location`` is its path relative to root.
+
+    Directory symlinks are followed when ``follow_symlinks`` is true, and each directory is
+    entered once (by device and inode), so symlink loops end. Hidden files and folders (names
+    starting with ``.``) are skipped.
+    """
+
+    root: Path
+    follow_symlinks: bool = True
+    kind: SourceKind = SourceKind.FOLDER
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    @property
+    def source_id(self) -> str:
+        """The absolute folder path."""
+        return str(self.root)
+
+    def is_available(self) -> bool:
+        """True when the root folder exists and can be listed."""
+        return self.root.is_dir() and os.access(self.root, os.R_OK | os.X_OK)
+
+    def list_objects(self) -> Iterator[ObjectRef]:
+        """Walk the tree depth-first in sorted order (deterministic), yielding regular files.
+
+        Raises
+        ------
+        SourceError
+            When the root folder does not exist or cannot be read.
+        """
+        if not self.is_available():
+            raise SourceError(f"archive folder not found or not readable: {self.root}")
+        seen_dirs: set[tuple[int, int]] = set()
+        stack = [self.root]
+        root_len = len(str(self.root)) + 1
+        while stack:
+            folder = stack.pop()
+            try:
+                st = folder.stat()
+            except OSError as exc:
+                logger.warning("cannot stat folder %s: %s", str(folder)[root_len:], exc.strerror)
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen_dirs:
+                logger.debug("symlink loop or repeat skipped at %s", str(folder)[root_len:])
+                continue
+            seen_dirs.add(key)
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as exc:
+                logger.warning("cannot list folder %s: %s", str(folder)[root_len:], exc.strerror)
+                continue
+            subdirs = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=self.follow_symlinks):
+                        subdirs.append(Path(entry.path))
+                        continue
+                    est = entry.stat(follow_symlinks=self.follow_symlinks)
+                except OSError:
+                    logger.debug("dangling entry skipped: %s", entry.path[root_len:])
+                    continue
+                if stat.S_ISREG(est.st_mode):
+                    yield ObjectRef(entry.path[root_len:], est.st_size, est.st_mtime_ns)
+            stack.extend(reversed(subdirs))
+
+    def path_of(self, location: str) -> Path:
+        """The absolute path of an object, refusing locations that escape the root."""
+        path = (self.root / location).resolve() if self.follow_symlinks else self.root / location
+        if ".." in Path(location).parts:
+            raise SourceError(f"location escapes the archive root: {location}")
+        return path
+
+    def open(self, location: str) -> BinaryIO:
+        """Open an object for binary reading."""
+        return open(self.root / location, "rb")

@@ -1,0 +1,233 @@
+"""Read one object's header into an index record, without decoding (or even reading) pixels.
+
+Pure per-object logic: given bytes from a connector, return an :class:`IndexRecord` or raise an
+:class:`~pipeline.errors.InputError` whose ``reason`` the quarantine table stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from pipeline.enums import QuarantineReason
+from pipeline.errors import MissingAttribute, NotDicom, UnreadableDicom
+
+__all__ = ["REQUIRED_KEYWORDS", "IndexRecord", "read_header"]
+
+#: What the pipeline cannot do without; everything else is optional at crawl time.
+REQUIRED_KEYWORDS: tuple[str, ...] = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+)
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+_FINGERPRINT_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """The header facts the index keeps about one object (identified: restricted zone only)."""
+
+    PatientID: str | None
+    StudyInstanceUID: str
+    SeriesInstanceUID: str
+    SOPInstanceUID: str
+    SOPClassUID: str
+    Modality: str | None
+    TransferSyntaxUID: str | None
+    InstanceNumber: int | None
+    has_pixel_data: bool
+    fingerprint: str
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _check_pixel_data_complete(
+    fp: BinaryIO, start: int, size: int, little: bool, implicit: bool
+) -> bool:
+    """Check that the pixel data element beginning at ``start`` fits in the file.
+
+    Reads only the element header and, for encapsulated data, the last 8 bytes of the file.
+    Returns True when the element is present, False when absent.
+
+    Raises
+    ------
+    UnreadableDicom
+        When the element is cut short (a truncated transfer).
+    """
+    fp.seek(start)
+    head = fp.read(12)
+    if len(head) < 8:
+        return False
+    order = "<" if little else ">"
+    group, elem = struct.unpack(order + "HH", head[:4])
+    if (group, elem) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
+        return False
+    # trust the bytes over the declared encoding: some writers mislabel implicit VR as explicit
+    vr = head[4:6]
+    if implicit or not (vr.isalpha() and vr.isupper()):
+        (length,) = struct.unpack(order + "I", head[4:8])
+        value_start = start + 8
+    else:
+        if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
+            if len(head) < 12:
+                raise UnreadableDicom(
+                    "pixel data element header is truncated", reason=QuarantineReason.TRUNCATED
+                )
+            (length,) = struct.unpack(order + "I", head[8:12])
+            value_start = start + 12
+        else:
+            (length,) = struct.unpack(order + "H", head[6:8])
+            value_start = start + 8
+    if length == 0xFFFFFFFF:
+        _walk_fragments(fp, value_start, size, order)
+    elif value_start + length > size:
+        raise UnreadableDicom(
+            f"pixel data is cut short: {value_start + length - size} of {length} bytes missing",
+            reason=QuarantineReason.TRUNCATED,
+        )
+    return True
+
+
+def _walk_fragments(fp: BinaryIO, pos: int, size: int, order: str) -> None:
+    """Step over the items of encapsulated pixel data (item headers only) to its delimiter."""
+    while True:
+        fp.seek(pos)
+        head = fp.read(8)
+        if len(head) < 8:
+            raise UnreadableDicom(
+                "encapsulated pixel data ends without its sequence delimiter (truncated)",
+                reason=QuarantineReason.TRUNCATED,
+            )
+        group, elem, length = struct.unpack(order + "HHI", head)
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return
+        if (group, elem) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            raise UnreadableDicom("encapsulated pixel data is malformed (bad item tag)")
+        pos += 8 + length
+        if pos > size:
+            raise UnreadableDicom(
+                f"encapsulated pixel data is cut short: {pos - size} bytes missing",
+                reason=QuarantineReason.TRUNCATED,
+            )
+
+
+def read_header(fp: BinaryIO, size: int) -> IndexRecord:
+    """Parse the header of one DICOM object from an open binary file.
+
+    Accepts files with or without the 128-byte preamble and file meta (as long as what follows
+    parses as a dataset holding the required UIDs). Pixel data is never decoded: only its
+    element header is read, to detect truncation.
+
+    Parameters
+    ----------
+    fp:
+        The object, opened for binary reading and seekable.
+    size:
+        Its size in bytes.
+
+    Returns
+    -------
+    IndexRecord
+
+    Raises
+    ------
+    NotDicom
+        Not DICOM at all.
+    UnreadableDicom
+        Truncated or corrupt.
+    MissingAttribute
+        A required UID is absent (the keyword is named; the value never is).
+    """
+    if size == 0:
+        raise NotDicom("empty file (0 bytes)")
+    forced = False
+    with warnings.catch_warnings():
+        # pydicom's warnings can quote header values (identifiers): never let them reach logs
+        warnings.simplefilter("ignore")
+        ds, forced = _parse(fp)
+    header_end = fp.tell()
+    try:
+        elements = list(ds.keys())
+    except Exception as exc:
+        raise UnreadableDicom(f"header cannot be parsed ({type(exc).__name__})") from None
+    if forced and (
+        not elements
+        or all(t.group in (0x0000, 0x0002) for t in elements)
+        or "SOPClassUID" not in ds
+    ):
+        raise NotDicom("not DICOM: no DICM prefix and no recognisable dataset")
+    return _record(fp, ds, size, header_end)
+
+
+def _parse(fp: BinaryIO) -> tuple[pydicom.Dataset, bool]:
+    forced = False
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    except InvalidDicomError:
+        fp.seek(0)
+        forced = True
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        except Exception as exc:
+            raise NotDicom(
+                f"not DICOM: no DICM prefix and no parseable dataset ({type(exc).__name__})"
+            ) from None
+    except EOFError:
+        raise UnreadableDicom(
+            "file ends inside the header (truncated)", reason=QuarantineReason.TRUNCATED
+        ) from None
+    except Exception as exc:  # pydicom raises many kinds on corrupt input
+        raise UnreadableDicom(f"header cannot be parsed ({type(exc).__name__})") from None
+    return ds, forced
+
+
+def _record(fp: BinaryIO, ds: pydicom.Dataset, size: int, header_end: int) -> IndexRecord:
+    sop_class = _text(ds, "SOPClassUID")
+    if sop_class == _DICOMDIR_CLASS or (
+        ds.file_meta and ds.file_meta.get("MediaStorageSOPClassUID") == _DICOMDIR_CLASS
+    ):
+        raise MissingAttribute(
+            "DICOMDIR: a directory of files, not an image; the files it lists are crawled directly",
+            reason=QuarantineReason.DIRECTORY_RECORD,
+        )
+    missing = [kw for kw in REQUIRED_KEYWORDS if _text(ds, kw) is None]
+    if missing:
+        raise MissingAttribute(f"required attribute(s) missing or empty: {', '.join(missing)}")
+    implicit_vr, little_endian = ds.original_encoding
+    little = little_endian is not False
+    implicit = implicit_vr is True
+    has_pixels = _check_pixel_data_complete(fp, header_end, size, little, implicit)
+    fp.seek(0)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(fp.read(min(header_end, _FINGERPRINT_BYTES)))
+    digest.update(size.to_bytes(8, "little"))
+    ts = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+    try:
+        number = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
+    except (TypeError, ValueError):
+        number = None
+    return IndexRecord(
+        PatientID=_text(ds, "PatientID"),
+        StudyInstanceUID=str(ds.StudyInstanceUID),
+        SeriesInstanceUID=str(ds.SeriesInstanceUID),
+        SOPInstanceUID=str(ds.SOPInstanceUID),
+        SOPClassUID=str(sop_class),
+        Modality=_text(ds, "Modality"),
+        TransferSyntaxUID=str(ts) if ts else ("1.2.840.10008.1.2" if implicit else None),
+        InstanceNumber=number,
+        has_pixel_data=has_pixels,
+        fingerprint=digest.hexdigest(),
+    )

@@ -1,0 +1,92 @@
+"""The one exception tree of pacsflow.
+
+Every error a stage raises on purpose is a :class:`PacsflowError`. Per-object problems are
+:class:`InputError` subclasses, each with a stable ``reason`` code that the quarantine table
+stores; a stage catches them around each object, writes a quarantine row and carries on. Any
+other exception is a bug and fails the run.
+
+Messages name the object by archive-relative location or pseudonym, never by a patient
+identifier, and say what to do next.
+"""
+
+from __future__ import annotations
+
+from pipeline.enums import QuarantineReason
+
+__all__ = [
+    "ConfigError",
+    "GeometryError",
+    "InputError",
+    "LakeError",
+    "MissingAttribute",
+    "ModelError",
+    "NotDicom",
+    "NotImplementedStage",
+    "PacsflowError",
+    "SourceError",
+    "UnreadableDicom",
+    "WritebackError",
+]
+
+
+class PacsflowError(Exception):
+    """Base class of every error pacsflow raises on purpose."""
+
+
+class ConfigError(PacsflowError):
+    """A configuration file, value or flag is invalid."""
+
+
+class LakeError(PacsflowError):
+    """The lake is missing, inconsistent or tampered with (e.g. a broken audit chain)."""
+
+
+class NotImplementedStage(PacsflowError):
+    """A CLI verb whose stage is not built yet."""
+
+
+class InputError(PacsflowError):
+    """One object cannot be used; it is quarantined with :attr:`reason`, and the run goes on."""
+
+    reason: QuarantineReason = QuarantineReason.INVALID
+
+    def __init__(self, message: str, *, reason: QuarantineReason | str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = QuarantineReason(reason)
+
+
+class NotDicom(InputError):
+    """The file is not DICOM at all (no DICM prefix and no parseable dataset)."""
+
+    reason = QuarantineReason.NOT_DICOM
+
+
+class UnreadableDicom(InputError):
+    """The object looks like DICOM but cannot be parsed (truncated, corrupt)."""
+
+    reason = QuarantineReason.UNREADABLE
+
+
+class MissingAttribute(InputError):
+    """An attribute the pipeline needs (e.g. SOPInstanceUID) is absent or empty."""
+
+    reason = QuarantineReason.MISSING_ATTRIBUTE
+
+
+class GeometryError(InputError):
+    """A series cannot become a volume (mixed orientation, gaps, ...)."""
+
+    reason = QuarantineReason.GEOMETRY
+
+
+class SourceError(PacsflowError):
+    """The archive or PACS cannot be reached or answered badly; retry later."""
+
+
+class ModelError(PacsflowError):
+    """A model or bundle cannot be loaded or run."""
+
+
+class WritebackError(PacsflowError):
+    """A result object cannot be built, validated or delivered."""

@@ -1,0 +1,191 @@
+"""Atomic Parquet writes and schema-checked reads of lake tables.
+
+A partition is written to a hidden temporary file in its final folder, flushed to disk, and
+renamed into place (``os.replace`` is atomic on POSIX within one filesystem). Readers (pyarrow,
+pandas, Dask, DuckDB with ``*.parquet`` globs) never see a half-written file: the temporary name
+starts with ``.`` and does not end in ``.parquet``. A killed writer leaves at most a hidden
+``.*.tmp-*`` file, which :func:`sweep_temporaries` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.lake.paths import LakePaths
+from pipeline.lake.schemas import schema_for
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "conform",
+    "read_table",
+    "sweep_temporaries",
+    "table_exists",
+    "write_partition",
+]
+
+_SAFE = re.compile(r"^[A-Za-z0-9._=-]+$")
+
+
+@contextlib.contextmanager
+def _atomic_path(final: Path) -> Iterator[Path]:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    with _atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def conform(table: pa.Table | Mapping[str, Any] | list[dict[str, Any]], name: str) -> pa.Table:
+    """Return ``table`` with exactly the declared schema of lake table ``name``.
+
+    Accepts an Arrow table, a mapping of columns, or a list of row dicts. Missing nullable
+    columns are filled with nulls; extra columns, missing non-nullable columns and values that
+    do not cast raise ``ValueError``.
+    """
+    schema = schema_for(name)
+    if isinstance(table, list):
+        table = pa.Table.from_pylist(table, schema=schema) if table else schema.empty_table()
+    elif not isinstance(table, pa.Table):
+        table = pa.table(dict(table))
+    extra = set(table.column_names) - set(schema.names)
+    if extra:
+        raise ValueError(f"table {name!r} has undeclared columns: {sorted(extra)}")
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            if col.type != field.type:
+                col = col.cast(field.type)
+            if not field.nullable and col.null_count:
+                raise ValueError(f"table {name!r}: column {field.name!r} has nulls")
+            columns.append(col)
+        elif field.nullable:
+            columns.append(pa.nulls(table.num_rows, type=field.type))
+        else:
+            raise ValueError(f"table {name!r}: required column {field.name!r} is missing")
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def write_partition(
+    lake: LakePaths,
+    name: str,
+    table: pa.Table | Mapping[str, Any] | list[dict[str, Any]],
+    *,
+    part: str,
+    partition: Mapping[str, str] | None = None,
+) -> Path:
+    """Write one partition file of lake table ``name`` atomically and return its path.
+
+    Parameters
+    ----------
+    lake:
+        The lake.
+    name:
+        Table name (``index``, ``series``, ...).
+    table:
+        The rows; conformed to the declared schema first.
+    part:
+        File stem, unique within the partition (e.g. the run id and a chunk number). Writing
+        the same ``part`` again replaces the file, which makes retries idempotent.
+    partition:
+        Hive partition keys and values, e.g. ``{"crawl_run": "20261128T..."}``.
+
+    Returns
+    -------
+    Path
+        The final path of the partition file.
+    """
+    folder = lake.table(name)
+    for key, value in (partition or {}).items():
+        if not (_SAFE.match(key) and _SAFE.match(value)):
+            raise ValueError(f"unsafe partition {key}={value!r}")
+        folder = folder / f"{key}={value}"
+    if not _SAFE.match(part):
+        raise ValueError(f"unsafe part name {part!r}")
+    final = folder / f"{part}.parquet"
+    conformed = conform(table, name)
+    with _atomic_path(final) as tmp:
+        pq.write_table(conformed, tmp, compression="zstd")
+    logger.debug("wrote %d rows to %s", conformed.num_rows, final.relative_to(lake.root))
+    return final
+
+
+def table_exists(lake: LakePaths, name: str) -> bool:
+    """True when table ``name`` has at least one partition file."""
+    folder = lake.table(name)
+    return folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None
+
+
+def read_table(
+    lake: LakePaths,
+    name: str,
+    *,
+    columns: list[str] | None = None,
+    filter: Any = None,
+) -> pa.Table:
+    """Read lake table ``name`` (all partitions) with its declared schema.
+
+    Returns an empty table of the right schema when the table has no files yet. Hive partition
+    columns that duplicate a declared column are read as that column.
+    """
+    schema = schema_for(name)
+    folder = lake.table(name)
+    if not table_exists(lake, name):
+        empty = schema.empty_table()
+        return empty.select(columns) if columns else empty
+    dataset = ds.dataset(
+        folder,
+        schema=schema,
+        format="parquet",
+        partitioning="hive",
+        ignore_prefixes=[".", "_"],
+    )
+    return dataset.to_table(columns=columns, filter=filter)
+
+
+def sweep_temporaries(lake: LakePaths) -> int:
+    """Remove temporary files left by killed writers; return how many were removed."""
+    n = 0
+    if not lake.root.is_dir():
+        return 0
+    for tmp in lake.root.rglob(".*.tmp-*"):
+        if tmp.is_file():
+            tmp.unlink()
+            n += 1
+    return n

@@ -1,0 +1,166 @@
+"""Run manifests: one JSON file per run under ``runs/``.
+
+A manifest records the command, the effective configuration and its hash, the versions of the
+key libraries, per-stage counts (``in``, ``out``, ``quarantined``, ``skipped``) and timings,
+the status, and the audit log's head at the end of the run (so a truncated audit log is caught).
+It is written atomically when the run starts (status ``running``) and again when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline._deps import library_versions
+from pipeline.lake.audit import AuditLog
+from pipeline.lake.io import atomic_write_text
+from pipeline.lake.paths import LakePaths
+
+__all__ = ["RunManifest", "RunRecorder", "StageCounts", "list_manifests", "new_run_id"]
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """A sortable, unique run id such as ``20261128T183000Z-3f9a1c``."""
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class StageCounts:
+    """Counts of one stage in one run. ``seen == out + quarantined + skipped`` must hold."""
+
+    seen: int = 0
+    out: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reconciles(self) -> bool:
+        """True when every object seen is accounted for exactly once."""
+        return self.seen == self.out + self.quarantined + self.skipped
+
+
+@dataclass
+class RunManifest:
+    """The content of ``runs/<run_id>.json``."""
+
+    run_id: str
+    command: str
+    started_at: str
+    status: str = "running"
+    finished_at: str | None = None
+    seconds: float | None = None
+    config_hash: str | None = None
+    config: dict[str, Any] | None = None
+    versions: dict[str, str | None] = field(default_factory=dict)
+    stages: dict[str, StageCounts] = field(default_factory=dict)
+    error: str | None = None
+    audit_head: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        """Serialise as pretty JSON."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+
+    @classmethod
+    def from_file(cls, path: Path) -> RunManifest:
+        """Read a manifest written by :meth:`RunRecorder`."""
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["stages"] = {k: StageCounts(**v) for k, v in data.get("stages", {}).items()}
+        return cls(**data)
+
+
+class RunRecorder:
+    """Context manager that records one run: manifest at start and end, audit records around it.
+
+    Examples
+    --------
+    >>> with RunRecorder(lake, "crawl", config_hash=h, config=cfg_dict) as run:  # doctest: +SKIP
+    ...     run.stage("crawl", StageCounts(seen=10, out=9, quarantined=1))
+    """
+
+    def __init__(
+        self,
+        lake: LakePaths,
+        command: str,
+        *,
+        config_hash: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.lake = lake
+        self.manifest = RunManifest(
+            run_id=new_run_id(),
+            command=command,
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            config_hash=config_hash,
+            config=config,
+            versions=library_versions(),
+        )
+        self.audit = AuditLog(lake)
+        self._t0 = 0.0
+
+    @property
+    def run_id(self) -> str:
+        """This run's id."""
+        return self.manifest.run_id
+
+    @property
+    def path(self) -> Path:
+        """Where the manifest is written."""
+        return self.lake.runs / f"{self.run_id}.json"
+
+    def stage(self, name: str, counts: StageCounts) -> None:
+        """Record a finished stage's counts (and write the manifest so far)."""
+        self.manifest.stages[name] = counts
+        self._write()
+
+    def _write(self) -> None:
+        atomic_write_text(self.path, self.manifest.to_json())
+
+    def __enter__(self) -> RunRecorder:
+        self.lake.create()
+        self._t0 = time.perf_counter()
+        self._write()
+        self.audit.append(
+            "run_started",
+            run_id=self.run_id,
+            command=self.manifest.command,
+            config_hash=self.manifest.config_hash,
+        )
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        m = self.manifest
+        m.seconds = round(time.perf_counter() - self._t0, 3)
+        m.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+        if exc is not None:
+            m.status = "failed"
+            m.error = type(exc).__name__
+        elif not all(c.reconciles for c in m.stages.values()):
+            m.status = "unreconciled"
+        else:
+            m.status = "succeeded"
+        record = self.audit.append(
+            "run_finished",
+            run_id=self.run_id,
+            status=m.status,
+            seconds=m.seconds,
+            counts={
+                k: f"{v.seen}/{v.out}/{v.quarantined}/{v.skipped}" for k, v in m.stages.items()
+            },
+        )
+        m.audit_head = {"seq": record["seq"], "hash": record["hash"]}
+        self._write()
+
+
+def list_manifests(lake: LakePaths) -> list[RunManifest]:
+    """Every run manifest of the lake, oldest first."""
+    if not lake.runs.is_dir():
+        return []
+    return [RunManifest.from_file(p) for p in sorted(lake.runs.glob("*.json"))]

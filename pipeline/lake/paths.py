@@ -1,0 +1,103 @@
+"""Where everything lives in a lake. Two zones that never mix: ``restricted/`` and ``research/``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.enums import Zone
+
+__all__ = ["RESEARCH_TABLES", "RESTRICTED_TABLES", "LakePaths"]
+
+#: Parquet datasets of the identified zone, under ``restricted/<name>/``.
+RESTRICTED_TABLES: tuple[str, ...] = ("index", "quarantine", "outbox")
+#: Parquet datasets of the de-identified zone, under ``research/tables/<name>/``.
+RESEARCH_TABLES: tuple[str, ...] = (
+    "patients",
+    "studies",
+    "series",
+    "instances",
+    "tensors",
+    "findings",
+    "reviews",
+)
+
+
+@dataclass(frozen=True)
+class LakePaths:
+    """The folders of one lake, rooted at :attr:`root`.
+
+    Examples
+    --------
+    >>> LakePaths(Path("/data/lake")).table("series")
+    PosixPath('/data/lake/research/tables/series')
+    >>> LakePaths(Path("/data/lake")).table("index")
+    PosixPath('/data/lake/restricted/index')
+    """
+
+    root: Path
+
+    @property
+    def restricted(self) -> Path:
+        """The identified zone: index, quarantine, audit log, outbox, key material."""
+        return self.root / Zone.RESTRICTED.value
+
+    @property
+    def research(self) -> Path:
+        """The de-identified zone that data scientists get."""
+        return self.root / Zone.RESEARCH.value
+
+    @property
+    def audit(self) -> Path:
+        """The append-only, hash-chained audit log folder."""
+        return self.restricted / "audit"
+
+    @property
+    def tensors(self) -> Path:
+        """One volume file per usable series."""
+        return self.research / "tensors"
+
+    @property
+    def masks(self) -> Path:
+        """Model output masks in tensor geometry."""
+        return self.research / "masks"
+
+    @property
+    def runs(self) -> Path:
+        """One JSON manifest per run."""
+        return self.root / "runs"
+
+    @property
+    def lock(self) -> Path:
+        """The lock file that keeps two runs off one lake."""
+        return self.root / ".pacsflow.lock"
+
+    def table(self, name: str) -> Path:
+        """The dataset folder of table ``name`` in its zone.
+
+        Raises
+        ------
+        KeyError
+            For a name that is not a lake table.
+        """
+        if name in RESTRICTED_TABLES:
+            return self.restricted / name
+        if name in RESEARCH_TABLES:
+            return self.research / "tables" / name
+        known = ", ".join(RESTRICTED_TABLES + RESEARCH_TABLES)
+        raise KeyError(f"no table {name!r} in the lake; tables: {known}")
+
+    def zone_of(self, path: Path) -> Zone | None:
+        """Which zone a path lies in, or None when outside both."""
+        resolved = path.resolve()
+        for zone, base in ((Zone.RESTRICTED, self.restricted), (Zone.RESEARCH, self.research)):
+            if resolved.is_relative_to(base.resolve()):
+                return zone
+        return None
+
+    def create(self) -> LakePaths:
+        """Create the folder skeleton (idempotent); the restricted zone is made owner-only."""
+        for path in (self.restricted, self.audit, self.research / "tables", self.runs):
+            path.mkdir(parents=True, exist_ok=True)
+        self.restricted.chmod(0o700)
+        return self

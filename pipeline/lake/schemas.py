@@ -1,0 +1,248 @@
+"""The Arrow schema of every lake table, declared here and nowhere else.
+
+Columns holding DICOM attributes use the DICOM keyword (``SeriesInstanceUID``); columns pacsflow
+derives use snake_case (``patient_token``, ``crawl_run``). Each schema carries
+``pacsflow.schema_version`` in its metadata; a change of columns bumps :data:`SCHEMA_VERSION`
+and the README's table documentation.
+
+The restricted tables hold original identifiers and never leave ``restricted/``. The research
+tables hold pseudonyms (``2.25.<int>`` UIDs, base32 patient tokens) and shifted dates only.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = ["SCHEMAS", "SCHEMA_VERSION", "schema_for"]
+
+SCHEMA_VERSION = 1
+
+_TS = pa.timestamp("us", tz="UTC")
+
+
+def _schema(fields: list[pa.Field], doc: str) -> pa.Schema:
+    return pa.schema(
+        fields,
+        metadata={"pacsflow.schema_version": str(SCHEMA_VERSION), "pacsflow.doc": doc},
+    )
+
+
+def _f(name: str, typ: pa.DataType, nullable: bool = True) -> pa.Field:
+    return pa.field(name, typ, nullable=nullable)
+
+
+_S = pa.string()
+_I = pa.int64()
+_F = pa.float64()
+_B = pa.bool_()
+
+INDEX = _schema(
+    [
+        _f("object_key", _S, False),  # sha256(source_id + location): stable id of an object
+        _f("source", _S, False),  # source id: folder path or PACS URI without credentials
+        _f("source_kind", _S, False),  # folder | dicomweb | dimse
+        _f("location", _S, False),  # archive-relative path or PACS reference
+        _f("PatientID", _S),
+        _f("StudyInstanceUID", _S),
+        _f("SeriesInstanceUID", _S),
+        _f("SOPInstanceUID", _S),
+        _f("SOPClassUID", _S),
+        _f("Modality", _S),
+        _f("TransferSyntaxUID", _S),
+        _f("InstanceNumber", _I),
+        _f("has_pixel_data", _B),
+        _f("size_bytes", _I),
+        _f("mtime_ns", _I),  # file mtime, or the PACS timestamp
+        _f("fingerprint", _S),  # blake2b of the header bytes and size
+        _f("crawl_run", _S, False),
+        _f("state", _S, False),  # pipeline.enums.ObjectState
+        _f("crawled_at", _TS, False),
+    ],
+    "restricted: one row per crawled object",
+)
+
+QUARANTINE = _schema(
+    [
+        _f("object_key", _S, False),
+        _f("source", _S, False),
+        _f("location", _S, False),
+        _f("stage", _S, False),  # pipeline.enums.Stage
+        _f("reason", _S, False),  # pipeline.enums.QuarantineReason
+        _f("error_class", _S, False),
+        _f("message", _S, False),  # never PHI: locations and pseudonyms only
+        _f("size_bytes", _I),
+        _f("mtime_ns", _I),
+        _f("run_id", _S, False),
+        _f("quarantined_at", _TS, False),
+    ],
+    "restricted: one row per object that could not be used, with a reason code",
+)
+
+OUTBOX = _schema(
+    [
+        _f("result_uid", _S, False),  # SOP Instance UID of the SEG/SR (deterministic)
+        _f("kind", _S, False),  # SEG | SR
+        _f("source_series_pseudonym", _S, False),
+        _f("model", _S, False),
+        _f("model_version", _S, False),
+        _f("path", _S, False),
+        _f("dest", _S, False),
+        _f("status", _S, False),  # pending | sent | failed
+        _f("attempts", _I, False),
+        _f("last_error", _S),
+        _f("updated_at", _TS, False),
+    ],
+    "restricted: SEG/SR objects built for sending, with delivery status",
+)
+
+PATIENTS = _schema(
+    [
+        _f("patient_token", _S, False),
+        _f("PatientSex", _S),
+        _f("n_studies", _I),
+        _f("n_series", _I),
+        _f("n_instances", _I),
+    ],
+    "research: one row per pseudonymous patient",
+)
+
+STUDIES = _schema(
+    [
+        _f("StudyInstanceUID", _S, False),  # pseudonym 2.25.<int>
+        _f("patient_token", _S, False),
+        _f("StudyDate", pa.date32()),  # shifted
+        _f("PatientAge", _S),
+        _f("ModalitiesInStudy", pa.list_(_S)),
+        _f("n_series", _I),
+        _f("n_instances", _I),
+    ],
+    "research: one row per study",
+)
+
+SERIES = _schema(
+    [
+        _f("SeriesInstanceUID", _S, False),
+        _f("StudyInstanceUID", _S, False),
+        _f("patient_token", _S, False),
+        _f("Modality", _S),
+        _f("BodyPartExamined", _S),
+        _f("Manufacturer", _S),
+        _f("SeriesDate", pa.date32()),
+        _f("n_instances", _I),
+        _f("Rows", _I),
+        _f("Columns", _I),
+        _f("orientation", pa.list_(_F)),
+        _f("PixelSpacing", pa.list_(_F)),
+        _f("slice_spacing", _F),
+        _f("slice_spacing_uniform", _B),
+        _f("volume_shape", pa.list_(_I)),
+        _f("volume_ok", _B),
+        _f("volume_reason", _S),
+    ],
+    "research: one row per series, with geometry and whether it can become a volume",
+)
+
+INSTANCES = _schema(
+    [
+        _f("SOPInstanceUID", _S, False),
+        _f("SeriesInstanceUID", _S, False),
+        _f("StudyInstanceUID", _S, False),
+        _f("patient_token", _S, False),
+        _f("SOPClassUID", _S),
+        _f("Modality", _S),
+        _f("InstanceNumber", _I),
+        _f("ImagePositionPatient", pa.list_(_F)),
+        _f("ImageOrientationPatient", pa.list_(_F)),
+        _f("PixelSpacing", pa.list_(_F)),
+        _f("SliceThickness", _F),
+        _f("Rows", _I),
+        _f("Columns", _I),
+        _f("NumberOfFrames", _I),
+        _f("Manufacturer", _S),
+        _f("ManufacturerModelName", _S),
+        _f("ContentDate", pa.date32()),
+        _f("PatientAge", _S),
+        _f("PatientSex", _S),
+        _f("header_json", _S),  # the full de-identified header as DICOM JSON
+        _f("deid_version", _S, False),
+    ],
+    "research: one row per de-identified instance",
+)
+
+TENSORS = _schema(
+    [
+        _f("tensor_key", _S, False),
+        _f("SeriesInstanceUID", _S, False),
+        _f("path", _S, False),
+        _f("shape", pa.list_(_I)),
+        _f("spacing", pa.list_(_F)),
+        _f("affine", pa.list_(_F)),  # 4x4 row-major, LPS
+        _f("dtype", _S),
+        _f("checksum", _S),
+        _f("preprocessing", _S),  # JSON
+        _f("preprocessing_hash", _S),
+        _f("deid_version", _S),
+    ],
+    "research: one row per stored volume",
+)
+
+FINDINGS = _schema(
+    [
+        _f("finding_key", _S, False),
+        _f("SeriesInstanceUID", _S, False),
+        _f("tensor_key", _S),
+        _f("model", _S, False),
+        _f("model_version", _S, False),
+        _f("weights_sha256", _S),
+        _f("label", _S, False),
+        _f("score", _F),
+        _f("volume_ml", _F),
+        _f("measurements", _S),  # JSON
+        _f("mask_path", _S),
+        _f("run_id", _S),
+    ],
+    "research: one row per (series, model, label)",
+)
+
+REVIEWS = _schema(
+    [
+        _f("review_id", _S, False),
+        _f("finding_key", _S, False),
+        _f("model_version", _S),
+        _f("tensor_checksum", _S),
+        _f("reviewer", _S, False),
+        _f("decision", _S, False),  # accept | reject | uncertain
+        _f("corrected_label", _S),
+        _f("comment", _S),
+        _f("reviewed_at", _TS, False),
+    ],
+    "research: one row per reviewer decision (history kept)",
+)
+
+#: Every lake table's schema, by table name.
+SCHEMAS: dict[str, pa.Schema] = {
+    "index": INDEX,
+    "quarantine": QUARANTINE,
+    "outbox": OUTBOX,
+    "patients": PATIENTS,
+    "studies": STUDIES,
+    "series": SERIES,
+    "instances": INSTANCES,
+    "tensors": TENSORS,
+    "findings": FINDINGS,
+    "reviews": REVIEWS,
+}
+
+
+def schema_for(table: str) -> pa.Schema:
+    """The schema of lake table ``table``.
+
+    Raises
+    ------
+    KeyError
+        For an unknown table name, listing the known ones.
+    """
+    try:
+        return SCHEMAS[table]
+    except KeyError:
+        raise KeyError(f"no schema for table {table!r}; tables: {', '.join(SCHEMAS)}") from None

@@ -1,0 +1,122 @@
+"""The folder crawl: header parsing, quarantine reasons, incremental reruns, reconciliation."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from dicom_factory import make_ct, write
+
+from pipeline.config import load_config
+from pipeline.connectors import FolderSource, open_source, source_kind
+from pipeline.crawl import current_index, read_header
+from pipeline.crawl import run as crawl_run
+from pipeline.errors import ConfigError, MissingAttribute, NotDicom, NotImplementedStage
+from pipeline.lake import LakePaths, read_table
+
+EXPECTED_BAD = {
+    "bad/notes.txt": "not_dicom",
+    "bad/empty": "not_dicom",
+    "bad/truncated.dcm": "truncated",
+    "bad/rle_truncated.dcm": "truncated",
+    "bad/no_series_uid.dcm": "missing_attribute",
+}
+
+
+def _crawl(root: Path, lake: LakePaths, run_id: str, **cfg: object):  # type: ignore[no-untyped-def]
+    config = load_config(overrides={"compute": {"partition_size": 3}, **cfg}, environ={})
+    return crawl_run(config, lake, FolderSource(root), run_id=run_id)
+
+
+def test_walk_finds_every_file_once_and_survives_a_symlink_loop(archive: Path) -> None:
+    locations = [r.location for r in FolderSource(archive).list_objects()]
+    assert len(locations) == len(set(locations)) == 10
+    assert "P1/ST1/SE1/i123.MRDC.4" in locations
+    assert not any(loc.startswith(".") for loc in locations)
+
+
+def test_crawl_indexes_good_and_quarantines_bad_with_reasons(archive: Path, tmp_path: Path) -> None:
+    lake = LakePaths(tmp_path / "lake")
+    result = _crawl(archive, lake, "r1")
+    c = result.counts
+    assert (c.seen, c.out, c.quarantined, c.skipped) == (10, 5, 5, 0)
+    assert c.reconciles
+    index = read_table(lake, "index")
+    assert sorted(index.column("InstanceNumber").to_pylist()) == [1, 2, 3, 4, 5]
+    assert set(index.column("PatientID").to_pylist()) == {"PAT-001"}
+    syntaxes = dict(
+        zip(
+            index.column("location").to_pylist(),
+            index.column("TransferSyntaxUID").to_pylist(),
+            strict=True,
+        )
+    )
+    assert syntaxes["P2/rle.dcm"] == "1.2.840.10008.1.2.5"
+    assert syntaxes["P1/noext"] == "1.2.840.10008.1.2"
+    q = read_table(lake, "quarantine")
+    got = dict(zip(q.column("location").to_pylist(), q.column("reason").to_pylist(), strict=True))
+    assert got == EXPECTED_BAD
+    for message in q.column("message").to_pylist():
+        assert "DOE" not in message
+        assert "PAT-001" not in message
+
+
+def test_rerun_is_incremental_and_picks_up_changes(archive: Path, tmp_path: Path) -> None:
+    lake = LakePaths(tmp_path / "lake")
+    _crawl(archive, lake, "r1")
+    again = _crawl(archive, lake, "r2").counts
+    assert (again.seen, again.out, again.quarantined, again.skipped) == (10, 0, 0, 10)
+    # a new object, a changed object, and a bad object fixed at the source
+    write(make_ct(number=9), archive / "P3" / "new.dcm")
+    changed = archive / "P1" / "ST1" / "SE1" / "x.img"
+    write(make_ct(number=33), changed)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    write(make_ct(number=8), archive / "bad" / "no_series_uid.dcm")
+    third = _crawl(archive, lake, "r3").counts
+    assert (third.seen, third.out, third.quarantined, third.skipped) == (11, 3, 0, 8)
+    index = current_index(lake)
+    assert index.num_rows == 7  # 5 + new + fixed; the changed one is updated, not duplicated
+    numbers = dict(
+        zip(
+            index.column("location").to_pylist(),
+            index.column("InstanceNumber").to_pylist(),
+            strict=True,
+        )
+    )
+    assert numbers["P1/ST1/SE1/x.img"] == 33
+
+
+def test_on_invalid_raise_is_for_development(archive: Path, tmp_path: Path) -> None:
+    with pytest.raises(NotDicom):
+        _crawl(archive, LakePaths(tmp_path / "lake"), "r1", crawl={"on_invalid": "raise"})
+
+
+def test_read_header_never_reads_pixel_values(tmp_path: Path) -> None:
+    path = write(make_ct(number=3), tmp_path / "a.dcm")
+    with open(path, "rb") as fp:
+        rec = read_header(fp, path.stat().st_size)
+    assert rec.has_pixel_data
+    assert rec.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    with open(path, "rb") as fp:
+        assert read_header(fp, path.stat().st_size).fingerprint == rec.fingerprint
+
+
+def test_dicomdir_is_not_an_image() -> None:
+    from pydicom.data import get_testdata_file
+
+    dicomdir = Path(get_testdata_file("DICOMDIR", download=False))
+    with open(dicomdir, "rb") as fp, pytest.raises(MissingAttribute) as info:
+        read_header(fp, dicomdir.stat().st_size)
+    assert info.value.reason == "directory_record"
+
+
+def test_source_uris() -> None:
+    assert source_kind("/data/archive") == "folder"
+    assert source_kind("dicomweb+https://pacs:443/dicom-web") == "dicomweb"
+    assert source_kind("dimse://PACS@pacs:104") == "dimse"
+    with pytest.raises(ConfigError, match="unknown source scheme"):
+        source_kind("ftp://x")
+    with pytest.raises(NotImplementedStage):
+        open_source("dimse://PACS@pacs:104")
