@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import pydicom
+from pydicom.datadict import dictionary_has_tag
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 
 from pipeline.enums import QuarantineReason
-from pipeline.errors import MissingAttribute, NotDicom, UnreadableDicom
+from pipeline.errors import InputError, MissingAttribute, NotDicom, UnreadableDicom
 
 __all__ = ["REQUIRED_KEYWORDS", "IndexRecord", "read_header"]
 
@@ -153,23 +155,35 @@ def read_header(fp: BinaryIO, size: int) -> IndexRecord:
     """
     if size == 0:
         raise NotDicom("empty file (0 bytes)")
-    forced = False
     with warnings.catch_warnings():
-        # pydicom's warnings can quote header values (identifiers): never let them reach logs
+        # pydicom's warnings quote header values (identifiers), and values are converted lazily
+        # on access: silence them for the whole read so none can reach a log
         warnings.simplefilter("ignore")
         ds, forced = _parse(fp)
-    header_end = fp.tell()
-    try:
-        elements = list(ds.keys())
-    except Exception as exc:
-        raise UnreadableDicom(f"header cannot be parsed ({type(exc).__name__})") from None
-    if forced and (
-        not elements
-        or all(t.group in (0x0000, 0x0002) for t in elements)
-        or "SOPClassUID" not in ds
-    ):
-        raise NotDicom("not DICOM: no DICM prefix and no recognisable dataset")
-    return _record(fp, ds, size, header_end)
+        header_end = fp.tell()
+        try:
+            elements = list(ds.keys())
+        except Exception as exc:
+            raise UnreadableDicom(f"header cannot be parsed ({type(exc).__name__})") from None
+        if forced and not _recognisable(elements):
+            raise NotDicom("not DICOM: no DICM prefix and no recognisable dataset")
+        try:
+            return _record(fp, ds, size, header_end)
+        except InputError:
+            raise
+        except Exception as exc:  # a value that cannot be converted, deep in a bad header
+            raise UnreadableDicom(f"header cannot be parsed ({type(exc).__name__})") from None
+
+
+def _recognisable(tags: list[BaseTag]) -> bool:
+    """Whether a dataset parsed without a DICM prefix is DICOM rather than bytes forced into tags.
+
+    Real datasets hold standard attributes of the SOP common, study, series or patient modules
+    (groups 0008, 0010, 0020); bytes of text or another format almost never decode to those.
+    """
+    return (
+        sum(1 for t in tags if t.group in (0x0008, 0x0010, 0x0020) and dictionary_has_tag(t)) >= 2
+    )
 
 
 def _parse(fp: BinaryIO) -> tuple[pydicom.Dataset, bool]:
@@ -192,6 +206,13 @@ def _parse(fp: BinaryIO) -> tuple[pydicom.Dataset, bool]:
     except Exception as exc:  # pydicom raises many kinds on corrupt input
         raise UnreadableDicom(f"header cannot be parsed ({type(exc).__name__})") from None
     return ds, forced
+
+
+def _syntax_as_read(implicit: bool, little: bool) -> str:
+    """The uncompressed transfer syntax a dataset without file meta was actually read with."""
+    if implicit:
+        return "1.2.840.10008.1.2"
+    return "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"
 
 
 def _record(fp: BinaryIO, ds: pydicom.Dataset, size: int, header_end: int) -> IndexRecord:
@@ -226,7 +247,7 @@ def _record(fp: BinaryIO, ds: pydicom.Dataset, size: int, header_end: int) -> In
         SOPInstanceUID=str(ds.SOPInstanceUID),
         SOPClassUID=str(sop_class),
         Modality=_text(ds, "Modality"),
-        TransferSyntaxUID=str(ts) if ts else ("1.2.840.10008.1.2" if implicit else None),
+        TransferSyntaxUID=str(ts) if ts else _syntax_as_read(implicit, little),
         InstanceNumber=number,
         has_pixel_data=has_pixels,
         fingerprint=digest.hexdigest(),

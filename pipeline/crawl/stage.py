@@ -230,7 +230,11 @@ def run(
     if client is None:
         for i, chunk in enumerate(chunks):
             r = crawl_partition(
-                source, chunk, lake=lake, run_id=run_id, part=f"{run_id}-{i:05d}",
+                source,
+                chunk,
+                lake=lake,
+                run_id=run_id,
+                part=f"{run_id}-{i:05d}",
                 on_invalid=on_invalid,
             )
             indexed += r["indexed"]

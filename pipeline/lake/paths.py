@@ -37,6 +37,9 @@ class LakePaths:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
     @property
     def restricted(self) -> Path:
         """The identified zone: index, quarantine, audit log, outbox, key material."""
