@@ -56,6 +56,7 @@ def build_config(
     workers: int | None = None,
     scheduler: str | None = None,
     extra: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> PipelineConfig:
     """Load the layered config, with CLI flags on top; config errors exit 2 with the message."""
     overrides: dict[str, Any] = dict(extra or {})
@@ -69,7 +70,7 @@ def build_config(
     if compute:
         overrides["compute"] = compute
     try:
-        return load_config(config, overrides=overrides)
+        return load_config(config, overrides=overrides, defaults=defaults)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
 

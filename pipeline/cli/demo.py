@@ -21,7 +21,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
 
 
 def _expected_quarantine(ground_truth: dict[str, Any]) -> set[str]:
-    return {str(b["path"]) for b in ground_truth.get("bad_objects", [])}
+    """Archive-relative paths the crawl must quarantine: the broken objects, and the JSON."""
+    return {str(b["path"]) for b in ground_truth.get("bad_objects", [])} | {"ground_truth.json"}
 
 
 def demo(
@@ -35,12 +36,10 @@ def demo(
     ] = None,
 ) -> None:
     """Run the whole pipeline on a generated archive (folder source, local Dask, CPU)."""
-    from pipeline.config.loader import deep_merge
-
     extra: dict[str, Any] = {"lake": str(out / "lake"), "source": {"uri": str(out / "archive")}}
     if patients is not None:
         extra["synth"] = {"patients": patients}
-    cfg = build_config(config, workers=workers, extra=deep_merge(DEMO_DEFAULTS, extra))
+    cfg = build_config(config, workers=workers, extra=extra, defaults=DEMO_DEFAULTS)
 
     def body() -> None:
         import time

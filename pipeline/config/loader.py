@@ -94,6 +94,7 @@ def load_config(
     *,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> PipelineConfig:
     """Build the configuration from defaults, file, local twin, environment and overrides.
 
@@ -105,6 +106,9 @@ def load_config(
         Highest-precedence values (the CLI's flags), as a nested mapping.
     environ:
         Environment to read ``PACSFLOW__*`` variables from (default ``os.environ``).
+    defaults:
+        Values just above the model defaults and below the file (a command's embedded
+        defaults, e.g. the demo's).
 
     Returns
     -------
@@ -117,7 +121,7 @@ def load_config(
         When a file cannot be read or parsed, or a value or key is invalid; unknown keys are
         reported with the closest valid key.
     """
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = dict(defaults or {})
     sources = ["defaults"]
     if path is not None:
         path = Path(path)

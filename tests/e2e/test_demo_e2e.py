@@ -1,0 +1,82 @@
+"""The CLI as a user runs it: `pacsflow demo`, `status` and `crawl` as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+EXE = Path(sys.executable).parent / "pacsflow"
+
+
+def _pacsflow(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    if not EXE.exists():
+        pytest.skip("the pacsflow console script is not installed (pip install -e .)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSFLOW")}
+    return subprocess.run(
+        [str(EXE), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo")
+    cfg = out / "small.yaml"
+    cfg.write_text("synth: {patients: 2, ct_slices: 24, rows: 128, columns: 128}\n")
+    done = _pacsflow("demo", "--out", str(out), "--config", str(cfg))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_demo_synthesises_crawls_and_checks_against_ground_truth(
+    small_demo: tuple[Path, str],
+) -> None:
+    out, stdout = small_demo
+    assert "every bad object of the ground truth is quarantined, nothing else" in stdout
+    truth = json.loads((out / "archive" / "ground_truth.json").read_text())
+    n = sum(len(s["files"]) for s in truth["series"])
+    assert f"{n} instances indexed" in stdout
+    assert (out / "lake" / "restricted" / "index").is_dir()
+    assert len(list((out / "lake" / "runs").glob("*.json"))) == 1
+
+
+def test_demo_rerun_reads_nothing_new(small_demo: tuple[Path, str]) -> None:
+    out, _ = small_demo
+    cfg = out / "small.yaml"
+    done = _pacsflow("demo", "--out", str(out), "--config", str(cfg))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reusing the archive" in done.stdout
+    assert "indexed 0, quarantined 0" in done.stdout
+
+
+def test_status_on_the_demo_lake(small_demo: tuple[Path, str]) -> None:
+    out, _ = small_demo
+    done = _pacsflow("status", "--lake", str(out / "lake"), "--json")
+    assert done.returncode == 0, done.stderr
+    lake = json.loads(done.stdout)["lake"]
+    assert lake["audit"]["ok"]
+    assert lake["objects"]["quarantined"] >= 1
+    assert lake["quarantine_by_reason"]["not_dicom"] >= 1
+
+
+def test_logs_carry_no_phi(small_demo: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = small_demo
+    truth = json.loads((out / "archive" / "ground_truth.json").read_text())
+    done = _pacsflow(
+        "-v", "crawl", "--source", str(out / "archive"), "--lake", str(tmp_path / "lake")
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = done.stdout + done.stderr
+    for patient in truth["patients"]:
+        for key in ("PatientName", "PatientID", "PatientBirthDate"):
+            value = str(patient.get(key, "")).strip()
+            if len(value) >= 4:
+                assert value not in logs, key
+    for series in truth["series"]:
+        assert series["StudyInstanceUID"] not in logs
