@@ -7,7 +7,7 @@ from pathlib import Path
 from pipeline.connectors.base import ObjectRef, Source
 from pipeline.connectors.folder import FolderSource
 from pipeline.enums import SourceKind
-from pipeline.errors import ConfigError, NotImplementedStage
+from pipeline.errors import ConfigError, NotImplementedStage, SourceError
 
 __all__ = ["FolderSource", "ObjectRef", "Source", "open_source", "source_kind"]
 
@@ -34,12 +34,17 @@ def open_source(uri: str, *, follow_symlinks: bool = True) -> Source:
     ------
     ConfigError
         For an unknown scheme.
+    SourceError
+        When a folder source does not exist or cannot be read.
     NotImplementedStage
         For PACS connectors not built yet.
     """
     kind = source_kind(uri)
     if kind is SourceKind.FOLDER:
-        return FolderSource(Path(uri), follow_symlinks=follow_symlinks)
+        folder = FolderSource(Path(uri), follow_symlinks=follow_symlinks)
+        if not folder.is_available():
+            raise SourceError(f"archive folder not found or not readable: {folder.root}")
+        return folder
     raise NotImplementedStage(
         f"{kind.value} sources are not implemented yet (issue #3); crawl a folder for now"
     )

@@ -23,7 +23,7 @@ def _archive(root: Path) -> Path:
 def test_crawl_then_status(tmp_path: Path) -> None:
     archive = _archive(tmp_path / "a")
     lake = tmp_path / "lake"
-    args = ["crawl", "--source", str(archive), "--lake", str(lake), "--workers", "1"]
+    args = ["crawl", "--source", str(archive), "--lake", str(lake), "--workers", "1"]  # in-process
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "seen 4, indexed 3, quarantined 1, unchanged 0" in first.output
@@ -45,7 +45,10 @@ def test_status_fails_on_a_tampered_or_truncated_audit_log(tmp_path: Path) -> No
     archive = _archive(tmp_path / "a")
     lake = tmp_path / "lake"
     assert (
-        runner.invoke(app, ["crawl", "--source", str(archive), "--lake", str(lake)]).exit_code == 0
+        runner.invoke(
+            app, ["crawl", "--source", str(archive), "--lake", str(lake), "--workers", "1"]
+        ).exit_code
+        == 0
     )
     log = lake / "restricted" / "audit" / "audit.jsonl"
     lines = log.read_text().splitlines()
