@@ -39,6 +39,7 @@ def test_distributed_crawl_equals_local_crawl(tmp_path: Path, dask_client) -> No
     local = LakePaths(tmp_path / "local")
     distributed = LakePaths(tmp_path / "distributed")
     r_local = crawl_run(cfg, local, FolderSource(archive), run_id="local")
+    assert r_local.counts.out == 24
     r_dist = crawl_run(cfg, distributed, FolderSource(archive), run_id="dist", client=dask_client)
 
     assert (r_dist.counts.seen, r_dist.counts.out, r_dist.counts.quarantined) == (26, 24, 2)
