@@ -118,3 +118,15 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar, environ={})
+
+
+def test_committed_json_schema_matches_the_models() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen", REPO / "tools" / "gen_config_schema.py")
+    assert spec is not None
+    assert spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    committed = (REPO / "configs" / "schema.json").read_text(encoding="utf-8")
+    assert committed == gen.render(), "run: python tools/gen_config_schema.py"
