@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from pipeline.config import PipelineConfig
 from pipeline.connectors import ObjectRef, Source
 from pipeline.crawl.core import read_header
-from pipeline.enums import ObjectState, Stage
+from pipeline.enums import ObjectState, QuarantineReason, Stage
 from pipeline.errors import InputError
 from pipeline.lake import LakePaths, StageCounts, read_table, write_partition
 
@@ -89,6 +89,31 @@ def _chunks(items: Iterable[ObjectRef], size: int) -> Iterator[list[ObjectRef]]:
         yield chunk
 
 
+def _quarantine_row(
+    key: str,
+    source: Source,
+    ref: ObjectRef,
+    run_id: str,
+    now: datetime,
+    reason: str,
+    error_class: str,
+    message: str,
+) -> dict[str, Any]:
+    return {
+        "object_key": key,
+        "source": source.source_id,
+        "location": ref.location,
+        "stage": Stage.CRAWL.value,
+        "reason": reason,
+        "error_class": error_class,
+        "message": message,
+        "size_bytes": ref.size_bytes,
+        "mtime_ns": ref.mtime_ns,
+        "run_id": run_id,
+        "quarantined_at": now,
+    }
+
+
 def crawl_partition(
     source: Source,
     refs: list[ObjectRef],
@@ -122,37 +147,24 @@ def crawl_partition(
             if on_invalid == "raise":
                 raise
             quarantine_rows.append(
-                {
-                    "object_key": key,
-                    "source": source.source_id,
-                    "location": ref.location,
-                    "stage": Stage.CRAWL.value,
-                    "reason": exc.reason.value,
-                    "error_class": type(exc).__name__,
-                    "message": str(exc),
-                    "size_bytes": ref.size_bytes,
-                    "mtime_ns": ref.mtime_ns,
-                    "run_id": run_id,
-                    "quarantined_at": now,
-                }
+                _quarantine_row(
+                    key, source, ref, run_id, now, exc.reason.value, type(exc).__name__, str(exc)
+                )
             )
             logger.debug("quarantined %s: %s", ref.location, exc.reason.value)
             continue
         except OSError as exc:
             quarantine_rows.append(
-                {
-                    "object_key": key,
-                    "source": source.source_id,
-                    "location": ref.location,
-                    "stage": Stage.CRAWL.value,
-                    "reason": "unreadable",
-                    "error_class": type(exc).__name__,
-                    "message": f"cannot read the file: {exc.strerror}",
-                    "size_bytes": ref.size_bytes,
-                    "mtime_ns": ref.mtime_ns,
-                    "run_id": run_id,
-                    "quarantined_at": now,
-                }
+                _quarantine_row(
+                    key,
+                    source,
+                    ref,
+                    run_id,
+                    now,
+                    QuarantineReason.UNREADABLE.value,
+                    type(exc).__name__,
+                    f"cannot read the file: {exc.strerror}",
+                )
             )
             continue
         index_rows.append(
