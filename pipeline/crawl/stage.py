@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -218,8 +219,6 @@ def run(
     -------
     CrawlResult
     """
-    import time
-
     t0 = time.perf_counter()
     lake.create()
     known = _known_state(lake, source.source_id) if cfg.crawl.incremental else {}
