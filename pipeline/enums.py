@@ -41,6 +41,7 @@ class QuarantineReason(StrEnum):
     DIRECTORY_RECORD = "directory_record"
     GEOMETRY = "geometry"
     UNDECODABLE = "undecodable"
+    UNRETRIEVABLE = "unretrievable"
     INVALID = "invalid"
 
 

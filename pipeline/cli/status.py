@@ -44,26 +44,23 @@ def _native(uid: str) -> bool:
 
 def lake_report(root: Path) -> dict[str, Any]:
     """Counts per object state, quarantine by reason, the last run and the audit chain."""
-    from pipeline.crawl import current_index
-    from pipeline.lake import LakePaths, list_manifests, read_table, verify_chain
+    from pipeline.crawl import object_states
+    from pipeline.lake import LakePaths, list_manifests, verify_chain
 
     lake = LakePaths(root)
     if not lake.root.is_dir():
         fail(f"no lake at {root}", 2)
-    index = current_index(lake)
-    quarantine = read_table(lake, "quarantine", columns=["object_key", "reason"])
-    indexed_keys = set(index.column("object_key").to_pylist())
-    # an object quarantined once and indexed later (fixed at the source) counts as indexed
-    q_latest: dict[str, str] = {}
-    for key, reason in zip(
-        quarantine.column("object_key").to_pylist(),
-        quarantine.column("reason").to_pylist(),
-        strict=True,
-    ):
-        if key not in indexed_keys:
-            q_latest[key] = reason
-    states = Counter(index.column("state").to_pylist())
-    states["quarantined"] = len(q_latest)
+    states_table = object_states(lake)
+    states = Counter(states_table.column("state").to_pylist())
+    reasons = Counter(
+        r
+        for st, r in zip(
+            states_table.column("state").to_pylist(),
+            states_table.column("reason").to_pylist(),
+            strict=True,
+        )
+        if st == "quarantined"
+    )
     manifests = list_manifests(lake)
     chain = verify_chain(lake)
     audit_problem = chain.reason
@@ -81,7 +78,7 @@ def lake_report(root: Path) -> dict[str, Any]:
     return {
         "lake": str(lake.root),
         "objects": {"seen": sum(states.values()), **dict(sorted(states.items()))},
-        "quarantine_by_reason": dict(sorted(Counter(q_latest.values()).items())),
+        "quarantine_by_reason": dict(sorted(reasons.items())),
         "runs": len(manifests),
         "last_run": None
         if last is None

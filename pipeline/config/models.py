@@ -69,6 +69,14 @@ class SourceConfig(_Section):
         "PACSFLOW", min_length=1, max_length=16, description="Our AE title for DIMSE."
     )
     timeout_s: float = Field(30.0, gt=0, description="Network timeout per request, seconds.")
+    page_size: int = Field(
+        500, ge=1, le=100_000, description="QIDO-RS page size (limit/offset paging of studies)."
+    )
+    study_filters: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra study-level query keys for QIDO-RS/C-FIND, e.g. "
+        "{StudyDate: 20200101-20201231, ModalitiesInStudy: CT}.",
+    )
 
     @field_validator("uri")
     @classmethod

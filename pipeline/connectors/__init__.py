@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.connectors.base import ObjectRef, Source
+from pipeline.connectors.base import RawObject, Source, Unit
 from pipeline.connectors.folder import FolderSource
 from pipeline.enums import SourceKind
 from pipeline.errors import ConfigError, NotImplementedStage, SourceError
 
-__all__ = ["FolderSource", "ObjectRef", "Source", "open_source", "source_kind"]
+__all__ = ["FolderSource", "RawObject", "Source", "Unit", "open_source", "source_kind"]
 
 
 def source_kind(uri: str) -> SourceKind:

@@ -1,35 +1,71 @@
-"""The interface every archive connector implements."""
+"""The interface every archive connector implements.
+
+A crawl works in **units**: the smallest piece of an archive whose change can be detected
+cheaply and that a worker reads independently. For a folder a unit is one file (changed when its
+size or mtime changes); for a PACS it is one study (changed when its watermark, the numbers of
+series and instances QIDO-RS or C-FIND report for it, changes). The driver lists units, skips
+unchanged ones, and hands the others to Dask workers in batches; a worker fetches a unit and
+yields one :class:`RawObject` per object in it, which the crawl stage parses.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 from pipeline.enums import SourceKind
 
-__all__ = ["ObjectRef", "Source"]
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+__all__ = ["RawObject", "Source", "Unit"]
 
 
 @dataclass(frozen=True)
-class ObjectRef:
-    """One object in an archive, as listed (before it is read).
+class Unit:
+    """One unit of an archive, as listed (before it is read).
 
-    ``location`` is archive-relative (a POSIX path below a folder root, or a PACS reference
+    ``key`` is archive-relative and identifies the unit within its source: a POSIX path below
+    a folder root, or ``studies/<StudyInstanceUID>`` for a PACS. ``watermark`` is what tells a
+    changed unit from an unchanged one (``"<size>:<mtime_ns>"`` for a file,
+    ``"<series>:<instances>"`` for a study); equal watermarks mean "skip".
+    """
+
+    key: str
+    watermark: str
+    size_bytes: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class RawObject:
+    """One object of a unit as a connector delivers it, before its header is parsed.
+
+    ``location`` is the object's archive-relative location (a file path, or
     ``studies/<uid>/series/<uid>/instances/<uid>``); it is what logs and quarantine rows name.
+    Exactly one of ``path`` (a local Part 10 file or bare dataset: a folder's file, or a DIMSE
+    retrieval in the cache), ``dataset`` (a header without pixel data, e.g. WADO-RS metadata)
+    and ``error`` (a :class:`pipeline.errors.InputError` saying why the object could not be
+    had) is set. Parsing is the crawl stage's job, not the connector's.
     """
 
     location: str
-    size_bytes: int | None
-    mtime_ns: int | None
+    unit_key: str
+    size_bytes: int | None = None
+    mtime_ns: int | None = None
+    path: Path | None = None
+    dataset: Dataset | None = None
+    error: Exception | None = None
 
 
 @runtime_checkable
 class Source(Protocol):
     """An archive pacsflow can crawl and read objects from.
 
-    Implementations must be picklable (they travel to Dask workers) and hold no open
-    connections between calls.
+    Implementations must be picklable (they travel to Dask workers), hold no open connection
+    between calls, and never carry credentials in ``source_id``.
     """
 
     @property
@@ -42,10 +78,22 @@ class Source(Protocol):
         """A stable identifier of the archive, without credentials (stored in the index)."""
         ...
 
-    def list_objects(self) -> Iterator[ObjectRef]:
-        """Yield every object of the archive."""
+    def check(self) -> None:
+        """Raise :class:`pipeline.errors.SourceError` when the archive cannot be reached."""
+        ...
+
+    def list_units(self) -> Iterator[Unit]:
+        """Yield every unit of the archive, streaming (never all at once)."""
+        ...
+
+    def read_unit(self, unit: Unit) -> Iterator[RawObject]:
+        """Fetch one unit's objects (headers only where the protocol allows) and yield them.
+
+        Per-object problems are raw objects with ``error`` set; a
+        :class:`pipeline.errors.SourceError` (the archive went away) propagates.
+        """
         ...
 
     def open(self, location: str) -> BinaryIO:
-        """Open one object for reading, by its ``location``."""
+        """Open one object (a Part 10 stream) for reading, by its ``location``."""
         ...

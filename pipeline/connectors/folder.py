@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.connectors.base import ObjectRef
+from pipeline.connectors.base import RawObject, Unit
 from pipeline.enums import SourceKind
 from pipeline.errors import SourceError
 
@@ -44,16 +44,22 @@ class FolderSource:
         """True when the root folder exists and can be listed."""
         return self.root.is_dir() and os.access(self.root, os.R_OK | os.X_OK)
 
-    def list_objects(self) -> Iterator[ObjectRef]:
+    def check(self) -> None:
+        """Raise :class:`SourceError` when the root folder is missing or unreadable."""
+        if not self.is_available():
+            raise SourceError(f"archive folder not found or not readable: {self.root}")
+
+    def list_units(self) -> Iterator[Unit]:
         """Walk the tree depth-first in sorted order (deterministic), yielding regular files.
+
+        Each file is a unit whose watermark is its size and mtime.
 
         Raises
         ------
         SourceError
             When the root folder does not exist or cannot be read.
         """
-        if not self.is_available():
-            raise SourceError(f"archive folder not found or not readable: {self.root}")
+        self.check()
         seen_dirs: set[tuple[int, int]] = set()
         stack = [self.root]
         root_len = len(str(self.root)) + 1
@@ -87,16 +93,30 @@ class FolderSource:
                     logger.debug("dangling entry skipped: %s", entry.path[root_len:])
                     continue
                 if stat.S_ISREG(est.st_mode):
-                    yield ObjectRef(entry.path[root_len:], est.st_size, est.st_mtime_ns)
+                    yield Unit(
+                        entry.path[root_len:],
+                        f"{est.st_size}:{est.st_mtime_ns}",
+                        est.st_size,
+                        est.st_mtime_ns,
+                    )
             stack.extend(reversed(subdirs))
+
+    def read_unit(self, unit: Unit) -> Iterator[RawObject]:
+        """A file is one object: hand its path to the parser (header only)."""
+        yield RawObject(
+            location=unit.key,
+            unit_key=unit.key,
+            size_bytes=unit.size_bytes,
+            mtime_ns=unit.mtime_ns,
+            path=self.path_of(unit.key),
+        )
 
     def path_of(self, location: str) -> Path:
         """The absolute path of an object, refusing locations that escape the root."""
-        path = (self.root / location).resolve() if self.follow_symlinks else self.root / location
-        if ".." in Path(location).parts:
+        if ".." in Path(location).parts or Path(location).is_absolute():
             raise SourceError(f"location escapes the archive root: {location}")
-        return path
+        return self.root / location
 
     def open(self, location: str) -> BinaryIO:
         """Open an object for binary reading."""
-        return open(self.root / location, "rb")
+        return open(self.path_of(location), "rb")

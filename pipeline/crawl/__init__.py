@@ -1,14 +1,24 @@
 """Crawl: archive headers into the restricted index; unusable objects into quarantine."""
 
-from pipeline.crawl.core import IndexRecord, read_header
-from pipeline.crawl.stage import CrawlResult, crawl_partition, current_index, object_key, run
+from pipeline.crawl.core import IndexRecord, parse_raw, read_header, record_from_metadata
+from pipeline.crawl.stage import (
+    CrawlResult,
+    crawl_batch,
+    current_index,
+    object_key,
+    object_states,
+    run,
+)
 
 __all__ = [
     "CrawlResult",
     "IndexRecord",
-    "crawl_partition",
+    "crawl_batch",
     "current_index",
     "object_key",
+    "object_states",
+    "parse_raw",
     "read_header",
+    "record_from_metadata",
     "run",
 ]

@@ -7,6 +7,7 @@ Pure per-object logic: given bytes from a connector, return an :class:`IndexReco
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -17,10 +18,11 @@ from pydicom.datadict import dictionary_has_tag
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
 
+from pipeline.connectors.base import RawObject
 from pipeline.enums import QuarantineReason
 from pipeline.errors import InputError, MissingAttribute, NotDicom, UnreadableDicom
 
-__all__ = ["REQUIRED_KEYWORDS", "IndexRecord", "read_header"]
+__all__ = ["REQUIRED_KEYWORDS", "IndexRecord", "parse_raw", "read_header", "record_from_metadata"]
 
 #: What the pipeline cannot do without; everything else is optional at crawl time.
 REQUIRED_KEYWORDS: tuple[str, ...] = (
@@ -252,3 +254,72 @@ def _record(fp: BinaryIO, ds: pydicom.Dataset, size: int, header_end: int) -> In
         has_pixel_data=has_pixels,
         fingerprint=digest.hexdigest(),
     )
+
+
+def record_from_metadata(ds: pydicom.Dataset) -> IndexRecord:
+    """Build the index record of an object from its header alone (e.g. WADO-RS metadata).
+
+    The fingerprint is a BLAKE2b of the canonical DICOM JSON of the header (bulk data by
+    reference only), so a changed header gives a changed fingerprint.
+
+    Raises
+    ------
+    MissingAttribute
+        A required UID is absent.
+    """
+    import json
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        missing = [kw for kw in REQUIRED_KEYWORDS if _text(ds, kw) is None]
+        if missing:
+            raise MissingAttribute(f"required attribute(s) missing or empty: {', '.join(missing)}")
+        try:
+            blob = json.dumps(
+                ds.to_json_dict(bulk_data_threshold=1, bulk_data_element_handler=lambda _e: ""),
+                sort_keys=True,
+            )
+        except Exception as exc:
+            raise UnreadableDicom(f"header cannot be serialised ({type(exc).__name__})") from None
+        ts = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
+        ts = ts or ds.get((0x0002, 0x0010))
+        try:
+            number = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
+        except (TypeError, ValueError):
+            number = None
+        return IndexRecord(
+            PatientID=_text(ds, "PatientID"),
+            StudyInstanceUID=str(ds.StudyInstanceUID),
+            SeriesInstanceUID=str(ds.SeriesInstanceUID),
+            SOPInstanceUID=str(ds.SOPInstanceUID),
+            SOPClassUID=str(ds.SOPClassUID),
+            Modality=_text(ds, "Modality"),
+            TransferSyntaxUID=str(ts.value if hasattr(ts, "value") else ts) if ts else None,
+            InstanceNumber=number,
+            has_pixel_data=any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009)),
+            fingerprint=hashlib.blake2b(blob.encode(), digest_size=16).hexdigest(),
+        )
+
+
+def parse_raw(raw: RawObject) -> IndexRecord:
+    """Parse what a connector delivered: a local file (header only) or a header dataset.
+
+    Raises
+    ------
+    InputError
+        The object is unusable; its ``reason`` goes to the quarantine table.
+    """
+    if raw.error is not None:
+        if isinstance(raw.error, InputError):
+            raise raw.error
+        raise UnreadableDicom(f"could not be fetched ({type(raw.error).__name__})")
+    if raw.path is not None:
+        try:
+            with open(raw.path, "rb") as fp:
+                size = os.fstat(fp.fileno()).st_size
+                return read_header(fp, size)
+        except OSError as exc:
+            raise UnreadableDicom(f"cannot read the file: {exc.strerror}") from None
+    if raw.dataset is not None:
+        return record_from_metadata(raw.dataset)
+    raise UnreadableDicom("the connector delivered nothing for this object")

@@ -1,36 +1,52 @@
-"""The crawl stage: list a source, read headers in Dask partitions, write index and quarantine.
+"""The crawl stage: list a source's units, read the changed ones on Dask, write index rows.
 
-Incremental: an object whose location, size and mtime match the current state of the lake is
-skipped. Every object seen in a run ends as exactly one of: an index row, a quarantine row,
-or a skip, and the counts reconcile.
+How a crawl runs, with the driver's memory bounded by the batch size, not the archive:
+
+1. the source's units (files, or PACS studies) are streamed to a temporary Parquet listing;
+2. DuckDB compares the listing with the lake's incremental state (the ``units`` table: the
+   latest watermark of every unit) out of core, and streams back the changed and new units,
+   each with the fingerprints of the objects the index already holds for it;
+3. those units go to workers in batches of ``compute.partition_size``; a worker fetches each
+   unit (headers only), parses every object, skips objects whose fingerprint is unchanged (the
+   SOP Instance UID dedup of a changed study), writes its index and quarantine rows, and then its
+   ``units`` rows, the commit marker of the batch (all atomic, part files named by run and
+   batch, so a retried task replaces rather than duplicates);
+4. units that vanished from the source, and objects that vanished from a re-read unit, get an
+   index row with state ``gone``.
+
+A crawl killed at any point leaves whole part files only; the rerun skips what was committed,
+re-reads the rest, and deduplicates by fingerprint: the current index equals an uninterrupted
+crawl's. Every object seen ends as exactly one of: indexed, quarantined, unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.config import PipelineConfig
-from pipeline.connectors import ObjectRef, Source
-from pipeline.crawl.core import read_header
-from pipeline.enums import ObjectState, QuarantineReason, Stage
+from pipeline.connectors import Source, Unit
+from pipeline.crawl.core import parse_raw
+from pipeline.enums import ObjectState, Stage
 from pipeline.errors import InputError
-from pipeline.lake import LakePaths, StageCounts, read_table, write_partition
+from pipeline.lake import LakePaths, StageCounts, read_table, schema_for, write_partition
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CrawlResult", "current_index", "object_key", "run"]
+__all__ = ["CrawlResult", "crawl_batch", "current_index", "object_key", "object_states", "run"]
 
 Progress = Callable[[int], None]
+_LISTING_CHUNK = 50_000
 
 
 def object_key(source_id: str, location: str) -> str:
@@ -40,145 +56,205 @@ def object_key(source_id: str, location: str) -> str:
 
 @dataclass(frozen=True)
 class CrawlResult:
-    """What one crawl did, in numbers."""
+    """What one crawl did, in numbers (``counts.extra`` holds gone and unit counts)."""
 
     run_id: str
     counts: StageCounts
 
 
-def _latest(table: pa.Table, order_column: str) -> pa.Table:
-    """Keep the last row per ``object_key`` (by ``order_column``)."""
-    if table.num_rows == 0:
-        return table
-    table = table.sort_by([("object_key", "ascending"), (order_column, "ascending")])
-    keys = table.column("object_key")
-    if table.num_rows == 1:
-        return table
-    nxt = pc.not_equal(keys.slice(0, table.num_rows - 1), keys.slice(1))
-    last = pa.concat_arrays([nxt.combine_chunks(), pa.array([True])])
-    return table.filter(last)
+# --------------------------------------------------------------------------------------------
+# DuckDB over the lake (out of core)
+# --------------------------------------------------------------------------------------------
+
+
+def _connect(tmp: Path) -> Any:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET memory_limit = '1GB'")
+    con.execute(f"SET temp_directory = '{tmp / 'duckdb'}'")
+    con.execute("SET threads = 2")
+    con.execute("SET preserve_insertion_order = true")
+    return con
+
+
+def _arrow_table(con: Any, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+    """Run a query and return an Arrow table (works across duckdb 1.x and 2.x)."""
+    rel = con.sql(sql, params=dict(params) if params else None)
+    fetch = getattr(rel, "to_arrow_table", None) or rel.arrow
+    table = fetch()
+    return table.read_all() if isinstance(table, pa.RecordBatchReader) else table
+
+
+def _arrow_reader(
+    con: Any, sql: str, params: Mapping[str, Any] | None, rows: int
+) -> pa.RecordBatchReader:
+    """Run a query and stream its rows as Arrow record batches."""
+    rel = con.sql(sql, params=dict(params) if params else None)
+    fetch = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader
+    return fetch(rows)
+
+
+def _scan(lake: LakePaths, name: str) -> str:
+    """SQL for a lake table: its Parquet files, or an empty relation of its schema."""
+    folder = lake.table(name)
+    if any(folder.glob("*.parquet")):
+        return f"read_parquet('{folder}/*.parquet', union_by_name = true)"
+    cols = ", ".join(f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in schema_for(name))
+    return f"(SELECT {cols} WHERE false)"
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_string(t):
+        return "VARCHAR"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ"
+    if pa.types.is_list(t):
+        return _duck_type(t.value_type) + "[]"
+    return "VARCHAR"
+
+
+def _latest_sql(lake: LakePaths, name: str, key: str, order: str, where: str = "true") -> str:
+    return (
+        f"(SELECT * FROM {_scan(lake, name)} WHERE {where} "
+        f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order} DESC) = 1)"
+    )
 
 
 def current_index(lake: LakePaths) -> pa.Table:
     """The index as it stands now: the latest row of each object (older rows are history)."""
-    return _latest(read_table(lake, "index"), "crawled_at")
+    if not any(lake.table("index").glob("*.parquet")):
+        return read_table(lake, "index")
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        sql = _latest_sql(lake, "index", "object_key", "crawled_at")
+        table = _arrow_table(con, f"SELECT * FROM {sql} ORDER BY object_key")
+    finally:
+        con.close()
+    return table.cast(schema_for("index"))
 
 
-def _known_state(lake: LakePaths, source_id: str) -> dict[str, tuple[int | None, int | None]]:
-    """``object_key -> (size, mtime)`` of the latest index or quarantine row from this source."""
-    cols = ["object_key", "source", "size_bytes", "mtime_ns"]
-    idx = read_table(lake, "index", columns=[*cols, "crawled_at"])
-    quar = read_table(lake, "quarantine", columns=[*cols, "quarantined_at"])
-    quar = quar.rename_columns([*cols, "crawled_at"])
-    both = pa.concat_tables([idx, quar.cast(idx.schema)])
-    both = both.filter(pc.equal(both.column("source"), source_id))
-    latest = _latest(both, "crawled_at")
-    return {
-        k: (s, m)
-        for k, s, m in zip(
-            latest.column("object_key").to_pylist(),
-            latest.column("size_bytes").to_pylist(),
-            latest.column("mtime_ns").to_pylist(),
-            strict=True,
-        )
-    }
+def object_states(lake: LakePaths) -> pa.Table:
+    """One row per object ever seen: key, source, location, ``state`` and quarantine ``reason``.
+
+    The state is the latest event of the object across the index and the quarantine
+    (``indexed``, ``quarantined``, ``gone``; later stages add theirs).
+    """
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        sql = f"""
+            SELECT object_key, source, location, state, reason FROM (
+                SELECT object_key, source, location, state, NULL AS reason, crawled_at AS event_at
+                FROM {_scan(lake, "index")}
+                UNION ALL
+                SELECT object_key, source, location, 'quarantined', reason, quarantined_at
+                FROM {_scan(lake, "quarantine")}
+            ) QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1
+            ORDER BY source, location
+        """
+        table = _arrow_table(con, sql)
+    finally:
+        con.close()
+    return table
 
 
-def _chunks(items: Iterable[ObjectRef], size: int) -> Iterator[list[ObjectRef]]:
-    it = iter(items)
-    while chunk := list(islice(it, size)):
-        yield chunk
+# --------------------------------------------------------------------------------------------
+# the worker side
+# --------------------------------------------------------------------------------------------
 
 
-def _quarantine_row(
-    key: str,
+def crawl_batch(
     source: Source,
-    ref: ObjectRef,
-    run_id: str,
-    now: datetime,
-    reason: str,
-    error_class: str,
-    message: str,
-) -> dict[str, Any]:
-    return {
-        "object_key": key,
-        "source": source.source_id,
-        "location": ref.location,
-        "stage": Stage.CRAWL.value,
-        "reason": reason,
-        "error_class": error_class,
-        "message": message,
-        "size_bytes": ref.size_bytes,
-        "mtime_ns": ref.mtime_ns,
-        "run_id": run_id,
-        "quarantined_at": now,
-    }
-
-
-def crawl_partition(
-    source: Source,
-    refs: list[ObjectRef],
+    units: list[Unit],
+    known: dict[str, dict[str, str]],
     *,
     lake: LakePaths,
     run_id: str,
     part: str,
     on_invalid: str = "quarantine",
 ) -> dict[str, int]:
-    """Read the headers of one partition of objects and write its index and quarantine files.
+    """Read a batch of units and write its index, quarantine and units part files.
 
-    Runs on a Dask worker (or in-process). Writing the same ``part`` again replaces the files,
-    so a retried task does not duplicate rows.
+    Runs on a Dask worker (or in-process). ``known`` maps a unit key to the
+    ``object_key -> fingerprint`` of the objects the index already holds for it; an object
+    read again with the same fingerprint is counted unchanged and writes no row. The units
+    rows are written last: they commit the batch.
 
     Returns
     -------
     dict
-        ``{"indexed": n, "quarantined": m}``.
+        ``indexed``, ``quarantined``, ``unchanged`` and ``units`` counts.
     """
     now = datetime.now(UTC)
+    kind = source.kind.value
     index_rows: list[dict[str, Any]] = []
     quarantine_rows: list[dict[str, Any]] = []
-    for ref in refs:
-        key = object_key(source.source_id, ref.location)
-        try:
-            with source.open(ref.location) as fp:
-                size = ref.size_bytes if ref.size_bytes is not None else fp.seek(0, 2)
-                fp.seek(0)
-                record = read_header(fp, size)
-        except InputError as exc:
-            if on_invalid == "raise":
-                raise
-            quarantine_rows.append(
-                _quarantine_row(
-                    key, source, ref, run_id, now, exc.reason.value, type(exc).__name__, str(exc)
+    unit_rows: list[dict[str, Any]] = []
+    unchanged = 0
+    for unit in units:
+        previous = known.get(unit.key, {})
+        keys: list[str] = []
+        for raw in source.read_unit(unit):
+            key = object_key(source.source_id, raw.location)
+            keys.append(key)
+            try:
+                record = parse_raw(raw)
+            except InputError as exc:
+                if on_invalid == "raise":
+                    raise
+                quarantine_rows.append(
+                    {
+                        "object_key": key,
+                        "source": source.source_id,
+                        "location": raw.location,
+                        "unit_key": unit.key,
+                        "stage": Stage.CRAWL.value,
+                        "reason": exc.reason.value,
+                        "error_class": type(exc).__name__,
+                        "message": str(exc),
+                        "size_bytes": raw.size_bytes,
+                        "mtime_ns": raw.mtime_ns,
+                        "run_id": run_id,
+                        "quarantined_at": now,
+                    }
                 )
+                logger.debug("quarantined %s: %s", raw.location, exc.reason.value)
+                continue
+            if previous.get(key) == record.fingerprint:
+                unchanged += 1
+                continue
+            index_rows.append(
+                {
+                    "object_key": key,
+                    "source": source.source_id,
+                    "source_kind": kind,
+                    "location": raw.location,
+                    "unit_key": unit.key,
+                    **asdict(record),
+                    "size_bytes": raw.size_bytes,
+                    "mtime_ns": raw.mtime_ns,
+                    "crawl_run": run_id,
+                    "state": ObjectState.INDEXED.value,
+                    "crawled_at": now,
+                }
             )
-            logger.debug("quarantined %s: %s", ref.location, exc.reason.value)
-            continue
-        except OSError as exc:
-            quarantine_rows.append(
-                _quarantine_row(
-                    key,
-                    source,
-                    ref,
-                    run_id,
-                    now,
-                    QuarantineReason.UNREADABLE.value,
-                    type(exc).__name__,
-                    f"cannot read the file: {exc.strerror}",
-                )
-            )
-            continue
-        index_rows.append(
+        unit_rows.append(
             {
-                "object_key": key,
                 "source": source.source_id,
-                "source_kind": source.kind.value,
-                "location": ref.location,
-                **asdict(record),
-                "size_bytes": ref.size_bytes,
-                "mtime_ns": ref.mtime_ns,
-                "crawl_run": run_id,
-                "state": ObjectState.INDEXED.value,
+                "unit_key": unit.key,
+                "watermark": unit.watermark,
+                "n_objects": len(keys),
+                "object_keys": keys,
+                "state": "read",
+                "run_id": run_id,
                 "crawled_at": now,
             }
         )
@@ -186,7 +262,117 @@ def crawl_partition(
         write_partition(lake, "index", index_rows, part=part)
     if quarantine_rows:
         write_partition(lake, "quarantine", quarantine_rows, part=part)
-    return {"indexed": len(index_rows), "quarantined": len(quarantine_rows)}
+    if unit_rows:
+        write_partition(lake, "units", unit_rows, part=part)
+    return {
+        "indexed": len(index_rows),
+        "quarantined": len(quarantine_rows),
+        "unchanged": unchanged,
+        "units": len(unit_rows),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the driver side
+# --------------------------------------------------------------------------------------------
+
+
+def _write_listing(source: Source, folder: Path) -> int:
+    """Stream the source's units into Parquet chunks; return how many there are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("unit_key", pa.string()),
+            ("watermark", pa.string()),
+            ("size_bytes", pa.int64()),
+            ("mtime_ns", pa.int64()),
+        ]
+    )
+    n = 0
+    chunk: list[Unit] = []
+
+    def flush() -> None:
+        if not chunk:
+            return
+        cols = {
+            "seq": list(range(n - len(chunk), n)),
+            "unit_key": [u.key for u in chunk],
+            "watermark": [u.watermark for u in chunk],
+            "size_bytes": [u.size_bytes for u in chunk],
+            "mtime_ns": [u.mtime_ns for u in chunk],
+        }
+        pq.write_table(pa.table(cols, schema=schema), folder / f"{n:012d}.parquet")
+        chunk.clear()
+
+    for unit in source.list_units():
+        chunk.append(unit)
+        n += 1
+        if len(chunk) >= _LISTING_CHUNK:
+            flush()
+    flush()
+    if n == 0:
+        pq.write_table(schema.empty_table(), folder / "empty.parquet")
+    return n
+
+
+def _batches(
+    con: Any, sql: str, params: Mapping[str, Any], batch_units: int
+) -> Iterator[tuple[list[Unit], dict[str, dict[str, str]]]]:
+    """Group the diff query's rows (ordered by listing) into batches of whole units."""
+    reader = _arrow_reader(con, sql, params, 10_000)
+    units: list[Unit] = []
+    known: dict[str, dict[str, str]] = {}
+    last: str | None = None
+    for rb in reader:
+        cols = rb.to_pydict()
+        for uk, wm, size, mtime, okey, fp in zip(
+            cols["unit_key"],
+            cols["watermark"],
+            cols["size_bytes"],
+            cols["mtime_ns"],
+            cols["object_key"],
+            cols["fingerprint"],
+            strict=True,
+        ):
+            if uk != last:
+                if len(units) >= batch_units:
+                    yield units, known
+                    units, known = [], {}
+                units.append(Unit(uk, wm, size, mtime))
+                last = uk
+            if okey is not None and fp is not None:
+                known.setdefault(uk, {})[okey] = fp
+    if units:
+        yield units, known
+
+
+def _write_gone(
+    con: Any,
+    lake: LakePaths,
+    source: Source,
+    run_id: str,
+    sql: str,
+    params: Mapping[str, Any],
+    tag: str,
+) -> int:
+    """Write index rows with state ``gone`` for what ``sql`` selects (streamed)."""
+    now = datetime.now(UTC)
+    n = 0
+    reader = _arrow_reader(con, sql, params, 50_000)
+    for i, rb in enumerate(reader):
+        rows = rb.to_pylist()
+        for row in rows:
+            row.update(
+                source_kind=source.kind.value,
+                crawl_run=run_id,
+                state=ObjectState.GONE.value,
+                crawled_at=now,
+            )
+        if rows:
+            write_partition(lake, "index", rows, part=f"{run_id}-{tag}-{i:05d}")
+            n += len(rows)
+    return n
 
 
 def run(
@@ -209,11 +395,11 @@ def run(
     source:
         The archive connector.
     run_id:
-        The run this crawl belongs to (names its partition files).
+        The run this crawl belongs to (names its part files).
     client:
-        A ``distributed.Client``; None runs the partitions in this process.
+        A ``distributed.Client``; None runs the batches in this process.
     progress:
-        Called with the number of objects finished, as partitions complete.
+        Called with the number of units finished, as batches complete.
 
     Returns
     -------
@@ -221,73 +407,180 @@ def run(
     """
     t0 = time.perf_counter()
     lake.create()
-    known = _known_state(lake, source.source_id) if cfg.crawl.incremental else {}
-    seen = 0
-    skipped = 0
-    todo: list[ObjectRef] = []
-    for ref in source.list_objects():
-        seen += 1
-        state = known.get(object_key(source.source_id, ref.location))
-        if state is not None and state == (ref.size_bytes, ref.mtime_ns):
-            skipped += 1
-        else:
-            todo.append(ref)
-    if progress and skipped:
-        progress(skipped)
-    logger.info("crawl: %d objects listed, %d unchanged, %d to read", seen, skipped, len(todo))
-    chunks = list(_chunks(todo, cfg.compute.partition_size))
-    on_invalid = cfg.crawl.on_invalid
-    indexed = quarantined = 0
-    if client is None:
-        for i, chunk in enumerate(chunks):
-            r = crawl_partition(
-                source,
-                chunk,
-                lake=lake,
-                run_id=run_id,
-                part=f"{run_id}-{i:05d}",
-                on_invalid=on_invalid,
-            )
-            indexed += r["indexed"]
-            quarantined += r["quarantined"]
-            if progress:
-                progress(len(chunk))
-    else:
-        from distributed import as_completed
+    source.check()
+    tmp = lake.root / f".crawl-{run_id}"
+    src = source.source_id
+    try:
+        n_units = _write_listing(source, tmp / "listing")
+        con = _connect(tmp)
+        listing = f"read_parquet('{tmp / 'listing'}/*.parquet')"
+        units_latest = _latest_sql(lake, "units", "unit_key", "crawled_at", "source = $src")
+        if not cfg.crawl.incremental:
+            units_latest = f"(SELECT * FROM {units_latest} WHERE false)"
+        index_latest = _latest_sql(lake, "index", "object_key", "crawled_at", "source = $src")
+        q_latest = _latest_sql(lake, "quarantine", "object_key", "quarantined_at", "source = $src")
+        params = {"src": src}
+        same = (
+            f"SELECT count(*), coalesce(sum(u.n_objects), 0) FROM {listing} l "
+            f"JOIN {units_latest} u ON l.unit_key = u.unit_key "
+            "AND u.state = 'read' AND u.watermark = l.watermark"
+        )
+        units_unchanged, objects_unchanged = con.execute(same, params).fetchall()[0]
+        diff = f"""
+            SELECT l.seq, l.unit_key, l.watermark, l.size_bytes, l.mtime_ns,
+                   i.object_key, i.fingerprint
+            FROM {listing} l
+            LEFT JOIN {units_latest} u
+              ON l.unit_key = u.unit_key AND u.state = 'read' AND u.watermark = l.watermark
+            LEFT JOIN (SELECT unit_key, object_key, fingerprint FROM {index_latest}
+                       WHERE state <> 'gone' AND {str(cfg.crawl.incremental).lower()}) i
+              ON i.unit_key = l.unit_key
+            WHERE u.unit_key IS NULL
+            ORDER BY l.seq
+        """
+        if progress and units_unchanged:
+            progress(int(units_unchanged))
+        logger.info(
+            "crawl: %d units listed, %d unchanged, %d to read",
+            n_units,
+            units_unchanged,
+            n_units - units_unchanged,
+        )
+        totals = {"indexed": 0, "quarantined": 0, "unchanged": 0, "units": 0}
+        on_invalid = cfg.crawl.on_invalid
+        batches = _batches(con, diff, params, cfg.compute.partition_size)
 
-        futures = [
-            client.submit(
-                crawl_partition,
-                source,
-                chunk,
-                lake=lake,
-                run_id=run_id,
-                part=f"{run_id}-{i:05d}",
-                on_invalid=on_invalid,
-                pure=False,
-            )
-            for i, chunk in enumerate(chunks)
-        ]
-        sizes = {f.key: len(c) for f, c in zip(futures, chunks, strict=True)}
-        for fut in as_completed(futures):
-            r = fut.result()
-            indexed += r["indexed"]
-            quarantined += r["quarantined"]
+        def add(result: dict[str, int]) -> None:
+            for k in totals:
+                totals[k] += result[k]
             if progress:
-                progress(sizes[fut.key])
+                progress(result["units"])
+
+        if client is None:
+            for i, (units, known) in enumerate(batches):
+                add(
+                    crawl_batch(
+                        source,
+                        units,
+                        known,
+                        lake=lake,
+                        run_id=run_id,
+                        part=f"{run_id}-{i:05d}",
+                        on_invalid=on_invalid,
+                    )
+                )
+        else:
+            from distributed import as_completed
+
+            limit = 2 * max(1, len(client.scheduler_info().get("workers", {}))) + 2
+            pending = as_completed()
+            in_flight = 0
+            for i, (units, known) in enumerate(batches):
+                pending.add(
+                    client.submit(
+                        crawl_batch,
+                        source,
+                        units,
+                        known,
+                        lake=lake,
+                        run_id=run_id,
+                        part=f"{run_id}-{i:05d}",
+                        on_invalid=on_invalid,
+                        pure=False,
+                    )
+                )
+                in_flight += 1
+                while in_flight >= limit:
+                    add(next(pending).result())
+                    in_flight -= 1
+            for fut in pending:
+                add(fut.result())
+
+        # what vanished: whole units no longer listed, and objects no longer in a re-read unit
+        gone_units_sql = f"""
+            SELECT u.unit_key FROM {units_latest} u
+            WHERE u.state = 'read' AND u.unit_key NOT IN (SELECT unit_key FROM {listing})
+        """
+        now = datetime.now(UTC)
+        gone_units = [r[0] for r in con.execute(gone_units_sql, params).fetchall()]
+        if gone_units:
+            write_partition(
+                lake,
+                "units",
+                [
+                    {
+                        "source": src,
+                        "unit_key": k,
+                        "watermark": "",
+                        "n_objects": 0,
+                        "object_keys": [],
+                        "state": "gone",
+                        "run_id": run_id,
+                        "crawled_at": now,
+                    }
+                    for k in gone_units
+                ],
+                part=f"{run_id}-gone",
+            )
+        columns = (
+            "object_key, source, location, unit_key, PatientID, StudyInstanceUID, "
+            "SeriesInstanceUID, SOPInstanceUID, SOPClassUID, Modality, TransferSyntaxUID, "
+            "InstanceNumber, has_pixel_data, size_bytes, mtime_ns, fingerprint"
+        )
+        read_now = (
+            f"(SELECT unit_key, unnest(object_keys) AS object_key FROM {_scan(lake, 'units')} "
+            "WHERE source = $src AND run_id = $run AND state = 'read')"
+        )
+        gone_objects_sql = f"""
+            SELECT {columns} FROM (
+                SELECT {columns}, crawled_at AS event_at FROM {index_latest} WHERE state <> 'gone'
+                UNION ALL
+                SELECT object_key, source, location, unit_key, NULL, NULL, NULL, NULL, NULL,
+                       NULL, NULL, NULL, NULL, size_bytes, mtime_ns, NULL, quarantined_at
+                FROM {q_latest}
+            ) o
+            WHERE (o.unit_key IN (SELECT unnest($gone::VARCHAR[]))
+                   OR (o.unit_key IN (SELECT unit_key FROM {read_now})
+                       AND o.object_key NOT IN (SELECT object_key FROM {read_now})))
+              AND o.object_key NOT IN (
+                  SELECT object_key FROM {index_latest} WHERE state = 'gone')
+            QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1
+        """
+        gone = _write_gone(
+            con,
+            lake,
+            source,
+            run_id,
+            gone_objects_sql,
+            {"src": src, "run": run_id, "gone": gone_units},
+            "gone",
+        )
+        con.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     counts = StageCounts(
-        seen=seen,
-        out=indexed,
-        quarantined=quarantined,
-        skipped=skipped,
+        seen=totals["indexed"]
+        + totals["quarantined"]
+        + totals["unchanged"]
+        + int(objects_unchanged),
+        out=totals["indexed"],
+        quarantined=totals["quarantined"],
+        skipped=totals["unchanged"] + int(objects_unchanged),
         seconds=round(time.perf_counter() - t0, 3),
+        extra={
+            "gone": gone,
+            "units_listed": n_units,
+            "units_read": totals["units"],
+            "units_unchanged": int(units_unchanged),
+        },
     )
     logger.info(
-        "crawl: seen %d = indexed %d + quarantined %d + unchanged %d in %.1f s",
-        seen,
-        indexed,
-        quarantined,
-        skipped,
+        "crawl: seen %d = indexed %d + quarantined %d + unchanged %d; gone %d; in %.1f s",
+        counts.seen,
+        counts.out,
+        counts.quarantined,
+        counts.skipped,
+        gone,
         counts.seconds,
     )
     return CrawlResult(run_id, counts)

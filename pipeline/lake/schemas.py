@@ -42,6 +42,7 @@ INDEX = _schema(
         _f("source", _S, False),  # source id: folder path or PACS URI without credentials
         _f("source_kind", _S, False),  # folder | dicomweb | dimse
         _f("location", _S, False),  # archive-relative path or PACS reference
+        _f("unit_key", _S, False),  # the crawl unit holding it: the file, or studies/<uid>
         _f("PatientID", _S),
         _f("StudyInstanceUID", _S),
         _f("SeriesInstanceUID", _S),
@@ -53,7 +54,7 @@ INDEX = _schema(
         _f("has_pixel_data", _B),
         _f("size_bytes", _I),
         _f("mtime_ns", _I),  # file mtime, or the PACS timestamp
-        _f("fingerprint", _S),  # blake2b of the header bytes and size
+        _f("fingerprint", _S),  # blake2b of the header bytes and size, or of WADO-RS metadata
         _f("crawl_run", _S, False),
         _f("state", _S, False),  # pipeline.enums.ObjectState
         _f("crawled_at", _TS, False),
@@ -66,6 +67,7 @@ QUARANTINE = _schema(
         _f("object_key", _S, False),
         _f("source", _S, False),
         _f("location", _S, False),
+        _f("unit_key", _S, False),
         _f("stage", _S, False),  # pipeline.enums.Stage
         _f("reason", _S, False),  # pipeline.enums.QuarantineReason
         _f("error_class", _S, False),
@@ -76,6 +78,20 @@ QUARANTINE = _schema(
         _f("quarantined_at", _TS, False),
     ],
     "restricted: one row per object that could not be used, with a reason code",
+)
+
+UNITS = _schema(
+    [
+        _f("source", _S, False),
+        _f("unit_key", _S, False),  # a file path, or studies/<StudyInstanceUID>
+        _f("watermark", _S, False),  # "<size>:<mtime_ns>" or "<series>:<instances>"
+        _f("n_objects", _I, False),
+        _f("object_keys", pa.list_(_S)),  # every object seen in the unit this time
+        _f("state", _S, False),  # read | gone
+        _f("run_id", _S, False),
+        _f("crawled_at", _TS, False),
+    ],
+    "restricted: one row per crawl unit read (or found gone) in a run: the incremental state",
 )
 
 OUTBOX = _schema(
@@ -223,6 +239,7 @@ REVIEWS = _schema(
 SCHEMAS: dict[str, pa.Schema] = {
     "index": INDEX,
     "quarantine": QUARANTINE,
+    "units": UNITS,
     "outbox": OUTBOX,
     "patients": PATIENTS,
     "studies": STUDIES,

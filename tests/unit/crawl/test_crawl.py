@@ -31,7 +31,7 @@ def _crawl(root: Path, lake: LakePaths, run_id: str, **cfg: object):  # type: ig
 
 
 def test_walk_finds_every_file_once_and_survives_a_symlink_loop(archive: Path) -> None:
-    locations = [r.location for r in FolderSource(archive).list_objects()]
+    locations = [r.key for r in FolderSource(archive).list_units()]
     assert len(locations) == len(set(locations)) == 10
     assert "P1/ST1/SE1/i123.MRDC.4" in locations
     assert not any(loc.startswith(".") for loc in locations)

@@ -52,6 +52,7 @@ def _index_row(i: int, run: str = "r1") -> dict[str, object]:
         "source": "/a",
         "source_kind": "folder",
         "location": f"f{i}",
+        "unit_key": f"f{i}",
         "StudyInstanceUID": "1.2",
         "SeriesInstanceUID": "1.2.3",
         "SOPInstanceUID": f"1.2.3.{i}",
