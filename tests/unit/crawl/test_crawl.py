@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 from dicom_factory import make_ct, write
+from pydicom.uid import RLELossless
 
 from pipeline.config import load_config
 from pipeline.connectors import FolderSource, open_source, source_kind
-from pipeline.crawl import current_index, read_header
+from pipeline.crawl import current_index, object_states, read_header
 from pipeline.crawl import run as crawl_run
 from pipeline.errors import ConfigError, MissingAttribute, NotDicom, NotImplementedStage
 from pipeline.lake import LakePaths, read_table
@@ -120,3 +121,39 @@ def test_source_uris() -> None:
         source_kind("ftp://x")
     with pytest.raises(NotImplementedStage):
         open_source("dimse://PACS@pacs:104")
+
+
+def _rows(lake: LakePaths, name: str) -> int:
+    return read_table(lake, name).num_rows
+
+
+def test_rerun_on_unchanged_archive_adds_zero_rows(archive: Path, tmp_path: Path) -> None:
+    lake = LakePaths(tmp_path / "lake")
+    _crawl(archive, lake, "r1")
+    before = {name: _rows(lake, name) for name in ("index", "quarantine", "units")}
+    counts = _crawl(archive, lake, "r2").counts
+    assert counts.out == counts.quarantined == 0
+    assert {name: _rows(lake, name) for name in before} == before
+
+
+def test_objects_gone_from_the_source_are_marked(archive: Path, tmp_path: Path) -> None:
+    lake = LakePaths(tmp_path / "lake")
+    _crawl(archive, lake, "r1")
+    (archive / "P2" / "rle.dcm").unlink()
+    (archive / "bad" / "notes.txt").unlink()
+    counts = _crawl(archive, lake, "r2").counts
+    assert counts.extra["gone"] == 2
+    assert counts.seen == 8
+    states = {r["location"]: r["state"] for r in object_states(lake).to_pylist()}
+    assert states["P2/rle.dcm"] == "gone"
+    assert states["bad/notes.txt"] == "gone"
+    assert states["P1/noext"] == "indexed"
+    assert states["bad/empty"] == "quarantined"
+    gone_row = next(r for r in current_index(lake).to_pylist() if r["location"] == "P2/rle.dcm")
+    assert gone_row["SOPInstanceUID"]  # the gone row keeps what the object was
+    # a third run finds nothing new to mark; a file that comes back is indexed again
+    assert _crawl(archive, lake, "r3").counts.extra["gone"] == 0
+    write(make_ct(number=5, syntax=RLELossless), archive / "P2" / "rle.dcm")
+    assert _crawl(archive, lake, "r4").counts.out == 1
+    states = {r["location"]: r["state"] for r in object_states(lake).to_pylist()}
+    assert states["P2/rle.dcm"] == "indexed"
