@@ -38,7 +38,12 @@ def crawl_with_manifest(cfg: PipelineConfig, source_uri: str, command: str) -> s
 
     assert cfg.lake is not None
     lake = LakePaths(cfg.lake)
-    source = open_source(source_uri, follow_symlinks=cfg.crawl.follow_symlinks)
+    source = open_source(
+        source_uri,
+        cfg.source,
+        follow_symlinks=cfg.crawl.follow_symlinks,
+        cache_dir=lake.restricted / "cache",
+    )
     with (
         RunRecorder(
             lake, command, config_hash=config_hash(cfg), config=cfg.model_dump(mode="json")

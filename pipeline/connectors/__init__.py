@@ -1,13 +1,17 @@
-"""Archive connectors: a folder tree now; DICOMweb (QIDO/WADO) and DIMSE (C-FIND/C-GET) next."""
+"""Archive connectors: a folder tree, DICOMweb (QIDO-RS/WADO-RS) and DIMSE (C-FIND/C-GET/C-MOVE)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.connectors.base import RawObject, Source, Unit
 from pipeline.connectors.folder import FolderSource
 from pipeline.enums import SourceKind
-from pipeline.errors import ConfigError, NotImplementedStage, SourceError
+
+if TYPE_CHECKING:
+    from pipeline.config import SourceConfig
+from pipeline.errors import ConfigError
 
 __all__ = ["FolderSource", "RawObject", "Source", "Unit", "open_source", "source_kind"]
 
@@ -27,24 +31,47 @@ def source_kind(uri: str) -> SourceKind:
     return SourceKind.FOLDER
 
 
-def open_source(uri: str, *, follow_symlinks: bool = True) -> Source:
+def open_source(
+    uri: str,
+    cfg: SourceConfig | None = None,
+    *,
+    follow_symlinks: bool = True,
+    cache_dir: Path | None = None,
+) -> Source:
     """Build the connector for ``uri``.
+
+    Parameters
+    ----------
+    uri:
+        A folder, ``dicomweb+http(s)://host:port/root`` or ``dimse://AET@host:port``.
+    cfg:
+        The ``source`` section (credentials by reference, CA bundle, timeouts, DIMSE settings).
+    follow_symlinks:
+        Folder sources: follow directory symlinks (loops are guarded).
+    cache_dir:
+        DIMSE sources: where retrieved studies are cached (in the lake's restricted zone).
 
     Raises
     ------
     ConfigError
-        For an unknown scheme.
+        For an unknown scheme or a malformed URI.
     SourceError
         When a folder source does not exist or cannot be read.
-    NotImplementedStage
-        For PACS connectors not built yet.
     """
+    from pipeline.config import SourceConfig
+
+    cfg = cfg or SourceConfig()
     kind = source_kind(uri)
     if kind is SourceKind.FOLDER:
         folder = FolderSource(Path(uri), follow_symlinks=follow_symlinks)
-        if not folder.is_available():
-            raise SourceError(f"archive folder not found or not readable: {folder.root}")
+        folder.check()
         return folder
-    raise NotImplementedStage(
-        f"{kind.value} sources are not implemented yet (issue #3); crawl a folder for now"
-    )
+    if kind is SourceKind.DICOMWEB:
+        from pipeline.connectors.dicomweb import DicomwebSource
+
+        return DicomwebSource.from_uri(uri, cfg)
+    from pipeline.connectors.dimse import DimseSource
+
+    if cache_dir is None:
+        raise ConfigError("a DIMSE source needs a cache folder (the lake's restricted/cache)")
+    return DimseSource.from_uri(uri, cfg, cache_dir=cache_dir)

@@ -260,7 +260,9 @@ def record_from_metadata(ds: pydicom.Dataset) -> IndexRecord:
     """Build the index record of an object from its header alone (e.g. WADO-RS metadata).
 
     The fingerprint is a BLAKE2b of the canonical DICOM JSON of the header (bulk data by
-    reference only), so a changed header gives a changed fingerprint.
+    reference only), so a changed header gives a changed fingerprint. Metadata may leave out
+    the transfer syntax (Orthanc's does): the record then holds None, and the object is fetched
+    in its stored syntax when its pixels are needed.
 
     Raises
     ------
@@ -296,7 +298,9 @@ def record_from_metadata(ds: pydicom.Dataset) -> IndexRecord:
             Modality=_text(ds, "Modality"),
             TransferSyntaxUID=str(ts.value if hasattr(ts, "value") else ts) if ts else None,
             InstanceNumber=number,
-            has_pixel_data=any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009)),
+            # metadata may omit bulk data (Orthanc does): an image pixel module means pixels
+            has_pixel_data=any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009))
+            or ("Rows" in ds and "Columns" in ds),
             fingerprint=hashlib.blake2b(blob.encode(), digest_size=16).hexdigest(),
         )
 
