@@ -7,15 +7,18 @@ name or a key-file path), never values.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "AuthConfig",
     "ComputeConfig",
     "CrawlConfig",
+    "DimseConfig",
+    "DimseTlsConfig",
     "LoggingConfig",
     "PipelineConfig",
     "SourceConfig",
@@ -55,6 +58,72 @@ class AuthConfig(_Section):
     token_env: str | None = Field(None, description="Env var holding a bearer token.")
 
 
+class DimseTlsConfig(_Section):
+    """DICOM TLS for a DIMSE source: PEM files by path (the key file is a reference, not a value)."""
+
+    ca: Path | None = Field(
+        None,
+        description="PEM CA bundle (or the PACS's self-signed certificate) that verifies the PACS; "
+        "unset: source.ca_bundle, else the system trust store.",
+    )
+    cert: Path | None = Field(
+        None,
+        description="Our client certificate (PEM), for a PACS that requires one; also the "
+        "certificate our C-MOVE Storage SCP presents.",
+    )
+    key: Path | None = Field(None, description="Private key (PEM) of `cert`.")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> DimseTlsConfig:
+        if self.key is not None and self.cert is None:
+            raise ValueError("dimse.tls.key is set without dimse.tls.cert; set both or neither")
+        return self
+
+
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class DimseConfig(_Section):
+    """How a DIMSE source (``dimse://AET@host:port``) queries and retrieves, gently."""
+
+    retrieve: Literal["get", "move", "get-then-move"] = Field(
+        "get-then-move",
+        description="C-GET into the cache; C-MOVE to our own Storage SCP; or C-GET with C-MOVE "
+        "for what C-GET could not bring.",
+    )
+    storage_port: int = Field(
+        11113,
+        ge=1,
+        le=65535,
+        description="Port of pacsflow's Storage SCP for C-MOVE (AE title source.calling_aet); "
+        "the PACS must list calling_aet at this host and port.",
+    )
+    max_associations: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Most associations open to the PACS at once, across all Dask workers.",
+    )
+    window: str | None = Field(
+        None,
+        description="Local-time window in which the PACS may be queried, HH:MM-HH:MM (e.g. "
+        "19:00-07:00, wrapping midnight); unset: any time.",
+    )
+    tls: DimseTlsConfig | None = Field(None, description="DICOM TLS; unset: plain TCP.")
+
+    @field_validator("window")
+    @classmethod
+    def _window_format(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        match = _WINDOW.match(v.strip())
+        if match is None:
+            raise ValueError(f"window must be HH:MM-HH:MM (24 h, e.g. 19:00-07:00); got {v!r}")
+        if match.group(1, 2) == match.group(3, 4):
+            raise ValueError(f"window {v!r} starts where it ends; unset it to allow any time")
+        return v.strip()
+
+
 class SourceConfig(_Section):
     """The archive to crawl: a folder or a PACS."""
 
@@ -76,6 +145,9 @@ class SourceConfig(_Section):
         default_factory=dict,
         description="Extra study-level query keys for QIDO-RS/C-FIND, e.g. "
         "{StudyDate: 20200101-20201231, ModalitiesInStudy: CT}.",
+    )
+    dimse: DimseConfig = Field(
+        default_factory=DimseConfig, description="DIMSE (C-FIND/C-GET/C-MOVE) settings."
     )
 
     @field_validator("uri")

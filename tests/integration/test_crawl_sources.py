@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian
@@ -82,7 +81,8 @@ def test_folder_and_dicomweb_crawls_find_the_same_instances(
     web_lake = LakePaths(tmp_path / "web")
     source = open_source(cfg.source.uri, cfg.source)
     assert isinstance(source, DicomwebSource)
-    assert "PASSWORD" not in source.source_id and orthanc.password not in source.source_id
+    assert "PASSWORD" not in source.source_id
+    assert orthanc.password not in source.source_id
     result = crawl_run(cfg, web_lake, source, run_id="w1")
     assert result.counts.reconciles
     index = current_index(web_lake).to_pylist()
