@@ -59,7 +59,7 @@ class AuthConfig(_Section):
 
 
 class DimseTlsConfig(_Section):
-    """DICOM TLS for a DIMSE source: PEM files by path (the key file is a reference, not a value)."""
+    """DICOM TLS of a DIMSE source: PEM files by path (a key file is a reference, not a value)."""
 
     ca: Path | None = Field(
         None,

@@ -16,7 +16,7 @@ from pipeline.connectors.dicomweb import DicomwebSource
 from pipeline.crawl import current_index
 from pipeline.crawl import run as crawl_run
 from pipeline.errors import SourceError
-from pipeline.lake import LakePaths
+from pipeline.lake import LakePaths, read_table
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +128,46 @@ def test_dicomweb_dead_server_is_a_source_error() -> None:
     source = DicomwebSource(f"http://127.0.0.1:{port}/dicom-web", retries=False, timeout_s=2)
     with pytest.raises(SourceError, match="cannot reach"):
         source.check()
+
+
+def test_dimse_crawl_finds_the_same_instances(stored_archive, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _archive, truth = stored_archive
+    studies = {s["StudyInstanceUID"] for s in truth["series"]}  # type: ignore[index]
+    expected = {uid for s in truth["series"] for uid in s["sop_instance_uids"]}  # type: ignore[index]
+    # Orthanc 1.10.1 cannot send HTJ2K over DIMSE: those instances must be quarantined as
+    # unretrievable, named by location, and everything else indexed
+    htj2k = {
+        uid
+        for s in truth["series"]  # type: ignore[index]
+        if s["TransferSyntaxUID"].startswith("1.2.840.10008.1.2.4.20")
+        for uid in s["sop_instance_uids"]
+    }
+    cfg = load_config(
+        overrides={
+            "source": {
+                "uri": f"dimse://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+                "calling_aet": orthanc.scu_aet,
+                "dimse": {"retrieve": "get"},
+            },
+            "compute": {"partition_size": 1},
+        },
+        environ={},
+    )
+    lake = LakePaths(tmp_path / "dimse")
+    source = open_source(cfg.source.uri, cfg.source, cache_dir=lake.restricted / "cache")
+    result = crawl_run(cfg, lake, source, run_id="d1")
+    assert result.counts.reconciles
+    index = [r for r in current_index(lake).to_pylist() if r["StudyInstanceUID"] in studies]
+    indexed = {r["SOPInstanceUID"] for r in index}
+    quarantined = {
+        row["location"].rsplit("/", 1)[1]
+        for row in read_table(lake, "quarantine").to_pylist()
+        if row["reason"] == "unretrievable"
+    }
+    assert indexed | (quarantined & expected) == expected
+    assert indexed == expected - htj2k
+    assert quarantined & expected == htj2k
+    # the cache lives in the restricted zone, named by hashes only
+    cached = [p for p in (lake.restricted / "cache").rglob("*") if p.is_file()]
+    assert cached
+    assert not any(uid in str(p) for p in cached for uid in studies)

@@ -14,7 +14,7 @@ from pipeline.config import load_config
 from pipeline.connectors import FolderSource, open_source, source_kind
 from pipeline.crawl import current_index, object_states, read_header
 from pipeline.crawl import run as crawl_run
-from pipeline.errors import ConfigError, MissingAttribute, NotDicom, NotImplementedStage
+from pipeline.errors import ConfigError, MissingAttribute, NotDicom
 from pipeline.lake import LakePaths, read_table
 
 EXPECTED_BAD = {
@@ -119,7 +119,7 @@ def test_source_uris() -> None:
     assert source_kind("dimse://PACS@pacs:104") == "dimse"
     with pytest.raises(ConfigError, match="unknown source scheme"):
         source_kind("ftp://x")
-    with pytest.raises(NotImplementedStage):
+    with pytest.raises(ConfigError, match="cache folder"):
         open_source("dimse://PACS@pacs:104")
 
 
