@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -71,7 +73,7 @@ def _connect(tmp: Path) -> Any:
     import duckdb
 
     con = duckdb.connect()
-    con.execute("SET memory_limit = '1GB'")
+    con.execute("SET memory_limit = '512MB'")  # spills to temp_directory beyond it
     con.execute(f"SET temp_directory = '{tmp / 'duckdb'}'")
     con.execute("SET threads = 2")
     con.execute("SET preserve_insertion_order = true")
@@ -375,6 +377,20 @@ def _write_gone(
     return n
 
 
+def _sweep_dead_runs(lake: LakePaths) -> None:
+    """Remove the scratch folders of crawls whose process is gone (killed runs)."""
+    for scratch in lake.root.glob(".crawl-*"):
+        try:
+            host, pid = (scratch / "pid").read_text().split()
+            if host != socket.gethostname():
+                continue  # another machine's run: not ours to judge
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(scratch, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # no pid yet (a run starting) or not ours to judge
+
+
 def run(
     cfg: PipelineConfig,
     lake: LakePaths,
@@ -408,7 +424,10 @@ def run(
     t0 = time.perf_counter()
     lake.create()
     source.check()
+    _sweep_dead_runs(lake)
     tmp = lake.root / f".crawl-{run_id}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "pid").write_text(f"{socket.gethostname()} {os.getpid()}")
     src = source.source_id
     try:
         n_units = _write_listing(source, tmp / "listing")

@@ -76,3 +76,4 @@ def test_killed_crawl_resumes_to_the_same_index(tmp_path: Path) -> None:
     assert resumed.num_rows == good
     assert read_table(partial, "index").num_rows == good  # no duplicate rows at all
     assert _stable(resumed) == _stable(current_index(LakePaths(reference)))
+    assert not list(lake.glob(".crawl-*"))  # the killed run's scratch folder was swept
