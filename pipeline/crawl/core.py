@@ -11,7 +11,7 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.datadict import dictionary_has_tag
@@ -238,6 +238,11 @@ def _record(fp: BinaryIO, ds: pydicom.Dataset, size: int, header_end: int) -> In
     digest.update(fp.read(min(header_end, _FINGERPRINT_BYTES)))
     digest.update(size.to_bytes(8, "little"))
     ts = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+    return _build(ds, str(ts) if ts else _syntax_as_read(implicit, little), has_pixels, digest)
+
+
+def _build(ds: pydicom.Dataset, syntax: str | None, has_pixels: bool, digest: Any) -> IndexRecord:
+    """The index record of a dataset whose required UIDs were checked."""
     try:
         number = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
     except (TypeError, ValueError):
@@ -247,9 +252,9 @@ def _record(fp: BinaryIO, ds: pydicom.Dataset, size: int, header_end: int) -> In
         StudyInstanceUID=str(ds.StudyInstanceUID),
         SeriesInstanceUID=str(ds.SeriesInstanceUID),
         SOPInstanceUID=str(ds.SOPInstanceUID),
-        SOPClassUID=str(sop_class),
+        SOPClassUID=str(ds.SOPClassUID),
         Modality=_text(ds, "Modality"),
-        TransferSyntaxUID=str(ts) if ts else _syntax_as_read(implicit, little),
+        TransferSyntaxUID=syntax,
         InstanceNumber=number,
         has_pixel_data=has_pixels,
         fingerprint=digest.hexdigest(),
@@ -285,24 +290,12 @@ def record_from_metadata(ds: pydicom.Dataset) -> IndexRecord:
             raise UnreadableDicom(f"header cannot be serialised ({type(exc).__name__})") from None
         ts = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
         ts = ts or ds.get((0x0002, 0x0010))
-        try:
-            number = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
-        except (TypeError, ValueError):
-            number = None
-        return IndexRecord(
-            PatientID=_text(ds, "PatientID"),
-            StudyInstanceUID=str(ds.StudyInstanceUID),
-            SeriesInstanceUID=str(ds.SeriesInstanceUID),
-            SOPInstanceUID=str(ds.SOPInstanceUID),
-            SOPClassUID=str(ds.SOPClassUID),
-            Modality=_text(ds, "Modality"),
-            TransferSyntaxUID=str(ts.value if hasattr(ts, "value") else ts) if ts else None,
-            InstanceNumber=number,
-            # metadata may omit bulk data (Orthanc does): an image pixel module means pixels
-            has_pixel_data=any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009))
-            or ("Rows" in ds and "Columns" in ds),
-            fingerprint=hashlib.blake2b(blob.encode(), digest_size=16).hexdigest(),
+        syntax = str(ts.value if hasattr(ts, "value") else ts) if ts else None
+        # metadata may omit bulk data (Orthanc does): an image pixel module means pixels
+        has_pixels = any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009)) or (
+            "Rows" in ds and "Columns" in ds
         )
+        return _build(ds, syntax, has_pixels, hashlib.blake2b(blob.encode(), digest_size=16))
 
 
 def parse_raw(raw: RawObject) -> IndexRecord:
