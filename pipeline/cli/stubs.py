@@ -27,7 +27,18 @@ def register_keygen(app: typer.Typer) -> None:
     @app.command("keygen")
     def keygen(path: Annotated[Path, typer.Argument(help="Where to write the key file.")]) -> None:
         """Create a secret key file (mode 0600) for keyed pseudonyms and date shifts."""
-        not_implemented("keygen", 4)
+        from pipeline.cli._common import guarded
+
+        def body() -> None:
+            from pipeline.deid.keys import generate_key_file
+
+            generate_key_file(path)
+            typer.echo(
+                f"keygen: wrote {path} (mode 0600). Keep it secret and backed up: the "
+                "pseudonyms, and the way back to the originals, depend on it."
+            )
+
+        guarded(body)
 
 
 def register_stages(app: typer.Typer) -> None:

@@ -28,7 +28,6 @@ CONTRACT_VERBS = (
     "verify",
 )
 NOT_YET = {
-    "keygen": ["keygen", "k.key"],
     "deid": ["deid", "--lake", "x"],
     "tensors": ["tensors", "--lake", "x"],
     "infer": ["infer", "--lake", "x", "--model", "m"],
@@ -137,3 +136,15 @@ def test_crawl_missing_source_folder_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1
     assert "archive folder not found" in result.output
+
+
+def test_keygen_writes_a_private_key_and_never_overwrites(tmp_path: Path) -> None:
+    key = tmp_path / "secrets" / "pacsflow.key"
+    first = runner.invoke(app, ["keygen", str(key)])
+    assert first.exit_code == 0, first.output
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    before = key.read_bytes()
+    again = runner.invoke(app, ["keygen", str(key)])
+    assert again.exit_code == 2
+    assert "refusing to overwrite" in again.output
+    assert key.read_bytes() == before
