@@ -42,6 +42,7 @@ class QuarantineReason(StrEnum):
     GEOMETRY = "geometry"
     UNDECODABLE = "undecodable"
     UNRETRIEVABLE = "unretrievable"
+    BURNED_IN_PHI = "burned_in_phi"
     INVALID = "invalid"
 
 

@@ -44,6 +44,8 @@ def demo(
     def body() -> None:
         import time
 
+        import pyarrow.compute as pc
+
         from pipeline.cli._common import progress_bar
         from pipeline.cli.crawl import crawl_with_manifest
         from pipeline.crawl import current_index
@@ -77,10 +79,21 @@ def demo(
             )
         typer.echo(crawl_with_manifest(cfg, str(archive), "demo"))
 
+        from pipeline.cli.deid import deid_with_manifest, verify_lake
+        from pipeline.deid.keys import generate_key_file, load_key
+
+        assert cfg.lake is not None
+        key_path = LakePaths(cfg.lake).restricted / "demo.key"
+        if not key_path.exists():  # the demo's throwaway key; real runs need `pacsflow keygen`
+            generate_key_file(key_path)
+        typer.echo(deid_with_manifest(cfg, load_key(key_path), "demo"))
+        leaks, leak_lines = verify_lake(cfg)
+
         assert cfg.lake is not None
         lake = LakePaths(cfg.lake)
         index = current_index(lake)
-        quarantine = read_table(lake, "quarantine", columns=["location", "reason"])
+        quarantine = read_table(lake, "quarantine", columns=["location", "reason", "stage"])
+        quarantine = quarantine.filter(pc.equal(quarantine.column("stage"), "crawl"))
         gt = json.loads(gt_path.read_text(encoding="utf-8"))
         expected = _expected_quarantine(gt)
         got = set(quarantine.column("location").to_pylist())
@@ -108,6 +121,12 @@ def demo(
             f"check       every bad object of the ground truth is quarantined, nothing else "
             f"({len(expected)})"
         )
+        typer.echo(f'research    {lake.research}  (pacsflow sql --lake {lake.root} "SELECT ...")')
+        typer.echo(f"verify      leaks found = {leaks}")
+        if leaks:
+            for line in leak_lines:
+                typer.echo(line)
+            fail("identifying values reached research/: failing closed")
         typer.echo(f"next        pacsflow status --lake {lake.root}")
         typer.echo(f"done in {time.perf_counter() - t0:.1f} s")
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from pipeline._version import __version__
-from pipeline.cli import crawl, demo, status, stubs, synth
+from pipeline.cli import crawl, deid, demo, status, stubs, synth
 from pipeline.cli._logging import setup_logging
 
 app = typer.Typer(
@@ -50,10 +50,10 @@ def _main(
 app.command("synth")(synth.synth)
 stubs.register_keygen(app)
 app.command("crawl")(crawl.crawl)
+deid.register(app)
 stubs.register_stages(app)
 app.command("demo")(demo.demo)
 app.command("status")(status.status)
-stubs.register_tools(app)
 
 
 def main() -> None:

@@ -13,13 +13,6 @@ import typer
 
 from pipeline.cli._common import ConfigOpt, LakeOpt, SchedulerOpt, WorkersOpt, not_implemented
 
-KeyFileOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--key-file", help="Secret key file (or env PACSFLOW_KEY_FILE).", show_default=False
-    ),
-]
-
 
 def register_keygen(app: typer.Typer) -> None:
     """Add ``keygen``."""
@@ -42,18 +35,7 @@ def register_keygen(app: typer.Typer) -> None:
 
 
 def register_stages(app: typer.Typer) -> None:
-    """Add ``deid``, ``tensors``, ``infer``, ``writeback``, ``review`` and ``run``."""
-
-    @app.command("deid")
-    def deid(
-        lake: LakeOpt = None,
-        key_file: KeyFileOpt = None,
-        config: ConfigOpt = None,
-        workers: WorkersOpt = None,
-        scheduler: SchedulerOpt = None,
-    ) -> None:
-        """De-identify the restricted index into the research tables (PS3.15 Annex E)."""
-        not_implemented("deid", 4)
+    """Add ``tensors``, ``infer``, ``writeback``, ``review`` and ``run``."""
 
     @app.command("tensors")
     def tensors(
@@ -107,21 +89,3 @@ def register_stages(app: typer.Typer) -> None:
     def run(config_file: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")]) -> None:
         """Every stage, as the config says; incremental; one lock per lake."""
         not_implemented("run", 8)
-
-
-def register_tools(app: typer.Typer) -> None:
-    """Add ``sql`` and ``verify``."""
-
-    @app.command("sql")
-    def sql(
-        query: Annotated[str, typer.Argument(help="SQL over the research tables.")],
-        lake: LakeOpt = None,
-        config: ConfigOpt = None,
-    ) -> None:
-        """DuckDB over the research tables (views instances, series, studies, patients, ...)."""
-        not_implemented("sql", 4)
-
-    @app.command("verify")
-    def verify(lake: LakeOpt = None, config: ConfigOpt = None) -> None:
-        """Scan research outputs for identifiers of the restricted index (non-zero on a hit)."""
-        not_implemented("verify", 4)

@@ -17,6 +17,7 @@ __all__ = [
     "AuthConfig",
     "ComputeConfig",
     "CrawlConfig",
+    "DeidConfig",
     "DimseConfig",
     "DimseTlsConfig",
     "LoggingConfig",
@@ -177,6 +178,32 @@ class CrawlConfig(_Section):
     )
 
 
+DeidOption = Literal[
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_long_full_dates",
+    "retain_long_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+]
+
+
+class DeidConfig(_Section):
+    """The de-identification stage (PS3.15 Annex E)."""
+
+    options: tuple[DeidOption, ...] = Field(
+        ("retain_long_modified_dates", "retain_patient_characteristics"),
+        description="Profile options on top of the Basic Profile (PS3.15 E.3).",
+    )
+    on_invalid: Literal["quarantine", "raise"] = Field(
+        "quarantine", description="An object that cannot be de-identified: quarantine or raise."
+    )
+
+
 class SynthConfig(_Section):
     """The synthetic archive that `pacsflow demo` generates."""
 
@@ -206,5 +233,6 @@ class PipelineConfig(_Section):
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Compute settings.")
     source: SourceConfig = Field(default_factory=SourceConfig, description="Archive to crawl.")
     crawl: CrawlConfig = Field(default_factory=CrawlConfig, description="Crawl stage.")
+    deid: DeidConfig = Field(default_factory=DeidConfig, description="De-identification stage.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Demo archive.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")

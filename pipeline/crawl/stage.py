@@ -42,6 +42,7 @@ from pipeline.crawl.core import parse_raw
 from pipeline.enums import ObjectState, Stage
 from pipeline.errors import InputError
 from pipeline.lake import LakePaths, StageCounts, read_table, schema_for, write_partition
+from pipeline.lake.duck import arrow_reader, arrow_table, connect, latest_sql, scan_sql
 
 logger = logging.getLogger(__name__)
 
@@ -69,64 +70,6 @@ class CrawlResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _connect(tmp: Path) -> Any:
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute("SET memory_limit = '512MB'")  # spills to temp_directory beyond it
-    con.execute(f"SET temp_directory = '{tmp / 'duckdb'}'")
-    con.execute("SET threads = 2")
-    con.execute("SET preserve_insertion_order = true")
-    return con
-
-
-def _arrow_table(con: Any, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
-    """Run a query and return an Arrow table (works across duckdb 1.x and 2.x)."""
-    rel = con.sql(sql, params=dict(params) if params else None)
-    fetch = getattr(rel, "to_arrow_table", None) or rel.arrow
-    table = fetch()
-    return table.read_all() if isinstance(table, pa.RecordBatchReader) else table
-
-
-def _arrow_reader(
-    con: Any, sql: str, params: Mapping[str, Any] | None, rows: int
-) -> pa.RecordBatchReader:
-    """Run a query and stream its rows as Arrow record batches."""
-    rel = con.sql(sql, params=dict(params) if params else None)
-    fetch = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader
-    return fetch(rows)
-
-
-def _scan(lake: LakePaths, name: str) -> str:
-    """SQL for a lake table: its Parquet files, or an empty relation of its schema."""
-    folder = lake.table(name)
-    if any(folder.glob("*.parquet")):
-        return f"read_parquet('{folder}/*.parquet', union_by_name = true)"
-    cols = ", ".join(f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in schema_for(name))
-    return f"(SELECT {cols} WHERE false)"
-
-
-def _duck_type(t: pa.DataType) -> str:
-    if pa.types.is_string(t):
-        return "VARCHAR"
-    if pa.types.is_int64(t):
-        return "BIGINT"
-    if pa.types.is_boolean(t):
-        return "BOOLEAN"
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ"
-    if pa.types.is_list(t):
-        return _duck_type(t.value_type) + "[]"
-    return "VARCHAR"
-
-
-def _latest_sql(lake: LakePaths, name: str, key: str, order: str, where: str = "true") -> str:
-    return (
-        f"(SELECT * FROM {_scan(lake, name)} WHERE {where} "
-        f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order} DESC) = 1)"
-    )
-
-
 def current_index(lake: LakePaths) -> pa.Table:
     """The index as it stands now: the latest row of each object (older rows are history)."""
     if not any(lake.table("index").glob("*.parquet")):
@@ -135,8 +78,8 @@ def current_index(lake: LakePaths) -> pa.Table:
 
     con = duckdb.connect()
     try:
-        sql = _latest_sql(lake, "index", "object_key", "crawled_at")
-        table = _arrow_table(con, f"SELECT * FROM {sql} ORDER BY object_key")
+        sql = latest_sql(lake, "index", "object_key", "crawled_at")
+        table = arrow_table(con, f"SELECT * FROM {sql} ORDER BY object_key")
     finally:
         con.close()
     return table.cast(schema_for("index"))
@@ -155,14 +98,14 @@ def object_states(lake: LakePaths) -> pa.Table:
         sql = f"""
             SELECT object_key, source, location, state, reason FROM (
                 SELECT object_key, source, location, state, NULL AS reason, crawled_at AS event_at
-                FROM {_scan(lake, "index")}
+                FROM {scan_sql(lake, "index")}
                 UNION ALL
                 SELECT object_key, source, location, 'quarantined', reason, quarantined_at
-                FROM {_scan(lake, "quarantine")}
+                FROM {scan_sql(lake, "quarantine")}
             ) QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1
             ORDER BY source, location
         """
-        table = _arrow_table(con, sql)
+        table = arrow_table(con, sql)
     finally:
         con.close()
     return table
@@ -322,7 +265,7 @@ def _batches(
     con: Any, sql: str, params: Mapping[str, Any], batch_units: int
 ) -> Iterator[tuple[list[Unit], dict[str, dict[str, str]]]]:
     """Group the diff query's rows (ordered by listing) into batches of whole units."""
-    reader = _arrow_reader(con, sql, params, 10_000)
+    reader = arrow_reader(con, sql, params, 10_000)
     units: list[Unit] = []
     known: dict[str, dict[str, str]] = {}
     last: str | None = None
@@ -361,7 +304,7 @@ def _write_gone(
     """Write index rows with state ``gone`` for what ``sql`` selects (streamed)."""
     now = datetime.now(UTC)
     n = 0
-    reader = _arrow_reader(con, sql, params, 50_000)
+    reader = arrow_reader(con, sql, params, 50_000)
     for i, rb in enumerate(reader):
         rows = rb.to_pylist()
         for row in rows:
@@ -431,13 +374,13 @@ def run(
     src = source.source_id
     try:
         n_units = _write_listing(source, tmp / "listing")
-        con = _connect(tmp)
+        con = connect(tmp)
         listing = f"read_parquet('{tmp / 'listing'}/*.parquet')"
-        units_latest = _latest_sql(lake, "units", "unit_key", "crawled_at", "source = $src")
+        units_latest = latest_sql(lake, "units", "unit_key", "crawled_at", "source = $src")
         if not cfg.crawl.incremental:
             units_latest = f"(SELECT * FROM {units_latest} WHERE false)"
-        index_latest = _latest_sql(lake, "index", "object_key", "crawled_at", "source = $src")
-        q_latest = _latest_sql(lake, "quarantine", "object_key", "quarantined_at", "source = $src")
+        index_latest = latest_sql(lake, "index", "object_key", "crawled_at", "source = $src")
+        q_latest = latest_sql(lake, "quarantine", "object_key", "quarantined_at", "source = $src")
         params = {"src": src}
         same = (
             f"SELECT count(*), coalesce(sum(u.n_objects), 0) FROM {listing} l "
@@ -547,7 +490,7 @@ def run(
             "InstanceNumber, has_pixel_data, size_bytes, mtime_ns, fingerprint"
         )
         read_now = (
-            f"(SELECT unit_key, unnest(object_keys) AS object_key FROM {_scan(lake, 'units')} "
+            f"(SELECT unit_key, unnest(object_keys) AS object_key FROM {scan_sql(lake, 'units')} "
             "WHERE source = $src AND run_id = $run AND state = 'read')"
         )
         gone_objects_sql = f"""

@@ -10,7 +10,7 @@ from pipeline.enums import Zone
 __all__ = ["RESEARCH_TABLES", "RESTRICTED_TABLES", "LakePaths"]
 
 #: Parquet datasets of the identified zone, under ``restricted/<name>/``.
-RESTRICTED_TABLES: tuple[str, ...] = ("index", "quarantine", "units", "outbox")
+RESTRICTED_TABLES: tuple[str, ...] = ("index", "quarantine", "units", "vault", "outbox")
 #: Parquet datasets of the de-identified zone, under ``research/tables/<name>/``.
 RESEARCH_TABLES: tuple[str, ...] = (
     "patients",

@@ -94,6 +94,28 @@ UNITS = _schema(
     "restricted: one row per crawl unit read (or found gone) in a run: the incremental state",
 )
 
+VAULT = _schema(
+    [
+        _f("object_key", _S, False),
+        _f("fingerprint", _S),  # of the header de-identified (reruns skip unchanged objects)
+        _f("PatientID", _S),  # original
+        _f("PatientName", _S),  # original, for `pacsflow verify`
+        _f("PatientBirthDate", _S),  # original, for `pacsflow verify`
+        _f("AccessionNumber", _S),  # original, for `pacsflow verify`
+        _f("StudyInstanceUID", _S, False),  # original
+        _f("SeriesInstanceUID", _S, False),  # original
+        _f("SOPInstanceUID", _S, False),  # original
+        _f("patient_token", _S, False),
+        _f("study_pseudonym", _S, False),
+        _f("series_pseudonym", _S, False),
+        _f("sop_pseudonym", _S, False),
+        _f("deid_version", _S, False),
+        _f("run_id", _S, False),
+        _f("deidentified_at", _TS, False),
+    ],
+    "restricted: the way back from pseudonyms to originals (write-back), and deid state",
+)
+
 OUTBOX = _schema(
     [
         _f("result_uid", _S, False),  # SOP Instance UID of the SEG/SR (deterministic)
@@ -240,6 +262,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "index": INDEX,
     "quarantine": QUARANTINE,
     "units": UNITS,
+    "vault": VAULT,
     "outbox": OUTBOX,
     "patients": PATIENTS,
     "studies": STUDIES,

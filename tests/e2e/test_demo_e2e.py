@@ -43,7 +43,9 @@ def test_demo_synthesises_crawls_and_checks_against_ground_truth(
     n = sum(len(s["files"]) for s in truth["series"])
     assert f"{n} instances indexed" in stdout
     assert (out / "lake" / "restricted" / "index").is_dir()
-    assert len(list((out / "lake" / "runs").glob("*.json"))) == 1
+    assert len(list((out / "lake" / "runs").glob("*.json"))) == 2  # crawl, deid
+    assert "leaks found = 0" in stdout
+    assert (out / "lake" / "research" / "tables" / "instances").is_dir()
 
 
 def test_demo_rerun_reads_nothing_new(small_demo: tuple[Path, str]) -> None:

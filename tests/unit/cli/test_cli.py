@@ -28,14 +28,11 @@ CONTRACT_VERBS = (
     "verify",
 )
 NOT_YET = {
-    "deid": ["deid", "--lake", "x"],
     "tensors": ["tensors", "--lake", "x"],
     "infer": ["infer", "--lake", "x", "--model", "m"],
     "writeback": ["writeback", "--lake", "x", "--dest", "d"],
     "review": ["review", "--lake", "x"],
     "run": ["run", "configs/demo.yaml"],
-    "sql": ["sql", "--lake", "x", "select 1"],
-    "verify": ["verify", "--lake", "x"],
 }
 HEAVY = ("torch", "monai", "pynetdicom", "dicomweb_client", "highdicom")
 

@@ -1,0 +1,77 @@
+"""DuckDB over lake tables: out-of-core scans, latest-row views, Arrow streaming.
+
+Shared by the stages (they never import each other). Works with duckdb 1.x and 2.x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.lake.paths import LakePaths
+from pipeline.lake.schemas import schema_for
+
+__all__ = ["arrow_reader", "arrow_table", "connect", "latest_sql", "scan_sql"]
+
+
+def connect(tmp: Path | None = None) -> Any:
+    """A DuckDB connection with bounded memory (spilling to ``tmp`` when given)."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET memory_limit = '512MB'")  # spills to temp_directory beyond it
+    if tmp is not None:
+        con.execute(f"SET temp_directory = '{tmp / 'duckdb'}'")
+    con.execute("SET threads = 2")
+    con.execute("SET preserve_insertion_order = true")
+    return con
+
+
+def arrow_table(con: Any, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+    """Run a query and return an Arrow table (works across duckdb 1.x and 2.x)."""
+    rel = con.sql(sql, params=dict(params) if params else None)
+    fetch = getattr(rel, "to_arrow_table", None) or rel.arrow
+    table = fetch()
+    return table.read_all() if isinstance(table, pa.RecordBatchReader) else table
+
+
+def arrow_reader(
+    con: Any, sql: str, params: Mapping[str, Any] | None, rows: int
+) -> pa.RecordBatchReader:
+    """Run a query and stream its rows as Arrow record batches."""
+    rel = con.sql(sql, params=dict(params) if params else None)
+    fetch = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader
+    return fetch(rows)
+
+
+def scan_sql(lake: LakePaths, name: str) -> str:
+    """SQL for a lake table: its Parquet files, or an empty relation of its schema."""
+    folder = lake.table(name)
+    if any(folder.glob("*.parquet")):
+        return f"read_parquet('{folder}/*.parquet', union_by_name = true)"
+    cols = ", ".join(f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in schema_for(name))
+    return f"(SELECT {cols} WHERE false)"
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_string(t):
+        return "VARCHAR"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ"
+    if pa.types.is_list(t):
+        return _duck_type(t.value_type) + "[]"
+    return "VARCHAR"
+
+
+def latest_sql(lake: LakePaths, name: str, key: str, order: str, where: str = "true") -> str:
+    return (
+        f"(SELECT * FROM {scan_sql(lake, name)} WHERE {where} "
+        f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order} DESC) = 1)"
+    )
