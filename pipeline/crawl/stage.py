@@ -42,7 +42,14 @@ from pipeline.crawl.core import parse_raw
 from pipeline.enums import ObjectState, Stage
 from pipeline.errors import InputError
 from pipeline.lake import LakePaths, StageCounts, read_table, schema_for, write_partition
-from pipeline.lake.duck import arrow_reader, arrow_table, connect, latest_sql, scan_sql
+from pipeline.lake.duck import (
+    arrow_reader,
+    arrow_table,
+    connect,
+    latest_sql,
+    object_states,
+    scan_sql,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,32 +90,6 @@ def current_index(lake: LakePaths) -> pa.Table:
     finally:
         con.close()
     return table.cast(schema_for("index"))
-
-
-def object_states(lake: LakePaths) -> pa.Table:
-    """One row per object ever seen: key, source, location, ``state`` and quarantine ``reason``.
-
-    The state is the latest event of the object across the index and the quarantine
-    (``indexed``, ``quarantined``, ``gone``; later stages add theirs).
-    """
-    import duckdb
-
-    con = duckdb.connect()
-    try:
-        sql = f"""
-            SELECT object_key, source, location, state, reason FROM (
-                SELECT object_key, source, location, state, NULL AS reason, crawled_at AS event_at
-                FROM {scan_sql(lake, "index")}
-                UNION ALL
-                SELECT object_key, source, location, 'quarantined', reason, quarantined_at
-                FROM {scan_sql(lake, "quarantine")}
-            ) QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1
-            ORDER BY source, location
-        """
-        table = arrow_table(con, sql)
-    finally:
-        con.close()
-    return table
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pyarrow as pa
 from pipeline.lake.paths import LakePaths
 from pipeline.lake.schemas import schema_for
 
-__all__ = ["arrow_reader", "arrow_table", "connect", "latest_sql", "scan_sql"]
+__all__ = ["arrow_reader", "arrow_table", "connect", "latest_sql", "object_states", "scan_sql"]
 
 
 def connect(tmp: Path | None = None) -> Any:
@@ -75,3 +75,34 @@ def latest_sql(lake: LakePaths, name: str, key: str, order: str, where: str = "t
         f"(SELECT * FROM {scan_sql(lake, name)} WHERE {where} "
         f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order} DESC) = 1)"
     )
+
+
+def object_states(lake: LakePaths) -> pa.Table:
+    """One row per object ever seen: key, source, location, ``state`` and quarantine ``reason``.
+
+    The state is the latest event of the object across the index, the quarantine and the
+    vault (``indexed``, ``quarantined``, ``gone``, ``deidentified``; later stages add theirs).
+    """
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        sql = f"""
+            SELECT object_key, source, location, state, reason FROM (
+                SELECT object_key, source, location, state, NULL AS reason, crawled_at AS event_at
+                FROM {scan_sql(lake, "index")}
+                UNION ALL
+                SELECT object_key, source, location, 'quarantined', reason, quarantined_at
+                FROM {scan_sql(lake, "quarantine")}
+                UNION ALL
+                SELECT v.object_key, i.source, i.location, 'deidentified', NULL, v.deidentified_at
+                FROM {scan_sql(lake, "vault")} v
+                JOIN {latest_sql(lake, "index", "object_key", "crawled_at")} i
+                  ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
+            ) QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1
+            ORDER BY source, location
+        """
+        table = arrow_table(con, sql)
+    finally:
+        con.close()
+    return table

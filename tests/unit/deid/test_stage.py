@@ -61,6 +61,13 @@ def test_research_tables_are_built_and_clean(archive: Path, tmp_path: Path) -> N
     assert all(s["volume_ok"] for s in axial)
     assert read_table(lake, "patients").num_rows == 2
     assert verify(lake) == []
+    from collections import Counter
+
+    from pipeline.crawl import object_states
+
+    states = Counter(object_states(lake).column("state").to_pylist())
+    assert states["deidentified"] == n_good
+    assert states["quarantined"] == 1 + len(truth["bad_objects"]) + 1  # + ground_truth.json
     originals = {uid for s in truth["series"] for uid in s["sop_instance_uids"]}
     assert not originals & set(instances.column("SOPInstanceUID").to_pylist())
 
