@@ -80,14 +80,37 @@ def needles(lake: LakePaths) -> dict[str, str]:
     return {k: v for k, v in out.items() if len(k) >= _MIN_LEN}
 
 
-def _pattern(found: dict[str, str]) -> re.Pattern[str] | None:
-    if not found:
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*[A-Za-z0-9]|[A-Za-z0-9]")
+
+
+class _Matcher:
+    """Finds needles fast: single-token needles by set lookup over the text's tokens (UIDs,
+    IDs, dates, name parts), multi-word needles (names) by one small regex."""
+
+    def __init__(self, found: dict[str, str]) -> None:
+        self.tokens = {k.lower(): v for k, v in found.items() if _TOKEN.fullmatch(k)}
+        phrases = sorted((k for k in found if not _TOKEN.fullmatch(k)), key=len, reverse=True)
+        self.phrase_kind = {k.lower(): found[k] for k in phrases}
+        self.phrases = (
+            re.compile("|".join(re.escape(p) for p in phrases), re.IGNORECASE) if phrases else None
+        )
+
+    def search(self, text: str) -> str | None:
+        """The kind of the first identifying value in ``text``, or None."""
+        if self.phrases is not None:
+            m = self.phrases.search(text)
+            if m:
+                return self.phrase_kind.get(m.group(0).lower(), "identifier")
+        for token in _TOKEN.findall(text):
+            kind = self.tokens.get(token.lower())
+            if kind:
+                return kind
+            if "." in token or "-" in token or "/" in token:  # e.g. a UID inside a URL path
+                for part in re.split(r"[/]", token):
+                    kind = self.tokens.get(part.lower())
+                    if kind:
+                        return kind
         return None
-    alternatives = sorted(found, key=len, reverse=True)
-    # UIDs and IDs must not match inside longer UIDs/digits: guard the edges
-    return re.compile(
-        "|".join(rf"(?<![0-9.]){re.escape(a)}(?![0-9])" for a in alternatives), re.IGNORECASE
-    )
 
 
 def _strings(column: pa.ChunkedArray) -> Iterator[tuple[int, str]]:
@@ -100,11 +123,10 @@ def _strings(column: pa.ChunkedArray) -> Iterator[tuple[int, str]]:
 def verify(lake: LakePaths) -> list[Leak]:
     """Return every place under ``research/`` holding an identifying value (empty: clean)."""
     found = needles(lake)
-    pattern = _pattern(found)
-    kinds = {k.lower(): v for k, v in found.items()}
     leaks: list[Leak] = []
-    if pattern is None or not lake.research.exists():
+    if not found or not lake.research.exists():
         return leaks
+    matcher = _Matcher(found)
     for path in sorted(p for p in lake.research.rglob("*") if p.is_file()):
         rel = str(path.relative_to(lake.root))
         if path.suffix == ".parquet":
@@ -116,20 +138,12 @@ def verify(lake: LakePaths) -> list[Leak]:
                     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
                         continue
                     for i, text in _strings(pa.chunked_array([col])):
-                        m = pattern.search(text)
-                        if m:
-                            leaks.append(
-                                Leak(
-                                    rel,
-                                    name,
-                                    offset + i,
-                                    kinds.get(m.group(0).lower(), "identifier"),
-                                )
-                            )
+                        kind = matcher.search(text)
+                        if kind:
+                            leaks.append(Leak(rel, name, offset + i, kind))
                 offset += batch.num_rows
         else:
-            text = path.read_bytes().decode("latin-1")
-            m = pattern.search(text)
-            if m:
-                leaks.append(Leak(rel, None, None, kinds.get(m.group(0).lower(), "identifier")))
+            kind = matcher.search(path.read_bytes().decode("latin-1"))
+            if kind:
+                leaks.append(Leak(rel, None, None, kind))
     return leaks

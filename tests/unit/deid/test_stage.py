@@ -115,6 +115,17 @@ def test_verify_finds_a_planted_leak(archive: Path, tmp_path: Path) -> None:
     leaks = verify(lake)
     assert [leak.kind for leak in leaks] == ["patient name"]
     assert name not in repr(leaks)
+    import pyarrow.parquet as pq
+
+    uid = truth["series"][0]["sop_instance_uids"][0]
+    birth = truth["patients"][1]["PatientBirthDate"]
+    iso = f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"
+    table = pa.table(
+        {"k": [1, 2], "blob": ['{"ok": 1}', json.dumps({"x": {"y": [uid]}})], "when": [iso, None]}
+    )
+    pq.write_table(table, lake.research / "tables" / "extra.parquet")
+    kinds = sorted((leak.column, leak.row, leak.kind) for leak in verify(lake) if leak.column)
+    assert kinds == [("blob", 1, "original UID"), ("when", 0, "birth date")]
 
 
 def test_deid_cli_needs_a_key_and_sql_and_verify_work(archive: Path, tmp_path: Path) -> None:
