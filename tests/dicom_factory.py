@@ -11,6 +11,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     RLELossless,
     generate_uid,
 )
@@ -68,3 +69,13 @@ def write(ds: Dataset, path: Path, *, preamble: bool = True) -> Path:
         ds.save_as(buf, implicit_vr=True, little_endian=True)
         path.write_bytes(buf.getvalue())
     return path
+
+
+def with_file_meta(ds: Dataset) -> Dataset:
+    """Give a bare dataset (no preamble, no file meta) the meta a sender adds before STOW-RS."""
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", FileMetaDataset()):
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    return ds

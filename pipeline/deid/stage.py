@@ -105,6 +105,30 @@ def _source_for(cfg: PipelineConfig, lake: LakePaths, source_id: str) -> Source:
     return open_source(source_id, cfg.source, cache_dir=lake.restricted / "cache")
 
 
+def _quarantine_row(
+    row: dict[str, Any],
+    reason: QuarantineReason,
+    error_class: str,
+    message: str,
+    run_id: str,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    return {
+        "object_key": row["object_key"],
+        "source": row["source"],
+        "location": row["location"],
+        "unit_key": row["unit_key"],
+        "stage": Stage.DEID.value,
+        "reason": reason.value,
+        "error_class": error_class,
+        "message": message,
+        "size_bytes": row["size_bytes"],
+        "mtime_ns": row["mtime_ns"],
+        "run_id": run_id,
+        "quarantined_at": now,
+    }
+
+
 def deid_batch(
     cfg: PipelineConfig,
     rows: list[dict[str, Any]],
@@ -139,21 +163,9 @@ def deid_batch(
             if cfg.deid.on_invalid == "raise":
                 raise
             reason = exc.reason if isinstance(exc, InputError) else QuarantineReason.UNREADABLE
+            message = str(exc) if isinstance(exc, InputError) else type(exc).__name__
             quarantine.append(
-                {
-                    "object_key": row["object_key"],
-                    "source": row["source"],
-                    "location": row["location"],
-                    "unit_key": row["unit_key"],
-                    "stage": Stage.DEID.value,
-                    "reason": reason.value,
-                    "error_class": type(exc).__name__,
-                    "message": str(exc) if isinstance(exc, InputError) else type(exc).__name__,
-                    "size_bytes": row["size_bytes"],
-                    "mtime_ns": row["mtime_ns"],
-                    "run_id": run_id,
-                    "quarantined_at": now,
-                }
+                _quarantine_row(row, reason, type(exc).__name__, message, run_id, now)
             )
             continue
         except Exception as exc:  # pydicom on a corrupt header
@@ -161,20 +173,7 @@ def deid_batch(
             if cfg.deid.on_invalid == "raise":
                 raise err from exc
             quarantine.append(
-                {
-                    "object_key": row["object_key"],
-                    "source": row["source"],
-                    "location": row["location"],
-                    "unit_key": row["unit_key"],
-                    "stage": Stage.DEID.value,
-                    "reason": err.reason.value,
-                    "error_class": type(err).__name__,
-                    "message": str(err),
-                    "size_bytes": row["size_bytes"],
-                    "mtime_ns": row["mtime_ns"],
-                    "run_id": run_id,
-                    "quarantined_at": now,
-                }
+                _quarantine_row(row, err.reason, type(err).__name__, str(err), run_id, now)
             )
             continue
         token = str(out.get("PatientID", "")) or pseudo.token(row.get("PatientID") or "")

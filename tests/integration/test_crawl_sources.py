@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ImplicitVRLittleEndian
+from dicom_factory import with_file_meta
+from pydicom import dcmread
 
 from pipeline.config import load_config
 from pipeline.connectors import FolderSource, open_source
@@ -23,15 +22,6 @@ pytestmark = pytest.mark.integration
 SEED = 31337  # this module's own UIDs in the shared PACS
 
 
-def _with_file_meta(ds: Dataset) -> Dataset:
-    if "TransferSyntaxUID" not in getattr(ds, "file_meta", FileMetaDataset()):
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    return ds
-
-
 @pytest.fixture(scope="module")
 def stored_archive(
     tmp_path_factory: pytest.TempPathFactory, orthanc
@@ -43,7 +33,7 @@ def stored_archive(
     truth = json.loads(result.ground_truth.read_text())
     client = orthanc.dicomweb_client()
     for series in truth["series"]:
-        batch = [_with_file_meta(dcmread(out / f, force=True)) for f in series["files"]]
+        batch = [with_file_meta(dcmread(out / f, force=True)) for f in series["files"]]
         response = client.store_instances(batch)
         assert len(response.get("FailedSOPSequence", [])) == 0
     return out, truth

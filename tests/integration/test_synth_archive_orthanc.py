@@ -6,24 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from dicom_factory import with_file_meta
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ImplicitVRLittleEndian
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SEED = 20261128  # no other test uses this seed, so its UIDs are this test's own in the shared PACS
-
-
-def _with_file_meta(ds: Dataset) -> Dataset:
-    """Give a bare dataset (no preamble, no file meta) the meta a sender adds before STOW-RS."""
-    if "TransferSyntaxUID" not in getattr(ds, "file_meta", FileMetaDataset()):
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    return ds
 
 
 def test_whole_archive_reads_in_full_and_orthanc_accepts_it(
@@ -45,7 +34,7 @@ def test_whole_archive_reads_in_full_and_orthanc_accepts_it(
     batch: list[Dataset] = []
     stored = 0
     for path in files:
-        ds = _with_file_meta(dcmread(path, force=True))
+        ds = with_file_meta(dcmread(path, force=True))
         assert ds.pixel_array.size > 0, path  # every good object decodes in full
         by_study[ds.StudyInstanceUID] = by_study.get(ds.StudyInstanceUID, 0) + 1
         batch.append(ds)
