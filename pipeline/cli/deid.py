@@ -85,12 +85,19 @@ def register(app: typer.Typer) -> None:
     def deid(
         lake: LakeOpt = None,
         key_file: KeyFileOpt = None,
+        export_dicom: Annotated[
+            Path | None,
+            typer.Option(
+                "--export-dicom", help="Also write de-identified DICOM files to this folder."
+            ),
+        ] = None,
         config: ConfigOpt = None,
         workers: WorkersOpt = None,
         scheduler: SchedulerOpt = None,
     ) -> None:
         """De-identify the restricted index into the research tables (PS3.15 Annex E)."""
-        cfg = build_config(config, lake=lake, workers=workers, scheduler=scheduler)
+        extra = {"deid": {"export_dicom": str(export_dicom)}} if export_dicom else None
+        cfg = build_config(config, lake=lake, workers=workers, scheduler=scheduler, extra=extra)
         if cfg.lake is None:
             fail("no lake: pass --lake LAKE or set `lake:` in the config", 2)
 

@@ -202,6 +202,11 @@ class DeidConfig(_Section):
     on_invalid: Literal["quarantine", "raise"] = Field(
         "quarantine", description="An object that cannot be de-identified: quarantine or raise."
     )
+    export_dicom: Path | None = Field(
+        None,
+        description="Also write de-identified DICOM files here (same engine, pixel data "
+        "copied as is), for data sharing: <study>/<series>/<sop>.dcm by pseudonym.",
+    )
 
 
 class SynthConfig(_Section):

@@ -209,17 +209,26 @@ class Deidentifier:
         if ds.get("AccessionNumber"):
             out.AccessionNumber = self.pseudo.token(str(ds.AccessionNumber), domain="accession")
         self._markers(out)
-        if getattr(ds, "file_meta", None) is not None:
-            meta = Dataset()
-            meta.MediaStorageSOPClassUID = ds.file_meta.get("MediaStorageSOPClassUID", "")
-            meta.MediaStorageSOPInstanceUID = out.get("SOPInstanceUID", "")
-            if "TransferSyntaxUID" in ds.file_meta:
-                meta.TransferSyntaxUID = ds.file_meta.TransferSyntaxUID
-            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            meta.ImplementationVersionName = f"PACSFLOW_{__version__}"[:16]
-            from pydicom.dataset import FileMetaDataset
+        from pydicom.dataset import FileMetaDataset
 
-            out.file_meta = FileMetaDataset(meta)
+        source_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = source_meta.get(
+            "MediaStorageSOPClassUID", ds.get("SOPClassUID", "")
+        )
+        meta.MediaStorageSOPInstanceUID = out.get("SOPInstanceUID", "")
+        syntax = source_meta.get("TransferSyntaxUID")
+        if syntax is None:  # a bare dataset: the syntax it was read with
+            implicit, little = ds.original_encoding
+            syntax = (
+                "1.2.840.10008.1.2"
+                if implicit is not False
+                else ("1.2.840.10008.1.2.1" if little is not False else "1.2.840.10008.1.2.2")
+            )
+        meta.TransferSyntaxUID = syntax
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = f"PACSFLOW_{__version__}"[:16]
+        out.file_meta = meta
         c = self._counts
         return DeidResult(out, c["removed"], c["replaced"], c["remapped"], c["shifted"])
 

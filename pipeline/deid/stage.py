@@ -105,6 +105,19 @@ def _source_for(cfg: PipelineConfig, lake: LakePaths, source_id: str) -> Source:
     return open_source(source_id, cfg.source, cache_dir=lake.restricted / "cache")
 
 
+def _export(ds: Any, folder: Any) -> None:
+    """Write a de-identified dataset as a Part 10 file, atomically, named by pseudonyms."""
+    import io
+    from pathlib import Path
+
+    from pipeline.lake import atomic_write_bytes
+
+    path = Path(folder) / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def _quarantine_row(
     row: dict[str, Any],
     reason: QuarantineReason,
@@ -150,8 +163,9 @@ def deid_batch(
         try:
             source = sources.get(row["source"]) or _source_for(cfg, lake, row["source"])
             sources[row["source"]] = source
+            export = cfg.deid.export_dicom
             with source.open(row["location"]) as fp:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+                ds = pydicom.dcmread(fp, stop_before_pixels=export is None, force=True)
             risk = _burned_in_risk(ds)
             if risk:
                 raise InputError(
@@ -159,6 +173,8 @@ def deid_batch(
                     reason=QuarantineReason.BURNED_IN_PHI,
                 )
             out = deid.deidentify(ds).dataset
+            if export is not None:
+                _export(out, export)
         except (InputError, SourceError, OSError) as exc:
             if cfg.deid.on_invalid == "raise":
                 raise
