@@ -36,6 +36,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.compute import map_bounded
 from pipeline.config import PipelineConfig
 from pipeline.connectors import Source, Unit
 from pipeline.crawl.core import parse_raw
@@ -399,45 +400,20 @@ def run(
             if progress:
                 progress(result["units"])
 
-        if client is None:
-            for i, (units, known) in enumerate(batches):
-                add(
-                    crawl_batch(
-                        source,
-                        units,
-                        known,
-                        lake=lake,
-                        run_id=run_id,
-                        part=f"{run_id}-{i:05d}",
-                        on_invalid=on_invalid,
-                    )
-                )
-        else:
-            from distributed import as_completed
-
-            limit = 2 * max(1, len(client.scheduler_info().get("workers", {}))) + 2
-            pending = as_completed()
-            in_flight = 0
-            for i, (units, known) in enumerate(batches):
-                pending.add(
-                    client.submit(
-                        crawl_batch,
-                        source,
-                        units,
-                        known,
-                        lake=lake,
-                        run_id=run_id,
-                        part=f"{run_id}-{i:05d}",
-                        on_invalid=on_invalid,
-                        pure=False,
-                    )
-                )
-                in_flight += 1
-                while in_flight >= limit:
-                    add(next(pending).result())
-                    in_flight -= 1
-            for fut in pending:
-                add(fut.result())
+        calls = (
+            (
+                (source, units, known),
+                {
+                    "lake": lake,
+                    "run_id": run_id,
+                    "part": f"{run_id}-{i:05d}",
+                    "on_invalid": on_invalid,
+                },
+            )
+            for i, (units, known) in enumerate(batches)
+        )
+        for result in map_bounded(crawl_batch, calls, client=client):
+            add(result)
 
         # what vanished: whole units no longer listed, and objects no longer in a re-read unit
         gone_units_sql = f"""

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline._version import __version__
+from pipeline.compute import map_bounded
 from pipeline.config import PipelineConfig
 from pipeline.connectors import Source, open_source
 from pipeline.deid.core import Deidentifier
@@ -399,36 +400,25 @@ def run(
     t0 = time.perf_counter()
     con = connect()
     done = {"out": 0, "quarantined": 0}
-    seen = 0
-    futures = []
-    for i, rows in enumerate(_todo(con, lake, cfg.compute.partition_size)):
-        seen += len(rows)
-        part = f"{run_id}-{i:05d}"
-        if client is None:
-            r = deid_batch(cfg, rows, secret_key=key, lake=lake, run_id=run_id, part=part)
-            for k in done:
-                done[k] += r[k]
-            if progress:
-                progress(len(rows))
-        else:
-            futures.append(
-                client.submit(
-                    deid_batch,
-                    cfg,
-                    rows,
-                    secret_key=key,
-                    lake=lake,
-                    run_id=run_id,
-                    part=part,
-                    pure=False,
-                )
-            )
-    for fut in futures:
-        r = fut.result()
+    counted: list[int] = []
+
+    def calls() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+        for i, rows in enumerate(_todo(con, lake, cfg.compute.partition_size)):
+            counted.append(len(rows))
+            kwargs = {
+                "secret_key": key,
+                "lake": lake,
+                "run_id": run_id,
+                "part": f"{run_id}-{i:05d}",
+            }
+            yield (cfg, rows), kwargs
+
+    for result in map_bounded(deid_batch, calls(), client=client):
         for k in done:
-            done[k] += r[k]
+            done[k] += result[k]
         if progress:
-            progress(r["out"] + r["quarantined"])
+            progress(result["out"] + result["quarantined"])
+    seen = sum(counted)
     has_instances = any(lake.table("instances").glob("*.parquet"))
     if has_instances and (seen or not any(lake.table("series").glob("*.parquet"))):
         _rebuild_aggregates(con, lake)
