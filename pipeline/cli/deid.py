@@ -60,14 +60,17 @@ def deid_with_manifest(cfg: PipelineConfig, key: bytes, command: str) -> str:
     )
 
 
-def verify_lake(cfg: PipelineConfig) -> tuple[int, list[str]]:
-    """Run the leak scan; return (number of leaks, report lines without values)."""
+def verify_lake(cfg: PipelineConfig, key: bytes | None = None) -> tuple[int, list[str]]:
+    """Run the leak scan; return (number of leaks, report lines without values).
+
+    ``key`` is needed only when the vault is encrypted.
+    """
     from pipeline.deid.verify import verify
     from pipeline.lake import AuditLog, LakePaths
 
     assert cfg.lake is not None
     lake = LakePaths(cfg.lake)
-    leaks = verify(lake)
+    leaks = verify(lake, key)
     AuditLog(lake).append("verify", leaks=len(leaks))
     lines = [
         f"  {leak.path}"
@@ -123,17 +126,14 @@ def register(app: typer.Typer) -> None:
         def body() -> None:
             import duckdb
 
-            from pipeline.lake import LakePaths
+            from pipeline.lake import LakePaths, table_exists
+            from pipeline.lake.duck import scan_sql
 
             paths = LakePaths(cfg.lake)  # type: ignore[arg-type]
             con = duckdb.connect()
             for view in RESEARCH_VIEWS:
-                folder = paths.table(view)
-                if any(folder.glob("*.parquet")):
-                    con.execute(
-                        f"CREATE VIEW {view} AS SELECT * FROM "
-                        f"read_parquet('{folder}/*.parquet', union_by_name = true)"
-                    )
+                if table_exists(paths, view):
+                    con.execute(f"CREATE VIEW {view} AS SELECT * FROM {scan_sql(paths, view)}")
             try:
                 rel = con.sql(query)
             except duckdb.Error as exc:
@@ -146,14 +146,23 @@ def register(app: typer.Typer) -> None:
         guarded(body)
 
     @app.command("verify")
-    def verify(lake: LakeOpt = None, config: ConfigOpt = None) -> None:
-        """Scan research outputs for identifiers of the restricted index (non-zero on a hit)."""
+    def verify(
+        lake: LakeOpt = None, key_file: KeyFileOpt = None, config: ConfigOpt = None
+    ) -> None:
+        """Scan research outputs for identifiers of the restricted index (non-zero on a hit).
+
+        The key file is needed only when the vault is encrypted (deid.encrypt_vault).
+        """
         cfg = build_config(config, lake=lake)
         if cfg.lake is None:
             fail("no lake: pass --lake LAKE or set `lake:` in the config", 2)
 
         def body() -> None:
-            n, lines = verify_lake(cfg)
+            from pipeline.config.env import key_file_from_env
+            from pipeline.deid.keys import load_key
+
+            path = key_file or cfg.key_file or key_file_from_env()
+            n, lines = verify_lake(cfg, load_key(path) if path else None)
             if n:
                 typer.echo(f"verify: {n} identifying value(s) found under research/:")
                 for line in lines:

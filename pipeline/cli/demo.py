@@ -86,8 +86,9 @@ def demo(
         key_path = LakePaths(cfg.lake).restricted / "demo.key"
         if not key_path.exists():  # the demo's throwaway key; real runs need `pacsflow keygen`
             generate_key_file(key_path)
-        typer.echo(deid_with_manifest(cfg, load_key(key_path), "demo"))
-        leaks, leak_lines = verify_lake(cfg)
+        key = load_key(key_path)
+        typer.echo(deid_with_manifest(cfg, key, "demo"))
+        leaks, leak_lines = verify_lake(cfg, key)
 
         assert cfg.lake is not None
         lake = LakePaths(cfg.lake)

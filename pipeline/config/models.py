@@ -205,7 +205,19 @@ class DeidConfig(_Section):
     export_dicom: Path | None = Field(
         None,
         description="Also write de-identified DICOM files here (same engine, pixel data "
-        "copied as is), for data sharing: <study>/<series>/<sop>.dcm by pseudonym.",
+        "copied as is), for data sharing: <study>/<series>/<sop>.dcm by pseudonym. Objects "
+        "de-identified in earlier runs are exported too when their file is missing.",
+    )
+    allow_burned_in: tuple[str, ...] = Field(
+        (),
+        description="Modalities (e.g. US) or SOP Class UIDs the site has cleared of burned-in "
+        "text: objects of these classes are de-identified instead of quarantined. An object "
+        "whose BurnedInAnnotation is YES is quarantined whatever this says.",
+    )
+    encrypt_vault: bool = Field(
+        False,
+        description="Encrypt the original identifiers in restricted/vault at rest (AES-SIV under "
+        "a key derived from the secret key; new rows).",
     )
 
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline._version import __version__
 from pipeline.compute import map_bounded
@@ -27,10 +30,12 @@ from pipeline.config import PipelineConfig
 from pipeline.connectors import Source, open_source
 from pipeline.deid.core import Deidentifier
 from pipeline.deid.keys import Pseudonymizer
+from pipeline.deid.vault import VaultCipher
 from pipeline.enums import QuarantineReason, Stage
 from pipeline.errors import InputError, SourceError, UnreadableDicom
-from pipeline.lake import LakePaths, StageCounts, write_partition
+from pipeline.lake import LakePaths, StageCounts, table_exists, write_partition, write_partitioned
 from pipeline.lake.duck import arrow_reader, arrow_table, connect, latest_sql, scan_sql
+from pipeline.lake.schemas import INSTANCES
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +63,20 @@ class DeidRunResult:
     counts: StageCounts
 
 
-def _burned_in_risk(ds: Any) -> str | None:
+def _burned_in_risk(ds: Any, allowed: frozenset[str] = frozenset()) -> str | None:
+    """Why the pixels may carry burned-in PHI, or None (fail closed).
+
+    ``allowed`` holds modalities or SOP Class UIDs the site has cleared (config
+    ``deid.allow_burned_in``); BurnedInAnnotation YES is never cleared by it.
+    """
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
         return "BurnedInAnnotation is YES"
-    if str(ds.get("Modality", "")).upper() in _HIGH_RISK_MODALITIES:
-        return f"modality {ds.get('Modality')} often carries burned-in text"
+    modality = str(ds.get("Modality", "")).upper()
     sop = str(ds.get("SOPClassUID", ""))
+    if modality in allowed or sop in allowed:
+        return None
+    if modality in _HIGH_RISK_MODALITIES:
+        return f"modality {modality} often carries burned-in text"
     if sop.startswith(_HIGH_RISK_CLASS_PREFIXES):
         return "this SOP class often carries burned-in text"
     return None
@@ -99,6 +112,55 @@ def _date(value: Any) -> dt.date | None:
 
 def _text(value: Any) -> str | None:
     return str(value) if value not in (None, "") else None
+
+
+def _texts(value: Any) -> list[str] | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def _converter(field: pa.Field) -> Callable[[Any], Any]:
+    t = field.type
+    if pa.types.is_list(t):
+        return _floats if pa.types.is_floating(t.value_type) else _texts
+    if pa.types.is_integer(t):
+        return _int
+    if pa.types.is_floating(t):
+        return _float
+    if pa.types.is_date(t):
+        return _date
+    return _text
+
+
+#: instances columns filled from the de-identified header by keyword, with their converters
+_TYPED = {
+    f.name: _converter(f)
+    for f in INSTANCES
+    if f.name not in {"patient_token", "header_json", "deid_version", "TransferSyntaxUID"}
+}
+
+
+def _instance_row(out: Any, token: str) -> dict[str, Any]:
+    """The research ``instances`` row of a de-identified dataset."""
+    row: dict[str, Any] = {}
+    for name, convert in _TYPED.items():
+        try:
+            row[name] = convert(out.get(name))
+        except Exception:  # a malformed value (wrong VM, bad number) becomes null
+            row[name] = None
+    if row["ContentDate"] is None:
+        row["ContentDate"] = row["StudyDate"]
+    meta = getattr(out, "file_meta", None)
+    row.update(
+        patient_token=token,
+        TransferSyntaxUID=_text(meta.get("TransferSyntaxUID")) if meta is not None else None,
+        header_json=out.to_json(bulk_data_threshold=1024, bulk_data_element_handler=lambda _e: ""),
+        deid_version=DEID_VERSION,
+    )
+    return row
 
 
 def _source_for(cfg: PipelineConfig, lake: LakePaths, source_id: str) -> Source:
@@ -151,23 +213,33 @@ def deid_batch(
     lake: LakePaths,
     run_id: str,
     part: str,
+    export_only: bool = False,
 ) -> dict[str, int]:
-    """De-identify a batch of index rows; write instances, vault and quarantine part files."""
+    """De-identify a batch of index rows; write instances, vault and quarantine part files.
+
+    With ``export_only`` the rows are objects the vault already holds whose de-identified DICOM
+    export is missing: the same engine runs again (deterministic, so the same output) and only
+    the export is written.
+    """
     import pydicom
 
     now = dt.datetime.now(dt.UTC)
     pseudo = Pseudonymizer(secret_key)
     deid = Deidentifier(pseudo, cfg.deid.options)
+    cipher = VaultCipher(secret_key) if cfg.deid.encrypt_vault else None
+    allowed = frozenset(v.upper() if "." not in v else v for v in cfg.deid.allow_burned_in)
+    export = cfg.deid.export_dicom
     sources: dict[str, Source] = {}
     instances, vault, quarantine = [], [], []
+    exported = 0
     for row in rows:
         try:
             source = sources.get(row["source"]) or _source_for(cfg, lake, row["source"])
             sources[row["source"]] = source
-            export = cfg.deid.export_dicom
-            with source.open(row["location"]) as fp:
+            with source.open(row["location"]) as fp, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom's warnings quote header values
                 ds = pydicom.dcmread(fp, stop_before_pixels=export is None, force=True)
-            risk = _burned_in_risk(ds)
+            risk = _burned_in_risk(ds, allowed)
             if risk:
                 raise InputError(
                     f"may carry burned-in PHI ({risk}); quarantined until a rule clears it",
@@ -176,6 +248,7 @@ def deid_batch(
             out = deid.deidentify(ds).dataset
             if export is not None:
                 _export(out, export)
+                exported += 1
         except (InputError, SourceError, OSError) as exc:
             if cfg.deid.on_invalid == "raise":
                 raise
@@ -193,61 +266,43 @@ def deid_batch(
                 _quarantine_row(row, err.reason, type(err).__name__, str(err), run_id, now)
             )
             continue
+        if export_only:
+            continue
         token = str(out.get("PatientID", "")) or pseudo.token(row.get("PatientID") or "")
-        instances.append(
-            {
-                "SOPInstanceUID": str(out.SOPInstanceUID),
-                "SeriesInstanceUID": str(out.SeriesInstanceUID),
-                "StudyInstanceUID": str(out.StudyInstanceUID),
-                "patient_token": token,
-                "SOPClassUID": _text(out.get("SOPClassUID")),
-                "Modality": _text(out.get("Modality")),
-                "InstanceNumber": _int(out.get("InstanceNumber")),
-                "ImagePositionPatient": _floats(out.get("ImagePositionPatient")),
-                "ImageOrientationPatient": _floats(out.get("ImageOrientationPatient")),
-                "PixelSpacing": _floats(out.get("PixelSpacing")),
-                "SliceThickness": _float(out.get("SliceThickness")),
-                "Rows": _int(out.get("Rows")),
-                "Columns": _int(out.get("Columns")),
-                "NumberOfFrames": _int(out.get("NumberOfFrames")),
-                "Manufacturer": _text(out.get("Manufacturer")),
-                "ManufacturerModelName": _text(out.get("ManufacturerModelName")),
-                "ContentDate": _date(out.get("ContentDate") or out.get("StudyDate")),
-                "PatientAge": _text(out.get("PatientAge")),
-                "PatientSex": _text(out.get("PatientSex")),
-                "header_json": out.to_json(
-                    bulk_data_threshold=1024, bulk_data_element_handler=lambda _e: ""
-                ),
-                "deid_version": DEID_VERSION,
-            }
-        )
-        vault.append(
-            {
-                "object_key": row["object_key"],
-                "fingerprint": row["fingerprint"],
-                "PatientID": _text(ds.get("PatientID")),
-                "PatientName": _text(ds.get("PatientName")),
-                "PatientBirthDate": _text(ds.get("PatientBirthDate")),
-                "AccessionNumber": _text(ds.get("AccessionNumber")),
-                "StudyInstanceUID": str(ds.StudyInstanceUID),
-                "SeriesInstanceUID": str(ds.SeriesInstanceUID),
-                "SOPInstanceUID": str(ds.SOPInstanceUID),
-                "patient_token": token,
-                "study_pseudonym": str(out.StudyInstanceUID),
-                "series_pseudonym": str(out.SeriesInstanceUID),
-                "sop_pseudonym": str(out.SOPInstanceUID),
-                "deid_version": DEID_VERSION,
-                "run_id": run_id,
-                "deidentified_at": now,
-            }
-        )
+        instances.append(_instance_row(out, token))
+        entry = {
+            "object_key": row["object_key"],
+            "fingerprint": row["fingerprint"],
+            "PatientID": _text(ds.get("PatientID")),
+            "PatientName": _text(ds.get("PatientName")),
+            "PatientBirthDate": _text(ds.get("PatientBirthDate")),
+            "AccessionNumber": _text(ds.get("AccessionNumber")),
+            "StudyInstanceUID": str(ds.StudyInstanceUID),
+            "SeriesInstanceUID": str(ds.SeriesInstanceUID),
+            "SOPInstanceUID": str(ds.SOPInstanceUID),
+            "patient_token": token,
+            "study_pseudonym": str(out.StudyInstanceUID),
+            "series_pseudonym": str(out.SeriesInstanceUID),
+            "sop_pseudonym": str(out.SOPInstanceUID),
+            "deid_version": DEID_VERSION,
+            "run_id": run_id,
+            "deidentified_at": now,
+        }
+        vault.append(cipher.encrypt_row(entry) if cipher else entry)
+    if export_only:  # a failure here is not a quarantine: the object is de-identified
+        return {"out": 0, "quarantined": 0, "exported": exported, "export_failed": len(quarantine)}
     if instances:
-        write_partition(lake, "instances", instances, part=part)
+        write_partitioned(lake, "instances", instances, part=part, by="Modality")
     if quarantine:
         write_partition(lake, "quarantine", quarantine, part=f"deid-{part}")
     if vault:  # last: it commits the batch (a rerun skips what the vault holds)
         write_partition(lake, "vault", vault, part=part)
-    return {"out": len(instances), "quarantined": len(quarantine)}
+    return {
+        "out": len(instances),
+        "quarantined": len(quarantine),
+        "exported": exported,
+        "export_failed": 0,
+    }
 
 
 def _todo(con: Any, lake: LakePaths, batch: int) -> Iterator[list[dict[str, Any]]]:
@@ -271,6 +326,84 @@ def _todo(con: Any, lake: LakePaths, batch: int) -> Iterator[list[dict[str, Any]
             rows = rows[batch:]
     if rows:
         yield rows
+
+
+def _export_todo(
+    con: Any, lake: LakePaths, batch: int, folder: Path
+) -> Iterator[list[dict[str, Any]]]:
+    """Objects de-identified in earlier runs whose export file is missing under ``folder``."""
+    index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
+    sql = f"""
+        SELECT i.object_key, i.source, i.location, i.unit_key, i.PatientID, i.fingerprint,
+               i.size_bytes, i.mtime_ns,
+               v.study_pseudonym, v.series_pseudonym, v.sop_pseudonym
+        FROM {index_latest} i
+        JOIN {scan_sql(lake, "vault")} v
+          ON v.object_key = i.object_key AND v.fingerprint IS NOT DISTINCT FROM i.fingerprint
+        WHERE i.state = 'indexed'
+        QUALIFY row_number() OVER (PARTITION BY i.object_key ORDER BY v.deidentified_at DESC) = 1
+        ORDER BY i.object_key
+    """
+    rows: list[dict[str, Any]] = []
+    for rb in arrow_reader(con, sql, None, 10_000):
+        for r in rb.to_pylist():
+            path = (
+                folder / r["study_pseudonym"] / r["series_pseudonym"] / f"{r['sop_pseudonym']}.dcm"
+            )
+            if not path.exists():
+                rows.append(r)
+        while len(rows) >= batch:
+            yield rows[:batch]
+            rows = rows[batch:]
+    if rows:
+        yield rows
+
+
+def _drop_superseded(con: Any, lake: LakePaths) -> int:
+    """Keep one ``instances`` row per SOP Instance UID: the one written last.
+
+    An object de-identified again (its header changed: a corrected name, a merged patient) or
+    stored twice in the archive gives a second row with the same pseudonymous SOP Instance UID.
+    Part files are named ``<run id>-<batch>`` (run ids sort by time), so the row of the greatest
+    file name (and within it the last row) wins; the files holding older rows are rewritten
+    without them, atomically. Returns the number of rows dropped.
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline.lake import atomic_write_bytes
+
+    if not table_exists(lake, "instances"):
+        return 0
+    folder = lake.table("instances")
+    sql = f"""
+        WITH r AS (
+            SELECT SOPInstanceUID, filename, file_row_number,
+                   row_number() OVER (PARTITION BY SOPInstanceUID
+                        ORDER BY parse_filename(filename) DESC, filename DESC,
+                                 file_row_number DESC) AS rank
+            FROM read_parquet('{folder}/**/*.parquet', filename = true, file_row_number = true,
+                              union_by_name = true)
+        )
+        SELECT filename, list(file_row_number) AS rows FROM r WHERE rank > 1 GROUP BY filename
+    """
+    dropped = 0
+    for filename, stale in con.execute(sql).fetchall():
+        table = pq.read_table(filename)
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[np.asarray(stale, dtype=np.int64)] = False
+        dropped += int((~keep).sum())
+        path = Path(filename)
+        if keep.any():
+            import io
+
+            buf = io.BytesIO()
+            pq.write_table(table.filter(pa.array(keep)), buf, compression="zstd")
+            atomic_write_bytes(path, buf.getvalue())
+        else:
+            path.unlink()
+    if dropped:
+        logger.info("deid: %d superseded instance row(s) replaced by newer ones", dropped)
+    return dropped
 
 
 def _series_geometry(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -326,35 +459,64 @@ def _series_geometry(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _aggregates_stale(lake: LakePaths) -> bool:
+    """True when an aggregate table is missing or older than the newest instances file."""
+    newest = max(
+        (p.stat().st_mtime_ns for p in lake.table("instances").rglob("*.parquet")), default=0
+    )
+    for name in ("series", "studies", "patients"):
+        files = list(lake.table(name).rglob("*.parquet"))
+        if not files or min(p.stat().st_mtime_ns for p in files) < newest:
+            return True
+    return False
+
+
+def _replace_partitions(lake: LakePaths, name: str, rows: list[dict[str, Any]], by: str) -> None:
+    """Write a whole table as hive partitions, then drop the files of partitions now gone."""
+    written = set(write_partitioned(lake, name, rows, part="all", by=by))
+    for old in lake.table(name).rglob("*.parquet"):
+        if old not in written:
+            old.unlink()
+
+
 def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
+    """Rebuild ``series``, ``studies`` and ``patients`` from ``instances`` (streaming)."""
     inst = scan_sql(lake, "instances")
     cols = (
-        "SeriesInstanceUID, StudyInstanceUID, patient_token, Modality, Manufacturer, "
-        "ContentDate, Rows, Columns, ImageOrientationPatient, ImagePositionPatient, "
-        "PixelSpacing, NumberOfFrames, header_json"
+        "SeriesInstanceUID, StudyInstanceUID, patient_token, Modality, BodyPartExamined, "
+        "Manufacturer, ManufacturerModelName, SeriesNumber, SeriesDate, ContentDate, Rows, "
+        "Columns, ImageOrientationPatient, ImagePositionPatient, PixelSpacing, SliceThickness, "
+        "KVP, MagneticFieldStrength, NumberOfFrames"
     )
     series_rows: list[dict[str, Any]] = []
     current: list[dict[str, Any]] = []
 
+    def first(key: str) -> Any:
+        return next((r[key] for r in current if r[key] is not None), None)
+
     def flush() -> None:
         if not current:
             return
-        first = current[0]
-        import json
-
-        header = json.loads(first["header_json"])
-        body = header.get("00180015", {}).get("Value", [None])[0]
+        dates = [r["SeriesDate"] or r["ContentDate"] for r in current]
         series_rows.append(
             {
-                "SeriesInstanceUID": first["SeriesInstanceUID"],
-                "StudyInstanceUID": first["StudyInstanceUID"],
-                "patient_token": first["patient_token"],
-                "Modality": first["Modality"],
-                "BodyPartExamined": body,
-                "Manufacturer": first["Manufacturer"],
-                "SeriesDate": min(
-                    (r["ContentDate"] for r in current if r["ContentDate"]), default=None
-                ),
+                "SeriesInstanceUID": current[0]["SeriesInstanceUID"],
+                "StudyInstanceUID": current[0]["StudyInstanceUID"],
+                "patient_token": current[0]["patient_token"],
+                **{
+                    k: first(k)
+                    for k in (
+                        "Modality",
+                        "BodyPartExamined",
+                        "Manufacturer",
+                        "ManufacturerModelName",
+                        "SeriesNumber",
+                        "SliceThickness",
+                        "KVP",
+                        "MagneticFieldStrength",
+                    )
+                },
+                "SeriesDate": min((d for d in dates if d), default=None),
                 **_series_geometry(current),
             }
         )
@@ -367,11 +529,12 @@ def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
                 flush()
             current.append(row)
     flush()
-    write_partition(lake, "series", series_rows, part="all")
+    _replace_partitions(lake, "series", series_rows, by="Modality")
     studies = arrow_table(
         con,
         f"""SELECT StudyInstanceUID, any_value(patient_token) AS patient_token,
-                   min(ContentDate) AS StudyDate, any_value(PatientAge) AS PatientAge,
+                   min(coalesce(StudyDate, ContentDate)) AS StudyDate,
+                   any_value(PatientAge) AS PatientAge,
                    list_sort(list_distinct(list(Modality))) AS ModalitiesInStudy,
                    count(DISTINCT SeriesInstanceUID) AS n_series, count(*) AS n_instances
             FROM {inst} GROUP BY StudyInstanceUID ORDER BY StudyInstanceUID""",
@@ -396,38 +559,46 @@ def run(
     client: Any = None,
     progress: Progress | None = None,
 ) -> DeidRunResult:
-    """De-identify the new objects of the restricted index into the research tables."""
+    """De-identify the new objects of the restricted index into the research tables.
+
+    With ``deid.export_dicom`` set, objects de-identified in earlier runs whose export file is
+    missing are exported as well (counted in ``extra['exported']``, not in ``seen``).
+    """
     t0 = time.perf_counter()
     con = connect()
-    done = {"out": 0, "quarantined": 0}
+    done = {"out": 0, "quarantined": 0, "exported": 0, "export_failed": 0}
     counted: list[int] = []
+    export = cfg.deid.export_dicom
+    batch = cfg.compute.partition_size
 
     def calls() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
-        for i, rows in enumerate(_todo(con, lake, cfg.compute.partition_size)):
+        common = {"secret_key": key, "lake": lake, "run_id": run_id}
+        if export is not None:  # first what earlier runs de-identified but did not export
+            for i, rows in enumerate(_export_todo(con, lake, batch, Path(export))):
+                yield (cfg, rows), {**common, "part": f"x{i:05d}", "export_only": True}
+        for i, rows in enumerate(_todo(con, lake, batch)):
             counted.append(len(rows))
-            kwargs = {
-                "secret_key": key,
-                "lake": lake,
-                "run_id": run_id,
-                "part": f"{run_id}-{i:05d}",
-            }
-            yield (cfg, rows), kwargs
+            yield (cfg, rows), {**common, "part": f"{run_id}-{i:05d}"}
 
     for result in map_bounded(deid_batch, calls(), client=client):
         for k in done:
             done[k] += result[k]
         if progress:
-            progress(result["out"] + result["quarantined"])
+            progress(result["out"] + result["quarantined"] + result["exported"])
     seen = sum(counted)
-    has_instances = any(lake.table("instances").glob("*.parquet"))
-    if has_instances and (seen or not any(lake.table("series").glob("*.parquet"))):
+    dropped = _drop_superseded(con, lake) if seen else 0
+    if table_exists(lake, "instances") and (seen or _aggregates_stale(lake)):
         _rebuild_aggregates(con, lake)
     con.close()
+    extra = {k: v for k, v in (("exported", done["exported"]), ("superseded", dropped)) if v}
+    if done["export_failed"]:
+        extra["export_failed"] = done["export_failed"]
     counts = StageCounts(
         seen=seen,
         out=done["out"],
         quarantined=done["quarantined"],
         seconds=round(time.perf_counter() - t0, 3),
+        extra=extra,
     )
     logger.info(
         "deid: %d objects, %d de-identified, %d quarantined in %.1f s",
@@ -436,4 +607,10 @@ def run(
         counts.quarantined,
         counts.seconds,
     )
+    if export is not None:
+        logger.info(
+            "deid: %d de-identified DICOM file(s) exported (%d failed)",
+            done["exported"],
+            done["export_failed"],
+        )
     return DeidRunResult(run_id, counts)

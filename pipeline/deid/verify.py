@@ -5,6 +5,11 @@ and plain ``Given Family`` / ``FAMILY GIVEN`` forms), patient IDs, accession num
 (``YYYYMMDD``, ``YYYY-MM-DD``, ``DD.MM.YYYY``, ``MM/DD/YYYY``) and original Study, Series and
 SOP Instance UIDs. Every Parquet column (strings, lists, nested, JSON) and every other file's
 bytes are searched. The report names table, column and row number, never the value.
+
+Memory is bounded: needles are streamed from the restricted tables and gathered in chunks of at
+most ``max_needles``; the research zone is scanned once per chunk (one pass for archives up to
+a few hundred thousand patients' worth of identifiers). An encrypted vault
+(``deid.encrypt_vault``) is read with the secret key.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.lake import LakePaths, read_table
+from pipeline.errors import LakeError
+from pipeline.lake import LakePaths, scan_batches
 
-__all__ = ["Leak", "needles", "verify"]
+__all__ = ["Leak", "iter_needles", "needles", "verify"]
 
 _MIN_LEN = 4
 
@@ -52,32 +58,72 @@ def _date_forms(value: str) -> set[str]:
     return {d.strftime("%Y%m%d"), d.isoformat(), d.strftime("%d.%m.%Y"), d.strftime("%m/%d/%Y")}
 
 
-def needles(lake: LakePaths) -> dict[str, str]:
-    """Identifying strings of the restricted zone -> their kind."""
+_UID_KINDS = (
+    ("StudyInstanceUID", "original UID"),
+    ("SeriesInstanceUID", "original UID"),
+    ("SOPInstanceUID", "original UID"),
+    ("PatientID", "patient ID"),
+    ("AccessionNumber", "accession number"),
+)
+
+
+def _row_needles(row: dict[str, object]) -> Iterator[tuple[str, str]]:
+    for key, kind in _UID_KINDS:
+        if row.get(key):
+            yield str(row[key]).strip(), kind
+    if row.get("PatientName"):
+        for form in _name_forms(str(row["PatientName"])):
+            yield form, "patient name"
+    if row.get("PatientBirthDate"):
+        for form in _date_forms(str(row["PatientBirthDate"])):
+            yield form, "birth date"
+
+
+def iter_needles(
+    lake: LakePaths, key: bytes | None = None, max_needles: int = 500_000
+) -> Iterator[dict[str, str]]:
+    """Chunks of identifying strings of the restricted zone -> their kind.
+
+    Raises
+    ------
+    LakeError
+        The vault holds encrypted rows and no key (or the wrong key) was given.
+    """
+    from pipeline.deid.vault import VaultCipher, is_encrypted
+
+    cipher = VaultCipher(key) if key is not None else None
+    chunk: dict[str, str] = {}
+    index_cols = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
+    sources = (
+        ("vault", None),
+        ("index", ["object_key", *index_cols]),
+    )
+    for table, columns in sources:
+        for batch in scan_batches(lake, table, columns=columns):
+            for row in batch.to_pylist():
+                if table == "vault" and any(is_encrypted(v) for v in row.values()):
+                    if cipher is None:
+                        raise LakeError(
+                            "the vault is encrypted: verify needs the key file "
+                            "(--key-file or PACSFLOW_KEY_FILE)"
+                        )
+                    row = cipher.decrypt_row(row)
+                for needle, kind in _row_needles(row):
+                    if len(needle) >= _MIN_LEN:
+                        chunk[needle] = kind
+            if len(chunk) >= max_needles:
+                yield chunk
+                chunk = {}
+    if chunk:
+        yield chunk
+
+
+def needles(lake: LakePaths, key: bytes | None = None) -> dict[str, str]:
+    """All identifying strings of the restricted zone -> their kind (one dict)."""
     out: dict[str, str] = {}
-    vault = read_table(lake, "vault").to_pylist()
-    index = read_table(
-        lake,
-        "index",
-        columns=["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
-    ).to_pylist()
-    for row in vault + index:
-        for key, kind in (
-            ("StudyInstanceUID", "original UID"),
-            ("SeriesInstanceUID", "original UID"),
-            ("SOPInstanceUID", "original UID"),
-            ("PatientID", "patient ID"),
-            ("AccessionNumber", "accession number"),
-        ):
-            if row.get(key):
-                out[str(row[key]).strip()] = kind
-        if row.get("PatientName"):
-            for form in _name_forms(str(row["PatientName"])):
-                out[form] = "patient name"
-        if row.get("PatientBirthDate"):
-            for form in _date_forms(str(row["PatientBirthDate"])):
-                out[form] = "birth date"
-    return {k: v for k, v in out.items() if len(k) >= _MIN_LEN}
+    for chunk in iter_needles(lake, key, max_needles=2**62):
+        out.update(chunk)
+    return out
 
 
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*[A-Za-z0-9]|[A-Za-z0-9]")
@@ -120,13 +166,7 @@ def _strings(column: pa.ChunkedArray) -> Iterator[tuple[int, str]]:
         yield i, value if isinstance(value, str) else repr(value)
 
 
-def verify(lake: LakePaths) -> list[Leak]:
-    """Return every place under ``research/`` holding an identifying value (empty: clean)."""
-    found = needles(lake)
-    leaks: list[Leak] = []
-    if not found or not lake.research.exists():
-        return leaks
-    matcher = _Matcher(found)
+def _scan(lake: LakePaths, matcher: _Matcher) -> Iterator[Leak]:
     for path in sorted(p for p in lake.research.rglob("*") if p.is_file()):
         rel = str(path.relative_to(lake.root))
         if path.suffix == ".parquet":
@@ -140,10 +180,20 @@ def verify(lake: LakePaths) -> list[Leak]:
                     for i, text in _strings(pa.chunked_array([col])):
                         kind = matcher.search(text)
                         if kind:
-                            leaks.append(Leak(rel, name, offset + i, kind))
+                            yield Leak(rel, name, offset + i, kind)
                 offset += batch.num_rows
         else:
             kind = matcher.search(path.read_bytes().decode("latin-1"))
             if kind:
-                leaks.append(Leak(rel, None, None, kind))
-    return leaks
+                yield Leak(rel, None, None, kind)
+
+
+def verify(lake: LakePaths, key: bytes | None = None, max_needles: int = 500_000) -> list[Leak]:
+    """Return every place under ``research/`` holding an identifying value (empty: clean)."""
+    if not lake.research.exists():
+        return []
+    leaks: dict[tuple[str, str | None, int | None], Leak] = {}
+    for chunk in iter_needles(lake, key, max_needles):
+        for leak in _scan(lake, _Matcher(chunk)):
+            leaks.setdefault((leak.path, leak.column, leak.row), leak)
+    return sorted(leaks.values(), key=lambda x: (x.path, x.column or "", x.row or 0))

@@ -5,9 +5,11 @@ from pipeline.lake.io import (
     atomic_write_bytes,
     atomic_write_text,
     read_table,
+    scan_batches,
     sweep_temporaries,
     table_exists,
     write_partition,
+    write_partitioned,
 )
 from pipeline.lake.manifest import RunManifest, RunRecorder, StageCounts, list_manifests
 from pipeline.lake.paths import RESEARCH_TABLES, RESTRICTED_TABLES, LakePaths
@@ -28,9 +30,11 @@ __all__ = [
     "atomic_write_text",
     "list_manifests",
     "read_table",
+    "scan_batches",
     "schema_for",
     "sweep_temporaries",
     "table_exists",
     "verify_chain",
     "write_partition",
+    "write_partitioned",
 ]

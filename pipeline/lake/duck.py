@@ -48,10 +48,16 @@ def arrow_reader(
 
 
 def scan_sql(lake: LakePaths, name: str) -> str:
-    """SQL for a lake table: its Parquet files, or an empty relation of its schema."""
+    """SQL for a lake table: its Parquet files, or an empty relation of its schema.
+
+    Files are found at any depth (hive folders ``key=value/`` read as string columns).
+    """
     folder = lake.table(name)
-    if any(folder.glob("*.parquet")):
-        return f"read_parquet('{folder}/*.parquet', union_by_name = true)"
+    if folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None:
+        return (
+            f"read_parquet('{folder}/**/*.parquet', union_by_name = true, "
+            "hive_partitioning = true, hive_types_autocast = false)"
+        )
     cols = ", ".join(f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in schema_for(name))
     return f"(SELECT {cols} WHERE false)"
 

@@ -32,9 +32,11 @@ __all__ = [
     "atomic_write_text",
     "conform",
     "read_table",
+    "scan_batches",
     "sweep_temporaries",
     "table_exists",
     "write_partition",
+    "write_partitioned",
 ]
 
 _SAFE = re.compile(r"^[A-Za-z0-9._=-]+$")
@@ -124,7 +126,9 @@ def write_partition(
         File stem, unique within the partition (e.g. the run id and a chunk number). Writing
         the same ``part`` again replaces the file, which makes retries idempotent.
     partition:
-        Hive partition keys and values, e.g. ``{"crawl_run": "20261128T..."}``.
+        Hive partition keys and values, e.g. ``{"Modality": "CT"}``. A key that is also a
+        declared column is taken out of the file (its value lives in the folder name, the
+        hive convention pandas, Dask, pyarrow and DuckDB all read).
 
     Returns
     -------
@@ -140,10 +144,47 @@ def write_partition(
         raise ValueError(f"unsafe part name {part!r}")
     final = folder / f"{part}.parquet"
     conformed = conform(table, name)
+    drop = [k for k in (partition or {}) if k in conformed.column_names]
+    if drop:
+        conformed = conformed.drop_columns(drop)
     with _atomic_path(final) as tmp:
         pq.write_table(conformed, tmp, compression="zstd")
     logger.debug("wrote %d rows to %s", conformed.num_rows, final.relative_to(lake.root))
     return final
+
+
+def _partition_value(value: Any) -> str:
+    """A hive folder value: the value itself when safe, ``UNKNOWN`` for null or unsafe ones.
+
+    (pandas cannot read a null hive partition, so nulls get a spelled-out value.)
+    """
+    text = str(value).strip().replace(" ", "_") if value not in (None, "") else ""
+    return text if text and _SAFE.match(text) and text != "UNKNOWN" else "UNKNOWN"
+
+
+def write_partitioned(
+    lake: LakePaths,
+    name: str,
+    rows: list[dict[str, Any]],
+    *,
+    part: str,
+    by: str,
+) -> list[Path]:
+    """Write ``rows`` as hive partitions of table ``name`` split by column ``by``.
+
+    One file ``<by>=<value>/<part>.parquet`` per distinct value (nulls and values unsafe in a
+    path go to ``<by>=UNKNOWN``, read back as that string). Same ``part`` again replaces the
+    files, as :func:`write_partition` does.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        value = _partition_value(row.get(by))
+        row = {**row, by: value}
+        groups.setdefault(value, []).append(row)
+    return [
+        write_partition(lake, name, group, part=part, partition={by: value})
+        for value, group in sorted(groups.items())
+    ]
 
 
 def table_exists(lake: LakePaths, name: str) -> bool:
@@ -177,6 +218,22 @@ def read_table(
         ignore_prefixes=[".", "_"],
     )
     return dataset.to_table(columns=columns, filter=filter)
+
+
+def scan_batches(
+    lake: LakePaths, name: str, *, columns: list[str] | None = None, batch_size: int = 65_536
+) -> Iterator[pa.RecordBatch]:
+    """Stream lake table ``name`` as record batches (memory bounded by ``batch_size``)."""
+    if not table_exists(lake, name):
+        return
+    dataset = ds.dataset(
+        lake.table(name),
+        schema=schema_for(name),
+        format="parquet",
+        partitioning="hive",
+        ignore_prefixes=[".", "_"],
+    )
+    yield from dataset.to_batches(columns=columns, batch_size=batch_size)
 
 
 def sweep_temporaries(lake: LakePaths) -> int:

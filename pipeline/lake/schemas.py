@@ -15,7 +15,7 @@ import pyarrow as pa
 
 __all__ = ["SCHEMAS", "SCHEMA_VERSION", "schema_for"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -165,7 +165,12 @@ SERIES = _schema(
         _f("Modality", _S),
         _f("BodyPartExamined", _S),
         _f("Manufacturer", _S),
+        _f("ManufacturerModelName", _S),
+        _f("SeriesNumber", _I),
         _f("SeriesDate", pa.date32()),
+        _f("SliceThickness", _F),
+        _f("KVP", _F),
+        _f("MagneticFieldStrength", _F),
         _f("n_instances", _I),
         _f("Rows", _I),
         _f("Columns", _I),
@@ -177,34 +182,68 @@ SERIES = _schema(
         _f("volume_ok", _B),
         _f("volume_reason", _S),
     ],
-    "research: one row per series, with geometry and whether it can become a volume",
+    "research: one row per series, with geometry and whether it can become a volume "
+    "(hive-partitioned by Modality)",
 )
 
 INSTANCES = _schema(
     [
-        _f("SOPInstanceUID", _S, False),
+        # keys (pseudonyms) and the partition column (hive folder Modality=<value>)
+        _f("SOPInstanceUID", _S, False),  # 2.25.<int>
         _f("SeriesInstanceUID", _S, False),
         _f("StudyInstanceUID", _S, False),
+        _f("FrameOfReferenceUID", _S),
         _f("patient_token", _S, False),
         _f("SOPClassUID", _S),
         _f("Modality", _S),
+        _f("TransferSyntaxUID", _S),
+        # what selection and analysis use, typed, named by DICOM keyword
+        _f("BodyPartExamined", _S),
+        _f("Manufacturer", _S),
+        _f("ManufacturerModelName", _S),
+        _f("SeriesNumber", _I),
         _f("InstanceNumber", _I),
+        _f("AcquisitionNumber", _I),
+        _f("ImageType", pa.list_(_S)),
         _f("ImagePositionPatient", pa.list_(_F)),
         _f("ImageOrientationPatient", pa.list_(_F)),
         _f("PixelSpacing", pa.list_(_F)),
         _f("SliceThickness", _F),
+        _f("SpacingBetweenSlices", _F),
+        _f("SliceLocation", _F),
         _f("Rows", _I),
         _f("Columns", _I),
         _f("NumberOfFrames", _I),
-        _f("Manufacturer", _S),
-        _f("ManufacturerModelName", _S),
-        _f("ContentDate", pa.date32()),
-        _f("PatientAge", _S),
-        _f("PatientSex", _S),
-        _f("header_json", _S),  # the full de-identified header as DICOM JSON
+        _f("BitsAllocated", _I),
+        _f("BitsStored", _I),
+        _f("PixelRepresentation", _I),
+        _f("PhotometricInterpretation", _S),
+        _f("RescaleSlope", _F),
+        _f("RescaleIntercept", _F),
+        _f("KVP", _F),
+        _f("XRayTubeCurrent", _F),
+        _f("Exposure", _F),
+        _f("ConvolutionKernel", pa.list_(_S)),
+        _f("ContrastBolusAgent", _S),
+        _f("MagneticFieldStrength", _F),
+        _f("RepetitionTime", _F),
+        _f("EchoTime", _F),
+        _f("InversionTime", _F),
+        _f("FlipAngle", _F),
+        _f("ScanningSequence", pa.list_(_S)),
+        _f("StudyDate", pa.date32()),  # shifted by the patient's offset
+        _f("SeriesDate", pa.date32()),  # shifted
+        _f("AcquisitionDate", pa.date32()),  # shifted
+        _f("ContentDate", pa.date32()),  # shifted (StudyDate when absent)
+        _f("PatientAge", _S),  # when the profile retains it
+        _f("PatientSex", _S),  # when the profile retains it
+        _f("PatientSize", _F),  # when the profile retains it
+        _f("PatientWeight", _F),  # when the profile retains it
+        # derived
+        _f("header_json", _S),  # the whole de-identified header as DICOM JSON
         _f("deid_version", _S, False),
     ],
-    "research: one row per de-identified instance",
+    "research: one row per de-identified instance (hive-partitioned by Modality)",
 )
 
 TENSORS = _schema(

@@ -15,6 +15,7 @@ import pytest
 from pipeline.lake import (
     RESEARCH_TABLES,
     RESTRICTED_TABLES,
+    SCHEMA_VERSION,
     SCHEMAS,
     AuditLog,
     LakePaths,
@@ -72,7 +73,7 @@ def test_write_partition_round_trip_and_schema(tmp_path: Path) -> None:
     back = read_table(lake, "index")
     assert back.num_rows == 3
     assert back.schema.equals(SCHEMAS["index"], check_metadata=False)
-    assert pq.read_schema(path).metadata[b"pacsflow.schema_version"] == b"1"
+    assert pq.read_schema(path).metadata[b"pacsflow.schema_version"] == str(SCHEMA_VERSION).encode()
     # the same part again replaces, never duplicates (idempotent retries)
     write_partition(lake, "index", [_index_row(i) for i in range(2)], part="r1-00000")
     assert read_table(lake, "index").num_rows == 2
