@@ -146,9 +146,7 @@ def register(app: typer.Typer) -> None:
         guarded(body)
 
     @app.command("verify")
-    def verify(
-        lake: LakeOpt = None, key_file: KeyFileOpt = None, config: ConfigOpt = None
-    ) -> None:
+    def verify(lake: LakeOpt = None, key_file: KeyFileOpt = None, config: ConfigOpt = None) -> None:
         """Scan research outputs for identifiers of the restricted index (non-zero on a hit).
 
         The key file is needed only when the vault is encrypted (deid.encrypt_vault).

@@ -16,8 +16,9 @@ tables of the Standard (``highdicom/_standard``: SOP class -> IOD -> modules -> 
 Types, generated from the innolitics dicom-standard JSON of PS3.3): ``X/Z``, ``X/D``, ``X/Z/D``,
 ``Z/D`` and ``X/Z/U*`` become D for Type 1 (and 1C), Z for Type 2 (and 2C), X otherwise; an
 ``X/Z/U*`` sequence that must stay keeps its items with their UIDs remapped. Attributes inside
-sequences use the Type at that path; where the IOD is unknown, the strictest reading applies
-(the attribute is removed unless the code has no X).
+sequences use the Type at that path (nested SR Content Sequences count as one level); where
+the IOD is unknown, the strictest reading applies (the attribute is removed unless the code
+has no X). An overlay group whose Overlay Data is removed goes as a whole.
 
 Actions: D replaces with a dummy of the VR (dates are shifted instead, UIDs remapped), Z
 empties, X removes, K keeps (sequences still cleaned), C cleans (dates shifted by the patient's
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from pipeline._version import __version__
@@ -63,12 +65,71 @@ _DUMMY = {
     "DA": "19000101",
     "DT": "19000101000000",
 }
+#: D must leave a non-empty value (the attribute may be Type 1); C on these VRs removes
+_D_ONLY_DUMMY: dict[str, str | bytes] = {
+    "UR": "ANONYMOUS",
+    **dict.fromkeys(("OB", "OD", "OF", "OL", "OV", "OW", "UN"), b"\x00" * 8),
+}
 _PATIENT_ID, _PATIENT_NAME, _ACCESSION = 0x00100020, 0x00100010, 0x00080050
+_DICOM_ROOT = "1.2.840.10008."
+_OVERLAY_GROUPS = frozenset(range(0x6000, 0x6020, 2))
+
+_DIRECTORY_RECORDS = 0x00041220
+#: Types of the record keys of a DICOMDIR (PS3.3 Annex F.5, Tables F.5-1 to F.5-3: Patient,
+#: Study and Series Keys), which highdicom's module tables do not carry
+_RECORD_KEY_TYPES: dict[tuple[str, ...], str] = {
+    ("DirectoryRecordSequence", keyword): typ
+    for keyword, typ in (
+        ("PatientID", "1"),
+        ("PatientName", "2"),
+        ("StudyDate", "1"),
+        ("StudyTime", "1"),
+        ("StudyDescription", "2"),
+        ("StudyInstanceUID", "1C"),
+        ("AccessionNumber", "2"),
+        ("Modality", "1"),
+        ("SeriesInstanceUID", "1"),
+        ("SeriesNumber", "1"),
+        ("InstanceNumber", "1"),
+    )
+}
+
+#: Public text attributes outside Table E.1-1 that hold vendor or coded technical terms, not
+#: free text: kept (the Standard lists only what needs an action; these are what analysis and
+#: coded content need). Any other out-of-table text (LO, LT, SH, ST, UT, UC, PN) is removed, or
+#: emptied/dummied where the IOD requires it (resolved like X/Z/D).
+_TECHNICAL_TEXT = frozenset(
+    {
+        0x00080070,  # Manufacturer
+        0x00081090,  # Manufacturer's Model Name
+        0x00181020,  # Software Versions
+        0x00181210,  # Convolution Kernel
+        0x00180024,  # Sequence Name
+        0x00189005,  # Pulse Sequence Name
+        0x00181250,  # Receive Coil Name
+        0x00181251,  # Transmit Coil Name
+        0x00180085,  # Imaged Nucleus
+        0x00181160,  # Filter Type
+        0x00281054,  # Rescale Type
+        0x00080100,  # Code Value
+        0x00080102,  # Coding Scheme Designator
+        0x00080103,  # Coding Scheme Version
+        0x00080104,  # Code Meaning
+        0x00080119,  # Long Code Value
+        0x00080120,  # URN Code Value
+        0x00201040,  # Position Reference Indicator (SLIDE_CORNER for slides)
+    }
+)
 
 
 @functools.cache
 def _iod_types(sop_class_uid: str) -> dict[tuple[str, ...], str]:
-    """(path of keywords..., keyword) -> strictest Type of the attribute in the IOD."""
+    """(path of keywords..., keyword) -> strictest Type of the attribute in the IOD.
+
+    A top-level attribute of a module the IOD only allows (usage U) counts as Type 3; one inside
+    a sequence keeps its Type in the module, as the sequence holding it is there (a Modality
+    LUT Sequence item needs its Modality LUT Type even where the Modality LUT module is U).
+    """
     from highdicom._standard_utils import (
         get_iod_module_map,
         get_module_attribute_map,
@@ -84,10 +145,23 @@ def _iod_types(sop_class_uid: str) -> dict[tuple[str, ...], str]:
     for module in get_iod_module_map().get(iod, []):
         for attr in modules.get(module["key"], []):
             key = (*attr["path"], attr["keyword"])
-            typ = attr["type"] if module["usage"] in ("M", "C") else "3"
+            typ = attr["type"] if module["usage"] in ("M", "C") or attr["path"] else "3"
             if key not in out or order.get(typ, 4) < order.get(out[key], 4):
                 out[key] = typ
     return out
+
+
+def _type_at(types: dict[tuple[str, ...], str], key: tuple[str, ...]) -> str | None:
+    """The Type at ``key``; an SR content tree is recursive, so nested Content Sequences count
+    as one (the tables list one level: a TEXT item's Text Value is 1C at any depth)."""
+    typ = types.get(key)
+    if typ is None and key.count("ContentSequence") > 1:
+        flat: list[str] = []
+        for keyword in key:
+            if not (keyword == "ContentSequence" and flat and flat[-1] == keyword):
+                flat.append(keyword)
+        typ = types.get(tuple(flat))
+    return typ
 
 
 def _resolve(code: str, typ: str | None) -> str:
@@ -95,14 +169,12 @@ def _resolve(code: str, typ: str | None) -> str:
     if "/" not in code:
         return code
     choices = code.replace("*", "").split("/")
-    if typ in ("1", "1C") and "D" in choices:
-        return "D"
-    if typ in ("1", "1C", "2", "2C") and "Z" in choices:
-        return "Z"
-    if typ in ("1", "1C", "2", "2C") and "U" in choices:
-        return "U"
-    if typ in ("1", "1C") and "Z" in choices:
-        return "Z"
+    if typ in ("1", "1C"):
+        # present with a value: an X/Z/U* sequence keeps its items (UIDs remapped); the Z of
+        # X/Z becomes a dummy, which Z allows and a Type 1 needs
+        return "U" if "U" in choices else "D"
+    if typ in ("2", "2C"):
+        return "Z"  # present, may be empty (X/D too: removing a Type 2 breaks the IOD)
     return "X" if "X" in choices else choices[-1]
 
 
@@ -186,40 +258,58 @@ class Deidentifier:
 
     # ------------------------------------------------------------------ the walk
 
-    def deidentify(self, ds: Dataset) -> DeidResult:
+    def deidentify(self, ds: Dataset, *, in_place: bool = False) -> DeidResult:
         """Return a de-identified copy of ``ds`` (the input is not changed).
 
         The patient's date offset comes from the original Patient ID, so all of a patient's
-        objects shift alike; the Patient ID becomes its keyed token.
+        objects shift alike; the Patient ID becomes its keyed token. With ``in_place`` the
+        input itself is de-identified and returned (no deep copy: a third of the time for a
+        header with many elements); read what you need of the original first.
         """
-        out = copy.deepcopy(ds)
+        out = ds if in_place else copy.deepcopy(ds)
         patient_id = str(ds.get("PatientID", "") or "")
+        had_patient_id, had_name = "PatientID" in ds, "PatientName" in ds
+        accession = str(ds.get("AccessionNumber", "") or "")
+        source_meta = getattr(ds, "file_meta", None)
+        original_encoding = ds.original_encoding
         self._days = self.pseudo.date_offset_days(patient_id)
         self._counts = {"removed": 0, "replaced": 0, "remapped": 0, "shifted": 0}
-        types = _iod_types(str(ds.get("SOPClassUID", "")))
+        sop_class = str(ds.get("SOPClassUID", "") or "") or str(
+            (source_meta or {}).get("MediaStorageSOPClassUID", "")
+        )
+        types = _iod_types(sop_class)
+        records = out.get(_DIRECTORY_RECORDS, None)
+        if records is not None:  # a DICOMDIR: its records patient by patient, below
+            del out[_DIRECTORY_RECORDS]
         with warnings.catch_warnings():
             # pydicom's validation warnings quote values (identifiers): never let them out
             warnings.simplefilter("ignore")
             self._walk(out, (), types, known_iod=bool(types))
+            if records is not None:
+                self._directory_records(records.value, {**types, **_RECORD_KEY_TYPES})
+                out[_DIRECTORY_RECORDS] = records
         # identifiers pseudonymised, not just emptied, so that research data still links
-        if "PatientID" in ds:
+        if had_patient_id:
             out.PatientID = self.pseudo.token(patient_id)
-        if "PatientName" in ds:
+        if had_name:
             out.PatientName = self.pseudo.token(patient_id)
-        if ds.get("AccessionNumber"):
-            out.AccessionNumber = self.pseudo.token(str(ds.AccessionNumber), domain="accession")
+        if accession:
+            out.AccessionNumber = self.pseudo.token(accession, domain="accession")
         self._markers(out)
         from pydicom.dataset import FileMetaDataset
 
-        source_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        source_meta = source_meta or FileMetaDataset()
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = source_meta.get(
             "MediaStorageSOPClassUID", ds.get("SOPClassUID", "")
         )
-        meta.MediaStorageSOPInstanceUID = out.get("SOPInstanceUID", "")
+        media_uid = str(source_meta.get("MediaStorageSOPInstanceUID", "") or "")
+        meta.MediaStorageSOPInstanceUID = UID(
+            out.get("SOPInstanceUID") or (self.pseudo.uid(media_uid) if media_uid else "")
+        )
         syntax = source_meta.get("TransferSyntaxUID")
         if syntax is None:  # a bare dataset: the syntax it was read with
-            implicit, little = ds.original_encoding
+            implicit, little = original_encoding
             syntax = (
                 "1.2.840.10008.1.2"
                 if implicit is not False
@@ -232,41 +322,94 @@ class Deidentifier:
         c = self._counts
         return DeidResult(out, c["removed"], c["replaced"], c["remapped"], c["shifted"])
 
+    def _directory_records(self, records: Sequence, types: dict[tuple[str, ...], str]) -> None:
+        """De-identify the records of a DICOMDIR, each with its patient's tokens and offset.
+
+        Records come in directory order (a PATIENT record, then its studies, series and
+        instances), so the last PATIENT record seen owns the records after it. Patient ID, name
+        and accession number become the same keyed tokens as in the instances, dates shift by
+        that patient's offset, Referenced SOP Instance UIDs map like the instances' own, and
+        each component of a Referenced File ID (folder names often are patient IDs) becomes a
+        keyed 8-character token. Record offsets are byte positions: rewrite them after the
+        lengths change (:func:`pipeline.deid.dicomdir.write_dicomdir`).
+        """
+        patient = ""
+        for item in records:
+            if str(item.get("DirectoryRecordType", "")).upper() == "PATIENT":
+                patient = str(item.get("PatientID", "") or "")
+            self._days = self.pseudo.date_offset_days(patient)
+            accession = str(item.get("AccessionNumber", "") or "")
+            file_id = item.get("ReferencedFileID")
+            had = {k: k in item for k in ("PatientID", "PatientName")}
+            self._walk(item, ("DirectoryRecordSequence",), types, True)
+            for keyword, present in had.items():
+                if present:
+                    setattr(item, keyword, self.pseudo.token(patient))
+            if accession:
+                item.AccessionNumber = self.pseudo.token(accession, domain="accession")
+            if file_id is not None and "ReferencedFileID" in item:
+                parts = [file_id] if isinstance(file_id, str) else list(file_id)
+                item.ReferencedFileID = [
+                    self.pseudo.token(str(p), domain="file-id", length=8) for p in parts
+                ]
+
     def _walk(
         self, ds: Dataset, path: tuple[str, ...], types: dict[tuple[str, ...], str], known_iod: bool
     ) -> None:
+        # Elements are looked at by tag and raw VR first: one kept or removed as it is is
+        # never converted to a Python value (pydicom then writes its raw bytes back), which is
+        # most of an engine's time on headers with hundreds of elements.
+        tags = list(ds.keys())
         creators: dict[tuple[int, int], str] = {}
-        for elem in list(ds):
-            tag = elem.tag
+        for tag in tags:
             if tag.is_private and 0x0010 <= tag.element <= 0x00FF:
-                creators[(tag.group, tag.element)] = str(elem.value)
-        for elem in list(ds):
-            tag = elem.tag
+                creators[(tag.group, tag.element)] = str(ds[tag].value)
+        overlays = {  # groups 6000-601E (even) holding Overlay Data
+            t.group for t in tags if t.element == 0x3000 and t.group in _OVERLAY_GROUPS
+        }
+        for tag in tags:
             if tag.is_private:
-                self._private(ds, elem, creators, path, types, known_iod)
+                self._private(ds, tag, creators, path, types, known_iod)
                 continue
             if tag.group == 0x0002:
                 continue  # file meta inside a dataset: rebuilt from scratch
-            keyword = elem.keyword or ""
+            keyword = _keyword(int(tag))
             rule = rule_for(int(tag))
+            vr = _vr_of(ds, tag)
             if rule is not None:
                 action = rule.action(self.options)
-                typ = types.get((*path, keyword)) if known_iod else None
+                typ = _type_at(types, (*path, keyword)) if known_iod else None
                 action = _resolve(action, typ)
+            elif vr == "UI":
+                action = self._by_vr(ds[tag])
             else:
-                action = self._by_vr(elem)
-            self._apply(ds, elem, action, (*path, keyword), types, known_iod)
+                action = _by_vr_name(vr, int(tag))
+                if action == "X" and known_iod:  # free text the IOD requires stays, emptied
+                    action = _resolve("X/Z/D", _type_at(types, (*path, keyword)))
+            if action == "X":
+                del ds[tag]
+                self._counts["removed"] += 1
+                continue
+            if action == "K" and vr != "SQ":
+                continue  # kept as it is, never converted
+            self._apply(ds, ds[tag], action, (*path, keyword), types, known_iod)
+        # an Overlay Plane module whose Overlay Data (Type 1) the profile removed is invalid:
+        # the rest of that overlay group goes too
+        for group in overlays:
+            if (group << 16 | 0x3000) not in ds:
+                for tag in [e.tag for e in ds if e.tag.group == group]:
+                    del ds[tag]
+                    self._counts["removed"] += 1
 
     def _private(
         self,
         ds: Dataset,
-        elem: DataElement,
+        tag: BaseTag,
         creators: dict[tuple[int, int], str],
         path: tuple[str, ...],
         types: dict[tuple[str, ...], str],
         known_iod: bool,
     ) -> None:
-        tag = elem.tag
         keep = False
         if Option.RETAIN_SAFE_PRIVATE in self.options:
             if 0x0010 <= tag.element <= 0x00FF:
@@ -278,21 +421,21 @@ class Deidentifier:
         if not keep:
             del ds[tag]
             self._counts["removed"] += 1
-        elif elem.VR == "SQ":
-            for item in elem.value:
+        elif _vr_of(ds, tag) == "SQ":
+            for item in ds[tag].value:
                 self._walk(item, (*path, "private"), types, known_iod=False)
 
     def _by_vr(self, elem: DataElement) -> str:
         vr = elem.VR
-        if vr == "SQ":
-            return "K"
-        if vr in _TEXT_VRS:
-            return "X"
-        if vr in ("DA", "DT"):
-            return "C"
+        if vr != "UI":
+            return _by_vr_name(vr, int(elem.tag))
         if vr == "UI":
             values = elem.value if elem.VM > 1 else [elem.value]
-            registered = all(v and UID(str(v)).name != str(v) for v in values)
+            # the DICOM root: standard UIDs, also those newer than pydicom's dictionary
+            # (Label Map Segmentation Storage is not in pydicom 3.0's)
+            registered = all(
+                v and (str(v).startswith(_DICOM_ROOT) or UID(str(v)).name != str(v)) for v in values
+            )
             return "K" if registered else "U"
         return "K"
 
@@ -335,13 +478,45 @@ class Deidentifier:
             self._counts["replaced"] += 1
             return
         # D (or C on something that is neither date nor text): a dummy of the VR
-        dummy = _DUMMY.get(vr)
+        dummy = _DUMMY.get(vr, _D_ONLY_DUMMY.get(vr) if action == "D" else None)
         if dummy is None:
             del ds[elem.tag]
             self._counts["removed"] += 1
             return
         elem.value = dummy
         self._counts["replaced"] += 1
+
+
+def _by_vr_name(vr: str, tag: int) -> str:
+    """The action for a public attribute outside the table, by VR (UIDs: see ``_by_vr``)."""
+    if vr in _TEXT_VRS:
+        return "K" if tag in _TECHNICAL_TEXT else "X"
+    if vr in ("DA", "DT"):
+        return "C"
+    return "K"  # SQ (cleaned item by item), numbers, codes, binary
+
+
+@functools.cache
+def _keyword(tag: int) -> str:
+    from pydicom.datadict import keyword_for_tag
+
+    return keyword_for_tag(tag) or ""
+
+
+def _vr_of(ds: Dataset, tag: BaseTag) -> str:
+    """The VR of an element without converting its value: the VR it was encoded with, or the
+    dictionary's where that is missing (implicit VR) or UN (a known attribute sent as UN must
+    not escape the rules of its real VR)."""
+    vr = ds.get_item(tag).VR
+    if vr and vr != "UN":
+        return str(vr)
+    from pydicom.datadict import dictionary_VR
+
+    try:
+        known = dictionary_VR(tag)
+    except KeyError:
+        return str(vr or "UN")
+    return known if " or " not in known else str(vr or "UN")
 
 
 @functools.cache

@@ -32,8 +32,15 @@ from pipeline.deid.core import Deidentifier
 from pipeline.deid.keys import Pseudonymizer
 from pipeline.deid.vault import VaultCipher
 from pipeline.enums import QuarantineReason, Stage
-from pipeline.errors import InputError, SourceError, UnreadableDicom
-from pipeline.lake import LakePaths, StageCounts, table_exists, write_partition, write_partitioned
+from pipeline.errors import InputError, MissingAttribute, SourceError, UnreadableDicom
+from pipeline.lake import (
+    LakePaths,
+    StageCounts,
+    sync_filesystem,
+    table_exists,
+    write_partition,
+    write_partitioned,
+)
 from pipeline.lake.duck import arrow_reader, arrow_table, connect, latest_sql, scan_sql
 from pipeline.lake.schemas import INSTANCES
 
@@ -61,6 +68,18 @@ class DeidRunResult:
 
     run_id: str
     counts: StageCounts
+
+
+#: what the vault keeps of the original header (the way back, and verify's needles)
+_ORIGINALS = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+)
 
 
 def _burned_in_risk(ds: Any, allowed: frozenset[str] = frozenset()) -> str | None:
@@ -178,7 +197,7 @@ def _export(ds: Any, folder: Any) -> None:
     path = Path(folder) / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), durable=False)  # synced per batch
 
 
 def _quarantine_row(
@@ -245,7 +264,11 @@ def deid_batch(
                     f"may carry burned-in PHI ({risk}); quarantined until a rule clears it",
                     reason=QuarantineReason.BURNED_IN_PHI,
                 )
-            out = deid.deidentify(ds).dataset
+            original = {k: _text(ds.get(k)) for k in _ORIGINALS}
+            missing = [k for k in _ORIGINALS[4:] if not original[k]]
+            if missing:
+                raise MissingAttribute(f"no {', '.join(missing)}: cannot be de-identified")
+            out = deid.deidentify(ds, in_place=True).dataset  # ds is ours: no copy
             if export is not None:
                 _export(out, export)
                 exported += 1
@@ -273,13 +296,7 @@ def deid_batch(
         entry = {
             "object_key": row["object_key"],
             "fingerprint": row["fingerprint"],
-            "PatientID": _text(ds.get("PatientID")),
-            "PatientName": _text(ds.get("PatientName")),
-            "PatientBirthDate": _text(ds.get("PatientBirthDate")),
-            "AccessionNumber": _text(ds.get("AccessionNumber")),
-            "StudyInstanceUID": str(ds.StudyInstanceUID),
-            "SeriesInstanceUID": str(ds.SeriesInstanceUID),
-            "SOPInstanceUID": str(ds.SOPInstanceUID),
+            **original,
             "patient_token": token,
             "study_pseudonym": str(out.StudyInstanceUID),
             "series_pseudonym": str(out.SeriesInstanceUID),
@@ -289,6 +306,8 @@ def deid_batch(
             "deidentified_at": now,
         }
         vault.append(cipher.encrypt_row(entry) if cipher else entry)
+    if export is not None and exported:
+        sync_filesystem(Path(export))  # one flush for the batch (before the vault commits it)
     if export_only:  # a failure here is not a quarantine: the object is de-identified
         return {"out": 0, "quarantined": 0, "exported": exported, "export_failed": len(quarantine)}
     if instances:
@@ -398,7 +417,7 @@ def _drop_superseded(con: Any, lake: LakePaths) -> int:
 
             buf = io.BytesIO()
             pq.write_table(table.filter(pa.array(keep)), buf, compression="zstd")
-            atomic_write_bytes(path, buf.getvalue())
+            atomic_write_bytes(path, buf.getvalue(), durable=False)  # synced per batch
         else:
             path.unlink()
     if dropped:

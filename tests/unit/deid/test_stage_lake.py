@@ -86,7 +86,8 @@ def test_a_changed_object_replaces_its_row_and_nothing_duplicates(tmp_path: Path
     write(changed, archive / "ct1.dcm")
     os.utime(archive / "ct1.dcm", ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
     result = _run(cfg, archive, lake, "20260102T000000Z-bbbbbb")
-    assert result.counts.seen == 1 and result.counts.extra["superseded"] == 1  # type: ignore[attr-defined]
+    assert result.counts.seen == 1  # type: ignore[attr-defined]
+    assert result.counts.extra["superseded"] == 1  # type: ignore[attr-defined]
     after = read_table(lake, "instances").to_pylist()
     assert len(after) == len(before) == 5
     assert len({r["SOPInstanceUID"] for r in after}) == 5
@@ -101,7 +102,8 @@ def test_export_writes_objects_deidentified_in_earlier_runs(tmp_path: Path) -> N
     _run(_cfg(), archive, lake, "20260101T000000Z-aaaaaa")  # no export
     out = tmp_path / "export"
     again = deid_run(_cfg(export_dicom=str(out)), lake, key=KEY, run_id="20260102T000000Z-b")  # type: ignore[arg-type]
-    assert again.counts.seen == 0 and again.counts.extra["exported"] == 5
+    assert again.counts.seen == 0
+    assert again.counts.extra["exported"] == 5
     files = sorted(out.rglob("*.dcm"))
     assert len(files) == 5
     sops = {r["SOPInstanceUID"] for r in read_table(lake, "instances").to_pylist()}
@@ -165,7 +167,8 @@ def test_verify_in_small_needle_chunks_finds_the_same(tmp_path: Path) -> None:
     lake = LakePaths(tmp_path / "lake")
     _run(_cfg(), archive, lake, "r1")
     chunks = list(iter_needles(lake, max_needles=3))
-    assert len(chunks) > 1 and all(len(c) < 3 + 40 for c in chunks)
+    assert len(chunks) > 1
+    assert all(len(c) < 3 + 40 for c in chunks)
     uid = read_table(lake, "vault").to_pylist()[-1]["SeriesInstanceUID"]
     (lake.research / "notes.txt").write_text(f"series {uid}")
     assert verify(lake, max_needles=3) == verify(lake)
