@@ -490,12 +490,8 @@ def _aggregates_stale(lake: LakePaths) -> bool:
     return False
 
 
-def _replace_partitions(lake: LakePaths, name: str, rows: list[dict[str, Any]], by: str) -> None:
-    """Write a whole table as hive partitions, then drop the files of partitions now gone."""
-    written = set(write_partitioned(lake, name, rows, part="all", by=by))
-    for old in lake.table(name).rglob("*.parquet"):
-        if old not in written:
-            old.unlink()
+#: series rows held before a part file is written (memory bounded by this, not the archive)
+_SERIES_CHUNK = 20_000
 
 
 def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
@@ -509,6 +505,12 @@ def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
     )
     series_rows: list[dict[str, Any]] = []
     current: list[dict[str, Any]] = []
+    written: set[Path] = set()
+
+    def write_series() -> None:
+        part = f"all-{len(written):05d}"
+        written.update(write_partitioned(lake, "series", series_rows, part=part, by="Modality"))
+        series_rows.clear()
 
     def first(key: str) -> Any:
         return next((r[key] for r in current if r[key] is not None), None)
@@ -540,6 +542,8 @@ def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
             }
         )
         current.clear()
+        if len(series_rows) >= _SERIES_CHUNK:
+            write_series()
 
     sql = f"SELECT {cols} FROM {inst} ORDER BY SeriesInstanceUID, SOPInstanceUID"
     for rb in arrow_reader(con, sql, None, 10_000):
@@ -548,7 +552,11 @@ def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
                 flush()
             current.append(row)
     flush()
-    _replace_partitions(lake, "series", series_rows, by="Modality")
+    if series_rows or not written:
+        write_series()
+    for stale in lake.table("series").rglob("*.parquet"):  # parts of an earlier, larger build
+        if stale not in written:
+            stale.unlink()
     studies = arrow_table(
         con,
         f"""SELECT StudyInstanceUID, any_value(patient_token) AS patient_token,
