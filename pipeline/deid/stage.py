@@ -188,16 +188,16 @@ def _source_for(cfg: PipelineConfig, lake: LakePaths, source_id: str) -> Source:
 
 
 def _export(ds: Any, folder: Any) -> None:
-    """Write a de-identified dataset as a Part 10 file, atomically, named by pseudonyms."""
-    import io
-    from pathlib import Path
+    """Write a de-identified dataset as a Part 10 file, atomically, named by pseudonyms.
 
+    Not fsynced file by file: :func:`deid_batch` flushes the export folder's filesystem once
+    per batch (before the vault row commits the batch).
+    """
+    from pipeline.deid.encode import encode_part10
     from pipeline.lake import atomic_write_bytes
 
     path = Path(folder) / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    atomic_write_bytes(path, buf.getvalue(), durable=False)  # synced per batch
+    atomic_write_bytes(path, encode_part10(ds), durable=False)
 
 
 def _quarantine_row(
