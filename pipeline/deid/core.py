@@ -1,29 +1,38 @@
-"""De-identify one dataset by the PS3.15 Annex E profile (a first engine; issue #4 goes on).
+"""De-identify one dataset by the PS3.15 Annex E profile, edition 2026d.
 
-Every element at every sequence depth, and the file meta, goes through the same decision:
+Every element at every sequence depth, the file meta, and a DICOMDIR's records go through the
+same decision:
 
 1. private elements: removed, unless Retain Safe Private is on and Table E.3.10-1 lists them
    (matched by group, private creator and element offset); private creators go with their
    block;
 2. elements Table E.1-1 lists: the action for the chosen options (:mod:`pipeline.deid.profile`),
    conditional codes resolved by the attribute's Type in the instance's IOD (below);
-3. other public elements, by VR: free text (LO, LT, SH, ST, UT, UC, PN) removed, dates and
-   date-times shifted, UIDs that are not registered standard UIDs remapped, the rest kept;
-   sequences are always cleaned item by item.
+3. other public elements, by VR: free text (LO, LT, SH, ST, UT, UC, PN) removed (emptied or
+   dummied where the IOD requires it, like X/Z/D), except a short list of vendor and coded
+   technical terms (``_TECHNICAL_TEXT``: Manufacturer, model, kernel, code values and
+   meanings, ...); dates and date-times shifted; UIDs outside the Standard's root remapped; the
+   rest kept; sequences are always cleaned item by item.
 
 Conditional codes take the Type of the attribute in the IOD of the SOP class, from highdicom's
 tables of the Standard (``highdicom/_standard``: SOP class -> IOD -> modules -> attributes with
-Types, generated from the innolitics dicom-standard JSON of PS3.3): ``X/Z``, ``X/D``, ``X/Z/D``,
-``Z/D`` and ``X/Z/U*`` become D for Type 1 (and 1C), Z for Type 2 (and 2C), X otherwise; an
-``X/Z/U*`` sequence that must stay keeps its items with their UIDs remapped. Attributes inside
-sequences use the Type at that path (nested SR Content Sequences count as one level); where
-the IOD is unknown, the strictest reading applies (the attribute is removed unless the code
-has no X). An overlay group whose Overlay Data is removed goes as a whole.
+Types, generated from the innolitics dicom-standard JSON of PS3.3): Type 1 (and 1C) -> D, or U
+for ``X/Z/U*`` (the sequence keeps its items, UIDs remapped); Type 2 (and 2C) -> Z, or U for
+``X/Z/U*``; otherwise X. Refinements, each found by validating exports with dciodvfy: top-level
+attributes of a U (optional) module count as Type 3 unless the instance carries the module (one
+of its Type 1 attributes that no rule touches is there); an ``X/Z/U*`` reference sequence stays
+(U) when the Common Instance Reference module lists the referenced series; attributes inside
+sequences use the Type at that path (nested SR Content Sequences count as one level). Where
+the IOD is unknown, the strictest reading applies (removed unless the code has no X). An
+overlay group whose Overlay Data is removed goes as a whole.
 
 Actions: D replaces with a dummy of the VR (dates are shifted instead, UIDs remapped), Z
 empties, X removes, K keeps (sequences still cleaned), C cleans (dates shifted by the patient's
-offset; free text emptied, as no cleaner can prove text free of identity), U remaps a UID with
-the keyed HMAC.
+offset; free text emptied, as no cleaner can prove text free of identity; opaque binary
+removed), U remaps a UID with the keyed HMAC.
+
+Elements are decided by tag and raw VR first; one kept as it is is never decoded, so pydicom
+(or :func:`pipeline.deid.encode.encode_part10`) writes its bytes back unchanged.
 """
 
 from __future__ import annotations
@@ -151,6 +160,55 @@ def _iod_types(sop_class_uid: str) -> dict[tuple[str, ...], str]:
     return out
 
 
+@functools.cache
+def _optional_modules(
+    sop_class_uid: str,
+) -> tuple[tuple[frozenset[str], tuple[tuple[str, str], ...]], ...]:
+    """The IOD's U modules: (their top-level keywords, (keyword, Type) pairs of Type 1/1C/2/2C).
+
+    A U module an instance carries counts in full: Reviewer Name (2C) of an Approval module
+    whose Approval Status is there must stay, though the module itself is optional.
+    """
+    from highdicom._standard_utils import (
+        get_iod_module_map,
+        get_module_attribute_map,
+        get_sop_class_iod_map,
+    )
+
+    iod = get_sop_class_iod_map().get(sop_class_uid)
+    if iod is None:
+        return ()
+    modules = get_module_attribute_map()
+    out = []
+    for module in get_iod_module_map().get(iod, []):
+        if module["usage"] in ("M", "C"):
+            continue
+        top = [a for a in modules.get(module["key"], []) if not a["path"]]
+        required = tuple((a["keyword"], a["type"]) for a in top if a["type"] != "3")
+        if required:
+            out.append((frozenset(a["keyword"] for a in top), required))
+    return tuple(out)
+
+
+def _present_module_types(
+    ds: Dataset, sop_class_uid: str, types: dict[tuple[str, ...], str]
+) -> dict[tuple[str, ...], str]:
+    """``types`` with the Types of the U modules ``ds`` carries (a module is there when one
+    of its Type 1 attributes that the profile leaves alone is)."""
+    from pydicom.datadict import tag_for_keyword
+
+    extra: dict[tuple[str, ...], str] = {}
+    for _keywords, required in _optional_modules(sop_class_uid):
+        anchors = [tag_for_keyword(k) for k, t in required if t == "1"]
+        # an anchor stays whatever the profile does (no rule of its own): a module whose only
+        # Type 1 attribute has a conditional code of its own is not held in place by it
+        if any(tag is not None and rule_for(tag) is None and tag in ds for tag in anchors):
+            for keyword, typ in required:
+                if types.get((keyword,), "3") == "3":
+                    extra[(keyword,)] = typ
+    return {**types, **extra} if extra else types
+
+
 def _type_at(types: dict[tuple[str, ...], str], key: tuple[str, ...]) -> str | None:
     """The Type at ``key``; an SR content tree is recursive, so nested Content Sequences count
     as one (the tables list one level: a TEXT item's Text Value is 1C at any depth)."""
@@ -174,7 +232,11 @@ def _resolve(code: str, typ: str | None) -> str:
         # X/Z becomes a dummy, which Z allows and a Type 1 needs
         return "U" if "U" in choices else "D"
     if typ in ("2", "2C"):
-        return "Z"  # present, may be empty (X/D too: removing a Type 2 breaks the IOD)
+        # present, may be empty (X/D too: removing a Type 2 breaks the IOD); an X/Z/U*
+        # sequence keeps its references remapped instead of emptied: an empty Source Image
+        # Sequence leaves the Common Instance Reference module listing series the instance
+        # no longer references (SEG, parametric maps), and remapped UIDs identify no one
+        return "U" if "U" in choices else "Z"
     return "X" if "X" in choices else choices[-1]
 
 
@@ -277,7 +339,7 @@ class Deidentifier:
         sop_class = str(ds.get("SOPClassUID", "") or "") or str(
             (source_meta or {}).get("MediaStorageSOPClassUID", "")
         )
-        types = _iod_types(sop_class)
+        types = _present_module_types(ds, sop_class, _iod_types(sop_class))
         records = out.get(_DIRECTORY_RECORDS, None)
         if records is not None:  # a DICOMDIR: its records patient by patient, below
             del out[_DIRECTORY_RECORDS]
@@ -360,6 +422,7 @@ class Deidentifier:
         # never converted to a Python value (pydicom then writes its raw bytes back), which is
         # most of an engine's time on headers with hundreds of elements.
         tags = list(ds.keys())
+        refs_listed = not path and (0x00081115 in ds or 0x00081200 in ds)
         creators: dict[tuple[int, int], str] = {}
         for tag in tags:
             if tag.is_private and 0x0010 <= tag.element <= 0x00FF:
@@ -377,9 +440,14 @@ class Deidentifier:
             rule = rule_for(int(tag))
             vr = _vr_of(ds, tag)
             if rule is not None:
-                action = rule.action(self.options)
+                code = rule.action(self.options)
                 typ = _type_at(types, (*path, keyword)) if known_iod else None
-                action = _resolve(action, typ)
+                action = _resolve(code, typ)
+                if action == "X" and code.startswith("X/Z/U") and refs_listed:
+                    # the Common Instance Reference module (kept: no rule) lists the series
+                    # this instance references: removing the references would break its 1C
+                    # condition, so they stay, remapped (the U of X/Z/U*)
+                    action = "U"
             elif vr == "UI":
                 action = self._by_vr(ds[tag])
             else:

@@ -90,22 +90,7 @@ _CIR = (
 )
 #: New errors the engine is known to make, per file, with why: the test xfails on exactly
 #: these and fails on any other, and fails when one of them is gone (then delete its entry).
-KNOWN_NEW_ERRORS: Final = {
-    # Source Image Sequence is X/Z/U*: the engine takes the letter of Table E.1-1a (Type 2 in
-    # the Derivation Image functional group: emptied; Type 3 at top level: removed), so the
-    # Common Instance Reference module still lists series the instance no longer references.
-    # Keeping X/Z/U* items with their UIDs remapped (U) would fix it.
-    **dict.fromkeys(
-        ("seg-liver", "seg-dcmqi", "seg-highdicom", "seg-labelmap-slide", "parametric-map"),
-        frozenset({_CIR}),
-    ),
-    # Reviewer Name is X/Z, Type 2C in the Approval module, which the RT Structure Set IOD
-    # only allows (U): the engine counts top-level attributes of U modules as Type 3 and
-    # removes it, though Approval Status APPROVED requires it (Z would do).
-    "rt-struct-approved": frozenset(
-        {"Error - Missing attribute Type 2C Conditional Element=<ReviewerName> Module=<Approval>"}
-    ),
-}
+KNOWN_NEW_ERRORS: Final[dict[str, frozenset[str]]] = {}
 
 #: The config default (``DeidConfig.options``) and the plain Basic Profile.
 OPTION_SETS: Final = {

@@ -189,8 +189,11 @@ def _by_type(code: str, typ: str | None) -> str:
         # X/Z has no D, but Z allows "a non-zero length value that may be a dummy value"
         return "U" if "U" in choices else "D"
     if typ in ("2", "2C"):
-        # must be there, may be empty: Z (X/D has no Z, and removing would break the IOD)
-        return "Z"
+        # must be there, may be empty: Z (X/D has no Z, and removing would break the IOD);
+        # an X/Z/U* sequence keeps its references remapped (U), which the code allows: an
+        # emptied Source Image Sequence leaves a SEG's Common Instance Reference module
+        # listing series it no longer references (dciodvfy error)
+        return "U" if "U" in choices else "Z"
     if "X" in choices:
         return "X"
     # Z/D for a Type 3 (or an attribute the IOD does not have): the engine keeps the reading
