@@ -269,6 +269,8 @@ class Deidentifier:
             raise ValueError(
                 "retain_long_full_dates and retain_long_modified_dates exclude each other"
             )
+        self._codes: dict[int, str | None] = {}
+        self._code_items: list[tuple[str, str]] | None = None
 
     # ------------------------------------------------------------------ the method markers
 
@@ -280,22 +282,38 @@ class Deidentifier:
     def _markers(self, ds: Dataset) -> None:
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = self.method_description()
+        if self._code_items is None:
+            self._code_items = self._method_codes()
         items = []
-        for value, meaning in [("113100", "Basic Application Confidentiality Profile")] + [
-            o.code for o in sorted(self.options, key=lambda o: o.value)
-        ]:
+        for value, meaning in self._code_items:
             item = Dataset()
-            item.CodeValue = value
-            item.CodingSchemeDesignator = "DCM"
-            item.CodeMeaning = meaning
+            item.add_new(0x00080100, "SH", value)  # Code Value
+            item.add_new(0x00080102, "SH", "DCM")  # Coding Scheme Designator
+            item.add_new(0x00080104, "LO", meaning)  # Code Meaning
             items.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(items)
+        ds.add_new(0x00120064, "SQ", Sequence(items))  # De-identification Method Code Sequence
         if Option.RETAIN_LONG_FULL_DATES in self.options:
             ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
         elif Option.RETAIN_LONG_MODIFIED_DATES in self.options:
             ds.LongitudinalTemporalInformationModified = "MODIFIED"
         else:
             ds.LongitudinalTemporalInformationModified = "REMOVED"
+
+    def _method_codes(self) -> list[tuple[str, str]]:
+        """(code value, meaning): the Basic Profile (113100), then each option's code."""
+        return [("113100", "Basic Application Confidentiality Profile")] + [
+            o.code for o in sorted(self.options, key=lambda o: o.value)
+        ]
+
+    def _code_for(self, tag: int) -> str | None:
+        """The table's (unresolved) code for ``tag`` under this option set, cached."""
+        try:
+            return self._codes[tag]
+        except KeyError:
+            rule = rule_for(tag)
+            code = rule.action(self.options) if rule is not None else None
+            self._codes[tag] = code
+            return code
 
     # ------------------------------------------------------------------ values
 
@@ -437,10 +455,9 @@ class Deidentifier:
             if tag.group == 0x0002:
                 continue  # file meta inside a dataset: rebuilt from scratch
             keyword = _keyword(int(tag))
-            rule = rule_for(int(tag))
+            code = self._code_for(int(tag))
             vr = _vr_of(ds, tag)
-            if rule is not None:
-                code = rule.action(self.options)
+            if code is not None:
                 typ = _type_at(types, (*path, keyword)) if known_iod else None
                 action = _resolve(code, typ)
                 if action == "X" and code.startswith("X/Z/U") and refs_listed:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import logging
 import time
 import warnings
@@ -29,6 +30,7 @@ from pipeline.compute import map_bounded
 from pipeline.config import PipelineConfig
 from pipeline.connectors import Source, open_source
 from pipeline.deid.core import Deidentifier
+from pipeline.deid.encode import encode_part10, pixel_tail, tail_encoding, write_with_tail
 from pipeline.deid.keys import Pseudonymizer
 from pipeline.deid.vault import VaultCipher
 from pipeline.enums import QuarantineReason, Stage
@@ -187,17 +189,21 @@ def _source_for(cfg: PipelineConfig, lake: LakePaths, source_id: str) -> Source:
     return open_source(source_id, cfg.source, cache_dir=lake.restricted / "cache")
 
 
-def _export(ds: Any, folder: Any) -> None:
+def _export(ds: Any, folder: Any, source: Any = None, tail: tuple[int, int] | None = None) -> None:
     """Write a de-identified dataset as a Part 10 file, atomically, named by pseudonyms.
 
-    Not fsynced file by file: :func:`deid_batch` flushes the export folder's filesystem once
-    per batch (before the vault row commits the batch).
+    With ``tail`` (offset and size of the Pixel Data element in ``source``, see
+    :func:`pipeline.deid.encode.pixel_tail`) the header is encoded and the pixel data copied
+    as bytes. Not fsynced file by file: :func:`deid_batch` flushes the export folder's
+    filesystem once per batch (before the vault row commits the batch).
     """
-    from pipeline.deid.encode import encode_part10
     from pipeline.lake import atomic_write_bytes
 
     path = Path(folder) / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-    atomic_write_bytes(path, encode_part10(ds), durable=False)
+    if tail is not None:
+        write_with_tail(path, encode_part10(ds), source, tail)
+    else:
+        atomic_write_bytes(path, encode_part10(ds), durable=False)
 
 
 def _quarantine_row(
@@ -257,21 +263,31 @@ def deid_batch(
             sources[row["source"]] = source
             with source.open(row["location"]) as fp, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pydicom's warnings quote header values
-                ds = pydicom.dcmread(fp, stop_before_pixels=export is None, force=True)
-            risk = _burned_in_risk(ds, allowed)
-            if risk:
-                raise InputError(
-                    f"may carry burned-in PHI ({risk}); quarantined until a rule clears it",
-                    reason=QuarantineReason.BURNED_IN_PHI,
-                )
-            original = {k: _text(ds.get(k)) for k in _ORIGINALS}
-            missing = [k for k in _ORIGINALS[4:] if not original[k]]
-            if missing:
-                raise MissingAttribute(f"no {', '.join(missing)}: cannot be de-identified")
-            out = deid.deidentify(ds, in_place=True).dataset  # ds is ours: no copy
-            if export is not None:
-                _export(out, export)
-                exported += 1
+                if export is not None and not fp.seekable():
+                    fp = io.BytesIO(fp.read())  # a stream: the export needs to go back
+                # the header only; an export copies the pixel data as bytes where it can
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+                tail = None
+                if export is not None:
+                    enc = tail_encoding(ds)
+                    tail = pixel_tail(fp, *enc) if enc is not None else None
+                    if tail is None:  # pixel data not last, or re-encoded: read it all
+                        fp.seek(0)
+                        ds = pydicom.dcmread(fp, force=True)
+                risk = _burned_in_risk(ds, allowed)
+                if risk:
+                    raise InputError(
+                        f"may carry burned-in PHI ({risk}); quarantined until a rule clears it",
+                        reason=QuarantineReason.BURNED_IN_PHI,
+                    )
+                original = {k: _text(ds.get(k)) for k in _ORIGINALS}
+                missing = [k for k in _ORIGINALS[4:] if not original[k]]
+                if missing:
+                    raise MissingAttribute(f"no {', '.join(missing)}: cannot be de-identified")
+                out = deid.deidentify(ds, in_place=True).dataset  # ds is ours: no copy
+                if export is not None:
+                    _export(out, export, fp, tail)
+                    exported += 1
         except (InputError, SourceError, OSError) as exc:
             if cfg.deid.on_invalid == "raise":
                 raise
