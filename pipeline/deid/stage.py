@@ -189,6 +189,27 @@ def _source_for(cfg: PipelineConfig, lake: LakePaths, source_id: str) -> Source:
     return open_source(source_id, cfg.source, cache_dir=lake.restricted / "cache")
 
 
+def read_object(fp: Any, export: bool) -> tuple[Any, Any, tuple[int, int] | None]:
+    """Read an object for de-identification: (dataset, file, pixel tail).
+
+    The header only; for an export, where the Pixel Data element ends the file its offset and
+    size (``tail``) so that :func:`_export` copies it as bytes, else the whole object.
+    """
+    import pydicom
+
+    if export and not fp.seekable():
+        fp = io.BytesIO(fp.read())  # a stream: the export needs to go back
+    ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    tail = None
+    if export:
+        enc = tail_encoding(ds)
+        tail = pixel_tail(fp, *enc) if enc is not None else None
+        if tail is None:  # pixel data not last, or re-encoded: read it all
+            fp.seek(0)
+            ds = pydicom.dcmread(fp, force=True)
+    return ds, fp, tail
+
+
 def _export(ds: Any, folder: Any, source: Any = None, tail: tuple[int, int] | None = None) -> None:
     """Write a de-identified dataset as a Part 10 file, atomically, named by pseudonyms.
 
@@ -246,7 +267,6 @@ def deid_batch(
     export is missing: the same engine runs again (deterministic, so the same output) and only
     the export is written.
     """
-    import pydicom
 
     now = dt.datetime.now(dt.UTC)
     pseudo = Pseudonymizer(secret_key)
@@ -263,17 +283,7 @@ def deid_batch(
             sources[row["source"]] = source
             with source.open(row["location"]) as fp, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pydicom's warnings quote header values
-                if export is not None and not fp.seekable():
-                    fp = io.BytesIO(fp.read())  # a stream: the export needs to go back
-                # the header only; an export copies the pixel data as bytes where it can
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-                tail = None
-                if export is not None:
-                    enc = tail_encoding(ds)
-                    tail = pixel_tail(fp, *enc) if enc is not None else None
-                    if tail is None:  # pixel data not last, or re-encoded: read it all
-                        fp.seek(0)
-                        ds = pydicom.dcmread(fp, force=True)
+                ds, fp, tail = read_object(fp, export is not None)
                 risk = _burned_in_risk(ds, allowed)
                 if risk:
                     raise InputError(
