@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import Dataset
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import FileMetaDataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
@@ -66,6 +68,67 @@ def _raw(elem: RawDataElement, implicit: bool) -> bytes | None:
     return head + value + (_DELIMITER if undefined else b"")
 
 
+#: VRs whose values pydicom writes as the text joined by backslashes, padded to even length
+_TEXT = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+
+
+def _header(tag: int, vr: str, n: int, implicit: bool) -> bytes | None:
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if implicit:
+        return head + struct.pack("<L", n)
+    if vr in _LONG:
+        return head + vr.encode("ascii") + b"\x00\x00" + struct.pack("<L", n)
+    if n > 0xFFFF:
+        return None
+    return head + vr.encode("ascii") + struct.pack("<H", n)
+
+
+def _element(elem: DataElement, implicit: bool) -> bytes | None:
+    """The bytes pydicom writes for a converted element whose value is ASCII text (what the
+    engine writes: UIDs, shifted dates, tokens, dummies, empty values) or plain bytes; None
+    for anything else (numbers, person names, non-ASCII text), left to pydicom."""
+    vr, value = elem.VR, elem.value
+    if vr in _TEXT:
+        if value is None or value == "":
+            data = b""
+        else:
+            values = [value] if type(value) in (str, UID) else value
+            if not isinstance(values, list | MultiValue) or any(
+                type(v) not in (str, UID) for v in values
+            ):
+                return None
+            text = "\\".join(values)
+            if not text.isascii():
+                return None
+            data = text.encode("ascii")
+        if len(data) % 2:
+            data += b"\x00" if vr == "UI" else b" "
+    elif vr in ("OB", "UN") and type(value) is bytes and not elem.is_undefined_length:
+        data = value + (b"\x00" if len(value) % 2 else b"")
+    else:
+        return None
+    head = _header(int(elem.tag), vr, len(data), implicit)
+    return None if head is None else head + data
+
+
+def _file_meta(meta: FileMetaDataset) -> bytes | None:
+    """The file meta group as ``write_file_meta_info(enforce_standard=True)`` writes it."""
+    validate_file_meta(meta, enforce_standard=True)  # adds version and implementation UID
+    parts = []
+    for tag in sorted(meta.keys()):
+        if tag == 0x00020000:
+            continue
+        data = _element(meta[tag], implicit=False)
+        if data is None:
+            return None
+        parts.append(data)
+    body = b"".join(parts)
+    meta.FileMetaInformationGroupLength = len(body)
+    return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
 def encode_part10(ds: Dataset) -> bytes:
     """``ds`` (with ``file_meta`` set) as Part 10 bytes, equal to pydicom's ``save_as``."""
     meta = ds.file_meta
@@ -90,7 +153,11 @@ def encode_part10(ds: Dataset) -> bytes:
     preamble = getattr(ds, "preamble", None) or b"\x00" * 128
     fp.write(preamble)
     fp.write(b"DICM")
-    write_file_meta_info(fp, meta, enforce_standard=True)
+    meta_bytes = _file_meta(meta)
+    if meta_bytes is None:
+        write_file_meta_info(fp, meta, enforce_standard=True)
+    else:
+        fp.write(meta_bytes)
     fp.is_implicit_VR, fp.is_little_endian = implicit, True
     encodings = ds.get("SpecificCharacterSet", "iso8859")
     get_item = ds.get_item
@@ -98,7 +165,10 @@ def encode_part10(ds: Dataset) -> bytes:
         if tag.element == 0 and tag.group > 6:
             continue  # retired group lengths are not written (PS3.5 7.2)
         item = get_item(tag)
-        data = _raw(item, implicit) if isinstance(item, RawDataElement) else None
+        if isinstance(item, RawDataElement):
+            data = _raw(item, implicit)
+        else:
+            data = _element(item, implicit)  # ASCII text: alike in every DICOM charset
         if data is not None:
             fp.write(data)
         else:
