@@ -32,7 +32,7 @@ from pipeline.connectors import Source, open_source
 from pipeline.deid.core import Deidentifier
 from pipeline.deid.encode import encode_part10, pixel_tail, tail_encoding, write_with_tail
 from pipeline.deid.keys import Pseudonymizer
-from pipeline.deid.vault import VaultCipher
+from pipeline.deid.vault import ORIGINAL_COLUMNS, VaultCipher
 from pipeline.enums import QuarantineReason, Stage
 from pipeline.errors import InputError, MissingAttribute, SourceError, UnreadableDicom
 from pipeline.lake import (
@@ -73,15 +73,7 @@ class DeidRunResult:
 
 
 #: what the vault keeps of the original header (the way back, and verify's needles)
-_ORIGINALS = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "AccessionNumber",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-)
+_ORIGINALS = ORIGINAL_COLUMNS
 
 
 def _burned_in_risk(ds: Any, allowed: frozenset[str] = frozenset()) -> str | None:

@@ -26,10 +26,11 @@ from typing import Any
 
 from pipeline.errors import LakeError
 
-__all__ = ["ENCRYPTED_COLUMNS", "PREFIX", "VaultCipher", "is_encrypted"]
+__all__ = ["ENCRYPTED_COLUMNS", "ORIGINAL_COLUMNS", "PREFIX", "VaultCipher", "is_encrypted"]
 
 PREFIX = "pfenc1:"
-ENCRYPTED_COLUMNS = (
+#: the vault's columns holding original identifiers: all of them are encrypted
+ORIGINAL_COLUMNS = (
     "PatientID",
     "PatientName",
     "PatientBirthDate",
@@ -38,6 +39,7 @@ ENCRYPTED_COLUMNS = (
     "SeriesInstanceUID",
     "SOPInstanceUID",
 )
+ENCRYPTED_COLUMNS = ORIGINAL_COLUMNS
 _INFO = b"pacsflow vault AES-SIV v1"
 
 

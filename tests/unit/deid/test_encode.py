@@ -78,15 +78,19 @@ def test_empty_and_odd_values_and_undefined_length_sequences() -> None:
     assert _fast(buf.getvalue()) == _reference(buf.getvalue())
 
 
-@pytest.mark.shared_data
-def test_same_bytes_as_pydicom_on_every_real_file(shared_data: Path) -> None:
+def _real_files(shared_data: Path) -> list[tuple[str, Path]]:
+    """(MANIFEST path, file) of every DICOM file of ../shared/data/dicom."""
     root = shared_data / "dicom"
     with (root / "MANIFEST.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
+        rows = [r for r in csv.DictReader(fh) if r["kind"] == "dicom"]
+    return [(r["relative_path"], root / r["relative_path"]) for r in rows]
+
+
+@pytest.mark.shared_data
+def test_same_bytes_as_pydicom_on_every_real_file(shared_data: Path) -> None:
     checked = 0
-    for row in rows:
-        path = root / row["relative_path"]
-        if row["kind"] != "dicom" or not path.exists():
+    for name, path in _real_files(shared_data):
+        if not path.exists():
             continue
         data = path.read_bytes()
         with warnings.catch_warnings():
@@ -95,7 +99,7 @@ def test_same_bytes_as_pydicom_on_every_real_file(shared_data: Path) -> None:
                 want = _reference(data)
             except Exception:  # files the engine or pydicom cannot write either way
                 continue
-            assert _fast(data) == want, row["relative_path"]
+            assert _fast(data) == want, name
         checked += 1
     assert checked >= 500
 
@@ -131,13 +135,9 @@ def test_pixel_data_copied_as_bytes_gives_the_same_file(tmp_path: Path) -> None:
 def test_pixel_tail_export_equals_the_full_read_on_real_files(
     shared_data: Path, tmp_path: Path
 ) -> None:
-    root = shared_data / "dicom"
-    with (root / "MANIFEST.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
     tails = 0
-    for row in rows:
-        path = root / row["relative_path"]
-        if row["kind"] != "dicom" or not path.exists():
+    for name, path in _real_files(shared_data):
+        if not path.exists():
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -147,6 +147,6 @@ def test_pixel_tail_export_equals_the_full_read_on_real_files(
             except Exception:
                 continue
         if got is not None:
-            assert got == want, row["relative_path"]
+            assert got == want, name
             tails += 1
     assert tails >= 400
