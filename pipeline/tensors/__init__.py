@@ -1,0 +1,1 @@
+"""Series -> tensors: volumes with exact patient geometry (:mod:`pipeline.tensors.volume`)."""

@@ -1,0 +1,534 @@
+"""Turn the datasets of one DICOM series into volume(s) with exact patient geometry.
+
+Pure numpy + pydicom (no torch/monai), so it is cheap to import anywhere.
+
+Conventions
+-----------
+- ``Volume.array`` has shape ``(slices, rows, columns)`` -- array index ``[k, j, i]`` -- or
+  ``(slices, rows, columns, samples)`` for colour images (SamplesPerPixel > 1).
+- ``Volume.affine`` (4x4 float64) maps the voxel index ``(i, j, k, 1)`` with ``i`` = column,
+  ``j`` = row, ``k`` = slice (note: the *reverse* of the array axis order) to patient
+  coordinates in DICOM **LPS** millimetres (+x = patient Left, +y = Posterior, +z = Superior),
+  voxel centres at integer indices::
+
+      affine[:3, 0] = row direction cosines (IOP[0:3]) * column spacing  (PixelSpacing[1])
+      affine[:3, 1] = column direction cosines (IOP[3:6]) * row spacing  (PixelSpacing[0])
+      affine[:3, 2] = (position of last slice - position of first slice) / (slices - 1)
+      affine[:3, 3] = ImagePositionPatient of slice k = 0
+
+  Slices are ordered by increasing position along the slice normal ``n = row x column``
+  cosines, so ``affine[:3, 2]`` is ``+n * spacing``. For RAS (NIfTI / nibabel / ITK-RAS)
+  use :func:`lps_to_ras` (``diag(-1, -1, 1, 1) @ affine``) or :attr:`Volume.affine_ras`.
+  A nibabel image of the same data is ``nib.Nifti1Image(vol.array.transpose(2, 1, 0),
+  vol.affine_ras)``.
+- ``Volume.spacing`` is ``(slice, row, column)`` spacing in mm, in array axis order.
+- Pixel values: when any frame carries a Modality LUT (Rescale Slope / Intercept, or the
+  enhanced Pixel Value Transformation Sequence), it is applied and ``rescaled`` is True. The
+  result is ``int16`` (or ``int32`` when the range needs it) when every slope and intercept
+  is an integer, otherwise ``float32``. Without a rescale the decoded dtype is kept.
+
+Rules (each refusal is a :class:`~pipeline.errors.GeometryError`, PHI-free message)
+-----------------------------------------------------------------------------------
+- slices are ordered by position along the normal, never by InstanceNumber;
+- one orientation (every IOP component within :data:`ORIENTATION_TOL`) and one frame size;
+- fewer than two slices is not a volume;
+- duplicate positions (closer than :data:`POSITION_TOL` mm along the normal) are refused
+  unless they split into several volumes at the same positions by one of
+  :data:`_SPLIT_KEYS` (:func:`build_volumes` returns them; :func:`build_volume` refuses);
+- gantry tilt: a slice stack not along the normal by more than :data:`TILT_TOL_DEG`
+  degrees is refused ("gantry tilt of N degrees"), never silently sheared;
+- spacing: every step along the normal must lie within :data:`SPACING_REL_TOL` (relative) or
+  :data:`SPACING_ABS_TOL` mm of the mean step (jitter: the mean is used); otherwise the
+  series is refused as having a gap (every step near a multiple of the smallest one, and at
+  least half of them equal to it) or as variable spacing;
+- enhanced multi-frame objects (NumberOfFrames > 1) take geometry from their Per-frame /
+  Shared Functional Groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from pydicom import Dataset
+
+from pipeline.errors import GeometryError
+
+__all__ = [
+    "ORIENTATION_TOL",
+    "POSITION_TOL",
+    "SPACING_ABS_TOL",
+    "SPACING_REL_TOL",
+    "TILT_TOL_DEG",
+    "Volume",
+    "build_volume",
+    "build_volumes",
+    "lps_to_ras",
+]
+
+#: largest difference between two frames' direction cosines that still counts as one orientation
+ORIENTATION_TOL: Final = 1e-4
+#: two slices closer than this along the normal (mm) are at the same position
+POSITION_TOL: Final = 1e-3
+#: spacing jitter accepted, relative to the mean step ...
+SPACING_REL_TOL: Final = 0.01
+#: ... or absolute, in mm (whichever is larger)
+SPACING_ABS_TOL: Final = 0.01
+#: largest angle (degrees) between the slice stack direction and the normal that is not a tilt
+TILT_TOL_DEG: Final = 0.05
+
+_LPS_TO_RAS: Final = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def lps_to_ras(affine: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """An LPS affine (DICOM patient coordinates) as a RAS affine (NIfTI / nibabel)."""
+    return np.asarray(_LPS_TO_RAS @ affine, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One 3D volume of a series. See the module docstring for every convention."""
+
+    #: voxel values, shape (slices, rows, columns) or (slices, rows, columns, samples)
+    array: npt.NDArray[Any]
+    #: 4x4 float64: voxel index (i=column, j=row, k=slice, 1) -> LPS mm
+    affine: npt.NDArray[np.float64]
+    #: (slice, row, column) spacing in mm, array axis order
+    spacing: tuple[float, float, float]
+    #: the 6 direction cosines of ImageOrientationPatient (row direction, then column direction)
+    orientation: tuple[float, float, float, float, float, float]
+    #: SOP Instance UID of each slice, in slice (k) order
+    sop_instance_uids: tuple[str, ...]
+    #: 1-based frame number of each slice within its SOP instance (1 for single-frame objects)
+    frame_numbers: tuple[int, ...]
+    #: True when a Modality LUT (Rescale Slope/Intercept) was applied to the stored values
+    rescaled: bool
+
+    @property
+    def affine_ras(self) -> npt.NDArray[np.float64]:
+        """The affine in RAS mm (nibabel / NIfTI convention)."""
+        return lps_to_ras(self.affine)
+
+    @property
+    def normal(self) -> npt.NDArray[np.float64]:
+        """Unit slice normal (row cosines x column cosines), LPS."""
+        o = np.asarray(self.orientation, dtype=np.float64)
+        return np.asarray(np.cross(o[:3], o[3:]), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """One 2D frame with its geometry and a way to get its pixels."""
+
+    position: npt.NDArray[np.float64]
+    orientation: npt.NDArray[np.float64]
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing)
+    shape: tuple[int, int, int]  # rows, columns, samples
+    slope: float | None
+    intercept: float | None
+    sop_uid: str
+    frame_number: int
+    keys: dict[str, Hashable] = field(compare=False)
+    pixels: Callable[[], npt.NDArray[Any]] = field(compare=False, repr=False)
+
+
+# 4D discriminators, tried in order (the first that splits duplicates cleanly wins)
+_SPLIT_KEYS: Final = (
+    "TemporalPosition",
+    "AcquisitionNumber",
+    "TriggerTime",
+    "Echo",
+    "DiffusionBValue",
+    "FrameType",
+    "Instance",
+)
+
+
+def _num(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _vec(value: Any, n: int, what: str) -> npt.NDArray[np.float64]:
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise GeometryError(f"{what} is not numeric") from None
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise GeometryError(f"{what} must have {n} finite values")
+    return arr
+
+
+def _item(ds: Dataset, seq: str) -> Dataset | None:
+    value = ds.get(seq)
+    if value is None or len(value) == 0:
+        return None
+    item: Dataset = value[0]
+    return item
+
+
+def _group(per: Dataset | None, shared: Dataset | None, seq: str) -> Dataset | None:
+    """The first item of a functional group macro, per-frame first, then shared."""
+    for src in (per, shared):
+        if src is not None:
+            item = _item(src, seq)
+            if item is not None:
+                return item
+    return None
+
+
+class _PixelCache:
+    """Decode a dataset's pixel data once, on first use."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self._ds = ds
+        self._arr: npt.NDArray[Any] | None = None
+
+    def get(self) -> npt.NDArray[Any]:
+        if self._arr is None:
+            self._arr = np.asarray(self._ds.pixel_array)
+        return self._arr
+
+
+def _shape(ds: Dataset) -> tuple[int, int, int]:
+    try:
+        return int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise GeometryError("image has no Rows/Columns") from None
+
+
+def _classic_frames(ds: Dataset) -> list[_Frame]:
+    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+        raise GeometryError("image has no ImagePositionPatient/ImageOrientationPatient")
+    if "PixelSpacing" not in ds:
+        raise GeometryError("image has no PixelSpacing")
+    spacing = _vec(ds.PixelSpacing, 2, "PixelSpacing")
+    cache = _PixelCache(ds)
+
+    def pixels() -> npt.NDArray[Any]:
+        arr = cache.get()
+        return arr[0] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else arr
+
+    diffusion = ds.get("DiffusionBValue")
+    return [
+        _Frame(
+            position=_vec(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
+            orientation=_vec(ds.ImageOrientationPatient, 6, "ImageOrientationPatient"),
+            pixel_spacing=(float(spacing[0]), float(spacing[1])),
+            shape=_shape(ds),
+            slope=_num(ds.get("RescaleSlope")),
+            intercept=_num(ds.get("RescaleIntercept")),
+            sop_uid=str(ds.get("SOPInstanceUID", "")),
+            frame_number=1,
+            keys={
+                "TemporalPosition": _num(ds.get("TemporalPositionIdentifier")),
+                "AcquisitionNumber": _num(ds.get("AcquisitionNumber")),
+                "TriggerTime": _num(ds.get("TriggerTime")),
+                "Echo": _num(ds.get("EchoNumbers")),
+                "DiffusionBValue": _num(diffusion),
+                "FrameType": tuple(ds.get("ImageType", ())),
+                "Instance": str(ds.get("SOPInstanceUID", "")),
+            },
+            pixels=pixels,
+        )
+    ]
+
+
+def _enhanced_frames(ds: Dataset, n_frames: int) -> list[_Frame]:
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared: Dataset | None = shared_seq[0] if shared_seq else None
+    if per_frame is not None and len(per_frame) != n_frames:
+        raise GeometryError(
+            f"multi-frame object has {n_frames} frames but {len(per_frame)} per-frame groups"
+        )
+    cache = _PixelCache(ds)
+    shape = _shape(ds)
+    frames = []
+    for f in range(n_frames):
+        per: Dataset | None = per_frame[f] if per_frame is not None else None
+        pos_item = _group(per, shared, "PlanePositionSequence")
+        ori_item = _group(per, shared, "PlaneOrientationSequence")
+        meas = _group(per, shared, "PixelMeasuresSequence")
+        pos = pos_item.get("ImagePositionPatient") if pos_item is not None else None
+        ori = ori_item.get("ImageOrientationPatient") if ori_item is not None else None
+        pix = meas.get("PixelSpacing") if meas is not None else None
+        if pos is None or ori is None:
+            raise GeometryError(
+                f"frame {f + 1} of a multi-frame object has no plane position/orientation"
+            )
+        if pix is None:
+            raise GeometryError(f"frame {f + 1} of a multi-frame object has no pixel spacing")
+        spacing = _vec(pix, 2, "PixelSpacing")
+        pvt = _group(per, shared, "PixelValueTransformationSequence")
+        slope = _num(pvt.get("RescaleSlope")) if pvt is not None else None
+        intercept = _num(pvt.get("RescaleIntercept")) if pvt is not None else None
+        if pvt is None:
+            slope, intercept = _num(ds.get("RescaleSlope")), _num(ds.get("RescaleIntercept"))
+        content = _group(per, None, "FrameContentSequence")
+        echo = _group(per, shared, "MREchoSequence")
+        diff = _group(per, shared, "MRDiffusionSequence")
+        ftype = None
+        for seq in ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence", "FrameTypeSequence"):
+            ftype = _group(per, shared, seq)
+            if ftype is not None:
+                break
+        cardiac = _group(per, shared, "CardiacSynchronizationSequence")
+
+        def pixels(index: int = f) -> npt.NDArray[Any]:
+            return cache.get()[index]
+
+        frames.append(
+            _Frame(
+                position=_vec(pos, 3, "ImagePositionPatient"),
+                orientation=_vec(ori, 6, "ImageOrientationPatient"),
+                pixel_spacing=(float(spacing[0]), float(spacing[1])),
+                shape=shape,
+                slope=slope,
+                intercept=intercept,
+                sop_uid=str(ds.get("SOPInstanceUID", "")),
+                frame_number=f + 1,
+                keys={
+                    "TemporalPosition": _num(content.get("TemporalPositionIndex"))
+                    if content is not None
+                    else None,
+                    "AcquisitionNumber": _num(ds.get("AcquisitionNumber")),
+                    "TriggerTime": _num(cardiac.get("NominalCardiacTriggerDelayTime"))
+                    if cardiac is not None
+                    else None,
+                    "Echo": _num(echo.get("EffectiveEchoTime")) if echo is not None else None,
+                    "DiffusionBValue": _num(diff.get("DiffusionBValue"))
+                    if diff is not None
+                    else None,
+                    "FrameType": (
+                        *tuple(ftype.get("FrameType", ())),
+                        str(ftype.get("ComplexImageComponent", "")),
+                    )
+                    if ftype is not None
+                    else None,
+                    "Instance": str(ds.get("SOPInstanceUID", "")),
+                },
+                pixels=pixels,
+            )
+        )
+    return frames
+
+
+def _frames(datasets: Sequence[Dataset]) -> list[_Frame]:
+    frames: list[_Frame] = []
+    for ds in datasets:
+        try:
+            n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        except (TypeError, ValueError):
+            raise GeometryError("NumberOfFrames is not a number") from None
+        enhanced = (
+            "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+        )
+        if n_frames > 1 or (enhanced and "ImagePositionPatient" not in ds):
+            if not enhanced:
+                raise GeometryError(
+                    "multi-frame object without functional groups has no per-frame geometry"
+                )
+            frames.extend(_enhanced_frames(ds, n_frames))
+        else:
+            frames.extend(_classic_frames(ds))
+    return frames
+
+
+def _check_common(frames: Sequence[_Frame]) -> npt.NDArray[np.float64]:
+    """Check one orientation, frame size and pixel spacing; return the unit normal."""
+    first = frames[0]
+    for fr in frames[1:]:
+        if np.max(np.abs(fr.orientation - first.orientation)) > ORIENTATION_TOL:
+            raise GeometryError("mixed orientations: the series has more than one slice plane")
+        if fr.shape != first.shape:
+            raise GeometryError("mixed frame sizes: the series has more than one image matrix")
+        if not np.allclose(fr.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=1e-4):
+            raise GeometryError("mixed pixel spacing: the series has more than one in-plane grid")
+    row, col = first.orientation[:3], first.orientation[3:]
+    if not (
+        math.isclose(float(np.linalg.norm(row)), 1.0, abs_tol=1e-3)
+        and math.isclose(float(np.linalg.norm(col)), 1.0, abs_tol=1e-3)
+        and abs(float(row @ col)) < 1e-3
+    ):
+        raise GeometryError("ImageOrientationPatient is not two orthogonal unit vectors")
+    normal = np.cross(row, col)
+    return np.asarray(normal / np.linalg.norm(normal), dtype=np.float64)
+
+
+def _split(frames: list[_Frame], normal: npt.NDArray[np.float64]) -> list[list[_Frame]]:
+    """Split frames with duplicate positions into volumes at the same positions, or refuse."""
+    dist = np.array([fr.position @ normal for fr in frames])
+    order = np.argsort(dist, kind="stable")
+    if len(frames) < 2 or np.all(np.diff(dist[order]) > POSITION_TOL):
+        return [frames]
+    positions = _distinct(dist)
+    if len(positions) < 2:
+        raise GeometryError(
+            f"duplicate slice positions: all {len(frames)} frames lie at one position, not a volume"
+        )
+    for key in _SPLIT_KEYS:
+        groups: dict[Hashable, list[_Frame]] = {}
+        for fr in frames:
+            groups.setdefault(fr.keys.get(key), []).append(fr)
+        if len(groups) < 2:
+            continue
+        ok = True
+        for members in groups.values():
+            d = np.sort([fr.position @ normal for fr in members])
+            if len(d) != len(positions) or not np.allclose(d, positions, atol=POSITION_TOL * 10):
+                ok = False
+                break
+        if ok:
+            return [groups[k] for k in sorted(groups, key=_sort_key)]
+    raise GeometryError(
+        f"duplicate slice positions: {len(frames)} frames at {len(positions)} positions, "
+        "and no temporal/echo/b-value attribute splits them into complete volumes"
+    )
+
+
+def _sort_key(value: Hashable) -> tuple[int, str]:
+    if isinstance(value, float | int):
+        return (0, f"{float(value):030.10f}")
+    return (1, str(value))
+
+
+def _distinct(dist: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    d = np.sort(dist)
+    keep = [d[0]]
+    for x in d[1:]:
+        if x - keep[-1] > POSITION_TOL:
+            keep.append(x)
+    return np.asarray(keep, dtype=np.float64)
+
+
+def _stack_geometry(
+    frames: list[_Frame], normal: npt.NDArray[np.float64]
+) -> tuple[list[_Frame], float, npt.NDArray[np.float64]]:
+    """Order by position along the normal; check tilt and spacing. Returns (frames, dk, step)."""
+    if len(frames) < 2:
+        raise GeometryError("single slice: one frame is not a volume")
+    frames = sorted(frames, key=lambda fr: float(fr.position @ normal))
+    pos = np.stack([fr.position for fr in frames])
+    along = pos @ normal
+    steps = np.diff(along)
+    if np.any(steps <= POSITION_TOL):
+        raise GeometryError("duplicate slice positions")
+    # tilt: the in-plane part of each slice's offset from the first slice
+    offsets = pos - pos[0]
+    inplane = offsets - np.outer(offsets @ normal, normal)
+    angles = np.degrees(np.arctan2(np.linalg.norm(inplane, axis=1)[1:], (along - along[0])[1:]))
+    tilt = float(np.max(np.abs(angles)))
+    if tilt > TILT_TOL_DEG:
+        raise GeometryError(
+            f"gantry tilt of {tilt:.1f} degrees: slices are not stacked along the slice "
+            "normal (de-tilting is not supported)"
+        )
+    mean = float(np.mean(steps))
+    tol = max(SPACING_REL_TOL * mean, SPACING_ABS_TOL)
+    if np.max(np.abs(steps - mean)) > tol:
+        smallest = float(np.min(steps))
+        ratios = steps / smallest
+        nominal = np.abs(ratios - 1.0) <= tol / smallest
+        multiples = np.abs(ratios - np.round(ratios)) <= tol / smallest
+        if np.all(multiples) and np.count_nonzero(nominal) * 2 >= len(steps):
+            missing = int(np.sum(np.round(ratios) - 1))
+            raise GeometryError(
+                f"gap in slice positions: about {missing} missing slice(s) "
+                f"(steps of {smallest:.3g} to {float(np.max(steps)):.3g} mm)"
+            )
+        raise GeometryError(
+            f"variable slice spacing: steps from {smallest:.3g} to {float(np.max(steps)):.3g} mm"
+        )
+    step = (pos[-1] - pos[0]) / (len(frames) - 1)
+    return frames, mean, np.asarray(step, dtype=np.float64)
+
+
+def _pixels(frames: Sequence[_Frame]) -> tuple[npt.NDArray[Any], bool]:
+    """Stack the frames' pixels, applying the Modality LUT when any frame has one."""
+    planes = []
+    for fr in frames:
+        arr = np.asarray(fr.pixels())
+        rows, cols, samples = fr.shape
+        expected = (rows, cols) if samples == 1 else (rows, cols, samples)
+        if arr.shape != expected:
+            raise GeometryError(f"decoded frame has shape {arr.shape}, expected {expected}")
+        planes.append(arr)
+    stack = np.stack(planes)
+    has_lut = any(fr.slope is not None or fr.intercept is not None for fr in frames)
+    if not has_lut or frames[0].shape[2] != 1:
+        return stack, False
+    slopes = np.array([1.0 if fr.slope is None else fr.slope for fr in frames])
+    inters = np.array([0.0 if fr.intercept is None else fr.intercept for fr in frames])
+    if np.all(slopes == np.round(slopes)) and np.all(inters == np.round(inters)):
+        out = (
+            stack.astype(np.int64) * slopes.astype(np.int64)[:, None, None]
+            + inters.astype(np.int64)[:, None, None]
+        )
+        lo, hi = (int(out.min()), int(out.max())) if out.size else (0, 0)
+        for dtype in (np.int16, np.int32):
+            info = np.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                return out.astype(dtype), True
+        return out, True
+    scaled = stack.astype(np.float64) * slopes[:, None, None] + inters[:, None, None]
+    return scaled.astype(np.float32), True
+
+
+def _volume(frames: list[_Frame], normal: npt.NDArray[np.float64]) -> Volume:
+    frames, dk, step = _stack_geometry(frames, normal)
+    first = frames[0]
+    row_sp, col_sp = first.pixel_spacing
+    affine = np.eye(4, dtype=np.float64)
+    affine[:3, 0] = first.orientation[:3] * col_sp
+    affine[:3, 1] = first.orientation[3:] * row_sp
+    affine[:3, 2] = step
+    affine[:3, 3] = first.position
+    array, rescaled = _pixels(frames)
+    o = first.orientation
+    return Volume(
+        array=array,
+        affine=affine,
+        spacing=(dk, row_sp, col_sp),
+        orientation=(float(o[0]), float(o[1]), float(o[2]), float(o[3]), float(o[4]), float(o[5])),
+        sop_instance_uids=tuple(fr.sop_uid for fr in frames),
+        frame_numbers=tuple(fr.frame_number for fr in frames),
+        rescaled=rescaled,
+    )
+
+
+def build_volumes(datasets: Sequence[Dataset]) -> list[Volume]:
+    """All volumes of one series: one for a 3D series, one per time point/echo/b-value for 4D.
+
+    Raises:
+        GeometryError: the series cannot be made into volume(s) without distorting it.
+    """
+    if not datasets:
+        raise GeometryError("empty series: no images")
+    frames = _frames(datasets)
+    if len(frames) < 2:
+        raise GeometryError("single slice: one frame is not a volume")
+    normal = _check_common(frames)
+    return [_volume(group, normal) for group in _split(frames, normal)]
+
+
+def build_volume(datasets: Sequence[Dataset]) -> Volume:
+    """The one 3D volume of a series; a 4D series is refused (use :func:`build_volumes`).
+
+    Raises:
+        GeometryError: not exactly one volume can be made from the series.
+    """
+    volumes = build_volumes(datasets)
+    if len(volumes) != 1:
+        raise GeometryError(
+            f"4D series: {len(volumes)} volumes at the same slice positions (use build_volumes)"
+        )
+    return volumes[0]
