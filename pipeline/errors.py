@@ -24,6 +24,7 @@ __all__ = [
     "NotImplementedStage",
     "PacsflowError",
     "SourceError",
+    "UndecodablePixelData",
     "UnreadableDicom",
     "WritebackError",
 ]
@@ -66,6 +67,12 @@ class UnreadableDicom(InputError):
     """The object looks like DICOM but cannot be parsed (truncated, corrupt)."""
 
     reason = QuarantineReason.UNREADABLE
+
+
+class UndecodablePixelData(UnreadableDicom):
+    """The object parses, but no installed codec decodes its pixel data."""
+
+    reason = QuarantineReason.UNDECODABLE
 
 
 class MissingAttribute(InputError):

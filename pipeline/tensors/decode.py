@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from pipeline.enums import QuarantineReason
-from pipeline.errors import MissingAttribute, UnreadableDicom
+from pipeline.errors import MissingAttribute, UndecodablePixelData, UnreadableDicom
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -74,12 +73,6 @@ _NATIVE_BY_ENCODING: Final = {
     (False, True): "1.2.840.10008.1.2.1",  # explicit VR little endian
     (False, False): "1.2.840.10008.1.2.2",  # explicit VR big endian
 }
-
-
-class UndecodablePixelData(UnreadableDicom):
-    """The object parses, but no installed codec decodes its pixel data."""
-
-    reason = QuarantineReason.UNDECODABLE
 
 
 def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int:
