@@ -35,17 +35,7 @@ def register_keygen(app: typer.Typer) -> None:
 
 
 def register_stages(app: typer.Typer) -> None:
-    """Add ``tensors``, ``infer``, ``writeback``, ``review`` and ``run``."""
-
-    @app.command("tensors")
-    def tensors(
-        lake: LakeOpt = None,
-        config: ConfigOpt = None,
-        workers: WorkersOpt = None,
-        scheduler: SchedulerOpt = None,
-    ) -> None:
-        """Build geometry-exact volumes and the tensors table from research series."""
-        not_implemented("tensors", 5)
+    """Add ``infer``, ``writeback``, ``review`` and ``run``."""
 
     @app.command("infer")
     def infer(

@@ -10,6 +10,7 @@ from pipeline.config.models import (
     PipelineConfig,
     SourceConfig,
     SynthConfig,
+    TensorsConfig,
 )
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "PipelineConfig",
     "SourceConfig",
     "SynthConfig",
+    "TensorsConfig",
     "config_hash",
     "load_config",
 ]

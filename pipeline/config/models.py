@@ -221,6 +221,36 @@ class DeidConfig(_Section):
     )
 
 
+class TensorsConfig(_Section):
+    """The tensors stage: volumes and their preprocessing (recorded with each tensor)."""
+
+    orientation: Literal["native", "RAS", "LPS"] = Field(
+        "native",
+        description="Axis order of stored volumes: as acquired, or permuted/flipped (exactly, "
+        "no interpolation) to the closest RAS or LPS axes.",
+    )
+    spacing: tuple[float, float, float] | None = Field(
+        None,
+        description="Target voxel spacing in mm (slice, row, column) after reorientation; "
+        "unset: no resampling (the raw grid, which maps back onto the original frames).",
+    )
+    interpolation: Literal["linear", "nearest"] = Field(
+        "linear", description="Interpolation when resampling."
+    )
+    window: tuple[float, float] | None = Field(
+        None, description="Intensity window (center, width), clipped; unset: none."
+    )
+    normalize: Literal["none", "minmax", "zscore"] = Field(
+        "none", description="Intensity normalisation after the window."
+    )
+    dtype: Literal["native", "float32", "int16"] = Field(
+        "native", description="Stored dtype (native: int16 for CT HU, else as decoded)."
+    )
+    on_invalid: Literal["quarantine", "raise"] = Field(
+        "quarantine", description="An object whose pixels cannot be decoded: quarantine or raise."
+    )
+
+
 class SynthConfig(_Section):
     """The synthetic archive that `pacsflow demo` generates."""
 
@@ -251,5 +281,6 @@ class PipelineConfig(_Section):
     source: SourceConfig = Field(default_factory=SourceConfig, description="Archive to crawl.")
     crawl: CrawlConfig = Field(default_factory=CrawlConfig, description="Crawl stage.")
     deid: DeidConfig = Field(default_factory=DeidConfig, description="De-identification stage.")
+    tensors: TensorsConfig = Field(default_factory=TensorsConfig, description="Tensors stage.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Demo archive.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")

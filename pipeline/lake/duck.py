@@ -87,7 +87,8 @@ def object_states(lake: LakePaths) -> pa.Table:
     """One row per object ever seen: key, source, location, ``state`` and quarantine ``reason``.
 
     The state is the latest event of the object across the index, the quarantine and the
-    vault (``indexed``, ``quarantined``, ``gone``, ``deidentified``; later stages add theirs).
+    vault (``indexed``, ``quarantined``, ``gone``, ``deidentified``, ``tensorised``: part of
+    a stored volume; later stages add theirs).
     """
     import duckdb
 
@@ -103,6 +104,14 @@ def object_states(lake: LakePaths) -> pa.Table:
                 UNION ALL
                 SELECT v.object_key, i.source, i.location, 'deidentified', NULL, v.deidentified_at
                 FROM {scan_sql(lake, "vault")} v
+                JOIN {latest_sql(lake, "index", "object_key", "crawled_at")} i
+                  ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
+                UNION ALL
+                SELECT v.object_key, i.source, i.location, 'tensorised', NULL,
+                       v.deidentified_at + INTERVAL 1 MICROSECOND
+                FROM (SELECT DISTINCT unnest(sop_instance_uids) AS sop
+                      FROM {scan_sql(lake, "tensors")} WHERE status = 'ok') t
+                JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = t.sop
                 JOIN {latest_sql(lake, "index", "object_key", "crawled_at")} i
                   ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
             ) QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1

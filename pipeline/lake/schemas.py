@@ -15,7 +15,7 @@ import pyarrow as pa
 
 __all__ = ["SCHEMAS", "SCHEMA_VERSION", "schema_for"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -248,19 +248,26 @@ INSTANCES = _schema(
 
 TENSORS = _schema(
     [
-        _f("tensor_key", _S, False),
-        _f("SeriesInstanceUID", _S, False),
-        _f("path", _S, False),
-        _f("shape", pa.list_(_I)),
-        _f("spacing", pa.list_(_F)),
-        _f("affine", pa.list_(_F)),  # 4x4 row-major, LPS
+        _f("tensor_key", _S, False),  # <series>/<preprocessing hash>-<deid>-<volume index>
+        _f("SeriesInstanceUID", _S, False),  # pseudonym
+        _f("volume_index", _I),  # 0.. for the volumes of a 4D series
+        _f("n_volumes", _I),
+        _f("status", _S, False),  # ok | refused
+        _f("reason", _S),  # why the series is not a volume (refused)
+        _f("path", _S),  # relative to research/, e.g. tensors/<series>/<...>.npy
+        _f("shape", pa.list_(_I)),  # array shape (slices, rows, columns)
+        _f("spacing", pa.list_(_F)),  # mm, array axis order
+        _f("affine", pa.list_(_F)),  # 4x4 row-major, voxel (i=column, j=row, k=slice) -> LPS mm
         _f("dtype", _S),
-        _f("checksum", _S),
+        _f("checksum", _S),  # "sha256:<hex>" of the file
+        _f("rescaled", _B),  # Rescale Slope/Intercept applied (HU for CT)
+        _f("sop_instance_uids", pa.list_(_S)),  # pseudonyms, slice order of the raw grid
+        _f("frame_numbers", pa.list_(_I)),  # 1-based frame of each slice in its object
         _f("preprocessing", _S),  # JSON
         _f("preprocessing_hash", _S),
         _f("deid_version", _S),
     ],
-    "research: one row per stored volume",
+    "research: one row per stored volume, or per series that cannot be one (status refused)",
 )
 
 FINDINGS = _schema(

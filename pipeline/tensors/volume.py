@@ -186,7 +186,8 @@ def _group(per: Dataset | None, shared: Dataset | None, seq: str) -> Dataset | N
 
 
 class _PixelCache:
-    """Decode a dataset's pixel data once, on first use."""
+    """Decode a dataset's pixel data once, on first use (:func:`~pipeline.tensors.decode.
+    decode_frames`: every codec the survey found, stored bits masked, frames first)."""
 
     def __init__(self, ds: Dataset) -> None:
         self._ds = ds
@@ -194,7 +195,9 @@ class _PixelCache:
 
     def get(self) -> npt.NDArray[Any]:
         if self._arr is None:
-            self._arr = np.asarray(self._ds.pixel_array)
+            from pipeline.tensors.decode import decode_frames
+
+            self._arr = decode_frames(self._ds)
         return self._arr
 
 
@@ -215,7 +218,7 @@ def _classic_frames(ds: Dataset) -> list[_Frame]:
 
     def pixels() -> npt.NDArray[Any]:
         arr = cache.get()
-        return arr[0] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else arr
+        return arr[0]
 
     diffusion = ds.get("DiffusionBValue")
     return [

@@ -28,7 +28,6 @@ CONTRACT_VERBS = (
     "verify",
 )
 NOT_YET = {
-    "tensors": ["tensors", "--lake", "x"],
     "infer": ["infer", "--lake", "x", "--model", "m"],
     "writeback": ["writeback", "--lake", "x", "--dest", "d"],
     "review": ["review", "--lake", "x"],

@@ -1,0 +1,79 @@
+"""``pacsflow tensors``."""
+
+from __future__ import annotations
+
+import typer
+
+from pipeline.cli._common import (
+    ConfigOpt,
+    LakeOpt,
+    SchedulerOpt,
+    WorkersOpt,
+    build_config,
+    fail,
+    guarded,
+)
+from pipeline.cli.deid import KeyFileOpt
+from pipeline.config import PipelineConfig
+
+
+def tensors_with_manifest(cfg: PipelineConfig, key: bytes, command: str) -> str:
+    """Build tensors as one recorded run; return the summary line."""
+    from pipeline.cli._common import dask_client, progress_bar
+    from pipeline.config import config_hash
+    from pipeline.lake import LakePaths, RunRecorder
+    from pipeline.tensors.stage import run as tensors_run
+
+    assert cfg.lake is not None
+    lake = LakePaths(cfg.lake)
+    with (
+        RunRecorder(
+            lake, command, config_hash=config_hash(cfg), config=cfg.model_dump(mode="json")
+        ) as rec,
+        dask_client(cfg) as client,
+        progress_bar("tensors", None) as advance,
+    ):
+        result = tensors_run(cfg, lake, key=key, run_id=rec.run_id, client=client, progress=advance)
+        rec.stage("tensors", result.counts)
+        rec.audit.append(
+            "restricted_read",
+            run_id=rec.run_id,
+            stage="tensors",
+            objects=result.counts.seen,
+            quarantined=result.counts.quarantined,
+        )
+    c = result.counts
+    return (
+        f"tensors: {c.seen} objects, {c.extra.get('volumes', 0)} volumes stored, "
+        f"{c.extra.get('refused_series', 0)} series refused, quarantined {c.quarantined} "
+        f"in {c.seconds:.1f} s (run {rec.run_id})"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``tensors``."""
+
+    @app.command("tensors")
+    def tensors(
+        lake: LakeOpt = None,
+        key_file: KeyFileOpt = None,
+        config: ConfigOpt = None,
+        workers: WorkersOpt = None,
+        scheduler: SchedulerOpt = None,
+    ) -> None:
+        """Build geometry-exact volumes and the tensors table from the de-identified series.
+
+        Objects are read whole through the connector that crawled them and de-identified again
+        with the same key, so every UID the tensors table holds is a pseudonym.
+        """
+        cfg = build_config(config, lake=lake, workers=workers, scheduler=scheduler)
+        if cfg.lake is None:
+            fail("no lake: pass --lake LAKE or set `lake:` in the config", 2)
+
+        def body() -> None:
+            from pipeline.deid.keys import load_key
+
+            key = load_key(key_file or cfg.key_file)
+            typer.echo(tensors_with_manifest(cfg, key, "tensors"))
+
+        guarded(body)
