@@ -13,11 +13,10 @@ from pipeline.cli._common import (
     fail,
     guarded,
 )
-from pipeline.cli.deid import KeyFileOpt
 from pipeline.config import PipelineConfig
 
 
-def tensors_with_manifest(cfg: PipelineConfig, key: bytes, command: str) -> str:
+def tensors_with_manifest(cfg: PipelineConfig, command: str) -> str:
     """Build tensors as one recorded run; return the summary line."""
     from pipeline.cli._common import dask_client, progress_bar
     from pipeline.config import config_hash
@@ -33,7 +32,7 @@ def tensors_with_manifest(cfg: PipelineConfig, key: bytes, command: str) -> str:
         dask_client(cfg) as client,
         progress_bar("tensors", None) as advance,
     ):
-        result = tensors_run(cfg, lake, key=key, run_id=rec.run_id, client=client, progress=advance)
+        result = tensors_run(cfg, lake, run_id=rec.run_id, client=client, progress=advance)
         rec.stage("tensors", result.counts)
         rec.audit.append(
             "restricted_read",
@@ -56,24 +55,21 @@ def register(app: typer.Typer) -> None:
     @app.command("tensors")
     def tensors(
         lake: LakeOpt = None,
-        key_file: KeyFileOpt = None,
         config: ConfigOpt = None,
         workers: WorkersOpt = None,
         scheduler: SchedulerOpt = None,
     ) -> None:
         """Build geometry-exact volumes and the tensors table from the de-identified series.
 
-        Objects are read whole through the connector that crawled them and de-identified again
-        with the same key, so every UID the tensors table holds is a pseudonym.
+        Objects are read whole through the connector that crawled them; only geometry and
+        pixels are taken from them, and the UIDs the tensors table lists are the vault's
+        pseudonyms (no key needed).
         """
         cfg = build_config(config, lake=lake, workers=workers, scheduler=scheduler)
         if cfg.lake is None:
             fail("no lake: pass --lake LAKE or set `lake:` in the config", 2)
 
         def body() -> None:
-            from pipeline.deid.keys import load_key
-
-            key = load_key(key_file or cfg.key_file)
-            typer.echo(tensors_with_manifest(cfg, key, "tensors"))
+            typer.echo(tensors_with_manifest(cfg, "tensors"))
 
         guarded(body)

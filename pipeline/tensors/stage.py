@@ -4,9 +4,10 @@
    where each object lives) that have no row yet in ``research/tables/tensors`` for this
    de-identification version and preprocessing hash (incremental; a changed preprocessing adds
    a new version beside the old);
-2. workers read each object whole through the connector that crawled it, de-identify it with
-   the same engine and key (so every UID in the volume's metadata is a pseudonym), decode the
-   pixels (:mod:`pipeline.tensors.decode`), build the volume(s) (:mod:`pipeline.tensors.volume`),
+2. workers read each object whole through the connector that crawled it, decode its pixels
+   (:mod:`pipeline.tensors.decode`), build the volume(s) (:mod:`pipeline.tensors.volume`: only
+   geometry and pixels are taken from the header; the SOP Instance UIDs listed with a volume
+   are the vault's pseudonyms, so no key is needed),
    preprocess them (:mod:`pipeline.tensors.preprocess`) and store one ``.npy`` file per volume,
    content-addressed ``tensors/<series>/<preprocessing hash>-<deid version>-<volume>.npy``;
 3. a series that cannot be a volume gets a ``refused`` row with the reason, and its objects
@@ -55,12 +56,6 @@ class TensorsRunResult:
     counts: StageCounts
 
 
-def _deid_version() -> str:
-    from pipeline.deid.stage import DEID_VERSION
-
-    return DEID_VERSION
-
-
 def _short(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -93,15 +88,19 @@ def _series_datasets(
     cfg: PipelineConfig,
     lake: LakePaths,
     objects: list[dict[str, Any]],
-    deid: Any,
     sources: dict[str, Source],
-) -> tuple[list[Any], list[tuple[dict[str, Any], InputError]]]:
-    """Read and de-identify a series' objects; decode failures come back, not raised."""
+) -> tuple[list[Any], list[Any], dict[str, str], list[tuple[dict[str, Any], InputError]]]:
+    """Read a series' objects and decode their pixels, object by object.
+
+    Returns the datasets, their decoded frames, the map from each object's SOP Instance UID to
+    its pseudonym (from the vault: nothing of the header itself leaves this function but
+    geometry), and the objects that failed with why.
+    """
     import pydicom
 
     from pipeline.tensors.decode import decode_frames
 
-    datasets, failed = [], []
+    datasets, pixels, pseudonyms, failed = [], [], {}, []
     for obj in objects:
         try:
             source = sources.get(obj["source"]) or open_source(
@@ -111,43 +110,39 @@ def _series_datasets(
             with source.open(obj["location"]) as fp, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pydicom's warnings quote header values
                 ds = pydicom.dcmread(fp, force=True)
-            ds = deid.deidentify(ds, in_place=True).dataset
-            decode_frames(ds)  # fail here, per object, not later for the whole series
+                frames = decode_frames(ds)  # fails here, per object, not for the series
+            pseudonyms[str(ds.get("SOPInstanceUID", ""))] = obj["sop_pseudonym"]
             datasets.append(ds)
+            pixels.append(frames)
         except InputError as exc:
             failed.append((obj, exc))
         except (SourceError, OSError) as exc:
             failed.append((obj, UnreadableDicom(f"cannot be read ({type(exc).__name__})")))
         except Exception as exc:  # pydicom on a corrupt object
             failed.append((obj, UnreadableDicom(f"cannot be parsed ({type(exc).__name__})")))
-    return datasets, failed
+    return datasets, pixels, pseudonyms, failed
 
 
 def tensors_batch(
     cfg: PipelineConfig,
     series: list[dict[str, Any]],
     *,
-    secret_key: bytes,
     lake: LakePaths,
     run_id: str,
     part: str,
 ) -> dict[str, int]:
     """Build, preprocess and store the volumes of a batch of series; write their table rows."""
-    from pipeline.deid.core import Deidentifier
-    from pipeline.deid.keys import Pseudonymizer
     from pipeline.tensors.preprocess import preprocess, preprocessing_hash, preprocessing_json
     from pipeline.tensors.volume import build_volumes
 
     now = dt.datetime.now(dt.UTC)
-    deid = Deidentifier(Pseudonymizer(secret_key), cfg.deid.options)
     prep_json, prep_hash = preprocessing_json(cfg.tensors), preprocessing_hash(cfg.tensors)
-    deid_version = _deid_version()
     sources: dict[str, Source] = {}
     rows: list[dict[str, Any]] = []
     quarantine: list[dict[str, Any]] = []
     counts = {"objects": 0, "volumes": 0, "refused": 0, "quarantined": 0}
     for s in series:
-        uid, objects = s["series_pseudonym"], s["objects"]
+        uid, objects, deid_version = s["series_pseudonym"], s["objects"], s["deid_version"]
         counts["objects"] += len(objects)
         base = {
             "SeriesInstanceUID": uid,
@@ -155,7 +150,7 @@ def tensors_batch(
             "preprocessing_hash": prep_hash,
             "deid_version": deid_version,
         }
-        datasets, failed = _series_datasets(cfg, lake, objects, deid, sources)
+        datasets, pixels, pseudonyms, failed = _series_datasets(cfg, lake, objects, sources)
         for obj, exc in failed:
             if cfg.tensors.on_invalid == "raise":
                 raise exc
@@ -164,7 +159,7 @@ def tensors_batch(
         try:
             if failed:
                 raise GeometryError(f"{len(failed)} object(s) of the series cannot be decoded")
-            volumes = build_volumes(datasets)
+            volumes = build_volumes(datasets, pixels)
         except GeometryError as exc:
             counts["refused"] += 1
             rows.append(
@@ -198,12 +193,14 @@ def tensors_batch(
                     "dtype": str(out.array.dtype),
                     "checksum": "sha256:" + hashlib.sha256(data).hexdigest(),
                     "rescaled": vol.rescaled,
-                    "sop_instance_uids": list(vol.sop_instance_uids),
+                    # pseudonyms only: an object missing from the map cannot happen (each
+                    # dataset read above put its own), and would fail loudly here
+                    "sop_instance_uids": [pseudonyms[u] for u in vol.sop_instance_uids],
                     "frame_numbers": list(vol.frame_numbers),
                 }
             )
             counts["volumes"] += 1
-        del datasets, volumes
+        del datasets, pixels, volumes
     if quarantine:
         write_partition(lake, "quarantine", quarantine, part=f"tensors-{part}")
     if rows:  # last: it commits the batch (a rerun skips series the table holds)
@@ -212,30 +209,38 @@ def tensors_batch(
 
 
 def _todo(
-    con: Any, lake: LakePaths, prep_hash: str, deid_version: str, batch_objects: int
+    con: Any, lake: LakePaths, prep_hash: str, batch_objects: int
 ) -> Iterator[list[dict[str, Any]]]:
-    """Series without a tensors row for this preprocessing, grouped into batches."""
+    """Series without a tensors row for this preprocessing and their de-identification
+    version (the vault's), grouped into batches of about ``batch_objects`` objects."""
     index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
     vault_latest = latest_sql(lake, "vault", "object_key", "deidentified_at")
-    done = (
-        f"(SELECT SeriesInstanceUID FROM {scan_sql(lake, 'tensors')} "
-        "WHERE preprocessing_hash = $h AND deid_version = $v)"
-    )
     sql = f"""
-        SELECT v.series_pseudonym,
-               list(struct_pack(object_key := i.object_key, source := i.source,
-                                location := i.location, unit_key := i.unit_key,
-                                size_bytes := i.size_bytes, mtime_ns := i.mtime_ns)
-                    ORDER BY v.sop_pseudonym) AS objects
-        FROM {vault_latest} v
-        JOIN {index_latest} i
-          ON i.object_key = v.object_key AND i.fingerprint IS NOT DISTINCT FROM v.fingerprint
-        WHERE i.state = 'indexed' AND v.series_pseudonym NOT IN {done}
-        GROUP BY v.series_pseudonym ORDER BY v.series_pseudonym
+        WITH s AS (
+            SELECT v.series_pseudonym, max(v.deid_version) AS deid_version,
+                   list(struct_pack(object_key := i.object_key, source := i.source,
+                                    location := i.location, unit_key := i.unit_key,
+                                    size_bytes := i.size_bytes, mtime_ns := i.mtime_ns,
+                                    sop_pseudonym := v.sop_pseudonym)
+                        ORDER BY v.sop_pseudonym) AS objects
+            FROM {vault_latest} v
+            JOIN {index_latest} i
+              ON i.object_key = v.object_key
+             AND i.fingerprint IS NOT DISTINCT FROM v.fingerprint
+            WHERE i.state = 'indexed'
+            GROUP BY v.series_pseudonym
+        )
+        SELECT s.* FROM s
+        WHERE NOT EXISTS (
+            SELECT 1 FROM {scan_sql(lake, "tensors")} t
+            WHERE t.SeriesInstanceUID = s.series_pseudonym
+              AND t.preprocessing_hash = $h AND t.deid_version = s.deid_version
+        )
+        ORDER BY s.series_pseudonym
     """
     batch: list[dict[str, Any]] = []
     n = 0
-    for rb in arrow_reader(con, sql, {"h": prep_hash, "v": deid_version}, 256):
+    for rb in arrow_reader(con, sql, {"h": prep_hash}, 256):
         for row in rb.to_pylist():
             batch.append(row)
             n += len(row["objects"])
@@ -280,7 +285,6 @@ def run(
     cfg: PipelineConfig,
     lake: LakePaths,
     *,
-    key: bytes,
     run_id: str,
     client: Any = None,
     progress: Progress | None = None,
@@ -290,14 +294,13 @@ def run(
 
     t0 = time.perf_counter()
     con = connect()
-    prep_hash, deid_version = preprocessing_hash(cfg.tensors), _deid_version()
+    prep_hash = preprocessing_hash(cfg.tensors)
     done = {"objects": 0, "volumes": 0, "refused": 0, "quarantined": 0}
 
     def calls() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
-        batches = _todo(con, lake, prep_hash, deid_version, cfg.compute.partition_size // 4 or 1)
+        batches = _todo(con, lake, prep_hash, cfg.compute.partition_size // 4 or 1)
         for i, series in enumerate(batches):
             kwargs = {
-                "secret_key": key,
                 "lake": lake,
                 "run_id": run_id,
                 "part": f"{run_id}-{i:05d}",

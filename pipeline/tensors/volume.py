@@ -189,9 +189,9 @@ class _PixelCache:
     """Decode a dataset's pixel data once, on first use (:func:`~pipeline.tensors.decode.
     decode_frames`: every codec the survey found, stored bits masked, frames first)."""
 
-    def __init__(self, ds: Dataset) -> None:
+    def __init__(self, ds: Dataset, decoded: npt.NDArray[Any] | None = None) -> None:
         self._ds = ds
-        self._arr: npt.NDArray[Any] | None = None
+        self._arr: npt.NDArray[Any] | None = decoded
 
     def get(self) -> npt.NDArray[Any]:
         if self._arr is None:
@@ -208,13 +208,13 @@ def _shape(ds: Dataset) -> tuple[int, int, int]:
         raise GeometryError("image has no Rows/Columns") from None
 
 
-def _classic_frames(ds: Dataset) -> list[_Frame]:
+def _classic_frames(ds: Dataset, decoded: npt.NDArray[Any] | None = None) -> list[_Frame]:
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
         raise GeometryError("image has no ImagePositionPatient/ImageOrientationPatient")
     if "PixelSpacing" not in ds:
         raise GeometryError("image has no PixelSpacing")
     spacing = _vec(ds.PixelSpacing, 2, "PixelSpacing")
-    cache = _PixelCache(ds)
+    cache = _PixelCache(ds, decoded)
 
     def pixels() -> npt.NDArray[Any]:
         arr = cache.get()
@@ -245,7 +245,9 @@ def _classic_frames(ds: Dataset) -> list[_Frame]:
     ]
 
 
-def _enhanced_frames(ds: Dataset, n_frames: int) -> list[_Frame]:
+def _enhanced_frames(
+    ds: Dataset, n_frames: int, decoded: npt.NDArray[Any] | None = None
+) -> list[_Frame]:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared: Dataset | None = shared_seq[0] if shared_seq else None
@@ -253,7 +255,7 @@ def _enhanced_frames(ds: Dataset, n_frames: int) -> list[_Frame]:
         raise GeometryError(
             f"multi-frame object has {n_frames} frames but {len(per_frame)} per-frame groups"
         )
-    cache = _PixelCache(ds)
+    cache = _PixelCache(ds, decoded)
     shape = _shape(ds)
     frames = []
     for f in range(n_frames):
@@ -325,9 +327,12 @@ def _enhanced_frames(ds: Dataset, n_frames: int) -> list[_Frame]:
     return frames
 
 
-def _frames(datasets: Sequence[Dataset]) -> list[_Frame]:
+def _frames(
+    datasets: Sequence[Dataset], pixels: Sequence[npt.NDArray[Any]] | None = None
+) -> list[_Frame]:
     frames: list[_Frame] = []
-    for ds in datasets:
+    for index, ds in enumerate(datasets):
+        decoded = pixels[index] if pixels is not None else None
         try:
             n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         except (TypeError, ValueError):
@@ -340,9 +345,9 @@ def _frames(datasets: Sequence[Dataset]) -> list[_Frame]:
                 raise GeometryError(
                     "multi-frame object without functional groups has no per-frame geometry"
                 )
-            frames.extend(_enhanced_frames(ds, n_frames))
+            frames.extend(_enhanced_frames(ds, n_frames, decoded))
         else:
-            frames.extend(_classic_frames(ds))
+            frames.extend(_classic_frames(ds, decoded))
     return frames
 
 
@@ -508,15 +513,20 @@ def _volume(frames: list[_Frame], normal: npt.NDArray[np.float64]) -> Volume:
     )
 
 
-def build_volumes(datasets: Sequence[Dataset]) -> list[Volume]:
+def build_volumes(
+    datasets: Sequence[Dataset], pixels: Sequence[npt.NDArray[Any]] | None = None
+) -> list[Volume]:
     """All volumes of one series: one for a 3D series, one per time point/echo/b-value for 4D.
+
+    ``pixels``, when given, holds each dataset's frames already decoded
+    (:func:`~pipeline.tensors.decode.decode_frames`), in the same order as ``datasets``.
 
     Raises:
         GeometryError: the series cannot be made into volume(s) without distorting it.
     """
     if not datasets:
         raise GeometryError("empty series: no images")
-    frames = _frames(datasets)
+    frames = _frames(datasets, pixels)
     if len(frames) < 2:
         raise GeometryError("single slice: one frame is not a volume")
     normal = _check_common(frames)

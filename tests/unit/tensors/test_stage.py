@@ -42,7 +42,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LakePaths, An
     cfg = _cfg()
     crawl_run(cfg, lake, FolderSource(archive), run_id="c1")
     deid_run(cfg, lake, key=KEY, run_id="d1")
-    result = tensors_run(cfg, lake, key=KEY, run_id="t1")
+    result = tensors_run(cfg, lake, run_id="t1")
     return archive, lake, result
 
 
@@ -69,7 +69,7 @@ def test_volumes_are_stored_with_exact_geometry(built: tuple[Path, LakePaths, An
                 np.abs(np.asarray(s["affine"])[:3, :3]),
                 atol=1e-6,
             )
-        )  # noqa: E501
+        )
         data = (lake.research / row["path"]).read_bytes()
         assert row["checksum"] == "sha256:" + hashlib.sha256(data).hexdigest()
         array = load_tensor(lake, row["path"])
@@ -103,10 +103,10 @@ def test_rerun_reuses_and_new_preprocessing_adds_a_version(
 ) -> None:
     _archive, lake, _result = built
     before = read_table(lake, "tensors").num_rows
-    again = tensors_run(_cfg(), lake, key=KEY, run_id="t2")
+    again = tensors_run(_cfg(), lake, run_id="t2")
     assert again.counts.seen == 0
     assert read_table(lake, "tensors").num_rows == before
-    ras = tensors_run(_cfg(orientation="RAS", dtype="float32"), lake, key=KEY, run_id="t3")
+    ras = tensors_run(_cfg(orientation="RAS", dtype="float32"), lake, run_id="t3")
     assert ras.counts.extra["volumes"] >= 1
     rows = read_table(lake, "tensors").to_pylist()
     hashes = {r["preprocessing_hash"] for r in rows}
@@ -115,7 +115,7 @@ def test_rerun_reuses_and_new_preprocessing_adds_a_version(
         r["SeriesInstanceUID"]: r
         for r in rows
         if r["status"] == "ok" and "RAS" not in r["preprocessing"]
-    }  # noqa: E501
+    }
     for r in rows:
         if r["status"] != "ok" or "RAS" not in r["preprocessing"]:
             continue
@@ -128,3 +128,35 @@ def test_rerun_reuses_and_new_preprocessing_adds_a_version(
         world = fa @ [i, j, k, 1.0]
         ib, jb, kb = np.rint(np.linalg.inv(fb) @ world)[:3].astype(int)
         assert float(b[kb, jb, ib]) == float(a[k, j, i])
+
+
+def test_raw_tensor_maps_back_onto_the_original_frames(
+    built: tuple[Path, LakePaths, Any],
+) -> None:
+    """Slice k of an un-resampled tensor is frame ``frame_numbers[k]`` of the object whose
+    pseudonym is ``sop_instance_uids[k]``: the original pixel values, rescaled, come back."""
+    import pydicom
+
+    from pipeline.tensors.decode import decode_frames
+
+    archive, lake, _result = built
+    vault = {r["sop_pseudonym"]: r["object_key"] for r in read_table(lake, "vault").to_pylist()}
+    index = {r["object_key"]: r["location"] for r in read_table(lake, "index").to_pylist()}
+    rows = [
+        r
+        for r in read_table(lake, "tensors").to_pylist()
+        if r["status"] == "ok" and '"orientation":"native"' in r["preprocessing"]
+    ]
+    assert rows
+    for row in rows:
+        array = load_tensor(lake, row["path"])
+        for k, (sop, frame) in enumerate(
+            zip(row["sop_instance_uids"], row["frame_numbers"], strict=True)
+        ):
+            ds = pydicom.dcmread(archive / index[vault[sop]])
+            original = decode_frames(ds)[frame - 1].astype(np.float64)
+            slope, intercept = (
+                float(ds.get("RescaleSlope", 1)),
+                float(ds.get("RescaleIntercept", 0)),
+            )
+            np.testing.assert_array_equal(array[k], original * slope + intercept)
