@@ -524,6 +524,16 @@ def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
     series_rows: list[dict[str, Any]] = []
     current: list[dict[str, Any]] = []
     written: set[Path] = set()
+    # the tensors stage's verdict, taken on the pixels, outranks the header-level one
+    verdicts: dict[str, tuple[bool, str | None]] = {}
+    if table_exists(lake, "tensors"):
+        verdicts = {
+            uid: (status == "ok", reason)
+            for uid, status, reason in con.execute(
+                f"""SELECT SeriesInstanceUID, min(status), min(reason)
+                    FROM {scan_sql(lake, "tensors")} GROUP BY 1"""
+            ).fetchall()
+        }
 
     def write_series() -> None:
         part = f"all-{len(written):05d}"
@@ -559,6 +569,9 @@ def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
                 **_series_geometry(current),
             }
         )
+        verdict = verdicts.get(current[0]["SeriesInstanceUID"])
+        if verdict is not None:
+            series_rows[-1]["volume_ok"], series_rows[-1]["volume_reason"] = verdict
         current.clear()
         if len(series_rows) >= _SERIES_CHUNK:
             write_series()

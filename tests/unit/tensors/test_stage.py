@@ -160,3 +160,25 @@ def test_raw_tensor_maps_back_onto_the_original_frames(
                 float(ds.get("RescaleIntercept", 0)),
             )
             np.testing.assert_array_equal(array[k], original * slope + intercept)
+
+
+def test_series_table_carries_the_pixel_verdict_even_after_a_rebuild(
+    built: tuple[Path, LakePaths, Any],
+) -> None:
+    _archive, lake, _result = built
+
+    def verdicts() -> dict[str, tuple[bool, str | None]]:
+        return {
+            r["SeriesInstanceUID"]: (r["volume_ok"], r["volume_reason"])
+            for r in read_table(lake, "series").to_pylist()
+        }
+
+    tensors = {
+        r["SeriesInstanceUID"]: (r["status"] == "ok", r["reason"])
+        for r in read_table(lake, "tensors").to_pylist()
+    }
+    assert {uid: verdicts()[uid] for uid in tensors} == tensors
+    for path in lake.table("series").rglob("*.parquet"):  # deid rebuilds the aggregates
+        path.unlink()
+    deid_run(_cfg(), lake, key=KEY, run_id="d2")
+    assert {uid: verdicts()[uid] for uid in tensors} == tensors
