@@ -64,7 +64,7 @@ def _atomic_path(final: Path, durable: bool = True) -> Iterator[Path]:
             tmp.unlink()
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> Path:
+def atomic_write_bytes(path: Path, data: bytes | memoryview, *, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename).
 
     ``durable=False`` skips the two fsyncs (still atomic for readers): for many small files

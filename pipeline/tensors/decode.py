@@ -144,6 +144,30 @@ def _frames(ds: Dataset, nframes: int) -> Iterator[bytes]:
     yield from generate_frames(ds.PixelData, number_of_frames=nframes)
 
 
+_NATIVE_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+
+
+def _native_le(ds: Dataset, tsyntax: str, shape: tuple[int, ...]) -> np.ndarray[Any, Any] | None:
+    """The common case straight from the bytes: native little-endian integer Pixel Data of
+    one sample per pixel and 8/16/32 bits allocated (a view, no copy); None otherwise (the
+    plug-ins take it)."""
+    if tsyntax not in _NATIVE_LE or "PixelData" not in ds or len(shape) != 3:
+        return None
+    try:
+        allocated = _int_attr(ds, "BitsAllocated")
+        signed = _int_attr(ds, "PixelRepresentation", 0) == 1
+    except Exception:
+        return None
+    if allocated not in (8, 16, 32):
+        return None
+    data = ds.PixelData
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    count = int(np.prod(shape))
+    if not isinstance(data, bytes) or len(data) < count * dtype.itemsize:
+        return None  # the plug-ins, and the truncation check, take it from here
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+
+
 def _native_frame(buf: bytes, ds: Dataset, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
     """One native (uncompressed, little endian) frame from ``buf``, shaped ``shape[1:]``."""
     rows, cols = shape[1], shape[2]
@@ -287,6 +311,9 @@ def decode_frames_detail(ds: Dataset) -> tuple[np.ndarray[Any, Any], str]:
         raise MissingAttribute("the object has no pixel data")
     tsyntax = _transfer_syntax(ds)
     shape = expected_shape(ds)
+    fast = _native_le(ds, tsyntax, shape)
+    if fast is not None:
+        return _mask_to_bits_stored(fast, ds), "pacsflow-native"
     attempts = _pydicom_attempts(tsyntax) + list(_OWN_DECODERS.get(tsyntax, ()))
     tried: list[str] = []
     for name, run in attempts:

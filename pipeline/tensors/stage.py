@@ -38,7 +38,14 @@ from pipeline.config import PipelineConfig
 from pipeline.connectors import Source, open_source
 from pipeline.enums import Stage
 from pipeline.errors import GeometryError, InputError, SourceError, UnreadableDicom
-from pipeline.lake import LakePaths, StageCounts, atomic_write_bytes, table_exists, write_partition
+from pipeline.lake import (
+    LakePaths,
+    StageCounts,
+    atomic_write_bytes,
+    sync_filesystem,
+    table_exists,
+    write_partition,
+)
 from pipeline.lake.duck import arrow_reader, connect, latest_sql, scan_sql
 
 logger = logging.getLogger(__name__)
@@ -177,8 +184,8 @@ def tensors_batch(
             rel = f"tensors/{key}.npy"
             buf = io.BytesIO()
             np.save(buf, out.array, allow_pickle=False)
-            data = buf.getvalue()
-            atomic_write_bytes(lake.research / rel, data)
+            data = buf.getbuffer()  # no copy; flushed to disk once for the batch, below
+            atomic_write_bytes(lake.research / rel, data, durable=False)
             rows.append(
                 {
                     **base,
@@ -201,6 +208,8 @@ def tensors_batch(
             )
             counts["volumes"] += 1
         del datasets, pixels, volumes
+    if counts["volumes"]:
+        sync_filesystem(lake.research)  # the batch's volumes, before its rows commit them
     if quarantine:
         write_partition(lake, "quarantine", quarantine, part=f"tensors-{part}")
     if rows:  # last: it commits the batch (a rerun skips series the table holds)

@@ -461,7 +461,12 @@ def _stack_geometry(
 
 
 def _pixels(frames: Sequence[_Frame]) -> tuple[npt.NDArray[Any], bool]:
-    """Stack the frames' pixels, applying the Modality LUT when any frame has one."""
+    """Stack the frames' pixels, applying the Modality LUT when any frame has one.
+
+    Integral slopes and intercepts: the output type (int16, else int32, else int64) is chosen
+    from each frame's extremes first, then every frame is rescaled straight into its plane (no
+    volume-sized int64 temporary); otherwise float32, frame by frame likewise.
+    """
     planes = []
     for fr in frames:
         arr = np.asarray(fr.pixels())
@@ -470,25 +475,44 @@ def _pixels(frames: Sequence[_Frame]) -> tuple[npt.NDArray[Any], bool]:
         if arr.shape != expected:
             raise GeometryError(f"decoded frame has shape {arr.shape}, expected {expected}")
         planes.append(arr)
-    stack = np.stack(planes)
     has_lut = any(fr.slope is not None or fr.intercept is not None for fr in frames)
     if not has_lut or frames[0].shape[2] != 1:
-        return stack, False
-    slopes = np.array([1.0 if fr.slope is None else fr.slope for fr in frames])
-    inters = np.array([0.0 if fr.intercept is None else fr.intercept for fr in frames])
-    if np.all(slopes == np.round(slopes)) and np.all(inters == np.round(inters)):
-        out = (
-            stack.astype(np.int64) * slopes.astype(np.int64)[:, None, None]
-            + inters.astype(np.int64)[:, None, None]
-        )
-        lo, hi = (int(out.min()), int(out.max())) if out.size else (0, 0)
-        for dtype in (np.int16, np.int32):
-            info = np.iinfo(dtype)
+        return np.stack(planes), False
+    slopes = [1.0 if fr.slope is None else float(fr.slope) for fr in frames]
+    inters = [0.0 if fr.intercept is None else float(fr.intercept) for fr in frames]
+    out: npt.NDArray[Any]
+    if all(v == round(v) for v in slopes + inters):
+        lo = hi = 0
+        for index, (plane, m, c) in enumerate(zip(planes, slopes, inters, strict=True)):
+            if plane.size:
+                ends = (int(plane.min()) * int(m) + int(c), int(plane.max()) * int(m) + int(c))
+                lo, hi = (
+                    (min(ends), max(ends))
+                    if index == 0
+                    else (
+                        min(lo, *ends),
+                        max(hi, *ends),
+                    )
+                )
+        dtype: Any = np.int64
+        for candidate in (np.int16, np.int32):
+            info = np.iinfo(candidate)
             if info.min <= lo and hi <= info.max:
-                return out.astype(dtype), True
+                dtype = candidate
+                break
+        out = np.empty((len(planes), *planes[0].shape), dtype=dtype)
+        for index, (plane, m, c) in enumerate(zip(planes, slopes, inters, strict=True)):
+            if m == 1:
+                # computed in the promoted type (e.g. uint16 + int16 -> int32), then stored:
+                # the range was checked above
+                np.add(plane, np.asarray(int(c), dtype=dtype), out=out[index], casting="unsafe")
+            else:
+                out[index] = plane.astype(np.int64) * int(m) + int(c)
         return out, True
-    scaled = stack.astype(np.float64) * slopes[:, None, None] + inters[:, None, None]
-    return scaled.astype(np.float32), True
+    out = np.empty((len(planes), *planes[0].shape), dtype=np.float32)
+    for index, (plane, m, c) in enumerate(zip(planes, slopes, inters, strict=True)):
+        out[index] = plane.astype(np.float64) * m + c
+    return out, True
 
 
 def _volume(frames: list[_Frame], normal: npt.NDArray[np.float64]) -> Volume:
