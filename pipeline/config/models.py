@@ -111,6 +111,12 @@ class DimseConfig(_Section):
         "19:00-07:00, wrapping midnight); unset: any time.",
     )
     tls: DimseTlsConfig | None = Field(None, description="DICOM TLS; unset: plain TCP.")
+    cache_max_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Bound of the retrieval cache (restricted/cache), GB: after each study "
+        "retrieved, whole studies are evicted, least recently retrieved first; unset: kept.",
+    )
 
     @field_validator("window")
     @classmethod

@@ -524,6 +524,7 @@ class DimseSource:
     max_associations: int = 2
     window: str | None = None
     tls: DimseTlsConfig | None = None
+    cache_max_bytes: int | None = None
     clock: Callable[[], datetime] = field(default=_local_now, compare=False)
 
     def __post_init__(self) -> None:
@@ -623,6 +624,9 @@ class DimseSource:
             max_associations=cfg.dimse.max_associations,
             window=cfg.dimse.window,
             tls=tls,
+            cache_max_bytes=(
+                int(cfg.dimse.cache_max_gb * 1e9) if cfg.dimse.cache_max_gb is not None else None
+            ),
             clock=clock or _local_now,
         )
 
@@ -780,6 +784,8 @@ class DimseSource:
         )
         if received and not errors:
             _write_marker(folder, unit.watermark, received)
+        if self.cache_max_bytes is not None:
+            trim_cache(self.cache_dir, self.cache_max_bytes, keep=folder)
 
     def open(self, location: str) -> BinaryIO:
         """Open one instance's cached file, retrieving the instance first when not cached.
@@ -1286,6 +1292,42 @@ def _raw(study_uid: str, series_uid: str, sop_uid: str, path: Path, unit_key: st
         mtime_ns=None,
         path=path,
     )
+
+
+def trim_cache(cache_dir: Path, max_bytes: int, keep: Path | None = None) -> int:
+    """Evict whole study folders of the retrieval cache, least recently written first, until
+    it holds at most ``max_bytes`` (``keep``, the study in use, is never evicted). Returns the
+    bytes freed. An evicted study is retrieved again when next read (a crawl unit, or an
+    ``open`` of one of its instances by a later stage)."""
+    import shutil
+
+    if not cache_dir.is_dir():
+        return 0
+    studies = []
+    total = 0
+    for entry in os.scandir(cache_dir):
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        size = newest = 0
+        for f in os.scandir(entry.path):
+            st = f.stat(follow_symlinks=False)
+            size += st.st_size
+            newest = max(newest, st.st_mtime_ns)
+        studies.append((newest, size, Path(entry.path)))
+        total += size
+    freed = 0
+    for _newest, size, folder in sorted(studies):
+        if total - freed <= max_bytes:
+            break
+        if keep is not None and folder == keep:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        freed += size
+    if freed:
+        logger.info(
+            "DIMSE cache: evicted %.1f MB to stay under %.1f MB", freed / 1e6, max_bytes / 1e6
+        )
+    return freed
 
 
 def _write_marker(folder: Path, watermark: str, received: dict[str, _Stored]) -> None:
