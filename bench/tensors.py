@@ -6,8 +6,8 @@ page cache warm, best of N per contender, one run. Contenders:
 - pacsflow, one core (in-process): what ``pipeline.tensors.stage.tensors_batch`` does per
   series: ``pydicom.dcmread(force=True)`` + ``decode_frames`` per object, ``build_volumes``,
   ``preprocess`` with the default ``TensorsConfig()``, ``np.save`` to a BytesIO, sha256 of the
-  bytes, ``atomic_write_bytes(durable=False)`` of the ``.npy`` and one ``sync_filesystem``, as
-  ``tensors_batch`` does per batch;
+  bytes, ``stage.write_npy`` (the ``.npy`` written and sha256-hashed from the array's buffer, no
+  copy) and one ``sync_filesystem``, as ``tensors_batch`` does per batch;
 - pacsflow, two cores: the same, the reading + decoding split over 2 worker processes
   (``ProcessPoolExecutor``, started and warmed before timing, as the pipeline's workers are),
   the datasets (without their Pixel Data) and decoded frames sent back and assembled;
@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import cProfile
-import hashlib
-import io
 import os
 import pstats
 import shutil
@@ -103,8 +101,9 @@ def _read_decode(paths: list[str], drop_pixels: bool) -> tuple[list[Any], list[A
 
 def _store(datasets: list[Any], pixels: list[Any], outdir: Path) -> tuple[np.ndarray, Any, dict]:
     from pipeline.config import TensorsConfig
-    from pipeline.lake import atomic_write_bytes, sync_filesystem
+    from pipeline.lake import sync_filesystem
     from pipeline.tensors.preprocess import preprocess
+    from pipeline.tensors.stage import write_npy
     from pipeline.tensors.volume import build_volumes
 
     t = {}
@@ -114,16 +113,12 @@ def _store(datasets: list[Any], pixels: list[Any], outdir: Path) -> tuple[np.nda
     vol = volumes[0]
     out = preprocess(vol.array, vol.affine, vol.spacing, TensorsConfig())
     t2 = time.perf_counter()
-    buf = io.BytesIO()
-    np.save(buf, out.array, allow_pickle=False)
-    data = buf.getbuffer()
     t3 = time.perf_counter()
-    checksum = "sha256:" + hashlib.sha256(data).hexdigest()
+    checksum = write_npy(outdir / "tensor.npy", out.array)  # header + the array, hashed as written
     t4 = time.perf_counter()
-    atomic_write_bytes(outdir / "tensor.npy", data, durable=False)
     sync_filesystem(outdir)  # as tensors_batch: one flush per batch (here: per series)
     t5 = time.perf_counter()
-    t.update(build=t1 - t0, preprocess=t2 - t1, npsave=t3 - t2, sha256=t4 - t3, write=t5 - t4)
+    t.update(build=t1 - t0, preprocess=t2 - t1, write_npy_sha256=t4 - t3, syncfs=t5 - t4)
     assert checksum
     return out.array, out.affine, t
 
@@ -315,6 +310,21 @@ def main() -> None:
 
     ref = _canonical(arr.transpose(2, 1, 0), lps_to_ras(aff))
     rows.append(("pacsflow, 1 core (in-process)", sec1, f"reference ({arr.dtype} {arr.shape})"))
+
+    def in_memory() -> Any:
+        from pipeline.tensors.volume import build_volumes
+
+        datasets, pixels = _read_decode([str(f) for f in files], drop_pixels=False)
+        return build_volumes(datasets, pixels)[0]
+
+    sec_mem, vol = best(in_memory, args.repeat)
+    rows.append(
+        (
+            "pacsflow volume in memory (no store; what the peers below produce)",
+            sec_mem,
+            equal(ref, _canonical(vol.array.transpose(2, 1, 0), lps_to_ras(vol.affine))),
+        )
+    )
 
     # pacsflow, two cores
     with cf.ProcessPoolExecutor(2) as pool:

@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ from pipeline.lake.duck import arrow_reader, connect, latest_sql, scan_sql
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TensorsRunResult", "load_tensor", "run", "tensors_batch"]
+__all__ = ["TensorsRunResult", "load_tensor", "run", "tensors_batch", "write_npy"]
 
 Progress = Callable[[int], None]
 
@@ -70,6 +71,32 @@ def _short(text: str) -> str:
 def load_tensor(lake: LakePaths, path: str) -> np.ndarray[Any, Any]:
     """Load a stored volume by its ``tensors.path`` (relative to ``research/``)."""
     return np.load(lake.research / path, allow_pickle=False)
+
+
+def write_npy(path: Path, array: np.ndarray[Any, Any]) -> str:
+    """Write ``array`` as a ``.npy`` file (the bytes ``np.save`` writes) atomically, without
+    copying it, and return ``"sha256:<hex>"`` of the file. Not fsynced: the caller flushes
+    the filesystem once per batch."""
+    import os
+    import uuid
+
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    data = array.data.cast("B") if array.size else memoryview(b"")
+    digest = hashlib.sha256(header.getvalue())
+    digest.update(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(header.getvalue())
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return "sha256:" + digest.hexdigest()
 
 
 def _quarantine_row(
@@ -182,10 +209,7 @@ def tensors_batch(
             out = preprocess(vol.array, vol.affine, vol.spacing, cfg.tensors)
             key = f"{uid}/{prep_hash}-{_short(deid_version)}-{index}"
             rel = f"tensors/{key}.npy"
-            buf = io.BytesIO()
-            np.save(buf, out.array, allow_pickle=False)
-            data = buf.getbuffer()  # no copy; flushed to disk once for the batch, below
-            atomic_write_bytes(lake.research / rel, data, durable=False)
+            checksum = write_npy(lake.research / rel, out.array)
             rows.append(
                 {
                     **base,
@@ -198,7 +222,7 @@ def tensors_batch(
                     "spacing": [float(x) for x in out.spacing],
                     "affine": [float(x) for x in out.affine.reshape(-1)],
                     "dtype": str(out.array.dtype),
-                    "checksum": "sha256:" + hashlib.sha256(data).hexdigest(),
+                    "checksum": checksum,
                     "rescaled": vol.rescaled,
                     # pseudonyms only: an object missing from the map cannot happen (each
                     # dataset read above put its own), and would fail loudly here
