@@ -165,6 +165,41 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
     yield advance
 
 
+@contextlib.contextmanager
+def recorded_run(
+    cfg: PipelineConfig, command: str, stage: str
+) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """One recorded stage run: ``(lake, recorder, dask client, advance)`` inside a run
+    manifest (config, hash, versions), the configured Dask client and a progress bar."""
+    from pipeline.config import config_hash
+    from pipeline.lake import LakePaths, RunRecorder
+
+    assert cfg.lake is not None
+    lake = LakePaths(cfg.lake)
+    with (
+        RunRecorder(
+            lake, command, config_hash=config_hash(cfg), config=cfg.model_dump(mode="json")
+        ) as rec,
+        dask_client(cfg) as client,
+        progress_bar(stage, None) as advance,
+    ):
+        yield lake, rec, client, advance
+
+
+def record_restricted_stage(rec: Any, stage: str, counts: Any, **extra: int) -> None:
+    """Put a stage's counts in the run manifest, and its read of the restricted zone in the
+    audit log (counts only, never values)."""
+    rec.stage(stage, counts)
+    rec.audit.append(
+        "restricted_read",
+        run_id=rec.run_id,
+        stage=stage,
+        objects=counts.seen,
+        quarantined=counts.quarantined,
+        **extra,
+    )
+
+
 def guarded(func: Callable[[], None], *, resume_hint: str | None = None) -> None:
     """Run a command body, turning pacsflow errors into one-line messages and exit codes.
 

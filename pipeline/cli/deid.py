@@ -29,30 +29,12 @@ RESEARCH_VIEWS = ("instances", "series", "studies", "patients", "tensors", "find
 
 def deid_with_manifest(cfg: PipelineConfig, key: bytes, command: str) -> str:
     """De-identify as one recorded run; return the summary line."""
-    from pipeline.cli._common import dask_client, progress_bar
-    from pipeline.config import config_hash
+    from pipeline.cli._common import record_restricted_stage, recorded_run
     from pipeline.deid.stage import run as deid_run
-    from pipeline.lake import LakePaths, RunRecorder
 
-    assert cfg.lake is not None
-    lake = LakePaths(cfg.lake)
-    with (
-        RunRecorder(
-            lake, command, config_hash=config_hash(cfg), config=cfg.model_dump(mode="json")
-        ) as rec,
-        dask_client(cfg) as client,
-        progress_bar("deid", None) as advance,
-    ):
+    with recorded_run(cfg, command, "deid") as (lake, rec, client, advance):
         result = deid_run(cfg, lake, key=key, run_id=rec.run_id, client=client, progress=advance)
-        rec.stage("deid", result.counts)
-        rec.audit.append(
-            "restricted_read",
-            run_id=rec.run_id,
-            stage="deid",
-            objects=result.counts.seen,
-            deidentified=result.counts.out,
-            quarantined=result.counts.quarantined,
-        )
+        record_restricted_stage(rec, "deid", result.counts, deidentified=result.counts.out)
     c = result.counts
     return (
         f"deid: {c.seen} objects, de-identified {c.out}, quarantined {c.quarantined} "

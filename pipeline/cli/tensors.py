@@ -18,29 +18,12 @@ from pipeline.config import PipelineConfig
 
 def tensors_with_manifest(cfg: PipelineConfig, command: str) -> str:
     """Build tensors as one recorded run; return the summary line."""
-    from pipeline.cli._common import dask_client, progress_bar
-    from pipeline.config import config_hash
-    from pipeline.lake import LakePaths, RunRecorder
+    from pipeline.cli._common import record_restricted_stage, recorded_run
     from pipeline.tensors.stage import run as tensors_run
 
-    assert cfg.lake is not None
-    lake = LakePaths(cfg.lake)
-    with (
-        RunRecorder(
-            lake, command, config_hash=config_hash(cfg), config=cfg.model_dump(mode="json")
-        ) as rec,
-        dask_client(cfg) as client,
-        progress_bar("tensors", None) as advance,
-    ):
+    with recorded_run(cfg, command, "tensors") as (lake, rec, client, advance):
         result = tensors_run(cfg, lake, run_id=rec.run_id, client=client, progress=advance)
-        rec.stage("tensors", result.counts)
-        rec.audit.append(
-            "restricted_read",
-            run_id=rec.run_id,
-            stage="tensors",
-            objects=result.counts.seen,
-            quarantined=result.counts.quarantined,
-        )
+        record_restricted_stage(rec, "tensors", result.counts)
     c = result.counts
     return (
         f"tensors: {c.seen} objects, {c.extra.get('volumes', 0)} volumes stored, "

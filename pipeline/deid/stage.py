@@ -43,7 +43,14 @@ from pipeline.lake import (
     write_partition,
     write_partitioned,
 )
-from pipeline.lake.duck import arrow_reader, arrow_table, connect, latest_sql, scan_sql
+from pipeline.lake.duck import (
+    arrow_reader,
+    arrow_table,
+    connect,
+    latest_sql,
+    scan_sql,
+    volume_verdicts,
+)
 from pipeline.lake.schemas import INSTANCES
 
 logger = logging.getLogger(__name__)
@@ -70,10 +77,6 @@ class DeidRunResult:
 
     run_id: str
     counts: StageCounts
-
-
-#: what the vault keeps of the original header (the way back, and verify's needles)
-_ORIGINALS = ORIGINAL_COLUMNS
 
 
 def _burned_in_risk(ds: Any, allowed: frozenset[str] = frozenset()) -> str | None:
@@ -282,8 +285,8 @@ def deid_batch(
                         f"may carry burned-in PHI ({risk}); quarantined until a rule clears it",
                         reason=QuarantineReason.BURNED_IN_PHI,
                     )
-                original = {k: _text(ds.get(k)) for k in _ORIGINALS}
-                missing = [k for k in _ORIGINALS[4:] if not original[k]]
+                original = {k: _text(ds.get(k)) for k in ORIGINAL_COLUMNS}
+                missing = [k for k in ORIGINAL_COLUMNS[4:] if not original[k]]
                 if missing:
                     raise MissingAttribute(f"no {', '.join(missing)}: cannot be de-identified")
                 out = deid.deidentify(ds, in_place=True).dataset  # ds is ours: no copy
@@ -524,16 +527,7 @@ def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
     series_rows: list[dict[str, Any]] = []
     current: list[dict[str, Any]] = []
     written: set[Path] = set()
-    # the tensors stage's verdict, taken on the pixels, outranks the header-level one
-    verdicts: dict[str, tuple[bool, str | None]] = {}
-    if table_exists(lake, "tensors"):
-        verdicts = {
-            uid: (status == "ok", reason)
-            for uid, status, reason in con.execute(
-                f"""SELECT SeriesInstanceUID, min(status), min(reason)
-                    FROM {scan_sql(lake, "tensors")} GROUP BY 1"""
-            ).fetchall()
-        }
+    verdicts = volume_verdicts(con, lake)  # taken on the pixels: outranks the header's
 
     def write_series() -> None:
         part = f"all-{len(written):05d}"

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import LakeError
 from pipeline.lake import LakePaths, scan_batches
 
-__all__ = ["Leak", "iter_needles", "needles", "verify"]
+__all__ = ["Leak", "iter_needles", "verify"]
 
 _MIN_LEN = 4
 
@@ -116,14 +116,6 @@ def iter_needles(
                 chunk = {}
     if chunk:
         yield chunk
-
-
-def needles(lake: LakePaths, key: bytes | None = None) -> dict[str, str]:
-    """All identifying strings of the restricted zone -> their kind (one dict)."""
-    out: dict[str, str] = {}
-    for chunk in iter_needles(lake, key, max_needles=2**62):
-        out.update(chunk)
-    return out
 
 
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*[A-Za-z0-9]|[A-Za-z0-9]")

@@ -14,7 +14,15 @@ import pyarrow as pa
 from pipeline.lake.paths import LakePaths
 from pipeline.lake.schemas import schema_for
 
-__all__ = ["arrow_reader", "arrow_table", "connect", "latest_sql", "object_states", "scan_sql"]
+__all__ = [
+    "arrow_reader",
+    "arrow_table",
+    "connect",
+    "latest_sql",
+    "object_states",
+    "scan_sql",
+    "volume_verdicts",
+]
 
 
 def connect(tmp: Path | None = None) -> Any:
@@ -121,3 +129,16 @@ def object_states(lake: LakePaths) -> pa.Table:
     finally:
         con.close()
     return table
+
+
+def volume_verdicts(con: Any, lake: LakePaths) -> dict[str, tuple[bool, str | None]]:
+    """The tensors stage's verdict per series, taken on the pixels: ``{series UID: (volume_ok,
+    volume_reason)}`` (empty before any tensors run). It outranks the header-level verdict the
+    deid stage computes for the ``series`` table."""
+    if not any(lake.table("tensors").rglob("*.parquet")):
+        return {}
+    rows = con.execute(
+        f"""SELECT SeriesInstanceUID, min(status), min(reason)
+            FROM {scan_sql(lake, "tensors")} GROUP BY 1"""
+    ).fetchall()
+    return {uid: (status == "ok", reason) for uid, status, reason in rows}

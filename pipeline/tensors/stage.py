@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
-import json
 import logging
 import time
 import warnings
@@ -44,10 +43,9 @@ from pipeline.lake import (
     StageCounts,
     atomic_write_bytes,
     sync_filesystem,
-    table_exists,
     write_partition,
 )
-from pipeline.lake.duck import arrow_reader, connect, latest_sql, scan_sql
+from pipeline.lake.duck import arrow_reader, connect, latest_sql, scan_sql, volume_verdicts
 
 logger = logging.getLogger(__name__)
 
@@ -288,15 +286,9 @@ def _apply_verdicts(con: Any, lake: LakePaths) -> None:
     """Set ``series.volume_ok``/``volume_reason`` from the verdicts taken on the pixels."""
     import pyarrow.parquet as pq
 
-    if not table_exists(lake, "series") or not table_exists(lake, "tensors"):
+    verdicts = volume_verdicts(con, lake)
+    if not verdicts:
         return
-    verdicts = {
-        uid: (status == "ok", reason)
-        for uid, status, reason in con.execute(
-            f"""SELECT SeriesInstanceUID, any_value(status), any_value(reason)
-                FROM {scan_sql(lake, "tensors")} GROUP BY 1"""
-        ).fetchall()
-    }
     for path in lake.table("series").rglob("*.parquet"):
         table = pq.read_table(path)
         rows = table.to_pylist()
@@ -363,17 +355,3 @@ def run(
         counts.seconds,
     )
     return TensorsRunResult(run_id, counts)
-
-
-def describe(lake: LakePaths) -> dict[str, Any]:
-    """Counts of the tensors table (for summaries)."""
-    con = connect()
-    try:
-        ok, refused = con.execute(
-            f"""SELECT count(*) FILTER (WHERE status = 'ok'),
-                       count(*) FILTER (WHERE status = 'refused')
-                FROM {scan_sql(lake, "tensors")}"""
-        ).fetchone()
-    finally:
-        con.close()
-    return {"volumes": ok, "refused_series": refused, "json": json.dumps({})}
