@@ -24,8 +24,8 @@ import datetime as dt
 import hashlib
 import io
 import logging
+import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +83,9 @@ def write_npy(path: Path, array: np.ndarray[Any, Any]) -> str:
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     data = array.data.cast("B") if array.size else memoryview(b"")
     digest = hashlib.sha256(header.getvalue())
-    digest.update(data)
+    # hashlib releases the GIL on large buffers: hash on a second thread while writing
+    hasher = threading.Thread(target=digest.update, args=(data,), name="write_npy-sha256")
+    hasher.start()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
     try:
@@ -92,6 +94,7 @@ def write_npy(path: Path, array: np.ndarray[Any, Any]) -> str:
             fh.write(data)
         os.replace(tmp, path)
     finally:
+        hasher.join()
         if tmp.exists():
             tmp.unlink()
     return "sha256:" + digest.hexdigest()
@@ -128,10 +131,9 @@ def _series_datasets(
     its pseudonym (from the vault: nothing of the header itself leaves this function but
     geometry), and the objects that failed with why.
     """
-    import pydicom
+    from pipeline.tensors.fastread import read_image
 
-    from pipeline.tensors.decode import decode_frames
-
+    datasets: list[Any]
     datasets, pixels, pseudonyms, failed = [], [], {}, []
     for obj in objects:
         try:
@@ -139,10 +141,9 @@ def _series_datasets(
                 obj["source"], cfg.source, cache_dir=lake.restricted / "cache"
             )
             sources[obj["source"]] = source
-            with source.open(obj["location"]) as fp, warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # pydicom's warnings quote header values
-                ds = pydicom.dcmread(fp, force=True)
-                frames = decode_frames(ds)  # fails here, per object, not for the series
+            with source.open(obj["location"]) as fp:
+                data = fp.read()
+            ds, frames = read_image(data)  # fails here, per object, not for the series
             pseudonyms[str(ds.get("SOPInstanceUID", ""))] = obj["sop_pseudonym"]
             datasets.append(ds)
             pixels.append(frames)
