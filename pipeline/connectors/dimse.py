@@ -821,6 +821,8 @@ class DimseSource:
             if errors or not path.is_file():
                 message = next(iter(errors.values()), "the PACS did not send this instance")
                 raise InputError(f"{location}: {message}", reason=QuarantineReason.UNRETRIEVABLE)
+            if self.cache_max_bytes is not None:  # the bound holds for later stages' reads too
+                trim_cache(self.cache_dir, self.cache_max_bytes, keep=folder)
         return path.open("rb")
 
     # -- retrieval ----------------------------------------------------------------------------

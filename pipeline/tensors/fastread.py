@@ -230,6 +230,7 @@ def read_classic(buf: bytes) -> tuple[Header, np.ndarray[Any, Any]] | None:
     returns them (a view of ``buf`` when Bits Stored fills Bits Allocated).
     """
     from pipeline.tensors.decode import _mask_to_bits_stored, expected_shape
+    from pipeline.tensors.volume import is_mosaic
 
     try:
         parsed = _parse(buf)
@@ -246,8 +247,8 @@ def read_classic(buf: bytes) -> tuple[Header, np.ndarray[Any, Any]] | None:
         return None
     header = Header(values, implicit)
     try:
-        if (header.get("NumberOfFrames") or 1) != 1:
-            return None
+        if (header.get("NumberOfFrames") or 1) != 1 or is_mosaic(header):  # type: ignore[arg-type]
+            return None  # the mosaic's layout is in a private header this reader skips
         shape = expected_shape(header)  # type: ignore[arg-type]  # the Dataset subset it reads
         allocated = int(header.BitsAllocated)
         signed = (header.get("PixelRepresentation") or 0) == 1

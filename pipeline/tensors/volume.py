@@ -42,14 +42,18 @@ Rules (each refusal is a :class:`~pipeline.errors.GeometryError`, PHI-free messa
   series is refused as having a gap (every step near a multiple of the smallest one, and at
   least half of them equal to it) or as variable spacing;
 - enhanced multi-frame objects (NumberOfFrames > 1) take geometry from their Per-frame /
-  Shared Functional Groups.
+  Shared Functional Groups;
+- Siemens MOSAIC images are cut into their slices with the layout of their CSA image header
+  (read with nibabel's ``csareader``; see :func:`_mosaic_frames`); without a readable CSA
+  header they are refused.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import numpy as np
@@ -103,7 +107,8 @@ class Volume:
     orientation: tuple[float, float, float, float, float, float]
     #: SOP Instance UID of each slice, in slice (k) order
     sop_instance_uids: tuple[str, ...]
-    #: 1-based frame number of each slice within its SOP instance (1 for single-frame objects)
+    #: 1-based frame number of each slice within its SOP instance (1 for single-frame objects;
+    #: the tile number for a Siemens MOSAIC)
     frame_numbers: tuple[int, ...]
     #: True when a Modality LUT (Rescale Slope/Intercept) was applied to the stored values
     rescaled: bool
@@ -245,6 +250,81 @@ def _classic_frames(ds: Dataset, decoded: npt.NDArray[Any] | None = None) -> lis
     ]
 
 
+def is_mosaic(ds: Dataset) -> bool:
+    """Whether ``ds`` is a Siemens MOSAIC image (ImageType holds ``MOSAIC``)."""
+    image_type = ds.get("ImageType", ())
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
+    return any(str(v).strip().upper() == "MOSAIC" for v in values)
+
+
+def _mosaic_layout(ds: Dataset) -> tuple[int, npt.NDArray[np.float64] | None]:
+    """(number of slices, CSA slice normal or None) from the Siemens CSA image header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nibabel.nicom warns that its readers are experimental
+        from nibabel.nicom import csareader
+
+        try:
+            csa = csareader.get_csa_header(ds, "image")
+            n_slices = csareader.get_n_mosaic(csa) if csa else None
+            normal = csareader.get_slice_normal(csa) if csa else None
+        except Exception:
+            n_slices, normal = None, None
+    if not n_slices:
+        raise GeometryError(
+            "Siemens MOSAIC without a readable CSA header: the number of slices is unknown"
+        )
+    return int(n_slices), None if normal is None else np.asarray(normal, dtype=np.float64)
+
+
+def _mosaic_frames(ds: Dataset, decoded: npt.NDArray[Any] | None = None) -> list[_Frame]:
+    """The slices of a Siemens MOSAIC image: tiles of ``ceil(sqrt(n))`` per side, row by row.
+
+    The header's ImagePositionPatient is the corner of the whole mosaic; slice 0's position is
+    that corner moved by half the difference between mosaic and tile size along rows and
+    columns (the rule nibabel's ``MosaicWrapper`` and dcm2niix use). Slices follow the CSA
+    SliceNormalVector (or row x column cosines when absent) at SpacingBetweenSlices, else
+    SliceThickness. ``frame_number`` is the 1-based tile number within the mosaic.
+    """
+    (base,) = _classic_frames(ds, decoded)
+    n_slices, csa_normal = _mosaic_layout(ds)
+    rows, cols, samples = base.shape
+    side = math.ceil(math.sqrt(n_slices))
+    if samples != 1 or rows % side or cols % side:
+        raise GeometryError(f"MOSAIC of {rows}x{cols} does not tile into {side}x{side} slices")
+    tile_r, tile_c = rows // side, cols // side
+    row_sp, col_sp = base.pixel_spacing
+    row_cos, col_cos = base.orientation[:3], base.orientation[3:]
+    origin = (
+        base.position
+        + col_cos * row_sp * (rows - tile_r) / 2
+        + row_cos * col_sp * (cols - tile_c) / 2
+    )
+    normal = csa_normal if csa_normal is not None else np.cross(row_cos, col_cos)
+    normal = normal / np.linalg.norm(normal)
+    gap = _num(ds.get("SpacingBetweenSlices")) or _num(ds.get("SliceThickness"))
+    if not gap:
+        raise GeometryError("MOSAIC without SpacingBetweenSlices or SliceThickness")
+
+    def tile(k: int) -> Callable[[], npt.NDArray[Any]]:
+        r, c = divmod(k, side)
+
+        def pixels() -> npt.NDArray[Any]:
+            return base.pixels()[r * tile_r : (r + 1) * tile_r, c * tile_c : (c + 1) * tile_c]
+
+        return pixels
+
+    return [
+        replace(
+            base,
+            position=origin + k * gap * normal,
+            shape=(tile_r, tile_c, 1),
+            frame_number=k + 1,
+            pixels=tile(k),
+        )
+        for k in range(n_slices)
+    ]
+
+
 def _enhanced_frames(
     ds: Dataset, n_frames: int, decoded: npt.NDArray[Any] | None = None
 ) -> list[_Frame]:
@@ -346,6 +426,8 @@ def _frames(
                     "multi-frame object without functional groups has no per-frame geometry"
                 )
             frames.extend(_enhanced_frames(ds, n_frames, decoded))
+        elif is_mosaic(ds):
+            frames.extend(_mosaic_frames(ds, decoded))
         else:
             frames.extend(_classic_frames(ds, decoded))
     return frames
