@@ -16,13 +16,18 @@ Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def map_bounded(
-    func: Callable[..., R], calls: Iterable[Call], *, client: Any = None
+    func: Callable[..., R],
+    calls: Iterable[Call],
+    *,
+    client: Any = None,
+    resources: dict[str, float] | None = None,
 ) -> Iterator[R]:
     """Yield ``func(*args, **kwargs)`` for each ``(args, kwargs)`` of ``calls``.
 
     With ``client`` None the calls run here, one after another, in order. With a
     ``distributed.Client`` they run on its workers, at most ``2 * workers + 2`` at a time (the
-    next call is only drawn from ``calls`` when one finishes), and results come as they finish.
+    next call is only drawn from ``calls`` when one finishes), and results come as they finish;
+    ``resources`` (e.g. ``{"GPU": 1}``) restricts them to workers that declare those resources.
     """
     if client is None:
         for args, kwargs in calls:
@@ -34,7 +39,7 @@ def map_bounded(
     pending = as_completed()
     in_flight = 0
     for args, kwargs in calls:
-        pending.add(client.submit(func, *args, pure=False, **kwargs))
+        pending.add(client.submit(func, *args, pure=False, resources=resources, **kwargs))
         in_flight += 1
         while in_flight >= limit:
             yield next(pending).result()

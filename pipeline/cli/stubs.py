@@ -35,20 +35,7 @@ def register_keygen(app: typer.Typer) -> None:
 
 
 def register_stages(app: typer.Typer) -> None:
-    """Add ``infer``, ``writeback``, ``review`` and ``run``."""
-
-    @app.command("infer")
-    def infer(
-        lake: LakeOpt = None,
-        model: Annotated[
-            str | None, typer.Option("--model", help="Model name in models/ or a bundle path.")
-        ] = None,
-        config: ConfigOpt = None,
-        workers: WorkersOpt = None,
-        scheduler: SchedulerOpt = None,
-    ) -> None:
-        """Run MONAI models over the tensors: findings table and masks."""
-        not_implemented("infer", 6)
+    """Add ``writeback``, ``review`` and ``run``."""
 
     @app.command("writeback")
     def writeback(

@@ -7,6 +7,8 @@ name or a key-file path), never values.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -20,6 +22,7 @@ __all__ = [
     "DeidConfig",
     "DimseConfig",
     "DimseTlsConfig",
+    "InferConfig",
     "LoggingConfig",
     "PipelineConfig",
     "SourceConfig",
@@ -256,6 +259,56 @@ class TensorsConfig(_Section):
         "quarantine", description="An object whose pixels cannot be decoded: quarantine or raise."
     )
 
+    def preprocessing_json(self) -> str:
+        """The preprocessing as canonical JSON (what the hash covers; stored with each tensor)."""
+        fields = ("orientation", "spacing", "interpolation", "window", "normalize", "dtype")
+        data = self.model_dump(mode="json", include=set(fields))
+        if data["spacing"] is None:
+            data.pop("interpolation")  # no resampling: the interpolation does not matter
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    def preprocessing_hash(self) -> str:
+        """A short stable name of the preprocessing (16 hex digits of SHA-256): the tensors
+        stage files volumes under it, and the infer stage picks the volumes by it."""
+        return hashlib.sha256(self.preprocessing_json().encode()).hexdigest()[:16]
+
+
+class InferConfig(_Section):
+    """The infer stage: which model, how it is loaded, how big the batches are."""
+
+    model: str = Field(
+        "ct_body_composition",
+        description="Model name in the registry (configs/models.yaml), or a bundle folder/zip.",
+    )
+    registry: Path | None = Field(
+        None,
+        description="Model registry YAML (which model applies to which series, label codes); "
+        "unset: configs/models.yaml of the pacsflow checkout.",
+    )
+    models_dir: Path | None = Field(
+        None, description="Where named bundles live; unset: models/ of the pacsflow checkout."
+    )
+    bundle_code: Literal["allow-list", "trusted"] = Field(
+        "allow-list",
+        description="allow-list: build the bundle's network and transforms from an allow-list, "
+        "evaluating nothing; trusted: run its config as MONAI does (it executes code).",
+    )
+    batch_size: int = Field(64, ge=1, le=65536, description="Slices per forward pass (2D models).")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="Mixed precision on CUDA (auto: bf16 where supported, else fp16)."
+    )
+    volumes_per_task: int = Field(
+        8, ge=1, le=10_000, description="Volumes per task (one model load per worker, reused)."
+    )
+    prefetch: int = Field(
+        2, ge=1, le=64, description="Volumes loaded and preprocessed ahead of the device."
+    )
+    gpu_resource: str = Field(
+        "GPU",
+        description="Dask worker resource that GPU tasks ask for when compute.device is cuda "
+        "(start GPU workers with --resources GPU=1).",
+    )
+
 
 class SynthConfig(_Section):
     """The synthetic archive that `pacsflow demo` generates."""
@@ -288,5 +341,6 @@ class PipelineConfig(_Section):
     crawl: CrawlConfig = Field(default_factory=CrawlConfig, description="Crawl stage.")
     deid: DeidConfig = Field(default_factory=DeidConfig, description="De-identification stage.")
     tensors: TensorsConfig = Field(default_factory=TensorsConfig, description="Tensors stage.")
+    infer: InferConfig = Field(default_factory=InferConfig, description="Infer stage.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Demo archive.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")

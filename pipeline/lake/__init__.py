@@ -1,5 +1,6 @@
 """The lake: paths of both zones, table schemas, atomic writes, run manifests and the audit log."""
 
+from pipeline.lake.arrays import load_tensor, write_npy
 from pipeline.lake.audit import AuditLog, ChainCheck, verify_chain
 from pipeline.lake.io import (
     atomic_write_bytes,
@@ -30,6 +31,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "list_manifests",
+    "load_tensor",
     "read_table",
     "scan_batches",
     "schema_for",
@@ -37,6 +39,7 @@ __all__ = [
     "sync_filesystem",
     "table_exists",
     "verify_chain",
+    "write_npy",
     "write_partition",
     "write_partitioned",
 ]

@@ -272,20 +272,31 @@ TENSORS = _schema(
 
 FINDINGS = _schema(
     [
-        _f("finding_key", _S, False),
-        _f("SeriesInstanceUID", _S, False),
-        _f("tensor_key", _S),
+        _f("finding_key", _S, False),  # <tensor_key>/<model>@<version>+<weights12>/<label>
+        _f("SeriesInstanceUID", _S, False),  # pseudonym
+        _f("tensor_key", _S, False),
+        _f("tensor_checksum", _S),  # the tensors row's checksum: what the model saw
+        _f("volume_index", _I),
         _f("model", _S, False),
         _f("model_version", _S, False),
-        _f("weights_sha256", _S),
+        _f("weights_sha256", _S, False),
         _f("label", _S, False),
-        _f("score", _F),
+        _f("label_value", _I),  # the value of the label in the mask
+        _f("category_code", pa.list_(_S)),  # [value, scheme, meaning] (registry), or null
+        _f("type_code", pa.list_(_S)),  # [value, scheme, meaning] (registry), or null
+        _f("score", _F),  # a model's confidence where it gives one (segmentation: null)
+        _f("voxel_count", _I),
         _f("volume_ml", _F),
-        _f("measurements", _S),  # JSON
-        _f("mask_path", _S),
+        _f("mean_hu", _F),  # mean Hounsfield units in the label (rescaled CT tensors), else null
+        _f("bbox", pa.list_(_I)),  # [k0, j0, i0, k1, j1, i1] inclusive voxel indices, or null
+        _f("measurements", _S),  # JSON: the above and any other measurement, with units
+        _f("mask_path", _S),  # relative to research/: masks/<tensor_key>/<model ref>.npy
+        _f("mask_checksum", _S),
+        _f("device", _S),  # cpu | cuda (and the autocast dtype)
         _f("run_id", _S),
+        _f("inferred_at", _TS),
     ],
-    "research: one row per (series, model, label)",
+    "research: one row per (volume, model, label); a new model version adds rows",
 )
 
 REVIEWS = _schema(

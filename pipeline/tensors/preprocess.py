@@ -10,8 +10,6 @@ one file per (series, de-identification version, preprocessing hash).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 import numpy as np
@@ -26,16 +24,12 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def preprocessing_json(cfg: TensorsConfig) -> str:
     """The preprocessing as canonical JSON (what the hash covers; stored with each tensor)."""
-    fields = ("orientation", "spacing", "interpolation", "window", "normalize", "dtype")
-    data = cfg.model_dump(mode="json", include=set(fields))
-    if data["spacing"] is None:
-        data.pop("interpolation")  # no resampling: the interpolation does not matter
-    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return cfg.preprocessing_json()
 
 
 def preprocessing_hash(cfg: TensorsConfig) -> str:
     """A short stable name of the preprocessing (16 hex digits of SHA-256)."""
-    return hashlib.sha256(preprocessing_json(cfg).encode()).hexdigest()[:16]
+    return cfg.preprocessing_hash()
 
 
 class Preprocessed:

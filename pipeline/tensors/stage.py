@@ -24,14 +24,10 @@ import datetime as dt
 import hashlib
 import io
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from pipeline.compute import map_bounded
 from pipeline.config import PipelineConfig
@@ -42,7 +38,9 @@ from pipeline.lake import (
     LakePaths,
     StageCounts,
     atomic_write_bytes,
+    load_tensor,
     sync_filesystem,
+    write_npy,
     write_partition,
 )
 from pipeline.lake.duck import arrow_reader, connect, latest_sql, scan_sql, volume_verdicts
@@ -50,6 +48,9 @@ from pipeline.lake.duck import arrow_reader, connect, latest_sql, scan_sql, volu
 logger = logging.getLogger(__name__)
 
 __all__ = ["TensorsRunResult", "load_tensor", "run", "tensors_batch", "write_npy"]
+
+# load_tensor and write_npy live in pipeline.lake (the infer stage writes masks with it);
+# re-exported here, where the tensors stage's readers and bench/ find them
 
 Progress = Callable[[int], None]
 
@@ -64,40 +65,6 @@ class TensorsRunResult:
 
 def _short(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def load_tensor(lake: LakePaths, path: str) -> np.ndarray[Any, Any]:
-    """Load a stored volume by its ``tensors.path`` (relative to ``research/``)."""
-    return np.load(lake.research / path, allow_pickle=False)
-
-
-def write_npy(path: Path, array: np.ndarray[Any, Any]) -> str:
-    """Write ``array`` as a ``.npy`` file (the bytes ``np.save`` writes) atomically, without
-    copying it, and return ``"sha256:<hex>"`` of the file. Not fsynced: the caller flushes
-    the filesystem once per batch."""
-    import os
-    import uuid
-
-    array = np.ascontiguousarray(array)
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
-    data = array.data.cast("B") if array.size else memoryview(b"")
-    digest = hashlib.sha256(header.getvalue())
-    # hashlib releases the GIL on large buffers: hash on a second thread while writing
-    hasher = threading.Thread(target=digest.update, args=(data,), name="write_npy-sha256")
-    hasher.start()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(header.getvalue())
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        hasher.join()
-        if tmp.exists():
-            tmp.unlink()
-    return "sha256:" + digest.hexdigest()
 
 
 def _quarantine_row(

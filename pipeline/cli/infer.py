@@ -1,0 +1,105 @@
+"""``pacsflow infer``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.cli._common import (
+    EXIT_USAGE,
+    ConfigOpt,
+    LakeOpt,
+    SchedulerOpt,
+    WorkersOpt,
+    build_config,
+    fail,
+    guarded,
+)
+from pipeline.config import PipelineConfig
+
+
+def infer_with_manifest(cfg: PipelineConfig, command: str, model: str | None = None) -> str:
+    """Run inference as one recorded run; return the summary line."""
+    from pipeline.cli._common import recorded_run
+    from pipeline.infer.stage import run as infer_run
+
+    with recorded_run(cfg, command, "infer") as (lake, rec, client, advance):
+        result = infer_run(
+            cfg, lake, run_id=rec.run_id, client=client, progress=advance, model=model
+        )
+        rec.stage("infer", result.counts)
+    c = result.counts
+    engine = c.extra.get("engine", {})
+    waiting = engine.get("seconds_waiting", 0.0)
+    total = engine.get("seconds_total", 0.0)
+    wait = f", waiting for data {100 * waiting / total:.0f}%" if total else ""
+    return (
+        f"infer: {result.model_ref} over {c.seen} volumes, {c.extra.get('findings', 0)} "
+        f"findings rows in {c.seconds:.1f} s{wait} (run {rec.run_id})"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``infer``."""
+
+    @app.command("infer")
+    def infer(
+        lake: LakeOpt = None,
+        model: Annotated[
+            str | None,
+            typer.Option(
+                "--model",
+                help="Registered model name (configs/models.yaml), or a bundle folder or zip.",
+            ),
+        ] = None,
+        device: Annotated[
+            str | None, typer.Option("--device", help="auto, cpu or cuda (compute.device).")
+        ] = None,
+        trust_bundle_code: Annotated[
+            bool,
+            typer.Option(
+                "--trust-bundle-code",
+                help="Run the bundle's config as MONAI does: it executes code. Default: build "
+                "only allow-listed networks and transforms, evaluating nothing.",
+            ),
+        ] = False,
+        batch_size: Annotated[
+            int | None, typer.Option("--batch-size", help="Slices per forward pass.")
+        ] = None,
+        config: ConfigOpt = None,
+        workers: WorkersOpt = None,
+        scheduler: SchedulerOpt = None,
+    ) -> None:
+        """Run a MONAI bundle over the stored volumes: masks and the findings table.
+
+        The model loads from a local folder or zip only; nothing is downloaded. Results go to
+        research/masks/ and research/tables/findings/, one row per (volume, model, label).
+        """
+        extra: dict[str, Any] = {}
+        infer_section: dict[str, Any] = {}
+        if trust_bundle_code:
+            infer_section["bundle_code"] = "trusted"
+        if batch_size is not None:
+            infer_section["batch_size"] = batch_size
+        if infer_section:
+            extra["infer"] = infer_section
+        if device is not None:
+            extra["compute"] = {"device": device}
+        cfg = build_config(config, lake=lake, workers=workers, scheduler=scheduler, extra=extra)
+        if cfg.lake is None:
+            fail("no lake: pass --lake LAKE or set `lake:` in the config", EXIT_USAGE)
+        from pipeline.lake import LakePaths
+
+        paths = LakePaths(cfg.lake)
+        if not any(paths.table("tensors").rglob("*.parquet")):
+            fail(
+                f"no tensors in {cfg.lake}: run `pacsflow tensors --lake {cfg.lake}` first "
+                "(after crawl and deid)",
+                EXIT_USAGE,
+            )
+
+        def body() -> None:
+            typer.echo(infer_with_manifest(cfg, "infer", model))
+
+        guarded(body)

@@ -1,0 +1,305 @@
+"""Batched segmentation with a loaded bundle: many volumes, one model, large batches.
+
+:class:`Segmenter` keeps the network on its device and streams volumes through it:
+
+1. a thread pool loads and preprocesses the next volumes (``np.load`` of the tensor, the
+   bundle's ``preprocessing``) while the device computes on the current batch;
+2. a 2D bundle (``spatial_dims == 2``) sees axial slices: slices of *several* volumes are packed
+   into one batch of ``batch_size`` slices; a 3D bundle gets each whole volume through its
+   ``inferer`` (e.g. ``SlidingWindowInferer``, whose ``sw_batch_size`` batches the patches);
+3. when a volume's predictions are complete they go through the bundle's ``postprocessing``
+   (argmax, inversion of the preprocessing back onto the tensor grid) and come out as a label
+   map in tensor geometry, ``(slices, rows, columns)`` uint8.
+
+Runs under ``torch.inference_mode``; on CUDA with autocast (bf16 where supported, else fp16)
+unless ``amp="off"``; the same code on CPU. Results are deterministic for the same input,
+model, device and batch size (cuDNN benchmark off, deterministic kernels requested).
+
+Volume convention: a tensor ``array`` ``(slices, rows, cols)`` with its LPS ``affine`` (see
+:mod:`pipeline.tensors.volume`) is given to MONAI as ``MetaTensor(array.transpose(2, 1, 0)[None],
+affine=RAS affine)``: channel, then x = column, y = row, z = slice, MONAI's RAS convention.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.errors import ModelError
+from pipeline.infer.bundle import Bundle
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EngineStats", "Segmenter", "pick_device"]
+
+K = TypeVar("K")
+Loader = Callable[[], tuple[npt.NDArray[Any], npt.NDArray[np.float64]]]
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def pick_device(device: str = "auto") -> str:
+    """``"cuda"`` when asked for or (``auto``) available, else ``"cpu"``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+@dataclass
+class EngineStats:
+    """Where the time went, for bench/infer.py and the run manifest."""
+
+    volumes: int = 0
+    slices: int = 0
+    voxels: int = 0
+    batches: int = 0
+    #: the compute loop blocked on the loading/preprocessing threads
+    seconds_waiting: float = 0.0
+    #: network forward passes (synchronised on CUDA)
+    seconds_compute: float = 0.0
+    #: postprocessing (argmax, inversion onto the tensor grid)
+    seconds_post: float = 0.0
+    seconds_total: float = 0.0
+
+    @property
+    def wait_fraction(self) -> float:
+        """Share of the total time the model waited for data."""
+        return self.seconds_waiting / self.seconds_total if self.seconds_total else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "volumes": self.volumes,
+            "slices": self.slices,
+            "voxels": self.voxels,
+            "batches": self.batches,
+            "seconds_waiting": round(self.seconds_waiting, 3),
+            "seconds_compute": round(self.seconds_compute, 3),
+            "seconds_post": round(self.seconds_post, 3),
+            "seconds_total": round(self.seconds_total, 3),
+            "wait_fraction": round(self.wait_fraction, 4),
+        }
+
+
+@dataclass
+class _Prepared(Generic[K]):
+    key: K
+    shape: tuple[int, ...]  # the tensor's (slices, rows, cols)
+    image: Any  # the preprocessed MetaTensor (C, X, Y, Z)
+    pieces: list[Any] = field(default_factory=list)  # logits chunks, in slice order
+    done: int = 0
+
+
+class Segmenter:
+    """A bundle on a device, segmenting streams of volumes in batches.
+
+    Parameters
+    ----------
+    bundle:
+        A loaded bundle (:func:`pipeline.infer.bundle.load_bundle`).
+    device:
+        ``auto``, ``cpu`` or ``cuda``.
+    batch_size:
+        Slices per forward pass for 2D bundles (packed across volumes).
+    amp:
+        ``auto`` (bf16/fp16 autocast on CUDA, none on CPU), ``bf16``, ``fp16`` or ``off``.
+    prefetch:
+        Volumes loaded and preprocessed ahead of the device (memory: about that many volumes
+        plus the ones in the current batch).
+    loader_threads:
+        Threads loading and preprocessing.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str = "auto",
+        batch_size: int = 64,
+        amp: Literal["auto", "bf16", "fp16", "off"] = "auto",
+        prefetch: int = 2,
+        loader_threads: int = 1,
+    ) -> None:
+        import torch
+
+        self.bundle = bundle
+        self.device = pick_device(device)
+        self.batch_size = max(1, int(batch_size))
+        self.prefetch = max(1, int(prefetch))
+        self.loader_threads = max(1, int(loader_threads))
+        self.autocast_dtype: Any = None
+        if self.device == "cuda" and amp != "off":
+            if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+                self.autocast_dtype = torch.float16
+            else:
+                self.autocast_dtype = torch.bfloat16
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        self.network = bundle.network.to(self.device).eval()
+        self.stats = EngineStats()
+
+    # ---------------------------------------------------------------- preparation (threads)
+
+    def _prepare(self, key: K, load: Loader) -> _Prepared[K]:
+        import torch
+        from monai.data import MetaTensor
+
+        array, affine = load()
+        if array.ndim != 3:
+            raise ModelError(f"expected a 3D volume (slices, rows, cols), got shape {array.shape}")
+        data = np.ascontiguousarray(array.transpose(2, 1, 0)[None], dtype=np.float32)
+        image = MetaTensor(torch.from_numpy(data), affine=torch.from_numpy(_LPS_TO_RAS @ affine))
+        prepared = {"image": image}
+        if self.bundle.preprocessing is not None:
+            prepared = self.bundle.preprocessing(prepared)
+        return _Prepared(key=key, shape=tuple(array.shape), image=prepared["image"])
+
+    # ---------------------------------------------------------------- compute (this thread)
+
+    def _forward(self, batch: Any) -> Any:
+        import torch
+
+        started = time.perf_counter()
+        x = batch.to(self.device, non_blocking=True)
+        if self.autocast_dtype is not None:
+            with torch.autocast("cuda", dtype=self.autocast_dtype):
+                y = self.bundle.inferer(x, self.network)
+        else:
+            y = self.bundle.inferer(x, self.network)
+        y = y.float().cpu()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.stats.seconds_compute += time.perf_counter() - started
+        self.stats.batches += 1
+        return y
+
+    def _finish(self, item: _Prepared[K], logits: Any) -> npt.NDArray[np.uint8]:
+        """Postprocess one volume's logits (C, X', Y', Z') onto the tensor grid."""
+        import torch
+        from monai.data import MetaTensor
+
+        started = time.perf_counter()
+        pred = MetaTensor(logits)
+        if isinstance(item.image, MetaTensor):
+            pred.copy_meta_from(item.image)
+        out: Any = pred
+        if self.bundle.postprocessing is not None:
+            out = self.bundle.postprocessing({"pred": pred, "image": item.image})["pred"]
+        labels = torch.as_tensor(out)
+        if labels.ndim == 4 and labels.shape[0] > 1:
+            labels = labels.argmax(0, keepdim=True)
+        labels_np = np.asarray(labels.detach().cpu().numpy())
+        if labels_np.ndim == 4:
+            labels_np = labels_np[0]
+        result = np.ascontiguousarray(labels_np.transpose(2, 1, 0)).round().astype(np.uint8)
+        if result.shape != item.shape:
+            raise ModelError(
+                f"the bundle's output has shape {result.shape}, the tensor {item.shape}: its "
+                "postprocessing must bring predictions back to the input grid (e.g. Invertd)"
+            )
+        self.stats.seconds_post += time.perf_counter() - started
+        self.stats.volumes += 1
+        self.stats.voxels += int(np.prod(item.shape))
+        return result
+
+    def segment(
+        self, items: Iterable[tuple[K, Loader]]
+    ) -> Iterator[tuple[K, npt.NDArray[np.uint8]]]:
+        """Yield ``(key, label map)`` for each ``(key, loader)``, in input order.
+
+        ``loader()`` returns ``(array, affine)``: the tensor ``(slices, rows, cols)`` and its
+        LPS affine. A loader or preprocessing error propagates (the stage records it per batch).
+        """
+        import torch
+
+        started = time.perf_counter()
+        pool = cf.ThreadPoolExecutor(self.loader_threads, thread_name_prefix="infer-load")
+        source = iter(items)
+        pending: deque[cf.Future[_Prepared[K]]] = deque()
+
+        def refill() -> None:
+            while len(pending) < self.prefetch:
+                try:
+                    key, load = next(source)
+                except StopIteration:
+                    return
+                pending.append(pool.submit(self._prepare, key, load))
+
+        def take() -> _Prepared[K] | None:
+            refill()
+            if not pending:
+                return None
+            waited = time.perf_counter()
+            item = pending.popleft().result()
+            self.stats.seconds_waiting += time.perf_counter() - waited
+            refill()
+            return item
+
+        try:
+            with torch.inference_mode():
+                if self.bundle.spatial_dims == 3:
+                    while (item := take()) is not None:
+                        logits = self._forward(item.image.as_tensor()[None])[0]
+                        yield item.key, self._finish(item, logits)
+                else:
+                    yield from self._segment_2d(take)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.stats.seconds_total += time.perf_counter() - started
+
+    def _segment_2d(
+        self, take: Callable[[], _Prepared[K] | None]
+    ) -> Iterator[tuple[K, npt.NDArray[np.uint8]]]:
+        """Pack slices of consecutive volumes into batches; finish volumes in order."""
+        import torch
+
+        open_items: deque[_Prepared[K]] = deque()  # volumes with slices not yet finished
+        queue: deque[tuple[_Prepared[K], int, int]] = deque()  # (volume, z0, z1) to run
+        queued = 0
+        exhausted = False
+        while True:
+            while not exhausted and queued < self.batch_size:
+                item = take()
+                if item is None:
+                    exhausted = True
+                    break
+                depth = int(item.image.shape[-1])
+                open_items.append(item)
+                queue.append((item, 0, depth))
+                queued += depth
+                self.stats.slices += depth
+            if not queue:
+                break
+            # one batch of up to batch_size slices, possibly from several volumes
+            parts, owners, room = [], [], self.batch_size
+            while queue and room:
+                item, z0, z1 = queue.popleft()
+                take_n = min(room, z1 - z0)
+                chunk = item.image.as_tensor()[..., z0 : z0 + take_n].permute(3, 0, 1, 2)
+                parts.append(chunk)
+                owners.append((item, take_n))
+                room -= take_n
+                queued -= take_n
+                if z0 + take_n < z1:
+                    queue.appendleft((item, z0 + take_n, z1))
+            logits = self._forward(torch.cat(parts))  # (B, C, H, W)
+            offset = 0
+            for item, n in owners:
+                item.pieces.append(logits[offset : offset + n])
+                item.done += n
+                offset += n
+            while open_items and open_items[0].done == int(open_items[0].image.shape[-1]):
+                item = open_items.popleft()
+                volume_logits = torch.cat(item.pieces).permute(1, 2, 3, 0)  # (C, H, W, Z)
+                item.pieces.clear()
+                yield item.key, self._finish(item, volume_logits)

@@ -1,0 +1,164 @@
+"""The model registry (``configs/models.yaml``): which model applies to which series, and the
+coded concepts of its labels and measurements that write-back puts into SEG and SR.
+
+A registry entry::
+
+    models:
+      <name>:
+        bundle: <folder in models/, or a bundle path>
+        applies_to: "Modality = 'CT' AND volume_ok"     # DuckDB WHERE over the series table
+        labels:
+          <label name as in the bundle's channel_def>:
+            category: [code value, scheme, meaning]     # SEG Segmented Property Category
+            type: [code value, scheme, meaning]         # SEG Segmented Property Type
+        measurements:
+          volume_ml: {concept: [...], unit: [...]}
+          mean_hu: {concept: [...], derivation: [...], unit: [...]}
+
+A bundle given by path that the registry does not name applies to every series that is a volume
+(``volume_ok``) and its labels carry no codes (write-back then refuses to code them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError
+
+__all__ = [
+    "Code",
+    "LabelSpec",
+    "MeasurementSpec",
+    "ModelEntry",
+    "Registry",
+    "default_models_dir",
+    "default_registry_path",
+    "load_registry",
+]
+
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def default_registry_path() -> Path:
+    """``configs/models.yaml`` of the pacsflow checkout."""
+    return _CHECKOUT / "configs" / "models.yaml"
+
+
+def default_models_dir() -> Path:
+    """``models/`` of the pacsflow checkout."""
+    return _CHECKOUT / "models"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Code(_Strict):
+    """A coded concept: value, coding scheme designator, meaning."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    @classmethod
+    def parse(cls, raw: Any) -> Code:
+        if isinstance(raw, list | tuple) and len(raw) == 3:
+            return cls(value=str(raw[0]), scheme=str(raw[1]), meaning=str(raw[2]))
+        return cls.model_validate(raw)
+
+
+class LabelSpec(_Strict):
+    """What one label means: SEG's Segmented Property Category and Type."""
+
+    category: Code | None = None
+    type: Code | None = None
+
+
+class MeasurementSpec(_Strict):
+    """One measurement reported per label (TID 1500 concept, derivation, unit)."""
+
+    concept: Code
+    unit: Code
+    derivation: Code | None = None
+
+
+class ModelEntry(_Strict):
+    """One model of the registry."""
+
+    name: str
+    bundle: str
+    applies_to: str = "volume_ok"
+    labels: dict[str, LabelSpec] = Field(default_factory=dict)
+    measurements: dict[str, MeasurementSpec] = Field(default_factory=dict)
+
+
+class Registry(_Strict):
+    """Every registered model, by name."""
+
+    path: Path | None = None
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+
+    def entry(self, ref: str) -> ModelEntry:
+        """The entry named ``ref``; for a bundle path the registry does not name, an ad hoc
+        entry (every ``volume_ok`` series, no codes).
+
+        Raises:
+            ConfigError: ``ref`` is neither a registered name nor an existing path.
+        """
+        if ref in self.models:
+            return self.models[ref]
+        for entry in self.models.values():
+            if entry.bundle == ref:
+                return entry
+        path = Path(ref).expanduser()
+        if path.exists():
+            return ModelEntry(name=path.stem, bundle=str(path))
+        raise ConfigError(
+            f"no model {ref!r}: not in the registry {self.path} "
+            f"(there: {', '.join(sorted(self.models)) or 'none'}) and not a bundle path"
+        )
+
+
+def _codes(raw: Any, where: str) -> Any:
+    """Turn ``[value, scheme, meaning]`` lists into Code mappings, recursively."""
+    if isinstance(raw, dict):
+        out = {}
+        for key, value in raw.items():
+            if key in ("category", "type", "concept", "unit", "derivation"):
+                out[key] = Code.parse(value) if value is not None else None
+            else:
+                out[key] = _codes(value, f"{where}.{key}")
+        return out
+    return raw
+
+
+def load_registry(path: Path | None = None) -> Registry:
+    """Read and validate the registry at ``path`` (default :func:`default_registry_path`).
+
+    Raises:
+        ConfigError: the file is missing or malformed; the message names the entry and field.
+    """
+    path = path or default_registry_path()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"no model registry at {path} (set infer.registry)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("models", {}), dict):
+        raise ConfigError(f"{path}: expected a mapping with a `models:` mapping")
+    models = {}
+    for name, body in (raw.get("models") or {}).items():
+        try:
+            models[name] = ModelEntry.model_validate(
+                {"name": name, **_codes(body or {}, str(name))}
+            )
+        except (ValidationError, ValueError) as exc:
+            first = str(exc).splitlines()
+            detail = " ".join(line.strip() for line in first[1:3])
+            raise ConfigError(f"{path}: model {name!r}: {detail}") from None
+    return Registry(path=path, models=models)

@@ -1,0 +1,367 @@
+"""The infer stage: a registered model over the tensor store -> masks and the findings table.
+
+1. The registry entry (:mod:`pipeline.infer.registry`) names the bundle and the series it applies
+   to (a WHERE clause over the research ``series`` table); the bundle is loaded once here to
+   validate it and to learn its identity (name, version, weights sha256);
+2. DuckDB lists the stored volumes (``tensors`` rows with status ok, of the configured
+   preprocessing) of those series that have no findings yet for this exact model identity
+   (incremental: a rerun skips them; a new version or new weights add rows beside the old);
+3. workers (each loads the model once and keeps it) segment the volumes in batches
+   (:class:`pipeline.infer.engine.Segmenter`), write one label map per volume in tensor geometry
+   to ``research/masks/<tensor_key>/<model>@<version>+<weights12>.npy``, and one findings row per
+   (volume, label): voxel count, volume (mL), mean HU on rescaled CT, bounding box, the label's
+   codes from the registry, the mask's path and checksum, the tensor's checksum;
+4. the rows commit the batch (written last); objects of a volume with findings reach the state
+   ``inferred``.
+
+On a Dask cluster with ``compute.device: cuda`` the tasks ask for the worker resource
+``infer.gpu_resource`` (start GPU workers with ``--resources GPU=1``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.compute import map_bounded
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError, ModelError
+from pipeline.lake import LakePaths, StageCounts, sync_filesystem, write_npy, write_partition
+from pipeline.lake.duck import arrow_reader, connect, scan_sql
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["InferRunResult", "infer_batch", "measure", "run"]
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class InferRunResult:
+    """What one infer run did, in numbers."""
+
+    run_id: str
+    model_ref: str
+    counts: StageCounts
+
+
+# one loaded model per worker process, reused by every task that runs there
+_SEGMENTERS: dict[tuple[str, str, str], Any] = {}
+_SEGMENTERS_LOCK = threading.Lock()
+
+
+def _models_dir(cfg: PipelineConfig) -> Path:
+    from pipeline.infer.registry import default_models_dir
+
+    return cfg.infer.models_dir or default_models_dir()
+
+
+def _segmenter(cfg: PipelineConfig, bundle_ref: str, extract_dir: Path) -> Any:
+    from pipeline.infer.bundle import load_bundle
+    from pipeline.infer.engine import Segmenter
+
+    key = (bundle_ref, cfg.infer.bundle_code, cfg.compute.device)
+    with _SEGMENTERS_LOCK:
+        seg = _SEGMENTERS.get(key)
+        if seg is None:
+            bundle = load_bundle(
+                bundle_ref,
+                models_dir=_models_dir(cfg),
+                mode=cfg.infer.bundle_code,
+                extract_dir=extract_dir,
+            )
+            seg = Segmenter(
+                bundle,
+                device=cfg.compute.device,
+                batch_size=cfg.infer.batch_size,
+                amp=cfg.infer.amp,
+                prefetch=cfg.infer.prefetch,
+            )
+            _SEGMENTERS[key] = seg
+    return seg
+
+
+def measure(
+    labels: npt.NDArray[np.uint8],
+    values: npt.NDArray[Any],
+    spacing: tuple[float, float, float],
+    label_values: list[int],
+    hounsfield: bool,
+) -> dict[int, dict[str, Any]]:
+    """Per label value: voxel count, volume (mL), mean value and bounding box.
+
+    ``labels`` and ``values`` share the tensor's shape (slices, rows, cols); ``spacing`` is in
+    mm in the same axis order. ``mean_hu`` is set when ``hounsfield`` (a rescaled CT tensor).
+    """
+    flat = labels.ravel()
+    top = max([*label_values, int(flat.max()) if flat.size else 0]) + 1
+    counts = np.bincount(flat, minlength=top)
+    sums = np.bincount(flat, weights=values.ravel().astype(np.float64, copy=False), minlength=top)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    # bounding boxes from per-axis projections: one pass per label over a slice-level summary
+    out: dict[int, dict[str, Any]] = {}
+    for v in label_values:
+        n = int(counts[v])
+        entry: dict[str, Any] = {
+            "voxel_count": n,
+            "volume_ml": n * voxel_ml,
+            "mean_hu": float(sums[v] / n) if n and hounsfield else None,
+            "mean_value": float(sums[v] / n) if n else None,
+            "bbox": None,
+        }
+        if n:
+            mask = labels == v
+            ks = np.flatnonzero(mask.any(axis=(1, 2)))
+            js = np.flatnonzero(mask.any(axis=(0, 2)))
+            is_ = np.flatnonzero(mask.any(axis=(0, 1)))
+            entry["bbox"] = [int(ks[0]), int(js[0]), int(is_[0]), int(ks[-1]), int(js[-1]),
+                             int(is_[-1])]  # fmt: skip
+        out[v] = entry
+    return out
+
+
+def infer_batch(
+    cfg: PipelineConfig,
+    tensors: list[dict[str, Any]],
+    *,
+    lake: LakePaths,
+    run_id: str,
+    part: str,
+    entry: dict[str, Any],
+) -> dict[str, Any]:
+    """Segment a batch of stored volumes; write their masks and findings rows."""
+    seg = _segmenter(cfg, entry["bundle"], lake.restricted / "cache" / "bundles")
+    bundle = seg.bundle
+    model_ref = bundle.ref
+    device = seg.device + (f"+{str(seg.autocast_dtype).removeprefix('torch.')}"
+                           if seg.autocast_dtype is not None else "")  # fmt: skip
+    now = dt.datetime.now(dt.UTC)
+    label_specs = entry.get("labels", {})
+    rows: list[dict[str, Any]] = []
+    arrays: dict[str, npt.NDArray[Any]] = {}
+
+    def loader(row: dict[str, Any]) -> Callable[[], tuple[npt.NDArray[Any], npt.NDArray[Any]]]:
+        def load() -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+            array = np.load(lake.research / row["path"], allow_pickle=False)
+            arrays[row["tensor_key"]] = array
+            return array, np.asarray(row["affine"], dtype=np.float64).reshape(4, 4)
+
+        return load
+
+    stats_before = seg.stats.as_dict()
+    by_key = {row["tensor_key"]: row for row in tensors}
+    for key, labels in seg.segment((row["tensor_key"], loader(row)) for row in tensors):
+        row = by_key[key]
+        values = arrays.pop(key)
+        rel = f"masks/{key}/{model_ref}.npy"
+        mask_checksum = write_npy(lake.research / rel, labels)
+        spacing = (float(row["spacing"][0]), float(row["spacing"][1]), float(row["spacing"][2]))
+        hounsfield = bool(row.get("rescaled")) and row.get("Modality") == "CT"
+        measured = measure(labels, values, spacing, sorted(bundle.labels), hounsfield)
+        for value, name in sorted(bundle.labels.items()):
+            spec = label_specs.get(name) or {}
+            m = measured[value]
+            rows.append(
+                {
+                    "finding_key": f"{key}/{model_ref}/{name}",
+                    "SeriesInstanceUID": row["SeriesInstanceUID"],
+                    "tensor_key": key,
+                    "tensor_checksum": row["checksum"],
+                    "volume_index": row.get("volume_index"),
+                    "model": bundle.name,
+                    "model_version": bundle.version,
+                    "weights_sha256": bundle.weights_sha256,
+                    "label": name,
+                    "label_value": value,
+                    "category_code": _code_list(spec.get("category")),
+                    "type_code": _code_list(spec.get("type")),
+                    "score": None,
+                    "voxel_count": m["voxel_count"],
+                    "volume_ml": m["volume_ml"],
+                    "mean_hu": m["mean_hu"],
+                    "bbox": m["bbox"],
+                    "measurements": json.dumps(
+                        {
+                            "volume_ml": {"value": m["volume_ml"], "unit": "ml"},
+                            "mean_hu": {"value": m["mean_hu"], "unit": "[hnsf'U]"},
+                            "mean_value": {"value": m["mean_value"], "unit": "stored"},
+                            "voxel_count": {"value": m["voxel_count"], "unit": "voxels"},
+                            "voxel_spacing_mm": list(spacing),
+                        },
+                        sort_keys=True,
+                    ),
+                    "mask_path": rel,
+                    "mask_checksum": mask_checksum,
+                    "device": device,
+                    "run_id": run_id,
+                    "inferred_at": now,
+                }
+            )
+    if rows:
+        sync_filesystem(lake.research)  # the masks, before the rows that point to them
+        write_partition(lake, "findings", rows, part=part)
+    after = seg.stats.as_dict()
+    return {
+        "volumes": len(tensors),
+        "findings": len(rows),
+        "stats": {k: after[k] - stats_before[k] for k in after if k != "wait_fraction"},
+    }
+
+
+def _code_list(code: Any) -> list[str] | None:
+    if code is None:
+        return None
+    if isinstance(code, dict):
+        return [str(code["value"]), str(code["scheme"]), str(code["meaning"])]
+    return [str(code.value), str(code.scheme), str(code.meaning)]
+
+
+def _todo(
+    con: Any, lake: LakePaths, cfg: PipelineConfig, entry: Any, bundle: Any, per_task: int
+) -> Iterator[list[dict[str, Any]]]:
+    sql = f"""
+        WITH s AS (
+            SELECT SeriesInstanceUID, Modality FROM {scan_sql(lake, "series")}
+            WHERE ({entry.applies_to})
+        )
+        SELECT t.tensor_key, t.SeriesInstanceUID, t.path, t.shape, t.spacing, t.affine,
+               t.checksum, t.rescaled, t.volume_index, s.Modality
+        FROM {scan_sql(lake, "tensors")} t
+        JOIN s ON s.SeriesInstanceUID = t.SeriesInstanceUID
+        WHERE t.status = 'ok' AND t.preprocessing_hash = $h
+          AND NOT EXISTS (
+            SELECT 1 FROM {scan_sql(lake, "findings")} f
+            WHERE f.tensor_key = t.tensor_key AND f.model = $m
+              AND f.model_version = $v AND f.weights_sha256 = $w
+          )
+        ORDER BY t.tensor_key
+    """
+    params = {
+        "h": cfg.tensors.preprocessing_hash(),
+        "m": bundle.name,
+        "v": bundle.version,
+        "w": bundle.weights_sha256,
+    }
+    batch: list[dict[str, Any]] = []
+    try:
+        for rb in arrow_reader(con, sql, params, 256):
+            for row in rb.to_pylist():
+                batch.append(row)
+                if len(batch) >= per_task:
+                    yield batch
+                    batch = []
+    except Exception as exc:
+        if type(exc).__module__.startswith("duckdb"):
+            raise ConfigError(
+                f"model {entry.name!r}: applies_to {entry.applies_to!r} does not run over the "
+                f"series table ({str(exc).splitlines()[0]})"
+            ) from None
+        raise
+    if batch:
+        yield batch
+
+
+def _gpu_resources(cfg: PipelineConfig, client: Any) -> dict[str, float] | None:
+    """Dask resources the tasks ask for: the GPU resource when the device is cuda."""
+    if client is None or cfg.compute.device != "cuda":
+        return None
+    name = cfg.infer.gpu_resource
+    workers = client.scheduler_info().get("workers", {})
+    if not any(w.get("resources", {}).get(name) for w in workers.values()):
+        raise ModelError(
+            f"compute.device is cuda but no Dask worker declares the resource {name!r}: start "
+            f"GPU workers with `dask worker ... --resources {name}=1`"
+        )
+    return {name: 1}
+
+
+def run(
+    cfg: PipelineConfig,
+    lake: LakePaths,
+    *,
+    run_id: str,
+    client: Any = None,
+    progress: Progress | None = None,
+    model: str | None = None,
+) -> InferRunResult:
+    """Run ``model`` (default ``infer.model``) over the volumes it applies to."""
+    from pipeline.infer.bundle import load_bundle
+    from pipeline.infer.registry import load_registry
+
+    t0 = time.perf_counter()
+    if not any(lake.table("tensors").rglob("*.parquet")):
+        raise ModelError(
+            f"no tensors in {lake.root}: run `pacsflow tensors --lake {lake.root}` first"
+        )
+    registry = load_registry(cfg.infer.registry)
+    entry = registry.entry(model or cfg.infer.model)
+    bundle = load_bundle(
+        entry.bundle,
+        models_dir=_models_dir(cfg),
+        mode=cfg.infer.bundle_code,
+        extract_dir=lake.restricted / "cache" / "bundles",
+    )
+    missing = [n for n in bundle.labels.values() if n not in entry.labels]
+    if missing and entry.labels:
+        logger.warning("registry entry %s has no codes for label(s) %s", entry.name, missing)
+    resources = _gpu_resources(cfg, client)
+    payload = {
+        "bundle": str(bundle.path),
+        "labels": {k: v.model_dump() for k, v in entry.labels.items()},
+    }
+    con = connect()
+    done = {"volumes": 0, "findings": 0}
+    stats: dict[str, float] = {}
+
+    def calls() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+        for i, batch in enumerate(_todo(con, lake, cfg, entry, bundle, cfg.infer.volumes_per_task)):
+            yield (
+                (cfg, batch),
+                {
+                    "lake": lake,
+                    "run_id": run_id,
+                    "part": f"{run_id}-{i:05d}",
+                    "entry": payload,
+                },
+            )
+
+    try:
+        for result in map_bounded(infer_batch, calls(), client=client, resources=resources):
+            done["volumes"] += result["volumes"]
+            done["findings"] += result["findings"]
+            for k, v in result["stats"].items():
+                stats[k] = stats.get(k, 0.0) + v
+            if progress:
+                progress(result["volumes"])
+    finally:
+        con.close()
+    seconds = round(time.perf_counter() - t0, 3)
+    counts = StageCounts(
+        seen=done["volumes"],
+        out=done["volumes"],
+        quarantined=0,
+        seconds=seconds,
+        extra={
+            "findings": done["findings"],
+            "model": bundle.ref,
+            "engine": {k: round(v, 3) for k, v in stats.items()},
+        },
+    )
+    logger.info(
+        "infer: %s over %d volumes, %d findings rows in %.1f s",
+        bundle.ref,
+        done["volumes"],
+        done["findings"],
+        seconds,
+    )
+    return InferRunResult(run_id, bundle.ref, counts)

@@ -1,0 +1,134 @@
+"""Small MONAI bundles assembled in tests: model-zoo layout, seeded weights, saved locally."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+LABELS = {"0": "background", "1": "soft_tissue", "2": "adipose_tissue", "3": "bone", "4": "lung"}
+
+
+def metadata(*, spatial: int = 2, version: str = "0.1.0", channels: int = 5) -> dict[str, Any]:
+    shape: list[Any] = [32, 32] if spatial == 2 else [32, 32, 16]
+    return {
+        "name": "tiny test model",
+        "version": version,
+        "monai_version": "1.6.1",
+        "pytorch_version": "2.13.0",
+        "task": "test",
+        "description": "a tiny network for tests",
+        "authors": "tests",
+        "copyright": "none",
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "hounsfield",
+                    "num_channels": 1,
+                    "spatial_shape": shape,
+                    "dtype": "float32",
+                    "is_patch_data": spatial == 3,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": channels,
+                    "spatial_shape": shape,
+                    "dtype": "float32",
+                    "is_patch_data": spatial == 3,
+                    "channel_def": {k: v for k, v in LABELS.items() if int(k) < channels},
+                }
+            },
+        },
+    }
+
+
+def inference(*, spatial: int = 2, channels: int = 5) -> dict[str, Any]:
+    """A model-zoo style inference.json: network_def, preprocessing, inferer, postprocessing."""
+    network = {
+        "_target_": "monai.networks.nets.UNet",
+        "spatial_dims": spatial,
+        "in_channels": 1,
+        "out_channels": channels,
+        "channels": [4, 8],
+        "strides": [2],
+        "num_res_units": 0,
+        "norm": "batch",
+    }
+    resize = [32, 32, -1] if spatial == 2 else [32, 32, 16]
+    inferer: dict[str, Any] = {"_target_": "SimpleInferer"}
+    if spatial == 3:
+        inferer = {
+            "_target_": "SlidingWindowInferer",
+            "roi_size": [16, 16, 8],
+            "sw_batch_size": 4,
+            "overlap": 0.25,
+        }
+    return {
+        "imports": ["$import torch"],
+        "network_def": network,
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {
+                    "_target_": "ScaleIntensityRanged",
+                    "keys": "image",
+                    "a_min": -1024.0,
+                    "a_max": 1024.0,
+                    "b_min": -1.0,
+                    "b_max": 1.0,
+                    "clip": True,
+                },
+                {"_target_": "Resized", "keys": "image", "spatial_size": resize, "mode": "area"},
+            ],
+        },
+        "inferer": inferer,
+        "postprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                {
+                    "_target_": "Invertd",
+                    "keys": "pred",
+                    "transform": "@preprocessing",
+                    "orig_keys": "image",
+                    "nearest_interp": True,
+                },
+            ],
+        },
+    }
+
+
+def make_bundle(
+    root: Path,
+    *,
+    spatial: int = 2,
+    version: str = "0.1.0",
+    seed: int = 0,
+    weights: bool = True,
+    channels: int = 5,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle folder under ``root`` and return it."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "configs").mkdir(exist_ok=True)
+    (root / "docs").mkdir(exist_ok=True)
+    (root / "models").mkdir(exist_ok=True)
+    meta = metadata(spatial=spatial, version=version, channels=channels)
+    cfg = config or inference(spatial=spatial, channels=channels)
+    (root / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
+    (root / "configs" / "inference.json").write_text(json.dumps(cfg, indent=2))
+    (root / "docs" / "README.md").write_text("# tiny\n")
+    (root / "LICENSE").write_text("test\n")
+    if weights:
+        torch.manual_seed(seed)
+        net = ConfigParser({"network_def": cfg["network_def"]}).get_parsed_content("network_def")
+        torch.save(net.state_dict(), root / "models" / "model.pt")
+    return root

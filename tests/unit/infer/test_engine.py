@@ -1,0 +1,125 @@
+"""pipeline.infer.engine: batches packed across volumes give the per-volume answer; 3D bundles
+go through their sliding-window inferer; results are deterministic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bundle_factory import make_bundle
+
+from pipeline.errors import ModelError
+from pipeline.infer.bundle import Bundle, load_bundle
+from pipeline.infer.engine import Segmenter, pick_device
+
+MODELS = Path(__file__).resolve().parents[3] / "models"
+
+
+@pytest.fixture(scope="module")
+def bundle2d(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    return load_bundle(make_bundle(tmp_path_factory.mktemp("b") / "tiny2d"), models_dir=MODELS)
+
+
+@pytest.fixture(scope="module")
+def bundle3d(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    path = make_bundle(tmp_path_factory.mktemp("b") / "tiny3d", spatial=3)
+    return load_bundle(path, models_dir=MODELS)
+
+
+def _volumes(depths: list[int]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    out = []
+    for i, d in enumerate(depths):
+        arr = (rng.normal(0, 400, (d, 36, 44))).astype(np.int16)
+        out.append((f"v{i}", arr, np.diag([0.9, 0.8, 3.0, 1.0])))
+    return out
+
+
+def _run(bundle: Bundle, vols: list, **kw: object) -> list[tuple[str, np.ndarray]]:
+    seg = Segmenter(bundle, device="cpu", **kw)  # type: ignore[arg-type]
+    return list(seg.segment((k, (lambda a=a, f=f: (a, f))) for k, a, f in vols))
+
+
+def test_packing_across_volumes_does_not_change_results(bundle2d: Bundle) -> None:
+    vols = _volumes([5, 1, 12, 3])
+    alone = [_run(bundle2d, [v], batch_size=64)[0] for v in vols]
+    for batch in (1, 4, 7, 64):
+        packed = _run(bundle2d, vols, batch_size=batch, prefetch=3)
+        assert [k for k, _ in packed] == [k for k, _, _ in vols]  # input order
+        for (k1, a), (k2, b) in zip(packed, alone, strict=True):
+            assert k1 == k2
+            np.testing.assert_array_equal(a, b, err_msg=f"batch {batch}, {k1}")
+            assert a.shape == next(v[1].shape for v in vols if v[0] == k1)
+
+
+def test_deterministic_across_runs(bundle2d: Bundle, bundle3d: Bundle) -> None:
+    vols = _volumes([6, 9])
+    for bundle in (bundle2d, bundle3d):
+        first, second = _run(bundle, vols), _run(bundle, vols)
+        for (_, a), (_, b) in zip(first, second, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_3d_bundle_goes_through_its_sliding_window(bundle3d: Bundle) -> None:
+    assert bundle3d.spatial_dims == 3
+    ((key, labels),) = _run(bundle3d, _volumes([10]))
+    assert key == "v0"
+    assert labels.shape == (10, 36, 44)
+
+
+def test_stats_account_for_the_time(bundle2d: Bundle) -> None:
+    seg = Segmenter(bundle2d, device="cpu", batch_size=8)
+    vols = _volumes([4, 4, 4])
+    list(seg.segment((k, (lambda a=a, f=f: (a, f))) for k, a, f in vols))
+    s = seg.stats
+    assert (s.volumes, s.slices, s.voxels) == (3, 12, 3 * 4 * 36 * 44)
+    assert s.batches == 2
+    assert s.seconds_total >= s.seconds_compute + s.seconds_post
+    assert 0 <= s.wait_fraction < 1
+
+
+def test_loader_errors_propagate(bundle2d: Bundle) -> None:
+    def broken() -> tuple[np.ndarray, np.ndarray]:
+        raise OSError("gone")
+
+    with pytest.raises(OSError, match="gone"):
+        list(Segmenter(bundle2d, device="cpu").segment([("x", broken)]))
+
+
+def test_a_2d_array_is_not_a_volume(bundle2d: Bundle) -> None:
+    flat = np.zeros((8, 8), np.int16)
+    with pytest.raises(ModelError, match="expected a 3D volume"):
+        list(Segmenter(bundle2d, device="cpu").segment([("x", lambda: (flat, np.eye(4)))]))
+
+
+def test_device_choice() -> None:
+    import torch
+
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA device"):
+            pick_device("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_agrees_with_cpu(bundle2d: Bundle) -> None:
+    """Where a GPU exists: the same labels on CUDA (fp32 and bf16 autocast) as on CPU, up to a
+    small fraction of voxels at ties of the argmax."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    vols = _volumes([7, 5])
+    cpu = _run(bundle2d, vols)
+    for amp in ("off", "bf16"):
+        gpu = list(
+            Segmenter(bundle2d, device="cuda", amp=amp).segment(  # type: ignore[arg-type]
+                (k, (lambda a=a, f=f: (a, f))) for k, a, f in vols
+            )
+        )
+        for (_, a), (_, b) in zip(cpu, gpu, strict=True):
+            agree = float((a == b).mean())
+            assert agree >= (0.9999 if amp == "off" else 0.99), (amp, agree)
+    bundle2d.network.to("cpu")

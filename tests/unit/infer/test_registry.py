@@ -1,0 +1,61 @@
+"""pipeline.infer.registry: the shipped registry is valid; malformed entries are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.infer.registry import default_registry_path, load_registry
+
+
+def test_shipped_registry_codes_every_label_of_the_default_model() -> None:
+    import json
+
+    registry = load_registry()
+    assert registry.path == default_registry_path()
+    entry = registry.entry("ct_body_composition")
+    meta_path = Path(__file__).resolve().parents[3] / "models" / entry.bundle / "configs"
+    meta = json.loads((meta_path / "metadata.json").read_text())
+    names = set(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values())
+    assert set(entry.labels) == names - {"background"}
+    lung = entry.labels["lung"]
+    assert lung.type is not None
+    assert (lung.type.value, lung.type.scheme, lung.type.meaning) == ("39607008", "SCT", "Lung")
+    assert entry.measurements["volume_ml"].unit.value == "ml"
+    assert "Modality = 'CT'" in entry.applies_to
+
+
+def test_by_bundle_name_and_by_path(tmp_path: Path) -> None:
+    registry = load_registry()
+    assert registry.entry("ct_body_composition").name == "ct_body_composition"
+    adhoc = registry.entry(str(tmp_path))
+    assert adhoc.bundle == str(tmp_path)
+    assert adhoc.applies_to == "volume_ok"
+    assert adhoc.labels == {}
+    with pytest.raises(ConfigError, match=r"no model 'nope'.*ct_body_composition"):
+        registry.entry("nope")
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("models: [1, 2]", "expected a mapping"),
+        ("models:\n  m:\n    applies_to: x\n", r"model 'm'.*bundle"),
+        ("models:\n  m:\n    bundle: b\n    labels:\n      l:\n        type: [1, 2]\n", "'m'"),
+        ("models:\n  m:\n    bundle: b\n    colour: red\n", r"model 'm'.*colour"),
+        ("models: {a: [", "not valid YAML"),
+    ],
+    ids=["list", "no-bundle", "short-code", "unknown-key", "yaml"],
+)
+def test_malformed_registry(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_registry(path)
+
+
+def test_missing_registry(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no model registry"):
+        load_registry(tmp_path / "absent.yaml")
