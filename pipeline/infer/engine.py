@@ -100,6 +100,30 @@ class _Prepared(Generic[K]):
     done: int = 0
 
 
+def _split_argmax(post: Any) -> tuple[bool, Any]:
+    """``(True, rest)`` when ``post`` is a Compose whose first transform is a plain
+    ``AsDiscreted(keys="pred", argmax=True)``: the engine then takes the argmax itself (same
+    result, faster) and runs the rest; else ``(False, post)``."""
+    from monai.transforms import AsDiscreted, Compose
+
+    if not isinstance(post, Compose) or not post.transforms:
+        return False, post
+    first = post.transforms[0]
+    if not isinstance(first, AsDiscreted) or tuple(first.keys) != ("pred",):
+        return False, post
+    plain = (
+        first.argmax[0] is True
+        and first.to_onehot[0] is None
+        and first.threshold[0] is None
+        and first.rounding[0] is None
+        and not getattr(first.converter, "kwargs", {})  # e.g. dim, keepdim, dtype
+    )
+    if not plain:
+        return False, post
+    rest = Compose(post.transforms[1:]) if len(post.transforms) > 1 else None
+    return True, rest
+
+
 class Segmenter:
     """A bundle on a device, segmenting streams of volumes in batches.
 
@@ -147,6 +171,7 @@ class Segmenter:
             torch.backends.cudnn.deterministic = True
         self.network = bundle.network.to(self.device).eval()
         self.stats = EngineStats()
+        self._fast_argmax, self._post = _split_argmax(bundle.postprocessing)
 
     # ---------------------------------------------------------------- preparation (threads)
 
@@ -193,15 +218,24 @@ class Segmenter:
         if isinstance(item.image, MetaTensor):
             pred.copy_meta_from(item.image)
         out: Any = pred
-        if self.bundle.postprocessing is not None:
-            out = self.bundle.postprocessing({"pred": pred, "image": item.image})["pred"]
-        labels = torch.as_tensor(out)
+        post = self._post
+        if self._fast_argmax:
+            # = AsDiscreted(argmax=True): torch.argmax over the channel dim is ~7x slower on
+            # CPU than max(0).indices, which returns the same (first) index of the maximum
+            out = pred.max(0, keepdim=True).indices.to(pred.dtype)
+            out.copy_meta_from(pred)
+        if post is not None:
+            out = post({"pred": out, "image": item.image})["pred"]
+        labels = torch.as_tensor(out).detach().cpu()
         if labels.ndim == 4 and labels.shape[0] > 1:
-            labels = labels.argmax(0, keepdim=True)
-        labels_np = np.asarray(labels.detach().cpu().numpy())
-        if labels_np.ndim == 4:
-            labels_np = labels_np[0]
-        result = np.ascontiguousarray(labels_np.transpose(2, 1, 0)).round().astype(np.uint8)
+            labels = labels.max(0, keepdim=True).indices
+        if labels.ndim == 4:
+            labels = labels[0]
+        if labels.is_floating_point():
+            labels = labels.round()
+        # to uint8 first, then (x, y, z) -> (z, y, x): a quarter of the bytes to transpose
+        # (numpy's strided copy is about 2x torch's here)
+        result = np.ascontiguousarray(labels.to(torch.uint8).numpy().transpose(2, 1, 0))
         if result.shape != item.shape:
             raise ModelError(
                 f"the bundle's output has shape {result.shape}, the tensor {item.shape}: its "
