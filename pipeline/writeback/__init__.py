@@ -1,0 +1,1 @@
+"""Write-back: findings as DICOM SEG and TID 1500 SR into the PACS (issue #7)."""
