@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli._common import ConfigOpt, LakeOpt, SchedulerOpt, WorkersOpt, not_implemented
+from pipeline.cli._common import ConfigOpt, LakeOpt, not_implemented
 
 
 def register_keygen(app: typer.Typer) -> None:
@@ -35,21 +35,7 @@ def register_keygen(app: typer.Typer) -> None:
 
 
 def register_stages(app: typer.Typer) -> None:
-    """Add ``writeback``, ``review`` and ``run``."""
-
-    @app.command("writeback")
-    def writeback(
-        lake: LakeOpt = None,
-        dest: Annotated[
-            str | None,
-            typer.Option("--dest", help="Folder, dicomweb+http(s)://... or dimse://AET@host:port."),
-        ] = None,
-        config: ConfigOpt = None,
-        workers: WorkersOpt = None,
-        scheduler: SchedulerOpt = None,
-    ) -> None:
-        """Send findings back as DICOM SEG and TID 1500 SR, re-identified and idempotent."""
-        not_implemented("writeback", 7)
+    """Add ``review`` and ``run``."""
 
     @app.command("review")
     def review(

@@ -12,6 +12,7 @@ from pipeline.config.models import (
     SourceConfig,
     SynthConfig,
     TensorsConfig,
+    WritebackConfig,
 )
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "SourceConfig",
     "SynthConfig",
     "TensorsConfig",
+    "WritebackConfig",
     "config_hash",
     "load_config",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "PipelineConfig",
     "SourceConfig",
     "SynthConfig",
+    "WritebackConfig",
 ]
 
 
@@ -310,6 +311,28 @@ class InferConfig(_Section):
     )
 
 
+class WritebackConfig(_Section):
+    """The write-back stage: validation, retries, confirmation."""
+
+    dest: str | None = Field(
+        None,
+        description="Where SEG/SR go: a folder, dicomweb+http(s)://host:port/root or "
+        "dimse://AET@host:port (the CLI's --dest wins).",
+    )
+    check_iod: bool = Field(
+        True, description="Check each object with dciodvfy before sending (needs dicom3tools)."
+    )
+    confirm: bool = Field(
+        True, description="Ask the destination again (QIDO-RS, C-FIND) for each stored object."
+    )
+    retries: int = Field(5, ge=0, le=100, description="Retries of a transient sending failure.")
+    backoff_s: float = Field(1.0, gt=0, le=600, description="First retry delay (doubles).")
+    backoff_max_s: float = Field(30.0, gt=0, le=3600, description="Longest retry delay.")
+    series_number: int = Field(
+        9901, ge=1, le=2**31 - 1, description="Series Number of the SEG (the SR takes the next)."
+    )
+
+
 class SynthConfig(_Section):
     """The synthetic archive that `pacsflow demo` generates."""
 
@@ -342,5 +365,8 @@ class PipelineConfig(_Section):
     deid: DeidConfig = Field(default_factory=DeidConfig, description="De-identification stage.")
     tensors: TensorsConfig = Field(default_factory=TensorsConfig, description="Tensors stage.")
     infer: InferConfig = Field(default_factory=InferConfig, description="Infer stage.")
+    writeback: WritebackConfig = Field(
+        default_factory=WritebackConfig, description="Write-back stage."
+    )
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Demo archive.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")

@@ -20,7 +20,7 @@ from pipeline.enums import SourceKind
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-__all__ = ["RawObject", "Source", "Unit"]
+__all__ = ["Destination", "RawObject", "Source", "StoreResult", "Unit", "result_path"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +97,37 @@ class Source(Protocol):
     def open(self, location: str) -> BinaryIO:
         """Open one object (a Part 10 stream) for reading, by its ``location``."""
         ...
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What a destination answered for one object sent to it."""
+
+    sop_instance_uid: str
+    stored: bool
+    #: the destination's own words: "0x0000", "0xB000 (warning)", "HTTP 409", "written"
+    status: str
+    #: a failure worth retrying (connection lost, server busy), as opposed to a refusal
+    transient: bool = False
+
+
+@runtime_checkable
+class Destination(Protocol):
+    """Where write-back sends objects: the same three kinds as sources."""
+
+    def store(self, files: list[Path]) -> list[StoreResult]:
+        """Send Part 10 files; one result per file, in order. Transport failures of the whole
+        batch raise :class:`pipeline.errors.SourceError`."""
+        ...
+
+    def confirm(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        """Whether the destination holds the object now (asked again, not remembered)."""
+        ...
+
+
+def result_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """Where a folder destination keeps an object: ``<root>/<study>/<series>/<sop>.dcm``."""
+    for uid in (study_uid, series_uid, sop_uid):
+        if not uid or "/" in uid or uid.startswith("."):
+            raise ValueError(f"not a UID: {uid!r}")
+    return root / study_uid / series_uid / f"{sop_uid}.dcm"

@@ -16,11 +16,12 @@ import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit
 
 from pipeline.config.env import secret
-from pipeline.connectors.base import RawObject, Unit
+from pipeline.connectors.base import RawObject, StoreResult, Unit
 from pipeline.enums import QuarantineReason, SourceKind
 from pipeline.errors import ConfigError, InputError, SourceError
 
@@ -220,3 +221,65 @@ class DicomwebSource:
         ds.save_as(buf, enforce_file_format=True)
         buf.seek(0)
         return buf
+
+    # ---------------------------------------------------------------- as a write-back destination
+
+    def store(self, files: list[Path]) -> list[StoreResult]:
+        """STOW-RS, one request per study (``POST /studies/{uid}``); the response's Referenced
+        and Failed SOP Sequences say what was stored (a Warning Reason still counts as stored).
+
+        Raises:
+            SourceError: the request failed as a whole (``transient`` in the message when it is
+                worth retrying: connection errors and HTTP 5xx/429).
+        """
+        import pydicom
+        import requests
+
+        datasets = [pydicom.dcmread(f) for f in files]
+        by_study: dict[str, list[Any]] = {}
+        for ds in datasets:
+            by_study.setdefault(str(ds.StudyInstanceUID), []).append(ds)
+        client = self._client()
+        answers: dict[str, StoreResult] = {}
+        for study_uid, group in by_study.items():
+            try:
+                response = client.store_instances(group, study_instance_uid=study_uid)
+            except requests.HTTPError as exc:
+                code = exc.response.status_code if exc.response is not None else 0
+                transient = code >= 500 or code == 429
+                for ds in group:
+                    uid = str(ds.SOPInstanceUID)
+                    answers[uid] = StoreResult(uid, False, f"HTTP {code}", transient)
+                continue
+            except requests.RequestException as exc:
+                raise SourceError(
+                    f"cannot reach {self.base_url} to store (transient: {type(exc).__name__})"
+                ) from None
+            for item in response.get("ReferencedSOPSequence", []) or []:
+                uid = str(item.ReferencedSOPInstanceUID)
+                warning = item.get("WarningReason")
+                status = f"stored (warning 0x{int(warning):04X})" if warning else "stored"
+                answers[uid] = StoreResult(uid, True, status)
+            for item in response.get("FailedSOPSequence", []) or []:
+                uid = str(item.ReferencedSOPInstanceUID)
+                reason = item.get("FailureReason")
+                answers[uid] = StoreResult(
+                    uid, False, f"failed 0x{int(reason):04X}" if reason else "failed"
+                )
+        return [
+            answers.get(str(ds.SOPInstanceUID))
+            or StoreResult(str(ds.SOPInstanceUID), False, "not in the STOW-RS response", True)
+            for ds in datasets
+        ]
+
+    def confirm(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        """QIDO-RS for the instance in its study and series."""
+        client = self._client()
+        found = self._call(
+            "an instance query",
+            client.search_for_instances,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            search_filters={"SOPInstanceUID": sop_uid},
+        )
+        return any(_first(item, "00080018") == sop_uid for item in found or [])

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal
 
 from pipeline.config.models import DimseTlsConfig, SourceConfig
-from pipeline.connectors.base import RawObject, Unit
+from pipeline.connectors.base import RawObject, StoreResult, Unit
 from pipeline.enums import QuarantineReason, SourceKind
 from pipeline.errors import ConfigError, InputError, SourceError
 
@@ -827,6 +827,19 @@ class DimseSource:
 
     # -- retrieval ----------------------------------------------------------------------------
 
+    def store(self, files: list[Path]) -> list[StoreResult]:
+        """C-STORE the files over one association proposing only their SOP classes; a
+        warning status counts as stored, a refusal is reported with its status code.
+
+        Raises:
+            SourceError: no association (the PACS is down or refuses us).
+        """
+        return dimse_store(self, files)
+
+    def confirm(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        """C-FIND (IMAGE level) for the instance."""
+        return dimse_confirm(self, study_uid, series_uid, sop_uid)
+
     def _retrieve(
         self, target: _Target, folder: Path, expected_count: int | None = None
     ) -> tuple[dict[str, _Stored], dict[tuple[str, str], str]]:
@@ -1339,3 +1352,57 @@ def _write_marker(folder: Path, watermark: str, received: dict[str, _Stored]) ->
         "instances": sorted([s.series_uid, sop] for sop, s in received.items()),
     }
     _write_atomic(folder / _MARKER, json.dumps(marker).encode("ascii"))
+
+
+#: C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the warnings (coercion,
+#: elements discarded, data set does not match the SOP class)
+STORE_OK: Final = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+def _store_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
+    """One presentation context per SOP class being sent, in the files' own transfer syntax
+    (and Explicit VR Little Endian as an alternative): nothing else is proposed."""
+    contexts: dict[str, list[str]] = {}
+    for ds in datasets:
+        syntaxes = contexts.setdefault(str(ds.SOPClassUID), [])
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        for syntax in (ts, _UNCOMPRESSED[0]):
+            if syntax not in syntaxes:
+                syntaxes.append(syntax)
+    return sorted(contexts.items())
+
+
+def dimse_store(source: DimseSource, files: list[Path]) -> list[StoreResult]:
+    """C-STORE ``files`` over one association (see :meth:`DimseSource.store`)."""
+    import pydicom
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    results = []
+    with source._association(_store_contexts(datasets), purpose="C-STORE") as assoc:
+        for ds in datasets:
+            uid = str(ds.SOPInstanceUID)
+            status = assoc.send_c_store(ds)
+            if status is None or "Status" not in status:
+                results.append(StoreResult(uid, False, "no response (association lost)", True))
+                continue
+            code = int(status.Status)
+            if code in STORE_OK:
+                warn = "" if code == 0 else " (warning)"
+                results.append(StoreResult(uid, True, f"0x{code:04X}{warn}"))
+            else:
+                # 0xA7xx out of resources is worth retrying; refusals are not
+                results.append(StoreResult(uid, False, f"0x{code:04X}", (code >> 8) == 0xA7))
+    return results
+
+
+def dimse_confirm(source: DimseSource, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+    """C-FIND at IMAGE level for the instance in its study and series."""
+    from pydicom import Dataset
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = series_uid
+    query.SOPInstanceUID = sop_uid
+    with source._find_association("confirm") as assoc:
+        return any(str(m.get("SOPInstanceUID", "")) == sop_uid for m in source._find(assoc, query))

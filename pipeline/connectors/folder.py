@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.connectors.base import RawObject, Unit
+from pipeline.connectors.base import RawObject, StoreResult, Unit, result_path
 from pipeline.enums import SourceKind
 from pipeline.errors import SourceError
 
@@ -120,3 +122,49 @@ class FolderSource:
     def open(self, location: str) -> BinaryIO:
         """Open an object for binary reading."""
         return open(self.path_of(location), "rb")
+
+    # ---------------------------------------------------------------- as a write-back destination
+
+    def store(self, files: list[Path]) -> list[StoreResult]:
+        """Copy each file (atomically) to ``<root>/<study>/<series>/<sop>.dcm``."""
+        import pydicom
+
+        results = []
+        for f in files:
+            data = f.read_bytes()
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            target = result_path(
+                self.root, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+            )
+            try:
+                _atomic_write(target, data)
+            except OSError as exc:
+                raise SourceError(f"cannot write into {self.root}: {exc.strerror}") from None
+            results.append(StoreResult(str(ds.SOPInstanceUID), True, "written"))
+        return results
+
+    def confirm(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        """The file is there and is that object."""
+        import pydicom
+
+        path = result_path(self.root, study_uid, series_uid, sop_uid)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        except (OSError, ValueError, EOFError):
+            return False
+        return str(ds.get("SOPInstanceUID", "")) == sop_uid
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

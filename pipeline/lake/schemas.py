@@ -120,17 +120,23 @@ OUTBOX = _schema(
     [
         _f("result_uid", _S, False),  # SOP Instance UID of the SEG/SR (deterministic)
         _f("kind", _S, False),  # SEG | SR
+        _f("dest", _S, False),  # where it goes (folder path or URI, no credentials)
+        _f("status", _S, False),  # built | invalid | refused | failed | sent | confirmed
+        _f("detail", _S),  # the destination's or validator's words (no header values)
+        _f("attempts", _I, False),  # sending attempts in this run
+        _f("StudyInstanceUID", _S, False),  # original study (re-identified)
+        _f("SeriesInstanceUID", _S, False),  # the result's own series
+        _f("source_series_uid", _S, False),  # original source series
         _f("source_series_pseudonym", _S, False),
+        _f("tensor_key", _S, False),
         _f("model", _S, False),
         _f("model_version", _S, False),
-        _f("path", _S, False),
-        _f("dest", _S, False),
-        _f("status", _S, False),  # pending | sent | failed
-        _f("attempts", _I, False),
-        _f("last_error", _S),
+        _f("weights_sha256", _S, False),
+        _f("path", _S, False),  # the built object, relative to restricted/outbox/
+        _f("run_id", _S, False),
         _f("updated_at", _TS, False),
     ],
-    "restricted: SEG/SR objects built for sending, with delivery status",
+    "restricted: SEG/SR objects built for sending, one row per status change (latest wins)",
 )
 
 PATIENTS = _schema(

