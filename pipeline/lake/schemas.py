@@ -132,7 +132,7 @@ OUTBOX = _schema(
         _f("model", _S, False),
         _f("model_version", _S, False),
         _f("weights_sha256", _S, False),
-        _f("path", _S, False),  # the built object, relative to restricted/outbox/
+        _f("path", _S, False),  # the built object, relative to restricted/ (results/<uid>.dcm)
         _f("run_id", _S, False),
         _f("updated_at", _TS, False),
     ],

@@ -9,7 +9,7 @@ Per (volume, model identity) with findings:
 2. **UIDs** of the SEG and the SR (and their series) are keyed HMACs of (model, version, weights,
    original source series, volume, kind) under the lake's key, so a rerun rebuilds the same
    objects and the PACS sees the same instances; a new model version gives new objects;
-3. **Build** (:mod:`pipeline.writeback.objects`) into ``restricted/outbox/objects/``,
+3. **Build** (:mod:`pipeline.writeback.objects`) into ``restricted/results/``,
    **validate** with ``dciodvfy`` when asked (an object with IOD errors is not sent: status
    ``invalid`` with the validator's first error);
 4. **Send** what the destination does not hold yet (folder, STOW-RS or C-STORE), retrying
@@ -179,7 +179,7 @@ def run(
     counts = {"groups": 0, "built": 0, "sent": 0, "confirmed": 0, "skipped": 0, "failed": 0}
     reidentified = 0
     pending: list[str] = []
-    objects_dir = lake.restricted / "outbox" / "objects"
+    objects_dir = lake.restricted / "results"  # built SEG/SR (identified: original UIDs)
 
     def row(obj: dict[str, Any], status: str, detail: str | None, attempts: int = 0) -> None:
         rows.append(
@@ -371,7 +371,7 @@ def _plan(
                 "model": group["model"],
                 "model_version": group["model_version"],
                 "weights_sha256": group["weights_sha256"],
-                "path": f"objects/{uid}.dcm",
+                "path": f"results/{uid}.dcm",
                 "path_name": f"{uid}.dcm",
                 "seg_key": seg_key,
                 "originals": originals,
