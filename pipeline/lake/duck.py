@@ -96,8 +96,8 @@ def object_states(lake: LakePaths) -> pa.Table:
 
     The state is the latest event of the object across the index, the quarantine and the
     vault (``indexed``, ``quarantined``, ``gone``, ``deidentified``, ``tensorised``: part of
-    a stored volume; ``inferred``: part of a volume a model has findings for; later stages add
-    theirs).
+    a stored volume; ``inferred``: part of a volume a model has findings for;
+    ``written_back``: part of a volume whose SEG a destination confirmed).
     """
     import duckdb
 
@@ -131,6 +131,17 @@ def object_states(lake: LakePaths) -> pa.Table:
                       WHERE t.tensor_key IN (SELECT tensor_key FROM {scan_sql(lake, "findings")})
                      ) f
                 JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = f.sop
+                JOIN {latest_sql(lake, "index", "object_key", "crawled_at")} i
+                  ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
+                UNION ALL
+                SELECT v.object_key, i.source, i.location, 'written_back', NULL,
+                       v.deidentified_at + INTERVAL 3 MICROSECOND
+                FROM (SELECT DISTINCT unnest(t.sop_instance_uids) AS sop
+                      FROM {scan_sql(lake, "tensors")} t
+                      WHERE t.tensor_key IN (SELECT tensor_key FROM {scan_sql(lake, "outbox")}
+                                             WHERE kind = 'SEG' AND status = 'confirmed')
+                     ) w
+                JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = w.sop
                 JOIN {latest_sql(lake, "index", "object_key", "crawled_at")} i
                   ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
             ) QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1

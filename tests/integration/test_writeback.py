@@ -160,6 +160,9 @@ def test_folder_destination(built: tuple[Path, LakePaths], tmp_path: Path) -> No
     assert {f: f.read_bytes() for f in sorted(dest.rglob("*.dcm"))} == before
     statuses = {r["status"] for r in read_table(lake, "outbox").to_pylist()}
     assert statuses == {"built", "sent", "confirmed"}
+    from pipeline.lake.duck import object_states
+
+    assert "written_back" in {r["state"] for r in object_states(lake).to_pylist()}
 
 
 def _study_count(orthanc: Any, study_uid: str) -> int:
@@ -230,6 +233,46 @@ def test_pacs_away_leaves_pending_then_a_rerun_delivers(
     assert not back.pending
     assert back.counts.extra["built"] == 0  # built in the first run, reused
     uids = {r["result_uid"] for r in read_table(lake, "outbox").to_pylist()}
+    for uid in uids:
+        found = orthanc.rest(
+            "POST", "/tools/find", json={"Level": "Instance", "Query": {"SOPInstanceUID": uid}}
+        )
+        assert len(found.json()) == 1
+
+
+def test_killed_mid_send_then_rerun_leaves_one_copy(
+    built: tuple[Path, LakePaths], tmp_path: Path, orthanc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage dies after the first object went out; a rerun sends the rest, and the PACS
+    holds each object exactly once (same UIDs, confirmed ones not resent)."""
+    from pipeline.writeback import stage
+
+    root, base = built
+    lake = _copy(base, tmp_path / "lake")
+    cfg = _cfg(root, calling_aet=orthanc.scu_aet)
+    dest = f"dimse://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
+    key = b"k" * 32
+    real = stage._send
+    calls = {"n": 0}
+
+    def dies(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as a kill between two objects
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "_send", dies)
+    with pytest.raises(KeyboardInterrupt):
+        writeback_run(cfg, lake, run_id="w1", dest=dest, key=key)
+    monkeypatch.setattr(stage, "_send", real)
+    first = [r for r in read_table(lake, "outbox").to_pylist() if r["status"] == "confirmed"]
+    assert len(first) == 1
+    again = writeback_run(cfg, lake, run_id="w2", dest=dest, key=key)
+    assert not again.pending
+    rows = read_table(lake, "outbox").to_pylist()
+    uids = {r["result_uid"] for r in rows}
+    resent = [r for r in rows if r["run_id"] == "w2" and r["status"] == "sent"]
+    assert first[0]["result_uid"] not in {r["result_uid"] for r in resent}
     for uid in uids:
         found = orthanc.rest(
             "POST", "/tools/find", json={"Level": "Instance", "Query": {"SOPInstanceUID": uid}}
