@@ -213,31 +213,63 @@ def test_stow_rs_and_c_store_into_orthanc(
 
 #: pynetdicom leaks the socket of a failed connection (see tests/integration/test_dimse_source.py)
 @pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
-def test_pacs_away_leaves_pending_then_a_rerun_delivers(
-    built: tuple[Path, LakePaths], tmp_path: Path, orthanc: Any
+def test_pacs_stopped_then_back_delivers_everything_once(
+    built: tuple[Path, LakePaths], tmp_path: Path
 ) -> None:
-    from conftest import free_port
+    """A private Orthanc is stopped: the stage retries, reports what is pending and exits;
+    the same Orthanc (same storage, same ports) comes back: a rerun delivers everything,
+    each object once, reusing the objects built the first time."""
+    import time
 
+    import requests
+    from conftest import ORTHANC_BIN, _popen, _start_orthanc, _stop
+
+    if not ORTHANC_BIN.exists():
+        pytest.skip("Orthanc is not installed")
     root, base = built
     lake = _copy(base, tmp_path / "lake")
-    port = free_port()  # nothing listens here
-    cfg = _cfg(root, calling_aet=orthanc.scu_aet, timeout_s=2)
-    away = writeback_run(
-        cfg, lake, run_id="w1", dest=f"dimse://{orthanc.aet}@127.0.0.1:{port}", key=b"p" * 32
-    )
-    assert away.pending
-    assert {r["status"] for r in read_table(lake, "outbox").to_pylist()} >= {"failed"}
-    # the PACS "comes back" at its address: the same objects (same UIDs), delivered once
-    dest = f"dimse://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
-    back = writeback_run(cfg, lake, run_id="w2", dest=dest, key=b"p" * 32)
-    assert not back.pending
-    assert back.counts.extra["built"] == 0  # built in the first run, reused
-    uids = {r["result_uid"] for r in read_table(lake, "outbox").to_pylist()}
-    for uid in uids:
-        found = orthanc.rest(
-            "POST", "/tools/find", json={"Level": "Instance", "Query": {"SOPInstanceUID": uid}}
+    workdir = tmp_path / "pacs"
+    workdir.mkdir()
+    proc, server = _start_orthanc(workdir)
+    cfg = _cfg(root, calling_aet=server.scu_aet, timeout_s=2)
+    dest = f"dimse://{server.aet}@127.0.0.1:{server.dicom_port}"
+    try:
+        _stop(proc)  # the PACS goes away
+        away = writeback_run(cfg, lake, run_id="w1", dest=dest, key=b"p" * 32)
+        assert away.pending
+        statuses = [r["status"] for r in read_table(lake, "outbox").to_pylist()]
+        assert "failed" in statuses
+        assert "confirmed" not in statuses
+        # back, same configuration and storage
+        proc = _popen(
+            [
+                str(ORTHANC_BIN),
+                f"--logfile={workdir / 'orthanc2.log'}",
+                str(workdir / "orthanc.json"),
+            ],
+            log_path=workdir / "orthanc2.stdout.log",
+            cwd=workdir,
         )
-        assert len(found.json()) == 1
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{server.base_url}/system", auth=server.auth, timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "Orthanc did not come back"
+            time.sleep(0.1)
+        back = writeback_run(cfg, lake, run_id="w2", dest=dest, key=b"p" * 32)
+        assert not back.pending
+        assert back.counts.extra["built"] == 0  # built in the first run, reused
+        uids = {r["result_uid"] for r in read_table(lake, "outbox").to_pylist()}
+        for uid in uids:
+            found = server.rest(
+                "POST", "/tools/find", json={"Level": "Instance", "Query": {"SOPInstanceUID": uid}}
+            )
+            assert len(found.json()) == 1
+    finally:
+        _stop(proc)
 
 
 def test_killed_mid_send_then_rerun_leaves_one_copy(
@@ -273,6 +305,65 @@ def test_killed_mid_send_then_rerun_leaves_one_copy(
     uids = {r["result_uid"] for r in rows}
     resent = [r for r in rows if r["run_id"] == "w2" and r["status"] == "sent"]
     assert first[0]["result_uid"] not in {r["result_uid"] for r in resent}
+    for uid in uids:
+        found = orthanc.rest(
+            "POST", "/tools/find", json={"Level": "Instance", "Query": {"SOPInstanceUID": uid}}
+        )
+        assert len(found.json()) == 1
+
+
+def test_sigkill_of_the_command_then_rerun_leaves_one_copy(
+    built: tuple[Path, LakePaths], tmp_path: Path, orthanc: Any
+) -> None:
+    """`pacsflow writeback` killed with SIGKILL as soon as its first object is in the PACS (no
+    cleanup runs, no outbox row is written), then run again: every object exactly once."""
+    import base64
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    _root, base = built
+    lake = _copy(base, tmp_path / "lake")
+    key = b"s" * 32
+    key_file = tmp_path / "k.key"
+    key_file.write_text(f"pacsflow-key-v1\n{base64.b64encode(key).decode()}\n")
+    key_file.chmod(0o600)
+    config = tmp_path / "wb.yaml"
+    config.write_text(yaml.safe_dump({
+        "source": {"calling_aet": orthanc.scu_aet},
+        "writeback": {"backoff_s": 0.05},
+        "logging": {"level": "WARNING"},
+    }))  # fmt: skip
+    dest = f"dimse://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
+    argv = [sys.executable, "-m", "pipeline.cli.main", "writeback", "--lake", str(lake.root),
+            "--dest", dest, "--key-file", str(key_file), "--config", str(config)]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    study = read_table(lake, "vault").to_pylist()[0]["StudyInstanceUID"]
+
+    def in_pacs() -> int:
+        found = orthanc.rest(
+            "POST", "/tools/find",
+            json={"Level": "Instance", "Query": {"StudyInstanceUID": study, "Modality": "SEG\\SR"}},
+        )  # fmt: skip
+        return len(found.json())
+
+    before = in_pacs()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and in_pacs() == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rows = read_table(lake, "outbox").to_pylist()
+    uids = {r["result_uid"] for r in rows if r["status"] == "confirmed"}
+    assert uids
     for uid in uids:
         found = orthanc.rest(
             "POST", "/tools/find", json={"Level": "Instance", "Query": {"SOPInstanceUID": uid}}
