@@ -100,7 +100,9 @@ def register(app: typer.Typer) -> None:
         lake: LakeOpt = None,
         config: ConfigOpt = None,
     ) -> None:
-        """DuckDB over the research tables (views instances, series, studies, patients, ...)."""
+        """DuckDB over the research tables (views instances, series, studies, patients, tensors,
+        findings, reviews) and `lineage` (object key -> pseudonyms -> tensor -> model -> result
+        UID -> delivery status; no identifying column)."""
         cfg = build_config(config, lake=lake)
         if cfg.lake is None:
             fail("no lake: pass --lake LAKE or set `lake:` in the config", 2)
@@ -109,13 +111,15 @@ def register(app: typer.Typer) -> None:
             import duckdb
 
             from pipeline.lake import LakePaths, table_exists
-            from pipeline.lake.duck import scan_sql
+            from pipeline.lake.duck import lineage_sql, scan_sql
 
             paths = LakePaths(cfg.lake)  # type: ignore[arg-type]
             con = duckdb.connect()
             for view in RESEARCH_VIEWS:
                 if table_exists(paths, view):
                     con.execute(f"CREATE VIEW {view} AS SELECT * FROM {scan_sql(paths, view)}")
+            if table_exists(paths, "vault"):  # pseudonyms, hashes and result UIDs only
+                con.execute(f"CREATE VIEW lineage AS SELECT * FROM {lineage_sql(paths)}")
             try:
                 rel = con.sql(query)
             except duckdb.Error as exc:

@@ -35,7 +35,7 @@ def register_keygen(app: typer.Typer) -> None:
 
 
 def register_stages(app: typer.Typer) -> None:
-    """Add ``review`` and ``run``."""
+    """Add ``review``."""
 
     @app.command("review")
     def review(
@@ -47,8 +47,3 @@ def register_stages(app: typer.Typer) -> None:
     ) -> None:
         """QA review of AI findings: a web worklist, or a static report."""
         not_implemented("review", 9)
-
-    @app.command("run")
-    def run(config_file: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")]) -> None:
-        """Every stage, as the config says; incremental; one lock per lake."""
-        not_implemented("run", 8)

@@ -25,6 +25,7 @@ __all__ = [
     "InferConfig",
     "LoggingConfig",
     "PipelineConfig",
+    "RunConfig",
     "SourceConfig",
     "SynthConfig",
     "WritebackConfig",
@@ -333,6 +334,17 @@ class WritebackConfig(_Section):
     )
 
 
+class RunConfig(_Section):
+    """``pacsflow run``: which stages run, in this order (each can be switched off)."""
+
+    crawl: bool = Field(True, description="Crawl source.uri into the index.")
+    deid: bool = Field(True, description="De-identify into the research tables.")
+    verify: bool = Field(True, description="Scan research/ for leaks; a leak fails the run.")
+    tensors: bool = Field(True, description="Build the volumes.")
+    infer: bool = Field(True, description="Run infer.model over the volumes.")
+    writeback: bool = Field(True, description="Send SEG + SR to writeback.dest (when set).")
+
+
 class SynthConfig(_Section):
     """The synthetic archive that `pacsflow demo` generates."""
 
@@ -368,5 +380,6 @@ class PipelineConfig(_Section):
     writeback: WritebackConfig = Field(
         default_factory=WritebackConfig, description="Write-back stage."
     )
+    run: RunConfig = Field(default_factory=RunConfig, description="Stages of `pacsflow run`.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Demo archive.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")

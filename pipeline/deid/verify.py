@@ -18,6 +18,7 @@ import datetime as dt
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -175,9 +176,38 @@ def _scan(lake: LakePaths, matcher: _Matcher) -> Iterator[Leak]:
                             yield Leak(rel, name, offset + i, kind)
                 offset += batch.num_rows
         else:
-            kind = matcher.search(path.read_bytes().decode("latin-1"))
+            kind = matcher.search(_text_of(path))
             if kind:
                 yield Leak(rel, None, None, kind)
+
+
+def _text_of(path: Path) -> str:
+    """What of a file can hold text: a numeric ``.npy`` array (tensors, masks) only its header
+    (numbers cannot spell an identifier; scanning 100s of MB of them as text took minutes);
+    anything else, all of it."""
+    if path.suffix == ".npy":
+        import numpy as np
+
+        with path.open("rb") as fh:
+            try:
+                version = np.lib.format.read_magic(fh)
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape_order_dtype = read(fh)
+            except (ValueError, OSError):
+                shape_order_dtype = None
+            header_end = fh.tell()
+        kind = np.dtype(shape_order_dtype[2]).kind if shape_order_dtype is not None else ""
+        if kind in tuple("biufc"):
+            with path.open("rb") as fh:
+                return fh.read(header_end).decode("latin-1")
+        if kind in ("U", "S"):  # text arrays: their values (UTF-32 would hide them from a scan)
+            values = np.load(path, allow_pickle=False).ravel()
+            return "\n".join(str(v, "latin-1") if kind == "S" else str(v) for v in values)
+    return path.read_bytes().decode("latin-1")
 
 
 def verify(lake: LakePaths, key: bytes | None = None, max_needles: int = 500_000) -> list[Leak]:

@@ -164,3 +164,32 @@ def volume_verdicts(con: Any, lake: LakePaths) -> dict[str, tuple[bool, str | No
             FROM {scan_sql(lake, "tensors")} GROUP BY 1"""
     ).fetchall()
     return {uid: (status == "ok", reason) for uid, status, reason in rows}
+
+
+def lineage_sql(lake: LakePaths) -> str:
+    """The end-to-end lineage, one row per (object, volume, model identity, result object):
+    object key -> pseudonyms -> tensor -> model -> result UID -> delivery status.
+
+    Only non-identifying columns: the object key is a hash, the UIDs are pseudonyms or the
+    keyed UIDs write-back derived; original UIDs and locations stay in the restricted zone.
+    """
+    vault = latest_sql(lake, "vault", "object_key", "deidentified_at")
+    outbox = f"""(SELECT * FROM {scan_sql(lake, "outbox")}
+        QUALIFY row_number() OVER (PARTITION BY result_uid, dest ORDER BY updated_at DESC) = 1)"""
+    return f"""(
+        SELECT v.object_key, v.sop_pseudonym, v.series_pseudonym, v.deid_version,
+               t.tensor_key, t.checksum AS tensor_checksum,
+               f.model, f.model_version, f.weights_sha256,
+               o.kind AS result_kind, o.result_uid, o.dest, o.status AS delivery_status,
+               o.updated_at AS delivery_updated_at
+        FROM {vault} v
+        LEFT JOIN (SELECT tensor_key, checksum, unnest(sop_instance_uids) AS sop
+                   FROM {scan_sql(lake, "tensors")} WHERE status = 'ok') t
+               ON t.sop = v.sop_pseudonym
+        LEFT JOIN (SELECT DISTINCT tensor_key, model, model_version, weights_sha256
+                   FROM {scan_sql(lake, "findings")}) f
+               ON f.tensor_key = t.tensor_key
+        LEFT JOIN {outbox} o
+               ON o.tensor_key = f.tensor_key AND o.model = f.model
+              AND o.model_version = f.model_version AND o.weights_sha256 = f.weights_sha256
+    )"""

@@ -190,3 +190,19 @@ def test_export_dicom_reads_back_clean_with_pixels_intact(archive: Path, tmp_pat
         if "TransferSyntaxUID" not in getattr(original, "file_meta", {}):
             original.file_meta.TransferSyntaxUID = ds.file_meta.TransferSyntaxUID
         assert np.array_equal(ds.pixel_array, original.pixel_array)
+
+
+def test_verify_reads_numeric_arrays_by_header_and_text_arrays_whole(
+    archive: Path, tmp_path: Path
+) -> None:
+    """Tensors and masks are numbers: only their .npy header can spell anything. An array of
+    strings is scanned whole, and so is a header that names an identifier."""
+    import numpy as np
+
+    lake, _ = _lake(archive, tmp_path / "lake")
+    truth = json.loads((archive / "ground_truth.json").read_text())
+    pid = truth["patients"][0]["PatientID"]
+    np.save(lake.research / "numbers.npy", np.arange(1000, dtype=np.int16))
+    assert verify(lake) == []
+    np.save(lake.research / "words.npy", np.array(["fine", pid]))
+    assert [leak.path.rsplit("/", 1)[-1] for leak in verify(lake)] == ["words.npy"]

@@ -1,0 +1,70 @@
+"""``pacsflow run``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli._common import EXIT_USAGE, SchedulerOpt, WorkersOpt, build_config, fail, guarded
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run``."""
+
+    @app.command("run")
+    def run(
+        config_file: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")],
+        lake: Annotated[
+            Path | None, typer.Option("--lake", help="Lake root (else config).")
+        ] = None,
+        key_file: Annotated[
+            Path | None,
+            typer.Option("--key-file", help="Secret key file (or key_file / PACSFLOW_KEY_FILE)."),
+        ] = None,
+        workers: WorkersOpt = None,
+        scheduler: SchedulerOpt = None,
+    ) -> None:
+        """Every stage, as the config says; incremental; one lock per lake.
+
+        crawl -> deid -> verify -> tensors -> infer -> writeback (switch stages off under
+        `run:`). Exit 0 only when every enabled stage succeeded and its counts reconcile.
+        """
+        cfg = build_config(config_file, lake=lake, workers=workers, scheduler=scheduler)
+        if cfg.lake is None:
+            fail("no lake: set `lake:` in the config or pass --lake", EXIT_USAGE)
+
+        def body() -> None:
+            from pipeline.cli._common import dask_client, progress_bar
+            from pipeline.config import config_hash
+            from pipeline.lake import LakePaths, RunRecorder
+            from pipeline.lake.keys import load_key
+            from pipeline.lake.lock import lake_lock
+            from pipeline.run import RunFailed, run_pipeline
+
+            assert cfg.lake is not None
+            paths = LakePaths(cfg.lake)
+            key = load_key(key_file or cfg.key_file)
+            with (
+                lake_lock(paths, "run"),
+                RunRecorder(
+                    paths, "run", config_hash=config_hash(cfg), config=cfg.model_dump(mode="json")
+                ) as rec,
+                dask_client(cfg) as client,
+            ):
+                try:
+                    summary = run_pipeline(
+                        cfg,
+                        key=key,
+                        rec=rec,
+                        client=client,
+                        progress=lambda s: progress_bar(s, None),
+                    )
+                except RunFailed as exc:
+                    fail(f"run {rec.run_id} failed: {exc}")
+            for line in summary.lines:
+                typer.echo(line)
+            typer.echo(f"run {summary.run_id}: done ({paths.runs / (summary.run_id + '.json')})")
+
+        guarded(body)
