@@ -1,6 +1,8 @@
-"""``pacsflow demo``: the pipeline on a generated archive, embedded defaults, no servers.
+"""``pacsflow demo``: the whole pipeline on a generated archive, embedded defaults, no servers.
 
-Today the pipeline is synth -> crawl; each later stage joins the demo as it lands.
+synth -> crawl -> deid -> verify -> tensors -> infer (the default model) -> writeback into
+``<out>/results`` (a folder destination), then a check of the quarantine against the archive's
+ground truth and a summary of where everything is.
 """
 
 from __future__ import annotations
@@ -16,8 +18,21 @@ from pipeline.cli._common import ConfigOpt, WorkersOpt, build_config, fail, guar
 #: The demo's embedded defaults, below any --config file and flags.
 DEMO_DEFAULTS: dict[str, Any] = {
     "synth": {"patients": 3, "seed": 0, "ct_slices": 120, "rows": 512, "columns": 512},
-    "compute": {"workers": 2},
+    "compute": {"workers": 2, "device": "cpu"},
 }
+
+
+def _count(lake: Any, table: str, column: str | None = None, where: str = "true") -> int:
+    """Rows of a lake table (with ``column`` set, and ``where``)."""
+    from pipeline.lake.duck import connect, scan_sql
+
+    con = connect()
+    try:
+        cond = f"{column} IS NOT NULL AND ({where})" if column else where
+        row = con.execute(f"SELECT count(*) FROM {scan_sql(lake, table)} WHERE {cond}").fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        con.close()
 
 
 def _expected_quarantine(ground_truth: dict[str, Any]) -> set[str]:
@@ -36,7 +51,11 @@ def demo(
     ] = None,
 ) -> None:
     """Run the whole pipeline on a generated archive (folder source, local Dask, CPU)."""
-    extra: dict[str, Any] = {"lake": str(out / "lake"), "source": {"uri": str(out / "archive")}}
+    extra: dict[str, Any] = {
+        "lake": str(out / "lake"),
+        "source": {"uri": str(out / "archive")},
+        "writeback": {"dest": str(out / "results")},
+    }
     if patients is not None:
         extra["synth"] = {"patients": patients}
     cfg = build_config(config, workers=workers, extra=extra, defaults=DEMO_DEFAULTS)
@@ -47,7 +66,6 @@ def demo(
         import pyarrow.compute as pc
 
         from pipeline.cli._common import progress_bar
-        from pipeline.cli.crawl import crawl_with_manifest
         from pipeline.crawl import current_index
         from pipeline.lake import LakePaths, read_table
         from pipeline.synth import synthesize
@@ -77,18 +95,35 @@ def demo(
                 f"(+{result.n_bad} bad objects), {result.bytes_written / 2**20:.0f} MiB "
                 f"in {result.seconds:.1f} s"
             )
-        typer.echo(crawl_with_manifest(cfg, str(archive), "demo"))
-
-        from pipeline.cli.deid import deid_with_manifest, verify_lake
-        from pipeline.deid.keys import generate_key_file, load_key
+        from pipeline.cli._common import dask_client
+        from pipeline.config import config_hash
+        from pipeline.lake import RunRecorder
+        from pipeline.lake.keys import generate_key_file, load_key
+        from pipeline.lake.lock import lake_lock
+        from pipeline.run import RunFailed, run_pipeline
 
         assert cfg.lake is not None
         key_path = LakePaths(cfg.lake).restricted / "demo.key"
         if not key_path.exists():  # the demo's throwaway key; real runs need `pacsflow keygen`
             generate_key_file(key_path)
         key = load_key(key_path)
-        typer.echo(deid_with_manifest(cfg, key, "demo"))
-        leaks, leak_lines = verify_lake(cfg, key)
+        paths = LakePaths(cfg.lake)
+        with (
+            lake_lock(paths, "demo"),
+            RunRecorder(
+                paths, "demo", config_hash=config_hash(cfg), config=cfg.model_dump(mode="json")
+            ) as rec,
+            dask_client(cfg) as client,
+        ):
+            try:
+                summary = run_pipeline(
+                    cfg, key=key, rec=rec, client=client, progress=lambda s: progress_bar(s, None)
+                )
+            except RunFailed as exc:
+                fail(f"demo run {rec.run_id} failed: {exc}")
+        for line in summary.lines:
+            typer.echo(line)
+        leaks = summary.leaks
 
         assert cfg.lake is not None
         lake = LakePaths(cfg.lake)
@@ -123,10 +158,14 @@ def demo(
             f"({len(expected)})"
         )
         typer.echo(f'research    {lake.research}  (pacsflow sql --lake {lake.root} "SELECT ...")')
+        typer.echo(f"  tensors     {lake.tensors}  ({_count(lake, 'tensors', 'checksum')} volumes)")
+        typer.echo(f"  findings    {lake.table('findings')}  ({_count(lake, 'findings')} rows)")
+        typer.echo(f"  masks       {lake.masks}")
+        results = Path(cfg.writeback.dest) if cfg.writeback.dest else None
+        confirmed = _count(lake, "outbox", where="status = 'confirmed'")
+        typer.echo(f"written back {results}  ({confirmed} SEG/SR objects confirmed)")
         typer.echo(f"verify      leaks found = {leaks}")
-        if leaks:
-            for line in leak_lines:
-                typer.echo(line)
+        if leaks:  # run_pipeline already failed closed; kept as the last word
             fail("identifying values reached research/: failing closed")
         typer.echo(f"next        pacsflow status --lake {lake.root}")
         typer.echo(f"done in {time.perf_counter() - t0:.1f} s")
