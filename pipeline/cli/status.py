@@ -79,6 +79,7 @@ def lake_report(root: Path) -> dict[str, Any]:
         "lake": str(lake.root),
         "objects": {"seen": sum(states.values()), **dict(sorted(states.items()))},
         "quarantine_by_reason": dict(sorted(reasons.items())),
+        "writeback": _writeback_status(lake),
         "runs": len(manifests),
         "last_run": None
         if last is None
@@ -104,6 +105,29 @@ def lake_report(root: Path) -> dict[str, Any]:
             "problem": audit_problem or None,
         },
     }
+
+
+def _writeback_status(lake: Any) -> dict[str, dict[str, int]]:
+    """Per destination: SEG/SR objects by their latest delivery status (pending = not
+    confirmed)."""
+    from pipeline.lake.duck import arrow_table, connect, scan_sql
+
+    con = connect()
+    try:
+        rows = arrow_table(
+            con,
+            f"""SELECT dest, status, count(*) AS n FROM (
+                    SELECT * FROM {scan_sql(lake, "outbox")}
+                    QUALIFY row_number() OVER (PARTITION BY result_uid, dest
+                                               ORDER BY updated_at DESC) = 1)
+                GROUP BY 1, 2 ORDER BY 1, 2""",
+        ).to_pylist()
+    finally:
+        con.close()
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        out.setdefault(r["dest"], {})[r["status"]] = int(r["n"])
+    return out
 
 
 def _audit_records(lake: Any) -> list[dict[str, Any]]:
@@ -136,6 +160,17 @@ def _print_lake(rep: dict[str, Any]) -> None:
         typer.echo(
             "  quarantine by reason: "
             + ", ".join(f"{k} {v}" for k, v in rep["quarantine_by_reason"].items())
+        )
+    for dest, by_status in rep.get("writeback", {}).items():
+        pending = sum(n for st, n in by_status.items() if st != "confirmed")
+        typer.echo(
+            f"  write-back to {dest}: {by_status.get('confirmed', 0)} confirmed, "
+            f"{pending} pending"
+            + (
+                f" ({', '.join(f'{k} {v}' for k, v in by_status.items() if k != 'confirmed')})"
+                if pending
+                else ""
+            )
         )
     last = rep["last_run"]
     if last:
