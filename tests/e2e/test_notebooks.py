@@ -1,7 +1,7 @@
 """Every notebook in notebooks/ runs top to bottom (nbclient, a real kernel) on a small lake.
 
-The lake is synthesised, crawled, de-identified and tensorised here. Notebooks find it through
-``PACSFLOW_LAKE`` in the kernel's environment, or at ``../demo-out/lake`` relative to the
+The lake is synthesised, crawled, de-identified, tensorised and inferred (a tiny test model)
+here. Notebooks find it through ``PACSFLOW_LAKE`` in the kernel's environment, or at ``../demo-out/lake`` relative to the
 notebook (``01_index.ipynb`` hard-codes that path): the notebooks are copied into a temporary
 ``notebooks/`` folder beside a ``demo-out/lake`` link to the lake, and run from there.
 """
@@ -22,11 +22,15 @@ KEY = b"n" * 32
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding ``demo-out/lake`` (crawled, de-identified, tensorised)."""
+    """A folder holding ``demo-out/lake`` (crawled, de-identified, tensorised, inferred with a
+    tiny test model)."""
+    from bundle_factory import make_bundle
+
     from pipeline.config import load_config
     from pipeline.connectors import FolderSource
     from pipeline.crawl import run as crawl_run
     from pipeline.deid.stage import run as deid_run
+    from pipeline.infer.stage import run as infer_run
     from pipeline.lake import LakePaths
     from pipeline.synth import synthesize
     from pipeline.tensors.stage import run as tensors_run
@@ -35,10 +39,18 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     archive = root / "archive"
     synthesize(archive, patients=1, seed=0, ct_slices=16, rows=64, columns=64, include_bad=True)
     lake = LakePaths(root / "demo-out" / "lake")
-    cfg = load_config(overrides={"compute": {"partition_size": 64}}, environ={})
+    bundle = make_bundle(root / "tiny", seed=5)
+    cfg = load_config(
+        overrides={
+            "compute": {"partition_size": 64, "device": "cpu"},
+            "infer": {"model": str(bundle)},
+        },
+        environ={},
+    )
     crawl_run(cfg, lake, FolderSource(archive), run_id="c1")
     deid_run(cfg, lake, key=KEY, run_id="d1")
     tensors_run(cfg, lake, run_id="t1")
+    infer_run(cfg, lake, run_id="i1")
     return root
 
 
