@@ -2,8 +2,9 @@
 
 The lake is synthesised, crawled, de-identified, tensorised and inferred (a tiny test model)
 here. Notebooks find it through ``PACSFLOW_LAKE`` in the kernel's environment, or at
-``../demo-out/lake`` relative to the notebook (``01_index.ipynb`` hard-codes that path): the notebooks are copied into a temporary
-``notebooks/`` folder beside a ``demo-out/lake`` link to the lake, and run from there.
+``../demo-out/lake`` relative to the notebook (``01_index.ipynb`` hard-codes that path): the
+notebooks are copied into a temporary ``notebooks/`` folder beside a ``demo-out/lake`` link to
+the lake, and run from there.
 """
 
 from __future__ import annotations
