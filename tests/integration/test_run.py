@@ -183,3 +183,62 @@ def test_run_refuses_a_second_run_on_the_same_lake(setup: Path, tmp_path: Path) 
         result = CliRunner().invoke(app, ["run", str(config)])
     assert result.exit_code != 0
     assert "another pacsflow run holds" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_sigkill_at_several_points_then_rerun_equals_an_uninterrupted_run(
+    setup: Path, tmp_path: Path
+) -> None:
+    """`pacsflow run` SIGKILLed at several points (each a fresh lake), then run again to the
+    end: tensors, findings and confirmed result objects are those of an uninterrupted run, with
+    no duplicate row and nothing missing; the dead run's lock is taken over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def argv(config: Path) -> list[str]:
+        return [sys.executable, "-m", "pipeline.cli.main", "run", str(config)]
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    shutil.copytree(setup / "archive", ref_dir / "archive")
+    t0 = time.monotonic()
+    done = subprocess.run(
+        argv(_config(setup, ref_dir)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    full = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = _tables(LakePaths(ref_dir / "lake"))
+    for fraction in (0.2, 0.45, 0.7, 0.9):
+        run = tmp_path / f"kill-{fraction}"
+        run.mkdir()
+        shutil.copytree(setup / "archive", run / "archive")
+        config = _config(setup, run)
+        proc = subprocess.Popen(
+            argv(config), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(full * fraction)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        again = subprocess.run(
+            argv(config), env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert again.returncode == 0, (fraction, again.stderr[-2000:])
+        lake = LakePaths(run / "lake")
+        got = _tables(lake)
+        assert got["tensors"] == reference["tensors"], fraction
+        assert got["findings"] == reference["findings"], fraction
+        assert got["outbox"] == reference["outbox"], fraction
+        findings = read_table(lake, "findings").to_pylist()
+        assert len({f["finding_key"] for f in findings}) == len(findings), fraction
+        assert len(list((run / "results").rglob("*.dcm"))) == len(reference["outbox"])
