@@ -1,6 +1,6 @@
 # pacsflow — one command to set up and run the demo, one to set up and run the tests.
 #   make demo    creates .venv, installs pacsflow, runs `pacsflow demo`
-#   make test    creates .venv, installs pacsflow[dev] and Orthanc, runs the whole test suite
+#   make test    creates .venv, installs pacsflow[dev], Orthanc and Chromium, runs the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup setup-dev orthanc lint clean
+.PHONY: demo test setup setup-dev orthanc chromium lint clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pacsflow needs Python >= 3.11"'
@@ -34,7 +34,10 @@ demo: setup
 orthanc:
 	bash tools/install-orthanc.sh
 
-test: setup orthanc
+chromium:
+	bash tools/install-chromium.sh
+
+test: setup orthanc chromium
 	bash tools/run-tests.sh $(PYTEST_ARGS)
 
 lint: setup

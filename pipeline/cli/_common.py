@@ -171,14 +171,14 @@ def recorded_run(
 ) -> Iterator[tuple[Any, Any, Any, Any]]:
     """One recorded stage run: ``(lake, recorder, dask client, advance)`` inside a run
     manifest (config, hash, versions), the configured Dask client and a progress bar."""
-    from pipeline.config import config_hash
+    from pipeline.config import config_hash, manifest_config
     from pipeline.lake import LakePaths, RunRecorder
 
     assert cfg.lake is not None
     lake = LakePaths(cfg.lake)
     with (
         RunRecorder(
-            lake, command, config_hash=config_hash(cfg), config=cfg.model_dump(mode="json")
+            lake, command, config_hash=config_hash(cfg), config=manifest_config(cfg)
         ) as rec,
         dask_client(cfg) as client,
         progress_bar(stage, None) as advance,

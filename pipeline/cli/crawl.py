@@ -31,7 +31,7 @@ SourceOpt = Annotated[
 def crawl_with_manifest(cfg: PipelineConfig, source_uri: str, command: str) -> str:
     """Crawl ``source_uri`` into ``cfg.lake`` as one recorded run; return the summary line."""
     from pipeline.cli._common import dask_client, progress_bar
-    from pipeline.config import config_hash
+    from pipeline.config import config_hash, manifest_config
     from pipeline.connectors import open_source
     from pipeline.crawl import run as crawl_run
     from pipeline.lake import LakePaths, RunRecorder
@@ -46,7 +46,7 @@ def crawl_with_manifest(cfg: PipelineConfig, source_uri: str, command: str) -> s
     )
     with (
         RunRecorder(
-            lake, command, config_hash=config_hash(cfg), config=cfg.model_dump(mode="json")
+            lake, command, config_hash=config_hash(cfg), config=manifest_config(cfg)
         ) as rec,
         dask_client(cfg) as client,
         progress_bar("crawl", None) as advance,

@@ -96,7 +96,7 @@ def demo(
                 f"in {result.seconds:.1f} s"
             )
         from pipeline.cli._common import dask_client
-        from pipeline.config import config_hash
+        from pipeline.config import config_hash, manifest_config
         from pipeline.lake import RunRecorder
         from pipeline.lake.keys import generate_key_file, load_key
         from pipeline.lake.lock import lake_lock
@@ -111,7 +111,7 @@ def demo(
         with (
             lake_lock(paths, "demo"),
             RunRecorder(
-                paths, "demo", config_hash=config_hash(cfg), config=cfg.model_dump(mode="json")
+                paths, "demo", config_hash=config_hash(cfg), config=manifest_config(cfg)
             ) as rec,
             dask_client(cfg) as client,
         ):

@@ -11,7 +11,19 @@ from typing import Annotated
 import typer
 
 from pipeline._version import __version__
-from pipeline.cli import crawl, deid, demo, infer, run, status, stubs, synth, tensors, writeback
+from pipeline.cli import (
+    crawl,
+    deid,
+    demo,
+    infer,
+    review,
+    run,
+    status,
+    stubs,
+    synth,
+    tensors,
+    writeback,
+)
 from pipeline.cli._logging import setup_logging
 
 app = typer.Typer(
@@ -55,7 +67,7 @@ tensors.register(app)
 infer.register(app)
 writeback.register(app)
 run.register(app)
-stubs.register_stages(app)
+review.register(app)
 app.command("demo")(demo.demo)
 app.command("status")(status.status)
 

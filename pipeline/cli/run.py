@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
 
         def body() -> None:
             from pipeline.cli._common import dask_client, progress_bar
-            from pipeline.config import config_hash
+            from pipeline.config import config_hash, manifest_config
             from pipeline.lake import LakePaths, RunRecorder
             from pipeline.lake.keys import load_key
             from pipeline.lake.lock import lake_lock
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
             with (
                 lake_lock(paths, "run"),
                 RunRecorder(
-                    paths, "run", config_hash=config_hash(cfg), config=cfg.model_dump(mode="json")
+                    paths, "run", config_hash=config_hash(cfg), config=manifest_config(cfg)
                 ) as rec,
                 dask_client(cfg) as client,
             ):

@@ -11,8 +11,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli._common import ConfigOpt, LakeOpt, not_implemented
-
 
 def register_keygen(app: typer.Typer) -> None:
     """Add ``keygen``."""
@@ -32,18 +30,3 @@ def register_keygen(app: typer.Typer) -> None:
             )
 
         guarded(body)
-
-
-def register_stages(app: typer.Typer) -> None:
-    """Add ``review``."""
-
-    @app.command("review")
-    def review(
-        lake: LakeOpt = None,
-        report: Annotated[
-            Path | None, typer.Option("--report", help="Write a self-contained HTML report.")
-        ] = None,
-        config: ConfigOpt = None,
-    ) -> None:
-        """QA review of AI findings: a web worklist, or a static report."""
-        not_implemented("review", 9)

@@ -1,6 +1,6 @@
 """Configuration: pydantic models, the layered YAML loader, and the module that reads env vars."""
 
-from pipeline.config.loader import config_hash, load_config
+from pipeline.config.loader import config_hash, load_config, manifest_config
 from pipeline.config.models import (
     AuthConfig,
     ComputeConfig,
@@ -9,6 +9,8 @@ from pipeline.config.models import (
     InferConfig,
     LoggingConfig,
     PipelineConfig,
+    ReviewConfig,
+    ReviewUser,
     RunConfig,
     SourceConfig,
     SynthConfig,
@@ -24,6 +26,8 @@ __all__ = [
     "InferConfig",
     "LoggingConfig",
     "PipelineConfig",
+    "ReviewConfig",
+    "ReviewUser",
     "RunConfig",
     "SourceConfig",
     "SynthConfig",
@@ -31,4 +35,5 @@ __all__ = [
     "WritebackConfig",
     "config_hash",
     "load_config",
+    "manifest_config",
 ]

@@ -146,7 +146,13 @@ def load_config(
         raise _explain(exc, " + ".join(sources)) from None
 
 
+def manifest_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The configuration as run manifests record it: without the review users (their password
+    hashes are credentials, and adding a reviewer does not change what a pipeline run does)."""
+    return cfg.model_dump(mode="json", exclude={"review": {"users"}})
+
+
 def config_hash(cfg: PipelineConfig) -> str:
     """A stable SHA-256 of the effective configuration (recorded in run manifests)."""
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(manifest_config(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -25,6 +25,8 @@ __all__ = [
     "InferConfig",
     "LoggingConfig",
     "PipelineConfig",
+    "ReviewConfig",
+    "ReviewUser",
     "RunConfig",
     "SourceConfig",
     "SynthConfig",
@@ -364,6 +366,59 @@ class LoggingConfig(_Section):
     json_lines: bool = Field(False, description="Structured JSON log lines instead of text.")
 
 
+class ReviewUser(_Section):
+    """One user of the review app: a password hash (never the password) and a role."""
+
+    password_hash: str = Field(
+        description="argon2 hash of the password (`pacsflow review --hash-password` makes one)."
+    )
+    role: Literal["reviewer", "lead", "admin"] = Field(
+        "reviewer",
+        description="reviewer: review findings; lead: also export label sets; admin: also "
+        "the viewer link to identified studies (see review.viewer_roles).",
+    )
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hashed(cls, value: str) -> str:
+        if not value.startswith("$argon2"):
+            raise ValueError(
+                "must be an argon2 hash ($argon2id$...), never a password: make one with "
+                "`pacsflow review --hash-password`"
+            )
+        return value
+
+
+class ReviewConfig(_Section):
+    """``pacsflow review``: the QA web app of AI findings."""
+
+    users: dict[str, ReviewUser] = Field(
+        default_factory=dict, description="Users by login name, with password hash and role."
+    )
+    session_minutes: int = Field(
+        480, ge=1, le=7 * 24 * 60, description="A login expires after this many minutes."
+    )
+    host: str = Field("127.0.0.1", description="Address the app listens on (the CLI's wins).")
+    port: int = Field(8765, ge=1, le=65535, description="Port the app listens on.")
+    secret_env: str | None = Field(
+        None,
+        description="Env var holding the secret that signs session cookies; unset: a random "
+        "one per start (logins end when the app restarts).",
+    )
+    viewer_url: str | None = Field(
+        None,
+        description="URL template of the clinic's viewer, e.g. "
+        "https://pacs/ohif/viewer?StudyInstanceUIDs={StudyInstanceUID}; unset: no link.",
+    )
+    viewer_roles: tuple[Literal["reviewer", "lead", "admin"], ...] = Field(
+        ("admin",), description="Roles allowed the viewer link (identified data)."
+    )
+    page_size: int = Field(50, ge=5, le=1000, description="Findings per worklist page.")
+    report_images: int = Field(
+        500, ge=0, le=100_000, description="Findings with an embedded image in --report."
+    )
+
+
 class PipelineConfig(_Section):
     """The root of a pacsflow configuration file."""
 
@@ -383,3 +438,6 @@ class PipelineConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Stages of `pacsflow run`.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Demo archive.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    review: ReviewConfig = Field(
+        default_factory=ReviewConfig, description="QA review of findings (`pacsflow review`)."
+    )

@@ -11,7 +11,6 @@ not silently dropped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,27 +24,20 @@ __all__ = ["POSITION_TOL_MM", "read_seg"]
 POSITION_TOL_MM = 0.01
 
 
-def read_seg(
-    seg_ds: Any, source_images: Sequence[Any], volume: Any | None = None
-) -> dict[int, tuple[str, npt.NDArray[np.bool_]]]:
-    """``{segment number: (label, mask)}`` with masks shaped like the source volume.
+def read_seg(seg_ds: Any, volume: Any) -> dict[int, tuple[str, npt.NDArray[np.bool_]]]:
+    """``{segment number: (label, mask)}`` with masks shaped like ``volume``.
 
     Parameters
     ----------
     seg_ds:
         The SEG dataset (pydicom, or a highdicom ``Segmentation``).
-    source_images:
-        The images it segments (headers are enough unless ``volume`` is not given, when
-        their pixels are not needed either: only geometry is used).
     volume:
-        The :class:`~pipeline.tensors.volume.Volume` of ``source_images`` when already built.
+        The :class:`~pipeline.tensors.volume.Volume` of the source images (its ``affine`` and
+        array shape; build it with ``pipeline.tensors.volume.build_volume`` from the source
+        headers, or take a stored tensor's geometry).
     """
     import highdicom as hd
 
-    if volume is None:
-        from pipeline.tensors.volume import build_volume
-
-        volume = build_volume(list(source_images))
     seg = (
         seg_ds
         if isinstance(seg_ds, hd.seg.Segmentation)

@@ -62,6 +62,9 @@ def test_a_live_holder_is_refused_and_a_killed_one_taken_over(
 
 def test_the_same_process_cannot_nest_two_runs(tmp_path: Path) -> None:
     lake = LakePaths(tmp_path / "lake")
-    with lake_lock(lake, "outer"):
-        with pytest.raises(LakeError, match="another pacsflow run"), lake_lock(lake, "inner"):
-            pass
+    with (
+        lake_lock(lake, "outer"),
+        pytest.raises(LakeError, match="another pacsflow run"),
+        lake_lock(lake, "inner"),
+    ):
+        pass

@@ -1,0 +1,94 @@
+"""``pacsflow review --report FILE.html``: one self-contained HTML file (images and plots as
+data URIs, CSS inline, no script, no network) with every finding and its review status."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.lake.io import atomic_write_text
+from pipeline.lake.paths import LakePaths
+from pipeline.review.render import VolumeCache, default_slice, metrics_plots
+from pipeline.review.store import Catalog, metrics_by_version
+
+__all__ = ["build_report", "write_report"]
+
+
+def build_report(
+    lake: LakePaths, *, max_images: int = 500, run_id: str | None = None
+) -> tuple[str, int]:
+    """The report's HTML and the number of findings in it (those of infer run ``run_id``
+    only, when given)."""
+    from pipeline.review.app import data_uri, render_finding_png, templates
+
+    catalog = Catalog(lake)
+    findings = [f for f in catalog.findings() if run_id is None or f.get("run_id") == run_id]
+    latest = catalog.latest()
+    volumes = VolumeCache(lake, size=4)
+    rows: list[dict[str, Any]] = []
+    for i, f in enumerate(findings):
+        r = latest.get(f["finding_key"])
+        image = None
+        if i < max_images and f.get("tensor_path"):
+            window = "soft-tissue" if f.get("Modality") == "CT" and f.get("rescaled") else "auto"
+            png = render_finding_png(volumes, f, k=default_slice(f), window=window)
+            image = data_uri(_thumbnail(png))
+        rows.append(
+            {
+                **f,
+                "image": image,
+                "status": r["decision"] if r else "unreviewed",
+                "reviewer": r["reviewer"] if r else None,
+                "corrected_label": r.get("corrected_label") if r else None,
+                "comment": r.get("comment") if r else None,
+            }
+        )
+    versions = metrics_by_version(findings, latest)
+    plots = {
+        (m.model, m.model_version): {n: data_uri(p) for n, p in metrics_plots(m).items()}
+        for m in versions
+    }
+    shown = min(max_images, len(findings))
+    html = (
+        templates()
+        .get_template("report.html")
+        .render(
+            user=None,
+            role=None,
+            perms=frozenset(),
+            csrf="",
+            standalone=True,
+            generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+            run_id=run_id,
+            findings=rows,
+            reviewed=sum(1 for f in findings if f["finding_key"] in latest),
+            versions=versions,
+            plots=plots,
+            images_shown=shown,
+            images_left_out=len(findings) - shown,
+        )
+    )
+    return html, len(findings)
+
+
+def _thumbnail(png: bytes, side: int = 192) -> bytes:
+    """A smaller copy of a PNG, to keep the report light."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png))
+    img.thumbnail((side, side), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_report(
+    lake: LakePaths, out: Path, *, max_images: int = 500, run_id: str | None = None
+) -> int:
+    """Write the report to ``out`` atomically; return the number of findings in it."""
+    html, n = build_report(lake, max_images=max_images, run_id=run_id)
+    atomic_write_text(out, html)
+    return n

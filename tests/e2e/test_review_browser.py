@@ -1,0 +1,436 @@
+"""`pacsflow review` end to end in real headless Chromium (Debian's chromium + chromium-driver,
+driven by Selenium with the system browser; no browser download): log in, filter the worklist,
+open a finding and see its overlay image, accept one finding and reject another, see the
+metrics page count them, find both decisions in the `reviews` table; a wrong password and a
+POST without the CSRF token are refused; the static report opens offline and lists every
+finding. Screenshots of the worklist and a finding view go to docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bundle_factory import make_bundle
+from typer.testing import CliRunner
+
+from pipeline.config import load_config
+from pipeline.lake import LakePaths, read_table
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+KEY = b"r" * 32
+SEED = 6161
+#: test-only passwords of users that live for one test on loopback
+PASSWORDS = {"lena": "lead-password-for-tests", "rudi": "reviewer-password-for-tests"}
+WAIT_S = 20.0
+
+_MISSING = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory) -> LakePaths:
+    """A small real lake with findings: synthesize -> crawl -> deid -> tensors -> infer."""
+    from pipeline.connectors import FolderSource
+    from pipeline.crawl import run as crawl_run
+    from pipeline.deid.stage import run as deid_run
+    from pipeline.infer import stage as infer_stage
+    from pipeline.synth import synthesize
+    from pipeline.tensors.stage import run as tensors_run
+
+    root = tmp_path_factory.mktemp("review-e2e")
+    synthesize(
+        root / "archive",
+        patients=2,
+        seed=SEED,
+        ct_slices=10,
+        rows=48,
+        columns=48,
+        include_bad=False,
+    )
+    bundle = make_bundle(root / "bundles" / "tiny")
+    (root / "models.yaml").write_text(
+        f"""models:
+  tiny:
+    bundle: {bundle}
+    applies_to: "Modality = 'CT' AND volume_ok"
+    labels:
+      soft_tissue: {{category: ["85756007", SCT, Tissue], type: ["87784001", SCT, Soft tissue]}}
+      adipose_tissue: {{category: ["85756007", SCT, Tissue], type: ["55603005", SCT, Adipose]}}
+      bone: {{category: ["85756007", SCT, Tissue], type: ["272673000", SCT, Bone]}}
+      lung: {{category: ["123037004", SCT, Anatomical Structure], type: ["39607008", SCT, Lung]}}
+"""
+    )
+    cfg = load_config(
+        overrides={
+            "compute": {"partition_size": 8, "device": "cpu"},
+            "infer": {
+                "model": "tiny",
+                "registry": str(root / "models.yaml"),
+                "volumes_per_task": 2,
+                "batch_size": 16,
+            },
+        },
+        environ={},
+    )
+    paths = LakePaths(root / "lake")
+    crawl_run(cfg, paths, FolderSource(root / "archive"), run_id="c")
+    deid_run(cfg, paths, key=KEY, run_id="d")
+    tensors_run(cfg, paths, run_id="t")
+    infer_stage.run(cfg, paths, run_id="i")
+    assert read_table(paths, "findings").num_rows >= 8
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(lake: LakePaths) -> Iterator[str]:
+    """The review app on a free loopback port, served by uvicorn in a thread."""
+    import uvicorn
+
+    from pipeline.review.app import create_app, hash_password
+
+    cfg = load_config(
+        overrides={
+            "lake": str(lake.root),
+            "review": {
+                "users": {
+                    "lena": {"password_hash": hash_password(PASSWORDS["lena"]), "role": "lead"},
+                    "rudi": {
+                        "password_hash": hash_password(PASSWORDS["rudi"]),
+                        "role": "reviewer",
+                    },
+                },
+                "session_minutes": 30,
+                "viewer_url": "https://viewer.invalid/ohif/viewer?StudyInstanceUIDs={StudyInstanceUID}",
+                "viewer_roles": ["lead"],
+            },
+        },
+        environ={},
+    )
+    port = _free_port()
+    config = uvicorn.Config(
+        create_app(cfg, lake, secret="test-session-secret"),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws="none",
+        lifespan="off",
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, name="review-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the review app did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=WAIT_S)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if _MISSING:
+        pytest.skip(
+            f"no system Chromium ({', '.join(_MISSING)} missing): "
+            "apt-get install chromium chromium-driver"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+    ):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(driver: Any, condition: Any) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S).until(condition)
+
+
+def _login(driver: Any, base: str, user: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(base + "/login")
+    driver.find_element(By.ID, "username").send_keys(user)
+    driver.find_element(By.ID, "password").send_keys(password)
+    driver.find_element(By.ID, "login-submit").click()
+
+
+def _image_loaded(driver: Any, element: Any) -> bool:
+    return bool(
+        driver.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth > 0", element
+        )
+    )
+
+
+def _decide(driver: Any, decision: str, comment: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "comment").send_keys(comment)
+    driver.find_element(By.ID, f"decide-{decision}").click()
+    _wait(driver, lambda d: d.find_elements(By.ID, "saved"))
+    assert driver.find_element(By.ID, "status").text == decision
+
+
+def _screenshot(driver: Any, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(SCREENSHOTS / name))
+    assert (SCREENSHOTS / name).stat().st_size > 1000
+
+
+def test_review_in_a_real_browser(
+    lake: LakePaths, server: str, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    findings = read_table(lake, "findings").to_pylist()
+
+    # a wrong password is refused
+    _login(browser, server, "lena", "not-the-password")
+    assert "Wrong user name or password" in browser.find_element(By.ID, "login-error").text
+    assert browser.current_url.endswith("/login")
+
+    # log in; the worklist lists every finding
+    _login(browser, server, "lena", PASSWORDS["lena"])
+    _wait(browser, lambda d: d.find_elements(By.ID, "worklist"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tr.finding-row")) == len(findings)
+
+    # filter: one label, positives only; every row left is a positive of that label
+    label = "soft_tissue"  # the tiny bundle's random weights find this label everywhere
+    Select(browser.find_element(By.ID, "f-label")).select_by_visible_text(label)
+    Select(browser.find_element(By.ID, "f-sample")).select_by_visible_text("positives")
+    browser.find_element(By.ID, "apply").click()
+    _wait(browser, lambda d: f"label={label}" in d.current_url)
+    rows = browser.find_elements(By.CSS_SELECTOR, "tr.finding-row")
+    wanted = [f for f in findings if f["label"] == label and f["voxel_count"] > 0]
+    assert len(rows) == len(wanted) >= 2
+    assert all(r.find_elements(By.TAG_NAME, "td")[2].text == label for r in rows)
+    _screenshot(browser, "review-worklist.png")
+    keys = [r.get_attribute("data-key") for r in rows]
+
+    # open a finding: the slice with its overlay is there; scroll a slice; accept it
+    rows[0].find_element(By.CSS_SELECTOR, "a.open").click()
+    img = _wait(browser, lambda d: d.find_element(By.ID, "slice"))
+    _wait(browser, lambda d: _image_loaded(d, img))
+    assert "overlay=1" in img.get_attribute("src")
+    assert browser.execute_script("return arguments[0].naturalWidth", img) >= 384
+    browser.find_element(By.ID, "next-slice").click()
+    img = _wait(browser, lambda d: d.find_element(By.ID, "slice"))
+    _wait(browser, lambda d: _image_loaded(d, img))
+    _screenshot(browser, "review-finding.png")
+    _decide(browser, "accept", "looks right")
+
+    # open another (from the filtered worklist) and reject it
+    browser.get(f"{server}/?label={label}&sample=positives")
+    browser.find_element(By.CSS_SELECTOR, f'tr[data-key="{keys[1]}"] a.open').click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "decide"))
+    _decide(browser, "reject", "mask leaks")
+
+    # lowest confidence first: segmentation findings have no score, and the page says so
+    browser.get(f"{server}/?sample=lowest-confidence")
+    assert "confidence is unknown" in browser.find_element(By.CSS_SELECTOR, ".note").text
+
+    # the metrics page counts both
+    browser.get(server + "/metrics")
+    card = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, ".metrics-version"))
+    assert card.find_element(By.CSS_SELECTOR, ".reviewed").text == "2"
+    assert card.find_element(By.CSS_SELECTOR, ".accepted").text == "1"
+    assert card.find_element(By.CSS_SELECTOR, ".rejected").text == "1"
+    assert card.find_element(By.CSS_SELECTOR, ".rate").text == "50.0%"
+    for plot in card.find_elements(By.TAG_NAME, "img"):
+        assert _image_loaded(browser, plot)
+
+    # the reviews table holds both decisions, tied to the model version and tensor checksum
+    by_key = {f["finding_key"]: f for f in findings}
+    reviews = sorted(read_table(lake, "reviews").to_pylist(), key=lambda r: r["reviewed_at"])
+    assert [(r["finding_key"], r["decision"]) for r in reviews] == [
+        (keys[0], "accept"),
+        (keys[1], "reject"),
+    ]
+    for r in reviews:
+        assert r["reviewer"] == "lena"
+        assert r["model_version"] == by_key[r["finding_key"]]["model_version"]
+        assert r["tensor_checksum"] == by_key[r["finding_key"]]["tensor_checksum"]
+
+    # every view and decision is in the audit log: who and which finding, no PHI
+    records = [
+        json.loads(line)
+        for line in (lake.audit / "audit.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    events = [(r["event"], r["details"].get("finding_key")) for r in records]
+    assert ("review_finding_viewed", keys[0]) in events
+    assert ("review_decision", keys[0]) in events
+    assert ("review_decision", keys[1]) in events
+    assert any(r["event"] == "review_login_failed" for r in records)
+    assert all(
+        r["details"].get("reviewer") in ("lena", None) for r in records if "review" in r["event"]
+    )
+
+    # the label set export holds the two decided findings
+    browser.get(server + "/metrics")  # keep the browser on a page of the app
+    _csrf_and_export_checks(server, keys, lake)
+
+    # the static report opens offline in the same browser and shows every finding
+    from pipeline.cli.main import app
+
+    out = tmp_path / "report.html"
+    runner = CliRunner()
+    result = runner.invoke(app, ["review", "--lake", str(lake.root), "--report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"({len(findings)} findings)" in result.output
+    other = tmp_path / "other-run.html"
+    result = runner.invoke(
+        app, ["review", "--lake", str(lake.root), "--report", str(other), "--run", "nope"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "(0 findings)" in result.output
+    html = out.read_text()
+    assert "http://" not in html
+    assert "https://" not in html
+    browser.get(out.as_uri())
+    rows = browser.find_elements(By.CSS_SELECTOR, "#report-findings tr.finding-row")
+    assert {r.get_attribute("data-key") for r in rows} == set(by_key)
+    statuses = {
+        r.get_attribute("data-key"): r.find_element(By.CSS_SELECTOR, ".badge").text for r in rows
+    }
+    assert statuses[keys[0]] == "accept"
+    assert statuses[keys[1]] == "reject"
+    images = browser.find_elements(By.CSS_SELECTOR, "img")
+    assert len(images) >= len(findings)
+    assert all(_image_loaded(browser, i) for i in images)
+
+
+def _session(server: str, user: str) -> Any:
+    """A `requests` session logged in as ``user`` (through the login form and its token)."""
+    import requests
+
+    s = requests.Session()
+    page = s.get(server + "/login", timeout=WAIT_S)
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert token is not None
+    r = s.post(
+        server + "/login",
+        data={"username": user, "password": PASSWORDS[user], "csrf": token.group(1)},
+        timeout=WAIT_S,
+        allow_redirects=False,
+    )
+    assert r.status_code == 303
+    return s
+
+
+def test_sessions_expire(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.review.app as review_app
+
+    with _session(server, "rudi") as s:
+        assert s.get(server + "/", timeout=WAIT_S, allow_redirects=False).status_code == 200
+        later = time.time() + 31 * 60  # session_minutes is 30
+        monkeypatch.setattr(review_app, "_now", lambda: later)
+        r = s.get(server + "/", timeout=WAIT_S, allow_redirects=False)
+        assert r.status_code == 303
+        assert "/login" in r.headers["location"]
+
+
+def _csrf_and_export_checks(server: str, keys: list[str], lake: LakePaths) -> None:
+    """With `requests`: a POST without (or with a wrong) CSRF token is refused and stores
+    nothing; a reviewer may not export; a lead exports the label set."""
+    import requests
+
+    with requests.Session() as s:
+        page = s.get(server + "/login", timeout=WAIT_S)
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token is not None
+        # login itself needs the token
+        refused = s.post(
+            server + "/login",
+            data={"username": "rudi", "password": PASSWORDS["rudi"]},
+            timeout=WAIT_S,
+            allow_redirects=False,
+        )
+        assert refused.status_code == 403
+        ok = s.post(
+            server + "/login",
+            data={"username": "rudi", "password": PASSWORDS["rudi"], "csrf": token.group(1)},
+            timeout=WAIT_S,
+            allow_redirects=False,
+        )
+        assert ok.status_code == 303
+        before = read_table(lake, "reviews").num_rows
+        for data in (
+            {"key": keys[0], "decision": "reject"},
+            {"key": keys[0], "decision": "reject", "csrf": token.group(1)},  # the old token
+        ):
+            r = s.post(server + "/decide", data=data, timeout=WAIT_S, allow_redirects=False)
+            assert r.status_code == 403, data
+            assert "CSRF" in r.text
+        assert read_table(lake, "reviews").num_rows == before
+        # a reviewer may not export, nor open identified studies; roles are checked server-side
+        assert s.get(server + "/export", timeout=WAIT_S).status_code == 403
+        page = s.get(server + "/finding", params={"key": keys[0]}, timeout=WAIT_S)
+        assert "viewer-link" not in page.text
+        denied = s.get(server + "/viewer", params={"key": keys[0]}, timeout=WAIT_S)
+        assert denied.status_code == 403
+        # not logged in: sent to the login page
+        anon = requests.get(server + "/export", timeout=WAIT_S, allow_redirects=False)
+        assert anon.status_code == 303
+        assert "/login" in anon.headers["location"]
+
+    with _session(server, "lena") as s:
+        # a lead may: the link redirects to the original study, read from the vault just now
+        page = s.get(server + "/finding", params={"key": keys[0]}, timeout=WAIT_S)
+        assert "viewer-link" in page.text
+        series = read_table(lake, "findings").to_pylist()
+        pseudonym = next(f["SeriesInstanceUID"] for f in series if f["finding_key"] == keys[0])
+        vault = read_table(lake, "vault").to_pylist()
+        original = next(v["StudyInstanceUID"] for v in vault if v["series_pseudonym"] == pseudonym)
+        assert original not in page.text  # never in a page
+        link = s.get(
+            server + "/viewer", params={"key": keys[0]}, timeout=WAIT_S, allow_redirects=False
+        )
+        assert link.status_code == 302
+        assert link.headers["location"].endswith(f"StudyInstanceUIDs={original}")
+        csv = s.get(server + "/export?format=csv", timeout=WAIT_S)
+        assert csv.status_code == 200
+        lines = csv.text.strip().splitlines()
+        assert len(lines) == 3  # header + accepted + rejected
+        assert keys[0] in csv.text
+        assert keys[1] in csv.text
