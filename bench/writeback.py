@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 import warnings
@@ -115,7 +116,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--stow", help="DICOMweb base URL of an Orthanc (user/password orthanc)")
+    ap.add_argument("--stow", help="DICOMweb base URL of a PACS to STOW-RS into")
+    ap.add_argument("--user", default=os.environ.get("STOW_USER", "orthanc"))
+    ap.add_argument("--password", default=os.environ.get("STOW_PASSWORD", "orthanc"))
     args = ap.parse_args()
 
     import highdicom as hd
@@ -200,7 +203,7 @@ def main() -> None:
         from dicomweb_client.api import DICOMwebClient
 
         client = DICOMwebClient(args.stow)
-        client._session.auth = ("orthanc", "orthanc")
+        client._session.auth = (args.user, args.password)
         t0 = time.perf_counter()
         client.store_instances([_decode(data), sr])
         dt = time.perf_counter() - t0
