@@ -1,0 +1,516 @@
+"""Train the ct_body_composition bundle's network on real CT labelled by HU rules.
+
+Run from the repository root (CPU, about 20 minutes on 2 cores)::
+
+    .venv/bin/python models/ct_body_composition/scripts/train.py
+
+Writes ``models/ct_body_composition/models/model.pt`` (a float32 ``state_dict``) and
+``models/ct_body_composition/docs/provenance.json`` (training files with sha256, git commit,
+seed, epochs, slices, wall time, library versions, and the metrics of ``evaluate.py``).
+
+Data (all read-only from the shared data folder beside the repository, ``../shared/data``):
+
+- TotalSegmentator's test CT volumes (NIfTI, Apache-2.0): ``example_ct.nii.gz``,
+  ``example_ct_sm.nii.gz`` and ``pulmonary_report/models/ct_cropped.nii.gz`` -- their HU only;
+  TotalSegmentator's label files are never read here;
+- every CT series under ``dicom/dcm_qa_ct/In`` that :func:`pipeline.tensors.volume.build_volumes`
+  accepts (BSD-2-Clause; the gantry-tilted GE head is refused and skipped) and dcmqi's 3-slice
+  chest CT ``dicom/dcmqi/data/segmentations/ct-3slice`` (BSD-3-Clause, from TCIA);
+- synthetic chest phantoms of :mod:`pipeline.synth` (their HU), with arms beside the chest,
+  gas pockets under the lungs and a table drawn in by :func:`add_surroundings`.
+
+TotalSegmentator's ``example_ct_dicom`` series is the evaluation set and is never read here.
+
+Each volume goes through the input contract of ``evaluate.py`` (MetaTensor (1, X, Y, Z), the
+bundle's ``preprocessing``); its labels come from :func:`pipeline.infer.hu_rules.hu_labels` at
+full resolution and are resized to (256, 256, Z) by nearest neighbour. The network learns on the
+axial slices with flips, 90-degree rotations and small intensity shifts, Dice + cross-entropy
+loss and Adam, deterministically (fixed seeds, deterministic algorithms, 2 threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import monai
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import torch
+import torch.nn.functional as nnf
+from monai.losses.dice import DiceLoss
+from monai.transforms.spatial.array import Resize
+from scipy import ndimage as ndi  # type: ignore[import-untyped]
+
+from pipeline.errors import GeometryError
+from pipeline.infer.hu_rules import LABEL_NAMES, SOFT_TISSUE, hu_labels
+from pipeline.tensors.volume import build_volumes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import evaluate as ev  # the sibling script: loaders, bundle runner, metrics
+
+SEED: Final = 20240607
+EPOCHS: Final = 60
+BATCH: Final = 16
+LEARNING_RATE: Final = 3e-3
+FINAL_LEARNING_RATE: Final = 1e-4
+#: cross-entropy weight of each class (background, soft tissue, adipose, bone, lung)
+CLASS_WEIGHTS: Final = (1.0, 1.0, 1.0, 3.0, 1.5)
+#: intensity shift augmentation: uniform in +-this many HU (after the bundle's scaling)
+SHIFT_HU: Final = 20.0
+#: zoom augmentation: factor uniform in this range
+ZOOM: Final = (0.8, 1.25)
+#: training crops (pixels, square) of the 256 x 256 slices
+CROP: Final = 192
+#: cross-entropy weight of gas inside the body (see :class:`Loss`) ...
+GAS_WEIGHT: Final = 5.0
+#: ... that is, of pixels labelled soft tissue below this HU
+GAS_HU: Final = -300.0
+#: synthetic phantoms: seeds, and slices sampled from each
+PHANTOM_SEEDS: Final = (101, 102, 103, 104)
+PHANTOM_SLICES: Final = 48
+#: field of view (mm) of the training phantoms: room for arms beside the chest
+PHANTOM_FOV_MM: Final = (480.0, 540.0)
+#: the training phantoms extend this far (mm) under the thorax (abdomen, for gas pockets)
+PHANTOM_BELOW_MM: Final = 90.0
+#: gas pockets per training phantom (low, high exclusive), placed up to this far (mm) under
+#: the lung bases
+GAS_POCKETS: Final = (4, 9)
+GAS_BELOW_MM: Final = 80.0
+#: gas stays at least this far (mm) inside the skin
+GAS_DEPTH_MM: Final = 15.0
+
+NIFTI_FILES: Final = (
+    ev.TS_REFERENCE / "example_ct.nii.gz",
+    ev.TS_REFERENCE / "example_ct_sm.nii.gz",
+    ev.TS_REFERENCE / "pulmonary_report/models/ct_cropped.nii.gz",
+)
+DICOM_FOLDERS: Final = (
+    Path("dicom/dcm_qa_ct/In"),
+    Path("dicom/dcmqi/data/segmentations/ct-3slice"),
+)
+MODEL_PATH: Final = ev.MODEL_PATH
+PROVENANCE_PATH: Final = ev.BUNDLE_DIR / "docs" / "provenance.json"
+_CT_IMAGE_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training volume and the files it was read from."""
+
+    volume: ev.CtVolume
+    files: tuple[Path, ...]
+    kind: str
+
+
+def dicom_series(folder: Path) -> list[Source]:
+    """Every CT volume under ``folder``; series that ``build_volumes`` refuses are skipped."""
+    series: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception:  # not DICOM (JSON sidecars, DIRFILEs, READMEs)
+            continue
+        if ds.get("SOPClassUID") != _CT_IMAGE_STORAGE or "PixelData" not in ds:
+            continue
+        series[str(ds.get("SeriesInstanceUID", path.parent))].append((path, ds))
+    out: list[Source] = []
+    for uid, items in sorted(series.items()):
+        where = items[0][0].parent
+        try:
+            volumes = build_volumes([ds for _, ds in items])
+        except GeometryError as exc:
+            print(f"  skip {where} ({len(items)} files): {exc}")
+            continue
+        for n, vol in enumerate(volumes):
+            volume = ev.CtVolume(
+                name=f"{where.name}/{uid[-8:]}#{n}",
+                hu=np.asarray(vol.array, dtype=np.float32),
+                affine_ras=vol.affine_ras,
+                spacing=vol.spacing,
+            )
+            out.append(Source(volume, tuple(p for p, _ in items), "dicom"))
+    return out
+
+
+def add_surroundings(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
+    """A rendered phantom with arms beside the chest, gas in the abdomen and a table.
+
+    ``ChestPhantom`` has none of them, and the real training volumes have no arms lying
+    beside the trunk; without them the network took the narrow air between arm and chest
+    (lung-like HU once the slice is averaged down to 256 x 256), stomach gas for lung and
+    the table's carbon plates for bone. Drawn here:
+
+    - arms: ellipses along the whole volume, 0 to 12 mm from the body outline, with a fat rim,
+      muscle and a humerus (cortex ring, fatty marrow), cut by the field of view as in real
+      scans;
+    - gas: :data:`GAS_POCKETS` ellipsoids of air, some with a fluid level, in the abdomen
+      under the lungs and up beside the lung bases (stomach, bowel);
+    - a curved table under the back: two 2-4 mm plates of 300-700 HU with foam between.
+
+    Labels still come from ``hu_labels`` on the result.
+    """
+    rng = np.random.default_rng(seed + 7919)
+    hu = volume.hu.copy()
+    slices, rows, cols = hu.shape
+    dz, dy, dx = volume.spacing
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine_ras
+    x = lps[0, 3] + dx * np.arange(cols, dtype=np.float64)[None, :]
+    y = lps[1, 3] + dy * np.arange(rows, dtype=np.float64)[:, None]
+    z = lps[2, 3] + dz * np.arange(slices, dtype=np.float64)
+    body = hu > -500.0
+
+    def noise(n: int) -> npt.NDArray[np.float64]:
+        return np.clip(np.rint(rng.normal(0.0, 8.0, n)), -9, 9)
+
+    # gas pockets, in the abdomen under the lungs and beside the lung bases
+    lung_slices = np.flatnonzero(((volume.hu > -910) & (volume.hu < -600)).any(axis=(1, 2)))
+    lung_bottom = float(z[lung_slices[0]])
+    for _ in range(int(rng.integers(*GAS_POCKETS))):
+        c = (
+            float(rng.uniform(-110, 110)),
+            float(rng.uniform(-90, 20)),
+            lung_bottom + float(rng.uniform(-GAS_BELOW_MM, 10)),
+        )
+        r = (float(rng.uniform(12, 45)), float(rng.uniform(8, 30)), float(rng.uniform(8, 25)))
+        level = c[1] + float(rng.uniform(-0.3, 1.5)) * r[1]  # fluid below (posterior to) it
+        for kz in np.flatnonzero(np.abs(z - c[2]) < r[2]):
+            e = ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z[kz] - c[2]) / r[2]) ** 2
+            deep = ndi.distance_transform_edt(body[kz], sampling=(dy, dx)) > GAS_DEPTH_MM
+            pocket = (e <= 1.0) & deep & (volume.hu[kz] > -500.0)
+            gas = pocket & (y < level)
+            fluid = pocket & (y >= level)
+            hu[kz][gas] = -1000.0 + noise(int(gas.sum()))
+            hu[kz][fluid] = 10.0 + noise(int(fluid.sum()))
+
+    # arms
+    fat_hu, soft_hu = float(rng.uniform(-110, -90)), 40.0
+    arm_a, arm_b = float(rng.uniform(32, 42)), float(rng.uniform(38, 50))
+    rim, gap = float(rng.uniform(4, 10)), float(rng.uniform(0, 12))
+    bone_r, cortex = float(rng.uniform(10, 13)), float(rng.uniform(3, 4.5))
+    y_arm = float(rng.uniform(-20, 30))
+    for k in range(slices):
+        cols_in = np.flatnonzero(body[k].any(axis=0))
+        if cols_in.size == 0:
+            continue
+        for edge, side in ((float(x[0, cols_in[0]]), -1.0), (float(x[0, cols_in[-1]]), 1.0)):
+            cx = edge + side * (gap + arm_a)
+            r2 = ((x - cx) / arm_a) ** 2 + ((y - y_arm) / arm_b) ** 2
+            inner = ((x - cx) / (arm_a - rim)) ** 2 + ((y - y_arm) / (arm_b - rim)) ** 2
+            d2 = (x - cx) ** 2 + (y - y_arm) ** 2
+            arm = np.full((rows, cols), np.nan, dtype=np.float32)
+            arm[r2 <= 1.0] = fat_hu
+            arm[inner <= 1.0] = soft_hu
+            arm[d2 <= bone_r**2] = 900.0
+            arm[d2 <= (bone_r - cortex) ** 2] = -60.0
+            m = ~np.isnan(arm) & ~body[k]
+            hu[k][m] = arm[m] + noise(int(m.sum()))
+
+    # table: two curved plates with foam between, under the lowest (most posterior) body row
+    back = float(y[np.flatnonzero(body.any(axis=(0, 2)))[-1], 0])
+    top = back + float(rng.uniform(4, 25))
+    depth, curve = float(rng.uniform(30, 60)), 1.0 / (2.0 * float(rng.uniform(500, 1200)))
+    half_width, plate = float(rng.uniform(180, 240)), float(rng.uniform(2, 4))
+    plate_hu = float(rng.uniform(300, 700))
+    y_top = top - curve * x**2  # (1, cols): the plate rises towards its edges
+    inside = np.abs(x) <= half_width
+    upper = (y >= y_top) & (y < y_top + plate) & inside
+    lower = (y >= y_top + depth) & (y < y_top + depth + plate) & inside
+    foam = (y >= y_top + plate) & (y < y_top + depth) & inside
+    for k in range(slices):
+        free = hu[k] < -500.0
+        for m, value in ((foam, -950.0), (upper, plate_hu), (lower, plate_hu)):
+            mm = m & free
+            hu[k][mm] = value + noise(int(mm.sum()))
+    return ev.CtVolume(
+        name=volume.name + "+arms+gas+table",
+        hu=hu.astype(np.float32),
+        affine_ras=volume.affine_ras,
+        spacing=volume.spacing,
+    )
+
+
+def load_sources(data_root: Path) -> list[Source]:
+    """The real training volumes."""
+    sources = [
+        Source(ev.load_nifti_ct(data_root / rel), (data_root / rel,), "nifti")
+        for rel in NIFTI_FILES
+    ]
+    for rel in DICOM_FOLDERS:
+        sources.extend(dicom_series(data_root / rel))
+    held_out = (data_root / ev.EVAL_DICOM).resolve()
+    for s in sources:
+        for f in s.files:
+            if held_out in f.resolve().parents:
+                raise RuntimeError(f"held-out file in training data: {f}")
+    return sources
+
+
+def slices_of(
+    bundle: ev.Bundle, volume: ev.CtVolume
+) -> tuple[torch.Tensor, torch.Tensor, npt.NDArray[np.int64]]:
+    """Preprocessed axial slices (Z, 1, 256, 256), their labels (Z, 256, 256), label counts."""
+    image = bundle.preprocess(volume)  # (1, 256, 256, Z)
+    labels = hu_labels(volume.hu, volume.spacing)  # (slices, rows, columns)
+    lab = torch.from_numpy(np.ascontiguousarray(labels.transpose(2, 1, 0)[None]))
+    size = (int(image.shape[1]), int(image.shape[2]), int(image.shape[3]))
+    small = Resize(spatial_size=size, mode="nearest")(lab.float())
+    x = image.as_tensor().permute(3, 0, 1, 2).contiguous().float()
+    y = torch.as_tensor(small).permute(3, 0, 1, 2)[:, 0].round().to(torch.uint8).contiguous()
+    return x, y, np.bincount(labels.ravel(), minlength=len(LABEL_NAMES)).astype(np.int64)
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random flips, 90-degree rotations, zoom, crop and intensity shift, drawn per slice.
+
+    The zoom factor is uniform in :data:`ZOOM` (image bilinear, labels nearest; pixels a
+    zoom-out leaves empty are air and background), then a random :data:`CROP` square is cut.
+    """
+    xs, ys = [], []
+    scale = 1.0 / 1024.0  # HU -> the bundle's [-1, 1] units
+    for i in range(x.shape[0]):
+        xi, yi = x[i], y[i]
+        r = torch.rand(7, generator=gen)
+        if r[0] < 0.5:
+            xi, yi = xi.flip(-1), yi.flip(-1)
+        if r[1] < 0.5:
+            xi, yi = xi.flip(-2), yi.flip(-2)
+        k = int(r[2] * 4) % 4
+        if k:
+            xi, yi = torch.rot90(xi, k, (-2, -1)), torch.rot90(yi, k, (-2, -1))
+        size = round(xi.shape[-1] * (ZOOM[0] + float(r[3]) * (ZOOM[1] - ZOOM[0])))
+        xi = nnf.interpolate(xi[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        yi = nnf.interpolate(yi[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+        if size < CROP:
+            pad = (CROP - size) // 2, CROP - size - (CROP - size) // 2
+            xi = nnf.pad(xi, (pad[0], pad[1], pad[0], pad[1]), value=-1.0)
+            yi = nnf.pad(yi, (pad[0], pad[1], pad[0], pad[1]), value=0.0)
+            size = CROP
+        top = int(float(r[4]) * (size - CROP + 1))
+        left = int(float(r[5]) * (size - CROP + 1))
+        xi = xi[:, top : top + CROP, left : left + CROP]
+        yi = yi[top : top + CROP, left : left + CROP]
+        shift = (float(r[6]) * 2.0 - 1.0) * SHIFT_HU * scale
+        xs.append((xi + shift).clamp(-1.0, 1.0))
+        ys.append(yi.round().to(torch.long))
+    return torch.stack(xs), torch.stack(ys)
+
+
+class Loss(torch.nn.Module):
+    """Dice + cross-entropy, with class weights and extra weight on gas inside the body.
+
+    Gas inside the body (pixels labelled soft tissue below :data:`GAS_HU`: bowel and stomach
+    gas and the partial-volume rim around it, which the 256 x 256 averaging gives lung-like
+    values) looks like lung to a slice-wise network; its cross-entropy weight is
+    :data:`GAS_WEIGHT`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True)
+        self.class_weights = torch.tensor(CLASS_WEIGHTS, dtype=torch.float32)
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, 5, H, W), labels ``y`` (B, H, W), preprocessed images ``x``."""
+        gas = (y == SOFT_TISSUE) & (x[:, 0] < GAS_HU / 1024.0)
+        w = torch.where(gas, GAS_WEIGHT, 1.0)
+        ce = nnf.cross_entropy(logits, y, weight=self.class_weights, reduction="none")
+        dice: torch.Tensor = self.dice(logits, y[:, None])
+        return dice + (ce * w).mean()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of what the training ran on."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "scipy": importlib.metadata.version("scipy"),
+        "nibabel": nib.__version__,
+        "pydicom": pydicom.__version__,
+    }
+
+
+def git_commit() -> dict[str, Any]:
+    """The repository's HEAD commit and whether tracked files differ from it."""
+
+    def run(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ev.REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    return {
+        "commit": run("rev-parse", "HEAD"),
+        "tracked_files_modified": bool(run("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def train(data_root: Path, epochs: int, out: Path) -> dict[str, Any]:
+    """Train, save the weights to ``out``, return the provenance record."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(2)
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)
+    torch.use_deterministic_algorithms(True)
+    gen = torch.Generator().manual_seed(SEED)
+    rng = np.random.default_rng(SEED)
+
+    bundle = ev.Bundle(None)  # the bundle's untrained network and transforms
+    net = bundle.network
+    print(f"network: {sum(p.numel() for p in net.parameters()):,} parameters")
+
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    records: list[dict[str, Any]] = []
+    counts = np.zeros(len(LABEL_NAMES), dtype=np.int64)
+    sources = load_sources(data_root)
+    for src in sources:
+        x, y, c = slices_of(bundle, src.volume)
+        xs.append(x)
+        ys.append(y)
+        counts += c
+        records.append(
+            {
+                "name": src.volume.name,
+                "kind": src.kind,
+                "shape": list(src.volume.hu.shape),
+                "spacing_mm": [round(s, 4) for s in src.volume.spacing],
+                "slices_used": int(x.shape[0]),
+                "files": [
+                    {"path": str(f.relative_to(data_root)), "sha256": ev.sha256(f)}
+                    for f in src.files
+                ],
+            }
+        )
+        print(f"  {src.volume.name}: {tuple(src.volume.hu.shape)}, {x.shape[0]} slices")
+    for seed in PHANTOM_SEEDS:
+        phantom = ev.phantom_for_seed(seed)
+        size = int(rng.choice([384, 512]))
+        fov = float(rng.uniform(*PHANTOM_FOV_MM))
+        vol, _ = ev.render_phantom(
+            phantom, size=size, fov_mm=fov, step_mm=5.0, seed=seed, below_mm=PHANTOM_BELOW_MM
+        )
+        vol = add_surroundings(vol, seed)
+        x, y, c = slices_of(bundle, vol)
+        pick = np.sort(rng.choice(x.shape[0], size=min(PHANTOM_SLICES, x.shape[0]), replace=False))
+        xs.append(x[pick])
+        ys.append(y[pick])
+        counts += c
+        records.append(
+            {
+                "name": vol.name,
+                "kind": "synthetic: pipeline.synth ChestPhantom (evaluate.phantom_for_seed) "
+                "with arms, gas pockets and a table (train.add_surroundings)",
+                "shape": list(vol.hu.shape),
+                "spacing_mm": [round(s, 4) for s in vol.spacing],
+                "slices_used": len(pick),
+                "files": [],
+            }
+        )
+        print(f"  {vol.name}: {tuple(vol.hu.shape)}, {len(pick)} slices")
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    n = int(x_all.shape[0])
+    print(f"{n} training slices; label voxels at full resolution: {counts.tolist()}")
+    t_data = time.perf_counter() - t_start
+
+    loss_fn = Loss()
+    opt = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
+    steps = epochs * ((n + BATCH - 1) // BATCH)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=steps, eta_min=FINAL_LEARNING_RATE
+    )
+    net.train()
+    history: list[float] = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=gen)
+        total, batches = 0.0, 0
+        for b in range(0, n, BATCH):
+            idx = order[b : b + BATCH]
+            x, y = augment(x_all[idx], y_all[idx], gen)
+            opt.zero_grad()
+            loss = loss_fn(net(x), y, x)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+            batches += 1
+        history.append(total / batches)
+        print(
+            f"epoch {epoch + 1:3d}/{epochs}: loss {history[-1]:.4f}"
+            f"  ({time.perf_counter() - t0:.0f} s, {time.perf_counter() - t_start:.0f} s total)",
+            flush=True,
+        )
+    net.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in net.state_dict().items()
+    }
+    torch.save(state, out)
+    wall = time.perf_counter() - t_start
+    print(f"saved {out} ({out.stat().st_size:,} bytes) after {wall:.0f} s")
+    return {
+        "model": {
+            "path": str(out.resolve().relative_to(ev.BUNDLE_DIR))
+            if out.resolve().is_relative_to(ev.BUNDLE_DIR)
+            else str(out),
+            "sha256": ev.sha256(out),
+            "bytes": out.stat().st_size,
+        },
+        "seed": SEED,
+        "epochs": epochs,
+        "batch": BATCH,
+        "optimizer": f"Adam, lr {LEARNING_RATE} cosine to {FINAL_LEARNING_RATE}",
+        "loss": f"Dice (softmax) + cross-entropy, class weights {list(CLASS_WEIGHTS)}, "
+        f"gas voxels weighted {GAS_WEIGHT}",
+        "augmentation": f"flips, 90-degree rotations, zoom {ZOOM}, {CROP}x{CROP} crops, "
+        f"intensity shift +-{SHIFT_HU} HU",
+        "slices": n,
+        "label_voxels_full_resolution": dict(zip(LABEL_NAMES, counts.tolist(), strict=True)),
+        "loss_per_epoch": [round(v, 5) for v in history],
+        "wall_time_s": {"data": round(t_data, 1), "total": round(wall, 1)},
+        "threads": torch.get_num_threads(),
+        "training_data": records,
+        "held_out": str(ev.EVAL_DICOM),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: train, evaluate, write the provenance."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ev.DATA_ROOT, help="shared data root")
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--out", type=Path, default=MODEL_PATH, help="where to write model.pt")
+    ap.add_argument("--no-eval", action="store_true", help="skip evaluate.py's metrics")
+    args = ap.parse_args(argv)
+    record = train(args.data, args.epochs, args.out)
+    record["git"] = git_commit()
+    record["versions"] = library_versions()
+    record["hu_rules"] = "pipeline/infer/hu_rules.py"
+    if not args.no_eval:
+        print("evaluating ...", flush=True)
+        record["final_metrics"] = ev.evaluate(args.data, args.out)
+        print(json.dumps(record["final_metrics"], indent=2))
+    if args.out.resolve() == MODEL_PATH.resolve():
+        PROVENANCE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        PROVENANCE_PATH.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {PROVENANCE_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
