@@ -43,9 +43,14 @@ def test_demo_synthesises_crawls_and_checks_against_ground_truth(
     n = sum(len(s["files"]) for s in truth["series"])
     assert f"{n} instances indexed" in stdout
     assert (out / "lake" / "restricted" / "index").is_dir()
-    assert len(list((out / "lake" / "runs").glob("*.json"))) == 2  # crawl, deid
+    assert len(list((out / "lake" / "runs").glob("*.json"))) == 1  # one run, every stage
     assert "leaks found = 0" in stdout
     assert (out / "lake" / "research" / "tables" / "instances").is_dir()
+    # the whole pipeline: volumes, the default model's findings, SEG + SR written back
+    assert any((out / "lake" / "research" / "tables" / "findings").rglob("*.parquet"))
+    results = list((out / "results").rglob("*.dcm"))
+    assert results
+    assert f"({len(results)} SEG/SR objects confirmed)" in stdout
 
 
 def test_demo_rerun_reads_nothing_new(small_demo: tuple[Path, str]) -> None:
@@ -54,7 +59,9 @@ def test_demo_rerun_reads_nothing_new(small_demo: tuple[Path, str]) -> None:
     done = _pacsflow("demo", "--out", str(out), "--config", str(cfg))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reusing the archive" in done.stdout
-    assert "indexed 0, quarantined 0" in done.stdout
+    assert " 0 indexed, 0 quarantined" in done.stdout
+    assert "deid: 0 objects" in done.stdout
+    assert "0 objects built" in done.stdout
 
 
 def test_status_on_the_demo_lake(small_demo: tuple[Path, str]) -> None:
