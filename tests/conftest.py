@@ -416,6 +416,54 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]
         )
 
 
+@dataclass(frozen=True)
+class OrthancControl:
+    """Start, stop and restart private Orthanc servers (for tests of a PACS that goes away)."""
+
+    def start(self, workdir: Path) -> tuple[subprocess.Popen[bytes], OrthancServer]:
+        """A fresh Orthanc with its own storage in ``workdir``, ready."""
+        if not ORTHANC_BIN.exists():
+            pytest.skip(_NOT_INSTALLED)
+        return _start_orthanc(workdir)
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        _stop(proc)
+
+    def restart(self, server: OrthancServer) -> subprocess.Popen[bytes]:
+        """The same server again: its config (ports, AE title) and storage, ready."""
+        import requests
+
+        workdir = server.workdir
+        proc = _popen(
+            [
+                str(ORTHANC_BIN),
+                f"--logfile={workdir / 'orthanc.restart.log'}",
+                str(workdir / "orthanc.json"),
+            ],
+            log_path=workdir / "orthanc.restart.stdout.log",
+            cwd=workdir,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        with _http_session(server.auth) as session:
+            while True:
+                with contextlib.suppress(requests.RequestException):
+                    if session.get(f"{server.base_url}/system", timeout=2).status_code == 200:
+                        return proc
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    _stop(proc)
+                    raise RuntimeError(
+                        f"Orthanc did not come back: {_log_tail(workdir / 'orthanc.restart.log')}"
+                    )
+                time.sleep(0.05)
+
+
+@pytest.fixture
+def orthanc_control() -> OrthancControl:
+    """Private Orthanc servers a test may stop and restart (the session's one stays up)."""
+    return OrthancControl()
+
+
 @pytest.fixture
 def dicomweb(orthanc: OrthancServer) -> Iterator[DICOMwebClient]:
     """A DICOMweb client for ``orthanc``; its HTTP session is closed after the test."""
@@ -471,16 +519,21 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         procs["scheduler"] = _popen(
             [
-                python, "-m", "distributed.cli.dask_scheduler",
-                "--host", "127.0.0.1",
-                "--port", "0",  # the OS picks a free port: no race; read it from the file
-                "--scheduler-file", str(scheduler_file),
+                python,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",  # the OS picks a free port: no race; read it from the file
+                "--scheduler-file",
+                str(scheduler_file),
                 "--no-dashboard",
             ],
             log_path=logs["scheduler"],
             cwd=workdir,
             env=env,
-        )  # fmt: skip
+        )
         for i in range(DASK_WORKERS):
             name = f"worker-{i}"
             local_dir = workdir / name
@@ -488,21 +541,30 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             logs[name] = workdir / f"{name}.log"
             procs[name] = _popen(
                 [
-                    python, "-m", "distributed.cli.dask_worker",
-                    "--scheduler-file", str(scheduler_file),
-                    "--host", "127.0.0.1",
-                    "--name", name,
-                    "--nthreads", "1",
-                    "--memory-limit", DASK_WORKER_MEMORY,
-                    "--local-directory", str(local_dir),
+                    python,
+                    "-m",
+                    "distributed.cli.dask_worker",
+                    "--scheduler-file",
+                    str(scheduler_file),
+                    "--host",
+                    "127.0.0.1",
+                    "--name",
+                    name,
+                    "--nthreads",
+                    "1",
+                    "--memory-limit",
+                    DASK_WORKER_MEMORY,
+                    "--local-directory",
+                    str(local_dir),
                     "--no-dashboard",
                     "--nanny",
-                    "--death-timeout", "60",
+                    "--death-timeout",
+                    "60",
                 ],
                 log_path=logs[name],
                 cwd=workdir,
                 env=env,
-            )  # fmt: skip
+            )
         yield _wait_for_dask(scheduler_file, procs, logs)
     finally:
         # workers first, so they do not spend their death-timeout looking for the scheduler

@@ -298,8 +298,11 @@ def test_check_echoes_and_fails_fast(orthanc: OrthancServer, tmp_path: Path) -> 
     assert time.monotonic() - started < 3
     assert "'PACSFLOW'" in str(info.value)  # names our calling AE title
 
-    with pytest.raises(SourceError, match="rejected"):
+    # Orthanc rejects the association; on a loaded machine DCMTK sometimes aborts it instead
+    # (seen in a CI run with a model training beside it): either way a SourceError naming it
+    with pytest.raises(SourceError, match="rejected|aborted") as info:
         source_for(orthanc, tmp_path, called_aet="NOTTESTPACS").check()
+    assert "'NOTTESTPACS'" in str(info.value) or "rejected" in str(info.value)
 
 
 def test_list_units_finds_the_studies_with_watermarks(

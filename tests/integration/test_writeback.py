@@ -214,51 +214,26 @@ def test_stow_rs_and_c_store_into_orthanc(
 #: pynetdicom leaks the socket of a failed connection (see tests/integration/test_dimse_source.py)
 @pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
 def test_pacs_stopped_then_back_delivers_everything_once(
-    built: tuple[Path, LakePaths], tmp_path: Path
+    built: tuple[Path, LakePaths], tmp_path: Path, orthanc_control: Any
 ) -> None:
     """A private Orthanc is stopped: the stage retries, reports what is pending and exits;
     the same Orthanc (same storage, same ports) comes back: a rerun delivers everything,
     each object once, reusing the objects built the first time."""
-    import time
-
-    import requests
-    from conftest import ORTHANC_BIN, _popen, _start_orthanc, _stop
-
-    if not ORTHANC_BIN.exists():
-        pytest.skip("Orthanc is not installed")
     root, base = built
     lake = _copy(base, tmp_path / "lake")
     workdir = tmp_path / "pacs"
     workdir.mkdir()
-    proc, server = _start_orthanc(workdir)
+    proc, server = orthanc_control.start(workdir)
     cfg = _cfg(root, calling_aet=server.scu_aet, timeout_s=2)
     dest = f"dimse://{server.aet}@127.0.0.1:{server.dicom_port}"
     try:
-        _stop(proc)  # the PACS goes away
+        orthanc_control.stop(proc)  # the PACS goes away
         away = writeback_run(cfg, lake, run_id="w1", dest=dest, key=b"p" * 32)
         assert away.pending
         statuses = [r["status"] for r in read_table(lake, "outbox").to_pylist()]
         assert "failed" in statuses
         assert "confirmed" not in statuses
-        # back, same configuration and storage
-        proc = _popen(
-            [
-                str(ORTHANC_BIN),
-                f"--logfile={workdir / 'orthanc2.log'}",
-                str(workdir / "orthanc.json"),
-            ],
-            log_path=workdir / "orthanc2.stdout.log",
-            cwd=workdir,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{server.base_url}/system", auth=server.auth, timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "Orthanc did not come back"
-            time.sleep(0.1)
+        proc = orthanc_control.restart(server)  # back, same configuration and storage
         back = writeback_run(cfg, lake, run_id="w2", dest=dest, key=b"p" * 32)
         assert not back.pending
         assert back.counts.extra["built"] == 0  # built in the first run, reused
@@ -269,7 +244,7 @@ def test_pacs_stopped_then_back_delivers_everything_once(
             )
             assert len(found.json()) == 1
     finally:
-        _stop(proc)
+        orthanc_control.stop(proc)
 
 
 def test_killed_mid_send_then_rerun_leaves_one_copy(
