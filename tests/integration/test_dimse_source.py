@@ -300,7 +300,7 @@ def test_check_echoes_and_fails_fast(orthanc: OrthancServer, tmp_path: Path) -> 
 
     # Orthanc rejects the association; on a loaded machine DCMTK sometimes aborts it instead
     # (seen in a CI run with a model training beside it): either way a SourceError naming it
-    with pytest.raises(SourceError, match="rejected|aborted") as info:
+    with pytest.raises(SourceError, match=r"rejected|aborted") as info:
         source_for(orthanc, tmp_path, called_aet="NOTTESTPACS").check()
     assert "'NOTTESTPACS'" in str(info.value) or "rejected" in str(info.value)
 
