@@ -132,3 +132,21 @@ def make_bundle(
         net = ConfigParser({"network_def": cfg["network_def"]}).get_parsed_content("network_def")
         torch.save(net.state_dict(), root / "models" / "model.pt")
     return root
+
+
+REGISTRY = """models:
+  tiny:
+    bundle: {bundle}
+    applies_to: "Modality = 'CT' AND volume_ok"
+    labels:
+      soft_tissue: {{category: ["85756007", SCT, Tissue], type: ["87784001", SCT, Soft tissue]}}
+      adipose_tissue: {{category: ["85756007", SCT, Tissue], type: ["55603005", SCT, Adipose]}}
+      bone: {{category: ["85756007", SCT, Tissue], type: ["272673000", SCT, Bone]}}
+      lung: {{category: ["123037004", SCT, Anatomical Structure], type: ["39607008", SCT, Lung]}}
+"""
+
+
+def write_registry(path: Path, bundle: Path) -> Path:
+    """A model registry naming ``bundle`` "tiny", for CT volumes, with the default model's codes."""
+    path.write_text(REGISTRY.format(bundle=bundle))
+    return path

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from bundle_factory import make_bundle
+from bundle_factory import make_bundle, write_registry
 from typer.testing import CliRunner
 
 from pipeline.config import load_config
@@ -51,22 +51,6 @@ COLUMNS = (
 )
 
 
-def _registry(path: Path, bundle: Path) -> Path:
-    path.write_text(
-        f"""models:
-  tiny:
-    bundle: {bundle}
-    applies_to: "Modality = 'CT' AND volume_ok"
-    labels:
-      soft_tissue: {{category: ["85756007", SCT, Tissue], type: ["87784001", SCT, Soft tissue]}}
-      adipose_tissue: {{category: ["85756007", SCT, Tissue], type: ["55603005", SCT, Adipose]}}
-      bone: {{category: ["85756007", SCT, Tissue], type: ["272673000", SCT, Bone]}}
-      lung: {{category: ["123037004", SCT, Anatomical Structure], type: ["39607008", SCT, Lung]}}
-"""
-    )
-    return path
-
-
 def _cfg(root: Path, **infer: Any) -> Any:
     overrides = {
         "compute": {"partition_size": 8, "device": "cpu"},
@@ -101,7 +85,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LakePaths]:
         include_bad=False,
     )
     bundle = make_bundle(root / "bundles" / "tiny")
-    _registry(root / "models.yaml", bundle)
+    write_registry(root / "models.yaml", bundle)
     cfg = _cfg(root)
     lake = LakePaths(root / "lake")
     crawl_run(cfg, lake, FolderSource(root / "archive"), run_id="c")
@@ -178,7 +162,7 @@ def test_rerun_and_new_version(built: tuple[Path, LakePaths], tmp_path: Path) ->
     assert _rows(lake) == before
     # a new version of the model (same folder, new metadata and weights) adds rows beside
     newer = make_bundle(tmp_path / "tiny-0.2", version="0.2.0", seed=1)
-    _registry(tmp_path / "models.yaml", newer)
+    write_registry(tmp_path / "models.yaml", newer)
     cfg = _cfg(root, registry=str(tmp_path / "models.yaml"))
     third = infer_stage.run(cfg, lake, run_id="i3")
     assert third.counts.seen == first.counts.seen

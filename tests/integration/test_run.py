@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from bundle_factory import make_bundle
+from bundle_factory import make_bundle, write_registry
 from typer.testing import CliRunner
 
 from pipeline.cli.main import app
@@ -21,16 +21,6 @@ from pipeline.lake import LakePaths, read_table
 pytestmark = pytest.mark.integration
 
 KEY = b"r" * 32
-REGISTRY = """models:
-  tiny:
-    bundle: {bundle}
-    applies_to: "Modality = 'CT' AND volume_ok"
-    labels:
-      soft_tissue: {{category: ["85756007", SCT, Tissue], type: ["87784001", SCT, Soft tissue]}}
-      adipose_tissue: {{category: ["85756007", SCT, Tissue], type: ["55603005", SCT, Adipose]}}
-      bone: {{category: ["85756007", SCT, Tissue], type: ["272673000", SCT, Bone]}}
-      lung: {{category: ["123037004", SCT, Anatomical Structure], type: ["39607008", SCT, Lung]}}
-"""
 
 
 def _synth(out: Path, seed: int) -> None:
@@ -53,7 +43,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("run-it")
     _synth(root / "archive", 8180)
     bundle = make_bundle(root / "bundles" / "tiny", seed=2)
-    (root / "models.yaml").write_text(REGISTRY.format(bundle=bundle))
+    write_registry(root / "models.yaml", bundle)
     key = root / "k.key"
     key.write_text(f"pacsflow-key-v1\n{base64.b64encode(KEY).decode()}\n")
     key.chmod(0o600)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from bundle_factory import make_bundle
+from bundle_factory import make_bundle, write_registry
 
 from pipeline.config import load_config
 from pipeline.connectors import FolderSource
@@ -29,17 +29,6 @@ pytestmark = pytest.mark.integration
 
 KEY = b"w" * 32
 SEED = 7170
-
-REGISTRY = """models:
-  tiny:
-    bundle: {bundle}
-    applies_to: "Modality = 'CT' AND volume_ok"
-    labels:
-      soft_tissue: {{category: ["85756007", SCT, Tissue], type: ["87784001", SCT, Soft tissue]}}
-      adipose_tissue: {{category: ["85756007", SCT, Tissue], type: ["55603005", SCT, Adipose]}}
-      bone: {{category: ["85756007", SCT, Tissue], type: ["272673000", SCT, Bone]}}
-      lung: {{category: ["123037004", SCT, Anatomical Structure], type: ["39607008", SCT, Lung]}}
-"""
 
 
 def _cfg(root: Path, **source: Any) -> Any:
@@ -64,7 +53,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LakePaths]:
         include_bad=False, include_mr=False,
     )  # fmt: skip
     bundle = make_bundle(root / "bundles" / "tiny", seed=4)
-    (root / "models.yaml").write_text(REGISTRY.format(bundle=bundle))
+    write_registry(root / "models.yaml", bundle)
     cfg = _cfg(root)
     lake = LakePaths(root / "lake")
     crawl_run(cfg, lake, FolderSource(root / "archive"), run_id="c")
