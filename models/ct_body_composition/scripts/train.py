@@ -497,8 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=MODEL_PATH, help="where to write model.pt")
     ap.add_argument("--no-eval", action="store_true", help="skip evaluate.py's metrics")
     args = ap.parse_args(argv)
+    git = git_commit()  # the code as training starts
     record = train(args.data, args.epochs, args.out)
-    record["git"] = git_commit()
+    record["git"] = git
     record["versions"] = library_versions()
     record["hu_rules"] = "pipeline/infer/hu_rules.py"
     if not args.no_eval:
