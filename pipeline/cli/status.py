@@ -110,16 +110,14 @@ def lake_report(root: Path) -> dict[str, Any]:
 def _writeback_status(lake: Any) -> dict[str, dict[str, int]]:
     """Per destination: SEG/SR objects by their latest delivery status (pending = not
     confirmed)."""
-    from pipeline.lake.duck import arrow_table, connect, scan_sql
+    from pipeline.lake.duck import arrow_table, connect, latest_sql
 
     con = connect()
     try:
         rows = arrow_table(
             con,
-            f"""SELECT dest, status, count(*) AS n FROM (
-                    SELECT * FROM {scan_sql(lake, "outbox")}
-                    QUALIFY row_number() OVER (PARTITION BY result_uid, dest
-                                               ORDER BY updated_at DESC) = 1)
+            f"""SELECT dest, status, count(*) AS n
+                FROM {latest_sql(lake, "outbox", "result_uid, dest", "updated_at")}
                 GROUP BY 1, 2 ORDER BY 1, 2""",
         ).to_pylist()
     finally:

@@ -174,8 +174,7 @@ def lineage_sql(lake: LakePaths) -> str:
     keyed UIDs write-back derived; original UIDs and locations stay in the restricted zone.
     """
     vault = latest_sql(lake, "vault", "object_key", "deidentified_at")
-    outbox = f"""(SELECT * FROM {scan_sql(lake, "outbox")}
-        QUALIFY row_number() OVER (PARTITION BY result_uid, dest ORDER BY updated_at DESC) = 1)"""
+    outbox = latest_sql(lake, "outbox", "result_uid, dest", "updated_at")
     return f"""(
         SELECT v.object_key, v.sop_pseudonym, v.series_pseudonym, v.deid_version,
                t.tensor_key, t.checksum AS tensor_checksum,

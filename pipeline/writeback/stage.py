@@ -119,10 +119,8 @@ def _originals(con: Any, lake: LakePaths, sops: list[str]) -> dict[str, dict[str
 
 def _confirmed(con: Any, lake: LakePaths, dest: str) -> dict[str, str]:
     """result UID -> latest status at ``dest``."""
-    sql = f"""
-        SELECT result_uid, status FROM {scan_sql(lake, "outbox")} WHERE dest = $dest
-        QUALIFY row_number() OVER (PARTITION BY result_uid ORDER BY updated_at DESC) = 1
-    """
+    latest = latest_sql(lake, "outbox", "result_uid", "updated_at", where="dest = $dest")
+    sql = f"SELECT result_uid, status FROM {latest}"
     return {r["result_uid"]: r["status"] for r in arrow_table(con, sql, {"dest": dest}).to_pylist()}
 
 
