@@ -345,18 +345,35 @@ def deid_batch(
     }
 
 
-def _todo(con: Any, lake: LakePaths, batch: int) -> Iterator[list[dict[str, Any]]]:
+def _new_sql(lake: LakePaths) -> str:
+    """Indexed objects not yet de-identified (nor quarantined by deid), with ``own``: true for
+    pacsflow's own write-back results (their SOP Instance UID is in the outbox), which a crawl of
+    the PACS they were stored into finds again and which are never research data."""
     index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
     q_deid = f"(SELECT object_key FROM {scan_sql(lake, 'quarantine')} WHERE stage = 'deid')"
-    sql = f"""
+    return f"""
         SELECT i.object_key, i.source, i.location, i.unit_key, i.PatientID, i.fingerprint,
-               i.size_bytes, i.mtime_ns
+               i.size_bytes, i.mtime_ns,
+               i.SOPInstanceUID IN (SELECT result_uid FROM {scan_sql(lake, "outbox")}) AS own
         FROM {index_latest} i
         LEFT JOIN {scan_sql(lake, "vault")} v
           ON v.object_key = i.object_key AND v.fingerprint IS NOT DISTINCT FROM i.fingerprint
         WHERE i.state = 'indexed' AND v.object_key IS NULL
           AND i.object_key NOT IN {q_deid}
-        ORDER BY i.object_key
+    """
+
+
+def _own_results(con: Any, lake: LakePaths) -> int:
+    """How many new indexed objects are pacsflow's own results (skipped, see :func:`_new_sql`)."""
+    rows = con.execute(f"SELECT count(*) FROM ({_new_sql(lake)}) WHERE own").fetchall()
+    return int(rows[0][0])
+
+
+def _todo(con: Any, lake: LakePaths, batch: int) -> Iterator[list[dict[str, Any]]]:
+    sql = f"""
+        SELECT * EXCLUDE (own) FROM ({_new_sql(lake)})
+        WHERE own IS NOT TRUE
+        ORDER BY object_key
     """
     rows: list[dict[str, Any]] = []
     for rb in arrow_reader(con, sql, None, 10_000):
@@ -614,7 +631,9 @@ def run(
     """De-identify the new objects of the restricted index into the research tables.
 
     With ``deid.export_dicom`` set, objects de-identified in earlier runs whose export file is
-    missing are exported as well (counted in ``extra['exported']``, not in ``seen``).
+    missing are exported as well (counted in ``extra['exported']``, not in ``seen``). pacsflow's
+    own write-back results, crawled again from the PACS they went to, are skipped (counted in
+    ``skipped`` and ``extra['own_results']``).
     """
     t0 = time.perf_counter()
     con = connect()
@@ -632,6 +651,7 @@ def run(
             counted.append(len(rows))
             yield (cfg, rows), {**common, "part": f"{run_id}-{i:05d}"}
 
+    own = _own_results(con, lake)
     for result in map_bounded(deid_batch, calls(), client=client):
         for k in done:
             done[k] += result[k]
@@ -643,12 +663,15 @@ def run(
         _rebuild_aggregates(con, lake)
     con.close()
     extra = {k: v for k, v in (("exported", done["exported"]), ("superseded", dropped)) if v}
+    if own:
+        extra["own_results"] = own
     if done["export_failed"]:
         extra["export_failed"] = done["export_failed"]
     counts = StageCounts(
-        seen=seen,
+        seen=seen + own,
         out=done["out"],
         quarantined=done["quarantined"],
+        skipped=own,
         seconds=round(time.perf_counter() - t0, 3),
         extra=extra,
     )

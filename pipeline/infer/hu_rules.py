@@ -52,7 +52,7 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-from scipy import ndimage as ndi  # type: ignore[import-untyped]
+from scipy import ndimage as ndi
 
 __all__ = [
     "ADIPOSE",

@@ -14,6 +14,19 @@ A registry entry::
         measurements:
           volume_ml: {concept: [...], unit: [...]}
           mean_hu: {concept: [...], derivation: [...], unit: [...]}
+        candidates:                                     # optional: lesions the label map implies
+          <name>:                                       # findings <name>_1, <name>_2, ...
+            within: <label>                             # regions this label encloses per slice
+            min_hu: -300                                # and its voxels this dense (CT only)
+            min_diameter_mm: 4.0                        # equivalent-sphere diameter range
+            max_diameter_mm: 40.0
+            max_elongation: 2.0                         # longest / shortest box side (mm)
+            min_fill: 0.3                               # of its bounding box (a ball: 0.52)
+            max_count: 20                               # per volume, largest first
+            category: [...]
+            type: [...]
+
+(:mod:`pipeline.infer.candidates` says how candidates are found.)
 
 A bundle given by path that the registry does not name applies to every series that is a volume
 (``volume_ok``) and its labels carry no codes (write-back then refuses to code them).
@@ -30,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import ConfigError
 
 __all__ = [
+    "CandidateSpec",
     "Code",
     "LabelSpec",
     "MeasurementSpec",
@@ -86,6 +100,20 @@ class MeasurementSpec(_Strict):
     derivation: Code | None = None
 
 
+class CandidateSpec(_Strict):
+    """Lesion candidates derived from the label map (:mod:`pipeline.infer.candidates`)."""
+
+    within: str
+    min_hu: float | None = -300.0
+    min_diameter_mm: float = Field(4.0, gt=0)
+    max_diameter_mm: float = Field(40.0, gt=0)
+    max_elongation: float = Field(2.0, ge=1)
+    min_fill: float = Field(0.3, ge=0, le=1)
+    max_count: int = Field(20, ge=1, le=200)
+    category: Code | None = None
+    type: Code | None = None
+
+
 class ModelEntry(_Strict):
     """One model of the registry."""
 
@@ -94,6 +122,7 @@ class ModelEntry(_Strict):
     applies_to: str = "volume_ok"
     labels: dict[str, LabelSpec] = Field(default_factory=dict)
     measurements: dict[str, MeasurementSpec] = Field(default_factory=dict)
+    candidates: dict[str, CandidateSpec] = Field(default_factory=dict)
 
 
 class Registry(_Strict):

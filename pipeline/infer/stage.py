@@ -160,17 +160,24 @@ def infer_batch(
 
     stats_before = seg.stats.as_dict()
     by_key = {row["tensor_key"]: row for row in tensors}
+    first_free = max(bundle.labels) + 1
     for key, labels in seg.segment((row["tensor_key"], loader(row)) for row in tensors):
         row = by_key[key]
         values = arrays.pop(key)
-        rel = f"masks/{key}/{model_ref}.npy"
-        mask_checksum = write_npy(lake.research / rel, labels)
         spacing = (float(row["spacing"][0]), float(row["spacing"][1]), float(row["spacing"][2]))
         hounsfield = bool(row.get("rescaled")) and row.get("Modality") == "CT"
         measured = measure(labels, values, spacing, sorted(bundle.labels), hounsfield)
-        for value, name in sorted(bundle.labels.items()):
-            spec = label_specs.get(name) or {}
-            m = measured[value]
+        found: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = [
+            (name, value, label_specs.get(name) or {}, measured[value])
+            for value, name in sorted(bundle.labels.items())
+        ]
+        if entry.get("candidates"):
+            labels = np.array(labels, copy=True)  # candidates are written into the label map
+            found += _candidates(labels, values, spacing, hounsfield, entry, first_free)
+        rel = f"masks/{key}/{model_ref}.npy"
+        mask_checksum = write_npy(lake.research / rel, labels)
+        for name, value, spec, m in found:
+            extra = m.get("extra", {})
             rows.append(
                 {
                     "finding_key": f"{key}/{model_ref}/{name}",
@@ -197,6 +204,7 @@ def infer_batch(
                             "mean_value": {"value": m["mean_value"], "unit": "stored"},
                             "voxel_count": {"value": m["voxel_count"], "unit": "voxels"},
                             "voxel_spacing_mm": list(spacing),
+                            **extra,
                         },
                         sort_keys=True,
                     ),
@@ -216,6 +224,59 @@ def infer_batch(
         "findings": len(rows),
         "stats": {k: after[k] - stats_before[k] for k in after if k != "wait_fraction"},
     }
+
+
+def _candidates(
+    labels: npt.NDArray[np.uint8],
+    values: npt.NDArray[Any],
+    spacing: tuple[float, float, float],
+    hounsfield: bool,
+    entry: dict[str, Any],
+    first_free: int,
+) -> list[tuple[str, int, dict[str, Any], dict[str, Any]]]:
+    """Find the registry's lesion candidates; give each its own value in ``labels`` (in place).
+
+    Returns (finding label ``<name>_<n>``, value, codes, measurements) per candidate.
+    """
+    from pipeline.infer.candidates import find_candidates
+
+    out: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = []
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    value = first_free
+    for name, spec in sorted(entry["candidates"].items()):
+        found = find_candidates(
+            labels,
+            int(spec["within_value"]),
+            spacing,
+            values=values if hounsfield else None,
+            min_value=spec["min_hu"] if hounsfield else None,
+            min_diameter_mm=spec["min_diameter_mm"],
+            max_diameter_mm=spec["max_diameter_mm"],
+            max_elongation=spec["max_elongation"],
+            min_fill=spec["min_fill"],
+            max_count=spec["max_count"],
+        )
+        for n, cand in enumerate(found, start=1):
+            if value > np.iinfo(labels.dtype).max:
+                logger.warning("too many candidates: %s_%d and later ones left out", name, n)
+                return out
+            labels[cand.box][cand.mask] = value
+            mean = float(values[cand.box][cand.mask].astype(np.float64).mean())
+            box = [s.start for s in cand.box] + [s.stop - 1 for s in cand.box]
+            measured = {
+                "voxel_count": cand.voxel_count,
+                "volume_ml": cand.voxel_count * voxel_ml,
+                "mean_hu": mean if hounsfield else None,
+                "mean_value": mean,
+                "bbox": [int(b) for b in box],
+                "extra": {
+                    "diameter_mm": {"value": round(cand.diameter_mm, 3), "unit": "mm"},
+                    "elongation": {"value": round(cand.elongation, 3), "unit": "1"},
+                },
+            }
+            out.append((f"{name}_{n}", value, spec, measured))
+            value += 1
+    return out
 
 
 def _code_list(code: Any) -> list[str] | None:
@@ -315,9 +376,19 @@ def run(
     if missing and entry.labels:
         logger.warning("registry entry %s has no codes for label(s) %s", entry.name, missing)
     resources = _gpu_resources(cfg, client)
+    by_name = {name: value for value, name in bundle.labels.items()}
+    candidates = {}
+    for name, spec in entry.candidates.items():
+        if spec.within not in by_name:
+            raise ConfigError(
+                f"model {entry.name!r}: candidates {name!r} are looked for within label "
+                f"{spec.within!r}, which the bundle does not have ({', '.join(by_name)})"
+            )
+        candidates[name] = {**spec.model_dump(), "within_value": by_name[spec.within]}
     payload = {
         "bundle": str(bundle.path),
         "labels": {k: v.model_dump() for k, v in entry.labels.items()},
+        "candidates": candidates,
     }
     con = connect()
     done = {"volumes": 0, "findings": 0}

@@ -19,9 +19,11 @@ Measured:
    and the grids must agree (shape, and affine within :data:`GRID_TOL_MM`) before comparing.
    Reported: lung Dice, bone recall (fraction of TotalSegmentator's bone voxels predicted bone),
    bone precision, for the model and for :func:`pipeline.infer.hu_rules.hu_labels` alone.
-2. **Lung on a training volume** (not held out, marked so): ``example_ct_sm.nii.gz`` against
-   TotalSegmentator's ``example_seg.nii.gz``, because the held-out series holds no lung in
-   TotalSegmentator's labels.
+2. **Lung bases**: ``example_ct_sm.nii.gz`` (3 mm; the top 30 slices of ``example_ct.nii.gz``)
+   against TotalSegmentator's ``example_seg.nii.gz``, because the held-out DICOM series holds no
+   lung in TotalSegmentator's labels (it is upper abdomen). The lung Dice goal is judged here;
+   the scan is held out only for weights trained with ``train.py --hold-out-lung-bases`` (say
+   so with ``--lung-bases-held-out``); the committed weights saw it in training.
 3. **Synthetic chest phantom** (:class:`pipeline.synth.core.ChestPhantom`, a seed never used in
    training): predicted lung volume (mL) against the phantom's true lung volume (voxels labelled
    ``CTLabel.LUNG``).
@@ -70,9 +72,11 @@ TS_REFERENCE: Final = TS_DIR / "tests/reference_files"
 #: the held-out series and TotalSegmentator's labels of it
 EVAL_DICOM: Final = TS_REFERENCE / "example_ct_dicom"
 EVAL_SEG: Final = TS_REFERENCE / "example_seg_dicom.nii.gz"
-#: a training volume with TotalSegmentator lung labels (a secondary, not held-out, lung check)
+#: the lung check: the only real CT with TotalSegmentator lung labels
 LUNG_CHECK_CT: Final = TS_REFERENCE / "example_ct_sm.nii.gz"
 LUNG_CHECK_SEG: Final = TS_REFERENCE / "example_seg.nii.gz"
+#: the files of that scan (``example_ct_sm`` is the top of ``example_ct``)
+LUNG_BASES_FILES: Final = (TS_REFERENCE / "example_ct.nii.gz", LUNG_CHECK_CT)
 CLASS_MAP: Final = TS_DIR / "class_map.json"
 
 #: TotalSegmentator "total" labels counted as lung
@@ -434,7 +438,9 @@ def _synthetic(bundle: Bundle) -> dict[str, Any]:
     return out
 
 
-def evaluate(data_root: Path = DATA_ROOT, weights: Path = MODEL_PATH) -> dict[str, Any]:
+def evaluate(
+    data_root: Path = DATA_ROOT, weights: Path = MODEL_PATH, *, lung_bases_held_out: bool = False
+) -> dict[str, Any]:
     """Every measurement of this script, as a JSON-able dict."""
     t0 = time.perf_counter()
     bundle = Bundle(weights)
@@ -448,25 +454,27 @@ def evaluate(data_root: Path = DATA_ROOT, weights: Path = MODEL_PATH) -> dict[st
             held, labels_on_grid(data_root / EVAL_SEG, held), bundle, class_map
         ),
     }
-    seen = load_nifti_ct(data_root / LUNG_CHECK_CT)
+    bases = load_nifti_ct(data_root / LUNG_CHECK_CT)
     lung_check = {
         "volume": str(LUNG_CHECK_CT),
         "reference": str(LUNG_CHECK_SEG),
-        "note": "a training volume (seen in training): not an independent test",
+        "held_out": lung_bases_held_out,
+        "note": "held out (train.py --hold-out-lung-bases)"
+        if lung_bases_held_out
+        else "a training volume of these weights: not an independent test",
         **_versus_totalsegmentator(
-            seen, labels_on_grid(data_root / LUNG_CHECK_SEG, seen), bundle, class_map
+            bases, labels_on_grid(data_root / LUNG_CHECK_SEG, bases), bundle, class_map
         ),
     }
     synthetic = _synthetic(bundle)
 
-    model = held_out["model"]
-    lung_dice = model["lung_dice"]
-    recall = model["bone_recall"]
+    recall = held_out["model"]["bone_recall"]
+    lung_dice = lung_check["model"]["lung_dice"]
     goals: dict[str, bool | str] = {
         f"held-out lung Dice >= {GOAL_LUNG_DICE}": (
-            "undefined: the reference holds no lung"
-            if lung_dice is None
-            else bool(lung_dice >= GOAL_LUNG_DICE)
+            bool(lung_dice is not None and lung_dice >= GOAL_LUNG_DICE)
+            if lung_bases_held_out
+            else "not measured: the lung bases were training data of these weights"
         ),
         f"held-out bone recall >= {GOAL_BONE_RECALL}": recall is not None
         and recall >= GOAL_BONE_RECALL,
@@ -480,7 +488,7 @@ def evaluate(data_root: Path = DATA_ROOT, weights: Path = MODEL_PATH) -> dict[st
         "bone_names": bone_names(class_map),
         "lung_names": list(LUNG_NAMES),
         "held_out": held_out,
-        "lung_check_training_volume": lung_check,
+        "lung_bases": lung_check,
         "synthetic": synthetic,
         "goals": goals,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -502,9 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DATA_ROOT, help="shared data root")
     ap.add_argument("--weights", type=Path, default=MODEL_PATH, help="model.pt to evaluate")
     ap.add_argument("--json", type=Path, default=None, help="write the metrics here")
+    ap.add_argument(
+        "--lung-bases-held-out",
+        action="store_true",
+        help="the weights were trained with train.py --hold-out-lung-bases",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    results = evaluate(args.data, args.weights)
+    results = evaluate(args.data, args.weights, lung_bases_held_out=args.lung_bases_held_out)
     text = json.dumps(results, indent=2)
     print(text)
     if args.json is not None:

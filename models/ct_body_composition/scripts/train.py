@@ -19,7 +19,12 @@ Data (all read-only from the shared data folder beside the repository, ``../shar
 - synthetic chest phantoms of :mod:`pipeline.synth` (their HU), with arms beside the chest,
   gas pockets under the lungs and a table drawn in by :func:`add_surroundings`.
 
-TotalSegmentator's ``example_ct_dicom`` series is the evaluation set and is never read here.
+Held out (never read here; a training source that names it is refused): TotalSegmentator's
+``example_ct_dicom`` series. With ``--hold-out-lung-bases`` also ``example_ct.nii.gz`` and
+``example_ct_sm.nii.gz`` (the same scan; the only real CT with reference lung labels, the lung
+bases of ``example_seg.nii.gz``), and slices are also coarsened at random (see
+:data:`COARSE_P`) -- the experiment of the model's README; the committed weights are trained
+without it.
 
 Each volume goes through the input contract of ``evaluate.py`` (MetaTensor (1, X, Y, Z), the
 bundle's ``preprocessing``); its labels come from :func:`pipeline.infer.hu_rules.hu_labels` at
@@ -74,6 +79,11 @@ SHIFT_HU: Final = 20.0
 ZOOM: Final = (0.8, 1.25)
 #: training crops (pixels, square) of the 256 x 256 slices
 CROP: Final = 192
+#: coarse-scan augmentation (``--hold-out-lung-bases`` only): with this probability a slice is
+#: averaged down by a factor uniform in :data:`COARSE_FACTOR` and brought back bilinearly
+#: (labels unchanged), as a 3 mm scan looks after the bundle's resize to 256 x 256
+COARSE_P: Final = 0.3
+COARSE_FACTOR: Final = (1.5, 2.5)
 #: cross-entropy weight of gas inside the body (see :class:`Loss`) ...
 GAS_WEIGHT: Final = 5.0
 #: ... that is, of pixels labelled soft tissue below this HU
@@ -242,18 +252,21 @@ def add_surroundings(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
     )
 
 
-def load_sources(data_root: Path) -> list[Source]:
-    """The real training volumes."""
+def load_sources(data_root: Path, *, hold_out_lung: bool = False) -> list[Source]:
+    """The real training volumes (without the lung bases' scan when ``hold_out_lung``)."""
+    held = set(ev.LUNG_BASES_FILES) if hold_out_lung else set()
     sources = [
         Source(ev.load_nifti_ct(data_root / rel), (data_root / rel,), "nifti")
         for rel in NIFTI_FILES
+        if rel not in held
     ]
     for rel in DICOM_FOLDERS:
         sources.extend(dicom_series(data_root / rel))
-    held_out = (data_root / ev.EVAL_DICOM).resolve()
+    held_dir = (data_root / ev.EVAL_DICOM).resolve()
+    held_files = {(data_root / rel).resolve() for rel in held}
     for s in sources:
         for f in s.files:
-            if held_out in f.resolve().parents:
+            if held_dir in f.resolve().parents or f.resolve() in held_files:
                 raise RuntimeError(f"held-out file in training data: {f}")
     return sources
 
@@ -272,17 +285,21 @@ def slices_of(
     return x, y, np.bincount(labels.ravel(), minlength=len(LABEL_NAMES)).astype(np.int64)
 
 
-def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Random flips, 90-degree rotations, zoom, crop and intensity shift, drawn per slice.
+def augment(
+    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, coarse_p: float = 0.0
+) -> tuple[torch.Tensor, ...]:
+    """Random flips, 90-degree rotations, zoom, crop, coarsening and intensity shift, per slice.
 
     The zoom factor is uniform in :data:`ZOOM` (image bilinear, labels nearest; pixels a
-    zoom-out leaves empty are air and background), then a random :data:`CROP` square is cut.
+    zoom-out leaves empty are air and background), then a random :data:`CROP` square is cut;
+    with probability ``coarse_p`` the image is coarsened (see :data:`COARSE_FACTOR`; with 0 no
+    random numbers are drawn for it, so the stream is that of the committed weights).
     """
     xs, ys = [], []
     scale = 1.0 / 1024.0  # HU -> the bundle's [-1, 1] units
     for i in range(x.shape[0]):
         xi, yi = x[i], y[i]
-        r = torch.rand(7, generator=gen)
+        r = torch.rand(9 if coarse_p else 7, generator=gen)
         if r[0] < 0.5:
             xi, yi = xi.flip(-1), yi.flip(-1)
         if r[1] < 0.5:
@@ -302,6 +319,10 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[tor
         left = int(float(r[5]) * (size - CROP + 1))
         xi = xi[:, top : top + CROP, left : left + CROP]
         yi = yi[top : top + CROP, left : left + CROP]
+        if coarse_p and r[7] < coarse_p:
+            f = COARSE_FACTOR[0] + float(r[8]) * (COARSE_FACTOR[1] - COARSE_FACTOR[0])
+            low = nnf.interpolate(xi[None], size=(round(CROP / f),) * 2, mode="area")
+            xi = nnf.interpolate(low, size=(CROP, CROP), mode="bilinear", align_corners=False)[0]
         shift = (float(r[6]) * 2.0 - 1.0) * SHIFT_HU * scale
         xs.append((xi + shift).clamp(-1.0, 1.0))
         ys.append(yi.round().to(torch.long))
@@ -358,7 +379,9 @@ def git_commit() -> dict[str, Any]:
     }
 
 
-def train(data_root: Path, epochs: int, out: Path) -> dict[str, Any]:
+def train(
+    data_root: Path, epochs: int, out: Path, *, hold_out_lung: bool = False
+) -> dict[str, Any]:
     """Train, save the weights to ``out``, return the provenance record."""
     t_start = time.perf_counter()
     torch.set_num_threads(2)
@@ -376,7 +399,8 @@ def train(data_root: Path, epochs: int, out: Path) -> dict[str, Any]:
     ys: list[torch.Tensor] = []
     records: list[dict[str, Any]] = []
     counts = np.zeros(len(LABEL_NAMES), dtype=np.int64)
-    sources = load_sources(data_root)
+    sources = load_sources(data_root, hold_out_lung=hold_out_lung)
+    coarse_p = COARSE_P if hold_out_lung else 0.0
     for src in sources:
         x, y, c = slices_of(bundle, src.volume)
         xs.append(x)
@@ -440,7 +464,7 @@ def train(data_root: Path, epochs: int, out: Path) -> dict[str, Any]:
         total, batches = 0.0, 0
         for b in range(0, n, BATCH):
             idx = order[b : b + BATCH]
-            x, y = augment(x_all[idx], y_all[idx], gen)
+            x, y = augment(x_all[idx], y_all[idx], gen, coarse_p)
             opt.zero_grad()
             loss = loss_fn(net(x), y, x)
             loss.backward()
@@ -478,14 +502,18 @@ def train(data_root: Path, epochs: int, out: Path) -> dict[str, Any]:
         "loss": f"Dice (softmax) + cross-entropy, class weights {list(CLASS_WEIGHTS)}, "
         f"gas voxels weighted {GAS_WEIGHT}",
         "augmentation": f"flips, 90-degree rotations, zoom {ZOOM}, {CROP}x{CROP} crops, "
-        f"intensity shift +-{SHIFT_HU} HU",
+        + (f"coarsening p={coarse_p} factor {COARSE_FACTOR}, " if coarse_p else "")
+        + f"intensity shift +-{SHIFT_HU} HU",
         "slices": n,
         "label_voxels_full_resolution": dict(zip(LABEL_NAMES, counts.tolist(), strict=True)),
         "loss_per_epoch": [round(v, 5) for v in history],
         "wall_time_s": {"data": round(t_data, 1), "total": round(wall, 1)},
         "threads": torch.get_num_threads(),
         "training_data": records,
-        "held_out": str(ev.EVAL_DICOM),
+        "held_out": [
+            str(ev.EVAL_DICOM),
+            *(str(p) for p in (ev.LUNG_BASES_FILES if hold_out_lung else ())),
+        ],
     }
 
 
@@ -496,20 +524,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--out", type=Path, default=MODEL_PATH, help="where to write model.pt")
     ap.add_argument("--no-eval", action="store_true", help="skip evaluate.py's metrics")
+    ap.add_argument(
+        "--hold-out-lung-bases",
+        action="store_true",
+        help="train without example_ct/example_ct_sm (and with coarsening) to measure lung Dice "
+        "on held-out real CT; write --out elsewhere to keep the committed weights",
+    )
     args = ap.parse_args(argv)
     git = git_commit()  # the code as training starts
-    record = train(args.data, args.epochs, args.out)
+    record = train(args.data, args.epochs, args.out, hold_out_lung=args.hold_out_lung_bases)
     record["git"] = git
     record["versions"] = library_versions()
     record["hu_rules"] = "pipeline/infer/hu_rules.py"
     if not args.no_eval:
         print("evaluating ...", flush=True)
-        record["final_metrics"] = ev.evaluate(args.data, args.out)
+        record["final_metrics"] = ev.evaluate(
+            args.data, args.out, lung_bases_held_out=args.hold_out_lung_bases
+        )
         print(json.dumps(record["final_metrics"], indent=2))
     if args.out.resolve() == MODEL_PATH.resolve():
         PROVENANCE_PATH.parent.mkdir(parents=True, exist_ok=True)
         PROVENANCE_PATH.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {PROVENANCE_PATH}")
+    else:
+        beside = args.out.with_name(args.out.stem + ".provenance.json")
+        beside.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {beside}")
     return 0
 
 
