@@ -69,6 +69,7 @@ def demo(
         from pipeline.crawl import current_index
         from pipeline.lake import LakePaths, read_table
         from pipeline.synth import synthesize
+        from pipeline.synth.lesions import match_lesions
 
         t0 = time.perf_counter()
         archive = out / "archive"
@@ -161,6 +162,11 @@ def demo(
         typer.echo(f"  tensors     {lake.tensors}  ({_count(lake, 'tensors', 'checksum')} volumes)")
         typer.echo(f"  findings    {lake.table('findings')}  ({_count(lake, 'findings')} rows)")
         typer.echo(f"  masks       {lake.masks}")
+        matches = match_lesions(lake, gt)
+        typer.echo(
+            f"  lesions     {sum(1 for m in matches if m.findings)} of {len(matches)} synthesised "
+            "lung lesions found as lung_nodule findings"
+        )
         results = Path(cfg.writeback.dest) if cfg.writeback.dest else None
         confirmed = _count(lake, "outbox", where="status = 'confirmed'")
         typer.echo(f"written back {results}  ({confirmed} SEG/SR objects confirmed)")

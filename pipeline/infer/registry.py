@@ -21,7 +21,7 @@ A registry entry::
             min_diameter_mm: 4.0                        # equivalent-sphere diameter range
             max_diameter_mm: 40.0
             max_elongation: 2.0                         # longest / shortest box side (mm)
-            min_fill: 0.3                               # of its bounding box (a ball: 0.52)
+            min_fill: 0.25                              # of its bounding box (a ball: 0.52)
             max_count: 20                               # per volume, largest first
             category: [...]
             type: [...]
@@ -108,7 +108,7 @@ class CandidateSpec(_Strict):
     min_diameter_mm: float = Field(4.0, gt=0)
     max_diameter_mm: float = Field(40.0, gt=0)
     max_elongation: float = Field(2.0, ge=1)
-    min_fill: float = Field(0.3, ge=0, le=1)
+    min_fill: float = Field(0.25, ge=0, le=1)
     max_count: int = Field(20, ge=1, le=200)
     category: Code | None = None
     type: Code | None = None

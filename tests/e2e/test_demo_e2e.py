@@ -51,6 +51,10 @@ def test_demo_synthesises_crawls_and_checks_against_ground_truth(
     results = list((out / "results").rglob("*.dcm"))
     assert results
     assert f"({len(results)} SEG/SR objects confirmed)" in stdout
+    # every lung lesion of the phantoms is a lung_nodule finding
+    lesions = sum(len(s.get("lesions") or []) for s in truth["series"])
+    assert lesions > 0
+    assert f"{lesions} of {lesions} synthesised lung lesions found" in stdout
 
 
 def test_demo_rerun_reads_nothing_new(small_demo: tuple[Path, str]) -> None:

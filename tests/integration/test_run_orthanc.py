@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
 from dicom_factory import with_file_meta
@@ -20,6 +19,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli.main import app
 from pipeline.lake import LakePaths, read_table
+from pipeline.synth.lesions import match_lesions
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,13 +50,6 @@ def _run(config: Path) -> str:
     result = CliRunner().invoke(app, ["run", str(config)])
     assert result.exit_code == 0, result.output
     return result.output
-
-
-def _voxel(affine: list[float], centre_lps: list[float]) -> tuple[int, int, int]:
-    """(slice, row, col) of an LPS point in a tensor whose affine maps (col, row, slice)."""
-    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64).reshape(4, 4))
-    i, j, k = (inv @ np.array([*centre_lps, 1.0]))[:3]
-    return round(float(k)), round(float(j)), round(float(i))
 
 
 @pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
@@ -113,38 +106,29 @@ def test_orthanc_to_orthanc_every_lesion_comes_back(
                 assert stage["seen"] == stage["out"] + stage["quarantined"] + stage["skipped"], name
         assert manifest["stages"]["crawl"]["seen"] == stored
 
-        tensors = {r["tensor_key"]: r for r in read_table(lake, "tensors").to_pylist()}
         findings = read_table(lake, "findings").to_pylist()
         outbox = [r for r in read_table(lake, "outbox").to_pylist() if r["status"] == "confirmed"]
         inferred = {f["tensor_key"] for f in findings}
         assert len(outbox) == 2 * len(inferred)
         assert _instances(server) == stored + len(outbox)
 
-        # every lesion: a lung_nodule finding whose box holds the lesion's centre, in a volume
+        # every lesion: one lung_nodule finding whose box holds the lesion's centre, in a volume
         # of the lesion's series (matched through the vault: the research side is pseudonymous)
-        vault = read_table(lake, "vault").to_pylist()
-        pseudonym = {r["SeriesInstanceUID"]: r["series_pseudonym"] for r in vault}
+        matches = match_lesions(lake, truth)
+        assert len(matches) == sum(len(s["lesions"]) for s in lesion_series)
+        for m in matches:
+            assert len(m.findings) == 1, m.lesion
+            (found,) = m.findings
+            assert found["volume_ml"] == pytest.approx(m.lesion["volume_ml"], rel=0.5)
+            assert 40 <= found["mean_hu"] <= 140
         client = server.dicomweb_client()
         for series in lesion_series:
-            pseudo = pseudonym[series["SeriesInstanceUID"]]
             mine = [
                 f
-                for f in findings
-                if tensors[f["tensor_key"]]["SeriesInstanceUID"] == pseudo
-                and f["label"].startswith("lung_nodule_")
+                for m in matches
+                if m.series_uid == series["SeriesInstanceUID"]
+                for f in m.findings
             ]
-            assert len(mine) >= len(series["lesions"]), series["SeriesInstanceUID"]
-            for lesion in series["lesions"]:
-                hits = []
-                for f in mine:
-                    k, j, i = _voxel(tensors[f["tensor_key"]]["affine"], lesion["centre_mm"])
-                    k0, j0, i0, k1, j1, i1 = f["bbox"]
-                    if k0 <= k <= k1 and j0 <= j <= j1 and i0 <= i <= i1:
-                        hits.append(f)
-                assert len(hits) == 1, (lesion, [f["bbox"] for f in mine])
-                found = hits[0]
-                assert found["volume_ml"] == pytest.approx(lesion["volume_ml"], rel=0.5)
-                assert 40 <= found["mean_hu"] <= 140
             # SEG and SR of the volume, found by QIDO-RS in the original study
             study = series["StudyInstanceUID"]
             nodules = {f["label"] for f in mine}

@@ -30,7 +30,7 @@ def _lung_with(*balls: tuple[tuple[float, float, float], float]) -> npt.NDArray[
 
 def _find(labels: npt.NDArray[np.uint8], **kw: float) -> list:  # type: ignore[type-arg]
     args = {"min_diameter_mm": 4.0, "max_diameter_mm": 40.0, "max_elongation": 2.0,
-            "max_count": 20, "min_fill": 0.3, **kw}  # fmt: skip
+            "max_count": 20, "min_fill": 0.25, **kw}  # fmt: skip
     return find_candidates(labels, LUNG, SPACING, **args)  # type: ignore[arg-type]
 
 
@@ -97,7 +97,7 @@ def test_dense_regions_the_model_labels_lung() -> None:
     assert _find(labels) == []
     found = find_candidates(
         labels, LUNG, SPACING, values=hu, min_value=-300.0, min_diameter_mm=4.0,
-        max_diameter_mm=40.0, max_elongation=2.0, max_count=20, min_fill=0.3,
+        max_diameter_mm=40.0, max_elongation=2.0, max_count=20, min_fill=0.25,
     )  # fmt: skip
     assert len(found) == 1
     assert found[0].voxel_count == int(ball.sum())
