@@ -7,6 +7,9 @@ and it is lung voxels of soft-tissue density, or the model labels it otherwise, 
 axial slice it crosses it is a hole that the lung surrounds. The registry can ask for such
 candidates (``candidates:`` of a model entry, see :mod:`pipeline.infer.registry`):
 
+0. with the image: the organ is grown by the aerated voxels of the body (below ``min_value``,
+   label not 0) connected to it, so that a thin air gap the model labelled otherwise (a nodule
+   near the chest wall) still separates a nodule from its surroundings;
 1. the voxels of the ``within`` label at or above ``min_value`` (on CT: Hounsfield units; the
    default -300 HU separates solid tissue from aerated lung) that are not on the label's edge in
    their slice (partial volume with the chest wall and mediastinum is dense too), and per axial
@@ -76,6 +79,15 @@ def find_candidates(
     from scipy import ndimage
 
     organ_full = labels == within
+    if values is not None and min_value is not None:
+        # the organ grown by the aerated voxels of the body (not background, label 0) that
+        # touch it: a thin air gap the model gave another label still encloses a nodule
+        aerated = (values < min_value) & (labels != 0)
+        grown, _ = ndimage.label(organ_full | aerated, structure=np.ones((3, 3, 3), dtype=bool))
+        keep = np.zeros(int(grown.max()) + 1, dtype=bool)
+        keep[grown[organ_full]] = True
+        keep[0] = False
+        organ_full = keep[grown]
     ks = np.flatnonzero(organ_full.any(axis=(1, 2)))
     if not ks.size:
         return []

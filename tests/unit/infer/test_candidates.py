@@ -101,3 +101,24 @@ def test_dense_regions_the_model_labels_lung() -> None:
     )  # fmt: skip
     assert len(found) == 1
     assert found[0].voxel_count == int(ball.sum())
+
+
+def test_a_nodule_the_model_joins_to_the_chest_wall_is_found_through_the_air_gap() -> None:
+    """The model labels a nodule next to the chest wall soft tissue and misses the thin lung
+    gap between them (labelled soft tissue too); the image shows the gap as air."""
+    z, y, x = _grid()
+    labels = np.full(z.shape, SOFT, dtype=np.uint8)
+    labels[2:38, 5:75, 5:75] = LUNG
+    hu = np.where(labels == LUNG, -850.0, 40.0)
+    ball = (z - 40.0) ** 2 + (y - 14.0) ** 2 + (x - 40.0) ** 2 <= 7.0**2  # reaches row 7
+    labels[ball] = SOFT
+    hu[ball] = 90.0
+    labels[10:30, 5:8, 30:50] = SOFT  # the gap (rows 5-6) and the nodule's edge: not lung ...
+    hu[10:30, 5:7, 30:50] = -800.0  # ... but air in the image
+    hu[ball] = 90.0
+    kw = {"min_diameter_mm": 4.0, "max_diameter_mm": 40.0, "max_elongation": 2.0,
+          "max_count": 20, "min_fill": 0.25}  # fmt: skip
+    assert find_candidates(labels, LUNG, SPACING, **kw) == []  # type: ignore[arg-type]
+    found = find_candidates(labels, LUNG, SPACING, values=hu, min_value=-300.0, **kw)  # type: ignore[arg-type]
+    assert len(found) == 1
+    assert found[0].voxel_count >= 0.9 * int(ball.sum())
