@@ -67,15 +67,10 @@ def run_pipeline(
     def record(name: str, counts: StageCounts, line: str, *, restricted: bool = False) -> None:
         summary.stages[name] = counts
         summary.lines.append(line)
-        rec.stage(name, counts)
         if restricted:
-            rec.audit.append(
-                "restricted_read",
-                run_id=rec.run_id,
-                stage=name,
-                objects=counts.seen,
-                quarantined=counts.quarantined,
-            )
+            rec.restricted_stage(name, counts)
+        else:
+            rec.stage(name, counts)
         if not counts.reconciles:
             raise RunFailed(
                 f"{name}: counts do not reconcile (seen {counts.seen} != out {counts.out} + "

@@ -186,20 +186,6 @@ def recorded_run(
         yield lake, rec, client, advance
 
 
-def record_restricted_stage(rec: Any, stage: str, counts: Any, **extra: int) -> None:
-    """Put a stage's counts in the run manifest, and its read of the restricted zone in the
-    audit log (counts only, never values)."""
-    rec.stage(stage, counts)
-    rec.audit.append(
-        "restricted_read",
-        run_id=rec.run_id,
-        stage=stage,
-        objects=counts.seen,
-        quarantined=counts.quarantined,
-        **extra,
-    )
-
-
 def guarded(func: Callable[[], None], *, resume_hint: str | None = None) -> None:
     """Run a command body, turning pacsflow errors into one-line messages and exit codes.
 

@@ -29,12 +29,12 @@ RESEARCH_VIEWS = ("instances", "series", "studies", "patients", "tensors", "find
 
 def deid_with_manifest(cfg: PipelineConfig, key: bytes, command: str) -> str:
     """De-identify as one recorded run; return the summary line."""
-    from pipeline.cli._common import record_restricted_stage, recorded_run
+    from pipeline.cli._common import recorded_run
     from pipeline.deid.stage import run as deid_run
 
     with recorded_run(cfg, command, "deid") as (lake, rec, client, advance):
         result = deid_run(cfg, lake, key=key, run_id=rec.run_id, client=client, progress=advance)
-        record_restricted_stage(rec, "deid", result.counts, deidentified=result.counts.out)
+        rec.restricted_stage("deid", result.counts, deidentified=result.counts.out)
     c = result.counts
     return (
         f"deid: {c.seen} objects, de-identified {c.out}, quarantined {c.quarantined} "

@@ -18,12 +18,12 @@ from pipeline.config import PipelineConfig
 
 def tensors_with_manifest(cfg: PipelineConfig, command: str) -> str:
     """Build tensors as one recorded run; return the summary line."""
-    from pipeline.cli._common import record_restricted_stage, recorded_run
+    from pipeline.cli._common import recorded_run
     from pipeline.tensors.stage import run as tensors_run
 
     with recorded_run(cfg, command, "tensors") as (lake, rec, client, advance):
         result = tensors_run(cfg, lake, run_id=rec.run_id, client=client, progress=advance)
-        record_restricted_stage(rec, "tensors", result.counts)
+        rec.restricted_stage("tensors", result.counts)
     c = result.counts
     return (
         f"tensors: {c.seen} objects, {c.extra.get('volumes', 0)} volumes stored, "

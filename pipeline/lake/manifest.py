@@ -120,6 +120,19 @@ class RunRecorder:
         self.manifest.stages[name] = counts
         self._write()
 
+    def restricted_stage(self, name: str, counts: StageCounts, **extra: int) -> None:
+        """:meth:`stage` for a stage that read the restricted zone, with its read in the audit
+        log (counts only, never values)."""
+        self.stage(name, counts)
+        self.audit.append(
+            "restricted_read",
+            run_id=self.run_id,
+            stage=name,
+            objects=counts.seen,
+            quarantined=counts.quarantined,
+            **extra,
+        )
+
     def _write(self) -> None:
         atomic_write_text(self.path, self.manifest.to_json())
 

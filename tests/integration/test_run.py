@@ -125,6 +125,16 @@ def test_run_end_to_end_then_nothing_new_then_one_new_study(setup: Path, tmp_pat
     )
     assert lineage.exit_code == 0
     assert int(lineage.output.split()[-1]) > 0
+    # the stages that read the restricted zone say so in the audit log, with counts only
+    from pipeline.lake.audit import AuditLog
+
+    reads = {
+        r["details"]["stage"]: r["details"]
+        for r in AuditLog(lake).records()
+        if r["event"] == "restricted_read" and r["run_id"] == manifest["run_id"]
+    }
+    assert set(reads) >= {"deid", "tensors"}
+    assert reads["deid"]["objects"] == manifest["stages"]["deid"]["seen"]
     # nothing new: no work, exit 0
     second = _run(config)
     stages = _manifest(run / "lake", second.output)["stages"]
