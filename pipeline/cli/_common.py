@@ -186,6 +186,31 @@ def recorded_run(
         yield lake, rec, client, advance
 
 
+def run_recorded_pipeline(cfg: Any, key: bytes, command: str, what: str) -> Any:
+    """Run :func:`pipeline.run.run_pipeline` under the lake's lock, in one run manifest of
+    ``command``, on the configured Dask client; a failed run ends the command (exit 1) with
+    ``"<what> <run id> failed: <reason>"``. Returns the run's summary."""
+    from pipeline.config import config_hash, manifest_config
+    from pipeline.lake import LakePaths, RunRecorder
+    from pipeline.lake.lock import lake_lock
+    from pipeline.run import RunFailed, run_pipeline
+
+    paths = LakePaths(cfg.lake)
+    with (
+        lake_lock(paths, command),
+        RunRecorder(
+            paths, command, config_hash=config_hash(cfg), config=manifest_config(cfg)
+        ) as rec,
+        dask_client(cfg) as client,
+    ):
+        try:
+            return run_pipeline(
+                cfg, key=key, rec=rec, client=client, progress=lambda s: progress_bar(s, None)
+            )
+        except RunFailed as exc:
+            fail(f"{what} {rec.run_id} failed: {exc}")
+
+
 def guarded(func: Callable[[], None], *, resume_hint: str | None = None) -> None:
     """Run a command body, turning pacsflow errors into one-line messages and exit codes.
 

@@ -96,32 +96,14 @@ def demo(
                 f"(+{result.n_bad} bad objects), {result.bytes_written / 2**20:.0f} MiB "
                 f"in {result.seconds:.1f} s"
             )
-        from pipeline.cli._common import dask_client
-        from pipeline.config import config_hash, manifest_config
-        from pipeline.lake import RunRecorder
+        from pipeline.cli._common import run_recorded_pipeline
         from pipeline.lake.keys import generate_key_file, load_key
-        from pipeline.lake.lock import lake_lock
-        from pipeline.run import RunFailed, run_pipeline
 
         assert cfg.lake is not None
         key_path = LakePaths(cfg.lake).restricted / "demo.key"
         if not key_path.exists():  # the demo's throwaway key; real runs need `pacsflow keygen`
             generate_key_file(key_path)
-        key = load_key(key_path)
-        paths = LakePaths(cfg.lake)
-        with (
-            lake_lock(paths, "demo"),
-            RunRecorder(
-                paths, "demo", config_hash=config_hash(cfg), config=manifest_config(cfg)
-            ) as rec,
-            dask_client(cfg) as client,
-        ):
-            try:
-                summary = run_pipeline(
-                    cfg, key=key, rec=rec, client=client, progress=lambda s: progress_bar(s, None)
-                )
-            except RunFailed as exc:
-                fail(f"demo run {rec.run_id} failed: {exc}")
+        summary = run_recorded_pipeline(cfg, load_key(key_path), "demo", "demo run")
         for line in summary.lines:
             typer.echo(line)
         leaks = summary.leaks

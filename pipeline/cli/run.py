@@ -36,33 +36,14 @@ def register(app: typer.Typer) -> None:
             fail("no lake: set `lake:` in the config or pass --lake", EXIT_USAGE)
 
         def body() -> None:
-            from pipeline.cli._common import dask_client, progress_bar
-            from pipeline.config import config_hash, manifest_config
-            from pipeline.lake import LakePaths, RunRecorder
+            from pipeline.cli._common import run_recorded_pipeline
+            from pipeline.lake import LakePaths
             from pipeline.lake.keys import load_key
-            from pipeline.lake.lock import lake_lock
-            from pipeline.run import RunFailed, run_pipeline
 
             assert cfg.lake is not None
             paths = LakePaths(cfg.lake)
             key = load_key(key_file or cfg.key_file)
-            with (
-                lake_lock(paths, "run"),
-                RunRecorder(
-                    paths, "run", config_hash=config_hash(cfg), config=manifest_config(cfg)
-                ) as rec,
-                dask_client(cfg) as client,
-            ):
-                try:
-                    summary = run_pipeline(
-                        cfg,
-                        key=key,
-                        rec=rec,
-                        client=client,
-                        progress=lambda s: progress_bar(s, None),
-                    )
-                except RunFailed as exc:
-                    fail(f"run {rec.run_id} failed: {exc}")
+            summary = run_recorded_pipeline(cfg, key, "run", "run")
             for line in summary.lines:
                 typer.echo(line)
             typer.echo(f"run {summary.run_id}: done ({paths.runs / (summary.run_id + '.json')})")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bundle_factory import make_bundle
+from bundle_factory import make_bundle, write_registry
 from typer.testing import CliRunner
 
 from pipeline.config import load_config
@@ -65,18 +65,7 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> LakePaths:
         include_bad=False,
     )
     bundle = make_bundle(root / "bundles" / "tiny")
-    (root / "models.yaml").write_text(
-        f"""models:
-  tiny:
-    bundle: {bundle}
-    applies_to: "Modality = 'CT' AND volume_ok"
-    labels:
-      soft_tissue: {{category: ["85756007", SCT, Tissue], type: ["87784001", SCT, Soft tissue]}}
-      adipose_tissue: {{category: ["85756007", SCT, Tissue], type: ["55603005", SCT, Adipose]}}
-      bone: {{category: ["85756007", SCT, Tissue], type: ["272673000", SCT, Bone]}}
-      lung: {{category: ["123037004", SCT, Anatomical Structure], type: ["39607008", SCT, Lung]}}
-"""
-    )
+    write_registry(root / "models.yaml", bundle)
     cfg = load_config(
         overrides={
             "compute": {"partition_size": 8, "device": "cpu"},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,30 +16,26 @@ from pipeline.infer.engine import Segmenter
 from pipeline.infer.registry import default_models_dir
 
 BUNDLE = default_models_dir() / "ct_body_composition"
-TS = Path("labeled-ct/totalsegmentator/tests/reference_files")
-LUNG_LOBES = (
-    "lung_upper_lobe_left",
-    "lung_lower_lobe_left",
-    "lung_upper_lobe_right",
-    "lung_middle_lobe_right",
-    "lung_lower_lobe_right",
-)
-OTHER_BONES = (
-    "sacrum",
-    "sternum",
-    "hip_left",
-    "hip_right",
-    "femur_left",
-    "femur_right",
-    "humerus_left",
-    "humerus_right",
-    "scapula_left",
-    "scapula_right",
-    "clavicula_left",
-    "clavicula_right",
-    "skull",
-)
 LUNG, BONE = 4, 3
+
+
+def _evaluate_script() -> Any:
+    """The bundle's ``scripts/evaluate.py``: the metric's definitions (which TotalSegmentator
+    labels are lung and bone, and how its labels are put on a DICOM grid) live there once."""
+    import importlib.util
+    import sys
+
+    name = "ct_body_composition_evaluate"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = BUNDLE / "scripts" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -95,22 +92,6 @@ def test_sensible_on_a_synthetic_chest_ct(bundle: Bundle, tmp_path: Path) -> Non
         assert (labels == value).any(), value
 
 
-def _ts_labels(shared_data: Path, vol: object) -> tuple[np.ndarray, dict[str, int]]:
-    import nibabel as nib
-
-    root = shared_data / TS
-    class_map = json.loads((root.parents[1] / "class_map.json").read_text())["total"]
-    ids = {name: int(k) for k, name in class_map.items()}
-    img = nib.load(root / "example_seg_dicom.nii.gz")
-    affine_ras = vol.affine_ras  # type: ignore[attr-defined]
-    ornt = nib.orientations.ornt_transform(
-        nib.orientations.io_orientation(img.affine), nib.orientations.io_orientation(affine_ras)
-    )
-    img = img.as_reoriented(ornt)
-    assert np.abs(np.asarray(img.affine) - affine_ras).max() < 1e-3  # the same grid
-    return np.asarray(img.dataobj).astype(np.int32).transpose(2, 1, 0), ids
-
-
 @pytest.mark.shared_data
 def test_quality_on_held_out_real_ct(bundle: Bundle, shared_data: Path) -> None:
     """The held-out DICOM series (never trained on) against TotalSegmentator's labels:
@@ -120,17 +101,20 @@ def test_quality_on_held_out_real_ct(bundle: Bundle, shared_data: Path) -> None:
 
     from pipeline.tensors.volume import build_volume
 
-    folder = shared_data / TS / "example_ct_dicom"
+    ev = _evaluate_script()
+    folder = shared_data / ev.EVAL_DICOM
     vol = build_volume([pydicom.dcmread(p) for p in sorted(folder.iterdir())])
     labels = _segment(bundle, vol.array, vol.affine)
-    ref, ids = _ts_labels(shared_data, vol)
-    bone_ids = [
-        i for n, i in ids.items() if n.startswith(("vertebrae_", "rib_")) or n in OTHER_BONES
-    ]
-    ref_bone = np.isin(ref, bone_ids)
+    class_map = json.loads((shared_data / ev.CLASS_MAP).read_text())["total"]
+    ids = {name: int(k) for k, name in class_map.items()}
+    grid = ev.CtVolume(
+        name="held-out", hu=vol.array, affine_ras=vol.affine_ras, spacing=vol.spacing
+    )
+    ref = ev.labels_on_grid(shared_data / ev.EVAL_SEG, grid)  # checks the grids agree
+    ref_bone = np.isin(ref, [ids[n] for n in ev.bone_names(class_map)])
     recall = float((ref_bone & (labels == BONE)).sum()) / float(ref_bone.sum())
     assert recall >= 0.80, recall
-    ref_lung = np.isin(ref, [ids[n] for n in LUNG_LOBES])
+    ref_lung = np.isin(ref, [ids[n] for n in ev.LUNG_NAMES])
     pred_lung = labels == LUNG
     voxel_ml = float(np.prod(vol.spacing)) / 1000
     if ref_lung.sum():
