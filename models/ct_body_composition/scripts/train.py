@@ -22,9 +22,11 @@ Data (all read-only from the shared data folder beside the repository, ``../shar
 Held out (never read here; a training source that names it is refused): TotalSegmentator's
 ``example_ct_dicom`` series. With ``--hold-out-lung-bases`` also ``example_ct.nii.gz`` and
 ``example_ct_sm.nii.gz`` (the same scan; the only real CT with reference lung labels, the lung
-bases of ``example_seg.nii.gz``), and slices are also coarsened at random (see
-:data:`COARSE_P`) -- the experiment of the model's README; the committed weights are trained
-without it.
+bases of ``example_seg.nii.gz``); in exchange that run adds the single axial CT images of
+:data:`SLICE_FILES` (real patients' chest, abdomen, pelvis, neck and head from other public
+DICOM test sets), copies of every real training volume averaged to :data:`COARSE_MM`, and
+coarsens slices at random (see :data:`COARSE_P`) -- the experiment of the model's README
+(``docs/experiments/lung_bases_held_out.json``); the committed weights are trained without it.
 
 Each volume goes through the input contract of ``evaluate.py`` (MetaTensor (1, X, Y, Z), the
 bundle's ``preprocessing``); its labels come from :func:`pipeline.infer.hu_rules.hu_labels` at
@@ -111,6 +113,26 @@ DICOM_FOLDERS: Final = (
     Path("dicom/dcm_qa_ct/In"),
     Path("dicom/dcmqi/data/segmentations/ct-3slice"),
 )
+#: single axial CT images of real patients from other public DICOM test sets (chest, upper
+#: abdomen with stomach and bowel gas, pelvis, neck, head), each a one-slice training volume
+#: (``--hold-out-lung-bases`` only). Left out: dicom-numpy's CT28 (a copy of CT26), the
+#: tilted, streaked, noisy or non-axial images of those sets (their HU rules go wrong).
+SLICE_FILES: Final = (
+    *(
+        Path(f"dicom/dicom-numpy/dupe-positions/CT{i}.dcm")
+        for i in (2, 20, 21, 22, 23, 24, 25, 26, 27, 29)
+    ),
+    Path("dicom/pydicom-data/data_store/data/693_UNCR.dcm"),
+    Path("dicom/pydicom-data/data_store/data/explicit_VR-UN.dcm"),
+    Path("dicom/pylibjpeg-data/ljdata/ds/JPEGLS/CT1_JLSN.dcm"),
+    Path("dicom/dicompyler-core/tests/testdata/example_data/ct.0.dcm"),
+)
+#: each single slice (and its coarse copy) is seen this many times per epoch
+SLICE_REPEAT: Final = 4
+#: coarse copies (``--hold-out-lung-bases`` only): every real training volume finer than this
+#: (mm) is also averaged down to about this voxel size, labelled by the HU rules there and
+#: used as a further training volume -- as a 3 mm scan reaches the network
+COARSE_MM: Final = 3.0
 MODEL_PATH: Final = ev.MODEL_PATH
 PROVENANCE_PATH: Final = ev.BUNDLE_DIR / "docs" / "provenance.json"
 _CT_IMAGE_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.2"
@@ -153,6 +175,53 @@ def dicom_series(folder: Path) -> list[Source]:
             )
             out.append(Source(volume, tuple(p for p, _ in items), "dicom"))
     return out
+
+
+def single_slice(path: Path) -> Source:
+    """One axial CT image as a one-slice volume in the DICOM axial layout.
+
+    Raises:
+        ValueError: the image is not axial (rows and columns along the patient's x and y).
+    """
+    ds = pydicom.dcmread(path)
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    if not np.allclose(np.abs(iop), [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], atol=1e-3):
+        raise ValueError(f"{path}: not an axial image (orientation {iop.tolist()})")
+    pixels = np.asarray(ds.pixel_array, dtype=np.float32)
+    hu = pixels * float(ds.get("RescaleSlope", 1.0)) + float(ds.get("RescaleIntercept", 0.0))
+    if iop[0] < 0:  # columns to the patient's right: flip to the left
+        hu = hu[:, ::-1]
+    if iop[4] < 0:  # rows to the patient's front: flip to the back
+        hu = hu[::-1, :]
+    dy, dx = (float(v) for v in ds.PixelSpacing)
+    dz = float(ds.get("SliceThickness") or 1.0)
+    volume = ev.CtVolume(
+        name=f"{path.parent.name}/{path.name}",
+        hu=np.ascontiguousarray(hu[None]),
+        affine_ras=np.diag([-dx, -dy, dz, 1.0]),
+        spacing=(dz, dy, dx),
+    )
+    return Source(volume, (path,), "dicom slice")
+
+
+def coarsened(volume: ev.CtVolume, mm: float = COARSE_MM) -> ev.CtVolume | None:
+    """``volume`` averaged down to voxels of about ``mm`` (``None`` if already that coarse)."""
+    factors = [max(1.0, mm / s) for s in volume.spacing]
+    if max(factors[1:]) < 1.2:
+        return None
+    shape = [max(1, round(n / f)) for n, f in zip(volume.hu.shape, factors, strict=True)]
+    small = nnf.interpolate(torch.from_numpy(volume.hu)[None, None], size=shape, mode="area")
+    scale = [n / m for n, m in zip(volume.hu.shape, shape, strict=True)]  # (z, y, x)
+    return ev.CtVolume(
+        name=f"{volume.name}@{mm:g}mm",
+        hu=np.ascontiguousarray(small[0, 0].numpy()),
+        affine_ras=volume.affine_ras @ np.diag([scale[2], scale[1], scale[0], 1.0]),
+        spacing=(
+            volume.spacing[0] * scale[0],
+            volume.spacing[1] * scale[1],
+            volume.spacing[2] * scale[2],
+        ),
+    )
 
 
 def add_surroundings(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
@@ -262,6 +331,13 @@ def load_sources(data_root: Path, *, hold_out_lung: bool = False) -> list[Source
     ]
     for rel in DICOM_FOLDERS:
         sources.extend(dicom_series(data_root / rel))
+    if hold_out_lung:
+        sources.extend(single_slice(data_root / rel) for rel in SLICE_FILES)
+        sources.extend(
+            Source(c, s.files, s.kind + f", averaged to {COARSE_MM:g} mm")
+            for s in list(sources)
+            if (c := coarsened(s.volume)) is not None
+        )
     held_dir = (data_root / ev.EVAL_DICOM).resolve()
     held_files = {(data_root / rel).resolve() for rel in held}
     for s in sources:
@@ -403,6 +479,8 @@ def train(
     coarse_p = COARSE_P if hold_out_lung else 0.0
     for src in sources:
         x, y, c = slices_of(bundle, src.volume)
+        if src.kind.startswith("dicom slice"):
+            x, y = x.repeat(SLICE_REPEAT, 1, 1, 1), y.repeat(SLICE_REPEAT, 1, 1)
         xs.append(x)
         ys.append(y)
         counts += c

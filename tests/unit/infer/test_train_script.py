@@ -1,0 +1,96 @@
+"""Helpers of the default model's training script (``scripts/train.py``) that shape its data:
+single CT images as one-slice volumes in the DICOM axial layout, and 3 mm copies."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from pipeline.infer.registry import default_models_dir
+
+SCRIPTS = default_models_dir() / "ct_body_composition" / "scripts"
+
+
+@pytest.fixture(scope="module")
+def train() -> Any:
+    """``scripts/train.py`` as a module (it imports its sibling ``evaluate.py``)."""
+    name = "ct_body_composition_train"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / "train.py")
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _ct_file(path: Path, pixels: np.ndarray, orientation: list[float]) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.ImageOrientationPatient = orientation
+    ds.ImagePositionPatient = [0.0, 0.0, 0.0]
+    ds.PixelSpacing = [0.8, 0.7]
+    ds.SliceThickness = 2.5
+    ds.RescaleSlope = 1
+    ds.RescaleIntercept = -1024
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_single_image_becomes_a_one_slice_volume_in_axial_layout(
+    train: Any, tmp_path: Path
+) -> None:
+    pixels = np.arange(6 * 4, dtype=np.uint16).reshape(6, 4) * 10
+    # rows running to the patient's front (table at the top of the image): flipped back
+    path = _ct_file(tmp_path / "a.dcm", pixels, [1.0, 0.0, 0.0, 0.0, -1.0, 0.0])
+    source = train.single_slice(path)
+    assert source.volume.hu.shape == (1, 6, 4)
+    assert source.volume.spacing == (2.5, 0.8, 0.7)
+    np.testing.assert_array_equal(source.volume.hu[0], pixels[::-1].astype(np.float32) - 1024)
+    assert source.files == (path,)
+
+    tilted = _ct_file(tmp_path / "b.dcm", pixels, [1.0, 0.0, 0.0, 0.0, 0.927, -0.375])
+    with pytest.raises(ValueError, match="not an axial image"):
+        train.single_slice(tilted)
+
+
+def test_coarse_copy_averages_to_about_3_mm(train: Any) -> None:
+    rng = np.random.default_rng(0)
+    hu = rng.normal(0.0, 100.0, size=(12, 60, 48)).astype(np.float32)
+    volume = train.ev.CtVolume(
+        name="v", hu=hu, affine_ras=np.diag([-0.75, -0.75, 1.0, 1.0]), spacing=(1.0, 0.75, 0.75)
+    )
+    coarse = train.coarsened(volume)
+    assert coarse is not None
+    assert coarse.hu.shape == (4, 15, 12)
+    assert coarse.spacing == pytest.approx((3.0, 3.0, 3.0))
+    np.testing.assert_allclose(np.diag(coarse.affine_ras)[:3], [-3.0, -3.0, 3.0])
+    # area averaging: each coarse voxel is the mean of its 3 x 4 x 4 block
+    np.testing.assert_allclose(coarse.hu[1, 2, 3], hu[3:6, 8:12, 12:16].mean(), rtol=1e-5)
+    assert float(coarse.hu.mean()) == pytest.approx(float(hu.mean()), abs=1e-3)
+    # already about that coarse in-plane: no copy
+    three = train.ev.CtVolume(name="w", hu=hu, affine_ras=np.eye(4), spacing=(3.0, 2.9, 2.9))
+    assert train.coarsened(three) is None
