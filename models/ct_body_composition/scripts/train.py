@@ -24,9 +24,12 @@ Held out (never read here; a training source that names it is refused): TotalSeg
 ``example_ct_sm.nii.gz`` (the same scan; the only real CT with reference lung labels, the lung
 bases of ``example_seg.nii.gz``); in exchange that run adds the single axial CT images of
 :data:`SLICE_FILES` (real patients' chest, abdomen, pelvis, neck and head from other public
-DICOM test sets), copies of every real training volume averaged to :data:`COARSE_MM`, and
-coarsens slices at random (see :data:`COARSE_P`) -- the experiment of the model's README
-(``docs/experiments/lung_bases_held_out.json``); the committed weights are trained without it.
+DICOM test sets), copies of every real training volume averaged to :data:`COARSE_MM`,
+diaphragm domes in the phantoms' lung bases (:func:`carve_domes`) with 3 mm copies of the
+phantoms and all their lung-base slices, spares the lung's rim from the gas weight of the loss
+(:data:`LUNG_RIM_PX`), and coarsens slices at random (see :data:`COARSE_P`) -- the experiment
+of the model's README (``docs/experiments/lung_bases_held_out.json``); the committed weights
+are trained without it.
 
 Each volume goes through the input contract of ``evaluate.py`` (MetaTensor (1, X, Y, Z), the
 bundle's ``preprocessing``); its labels come from :func:`pipeline.infer.hu_rules.hu_labels` at
@@ -62,7 +65,7 @@ from monai.transforms.spatial.array import Resize
 from scipy import ndimage as ndi  # type: ignore[import-untyped]
 
 from pipeline.errors import GeometryError
-from pipeline.infer.hu_rules import LABEL_NAMES, SOFT_TISSUE, hu_labels
+from pipeline.infer.hu_rules import LABEL_NAMES, LUNG, SOFT_TISSUE, hu_labels
 from pipeline.tensors.volume import build_volumes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,6 +93,8 @@ COARSE_FACTOR: Final = (1.5, 2.5)
 GAS_WEIGHT: Final = 5.0
 #: ... that is, of pixels labelled soft tissue below this HU
 GAS_HU: Final = -300.0
+#: ``--hold-out-lung-bases`` only: not within this many pixels (of 256) of a lung label
+LUNG_RIM_PX: Final = 3
 #: synthetic phantoms: seeds, and slices sampled from each
 PHANTOM_SEEDS: Final = (101, 102, 103, 104)
 PHANTOM_SLICES: Final = 48
@@ -133,6 +138,12 @@ SLICE_REPEAT: Final = 4
 #: (mm) is also averaged down to about this voxel size, labelled by the HU rules there and
 #: used as a further training volume -- as a 3 mm scan reaches the network
 COARSE_MM: Final = 3.0
+#: diaphragm domes (``--hold-out-lung-bases`` only): how far (mm) each dome rises into its
+#: lung's base, and its in-plane radii as fractions of the lung's half-widths there
+DOME_RISE_MM: Final = (30.0, 70.0)
+DOME_RADIUS: Final = (0.75, 1.0)
+#: ... and the phantoms' lowest this many lung slices (5 mm apart) are all trained on
+BASE_SLICES: Final = 16
 MODEL_PATH: Final = ev.MODEL_PATH
 PROVENANCE_PATH: Final = ev.BUNDLE_DIR / "docs" / "provenance.json"
 _CT_IMAGE_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.2"
@@ -221,6 +232,48 @@ def coarsened(volume: ev.CtVolume, mm: float = COARSE_MM) -> ev.CtVolume | None:
             volume.spacing[1] * scale[1],
             volume.spacing[2] * scale[2],
         ),
+    )
+
+
+def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
+    """A rendered phantom whose lung bases wrap around diaphragm domes.
+
+    ``ChestPhantom``'s lungs are ellipsoids, so their bases are round caps; a real lung base
+    is a crescent around the liver's and spleen's domes, thinning to slivers beside them --
+    what a 3 mm scan blurs and the network missed. Under each lung an ellipsoid of liver-like
+    tissue (45-65 HU) rises :data:`DOME_RISE_MM` into the lung, shifted to the front (the
+    posterior recess reaches lowest), and replaces the lung it overlaps.
+    """
+    rng = np.random.default_rng(seed + 104729)
+    hu = volume.hu.copy()
+    slices, rows, cols = hu.shape
+    dz, dy, dx = volume.spacing
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine_ras
+    x = lps[0, 3] + dx * np.arange(cols, dtype=np.float64)[None, :]
+    y = lps[1, 3] + dy * np.arange(rows, dtype=np.float64)[:, None]
+    z = lps[2, 3] + dz * np.arange(slices, dtype=np.float64)
+    lung = (volume.hu > -910) & (volume.hu < -600)
+    for side in (x < float(x.mean()), x >= float(x.mean())):
+        mask = lung & side[None]
+        zs = np.flatnonzero(mask.any(axis=(1, 2)))
+        if zs.size == 0:
+            continue
+        rise = float(rng.uniform(*DOME_RISE_MM))
+        level = int(np.clip(np.searchsorted(z, z[zs[0]] + rise), zs[0], zs[-1]))
+        ys, xs = np.nonzero(mask[level])
+        cx, cy = float(x[0, xs].mean()), float(y[ys, 0].mean())
+        rx = 0.5 * float(x[0, xs].max() - x[0, xs].min()) * float(rng.uniform(*DOME_RADIUS))
+        ry = 0.5 * float(y[ys, 0].max() - y[ys, 0].min()) * float(rng.uniform(*DOME_RADIUS))
+        cy -= float(rng.uniform(0.1, 0.25)) * ry  # to the front
+        top = float(z[zs[0]]) + rise
+        rz = rise + float(rng.uniform(20.0, 60.0))
+        liver = float(rng.uniform(45.0, 65.0))
+        for k in range(slices):
+            e = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z[k] - (top - rz)) / rz) ** 2
+            m = (e <= 1.0) & mask[k]
+            hu[k][m] = liver + np.clip(np.rint(rng.normal(0.0, 8.0, int(m.sum()))), -9, 9)
+    return ev.CtVolume(
+        name=volume.name + "+domes", hu=hu, affine_ras=volume.affine_ras, spacing=volume.spacing
     )
 
 
@@ -414,14 +467,21 @@ class Loss(torch.nn.Module):
     :data:`GAS_WEIGHT`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, spare_lung_rim: bool = False) -> None:
         super().__init__()
         self.dice = DiceLoss(to_onehot_y=True, softmax=True)
         self.class_weights = torch.tensor(CLASS_WEIGHTS, dtype=torch.float32)
+        self.spare_lung_rim = spare_lung_rim
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, 5, H, W), labels ``y`` (B, H, W), preprocessed images ``x``."""
         gas = (y == SOFT_TISSUE) & (x[:, 0] < GAS_HU / 1024.0)
+        if self.spare_lung_rim:
+            # the partial-volume rim just outside a lung is not gas: weighting it would pull
+            # the lung's border inwards (blurred 3 mm lung bases lost their edge voxels)
+            lung = (y == LUNG).float()[:, None]
+            near = nnf.max_pool2d(lung, 2 * LUNG_RIM_PX + 1, stride=1, padding=LUNG_RIM_PX)
+            gas &= near[:, 0] == 0
         w = torch.where(gas, GAS_WEIGHT, 1.0)
         ce = nnf.cross_entropy(logits, y, weight=self.class_weights, reduction="none")
         dice: torch.Tensor = self.dice(logits, y[:, None])
@@ -505,12 +565,25 @@ def train(
         vol, _ = ev.render_phantom(
             phantom, size=size, fov_mm=fov, step_mm=5.0, seed=seed, below_mm=PHANTOM_BELOW_MM
         )
+        if hold_out_lung:
+            vol = carve_domes(vol, seed)
         vol = add_surroundings(vol, seed)
         x, y, c = slices_of(bundle, vol)
         pick = np.sort(rng.choice(x.shape[0], size=min(PHANTOM_SLICES, x.shape[0]), replace=False))
+        if hold_out_lung:  # and every slice of the lung bases (the domes)
+            lung_z = np.flatnonzero((y == LUNG).any(dim=(1, 2)).numpy())
+            if lung_z.size:
+                base_z = lung_z[lung_z < lung_z[0] + BASE_SLICES]
+                pick = np.union1d(pick, base_z)
         xs.append(x[pick])
         ys.append(y[pick])
         counts += c
+        if hold_out_lung and (coarse := coarsened(vol)) is not None:
+            # the same slices at 3 mm in-plane (z is already coarser)
+            cx_, cy_, cc = slices_of(bundle, coarse)
+            xs.append(cx_[pick])
+            ys.append(cy_[pick])
+            counts += cc
         records.append(
             {
                 "name": vol.name,
@@ -528,7 +601,7 @@ def train(
     print(f"{n} training slices; label voxels at full resolution: {counts.tolist()}")
     t_data = time.perf_counter() - t_start
 
-    loss_fn = Loss()
+    loss_fn = Loss(spare_lung_rim=hold_out_lung)
     opt = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
     steps = epochs * ((n + BATCH - 1) // BATCH)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -578,7 +651,8 @@ def train(
         "batch": BATCH,
         "optimizer": f"Adam, lr {LEARNING_RATE} cosine to {FINAL_LEARNING_RATE}",
         "loss": f"Dice (softmax) + cross-entropy, class weights {list(CLASS_WEIGHTS)}, "
-        f"gas voxels weighted {GAS_WEIGHT}",
+        f"gas voxels weighted {GAS_WEIGHT}"
+        + (f" (not within {LUNG_RIM_PX} px of lung)" if hold_out_lung else ""),
         "augmentation": f"flips, 90-degree rotations, zoom {ZOOM}, {CROP}x{CROP} crops, "
         + (f"coarsening p={coarse_p} factor {COARSE_FACTOR}, " if coarse_p else "")
         + f"intensity shift +-{SHIFT_HU} HU",

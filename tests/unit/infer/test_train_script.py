@@ -94,3 +94,40 @@ def test_coarse_copy_averages_to_about_3_mm(train: Any) -> None:
     # already about that coarse in-plane: no copy
     three = train.ev.CtVolume(name="w", hu=hu, affine_ras=np.eye(4), spacing=(3.0, 2.9, 2.9))
     assert train.coarsened(three) is None
+
+
+def test_domes_turn_the_phantoms_lung_bases_into_crescents(train: Any) -> None:
+    phantom = train.ev.phantom_for_seed(101)
+    volume, _ = train.ev.render_phantom(
+        phantom, size=128, fov_mm=480.0, step_mm=5.0, seed=101, below_mm=60.0
+    )
+    carved = train.carve_domes(volume, 101)
+    lung = (volume.hu > -910) & (volume.hu < -600)
+    changed = carved.hu != volume.hu
+    assert changed.any()
+    assert not (changed & ~lung).any(), "only lung is replaced"
+    assert ((carved.hu[changed] >= 36) & (carved.hu[changed] <= 74)).all()  # liver-like
+    # the domes sit in the lowest part of each lung, and leave a rim of lung around them
+    lung_z = np.flatnonzero(lung.any(axis=(1, 2)))
+    changed_z = np.flatnonzero(changed.any(axis=(1, 2)))
+    assert changed_z.min() >= lung_z.min()
+    assert changed_z.max() <= lung_z.min() + 70 / 5.0
+    k = int(changed_z.max()) - 1
+    assert ((carved.hu[k] > -910) & (carved.hu[k] < -600)).sum() > 0
+    again = train.carve_domes(volume, 101)
+    np.testing.assert_array_equal(again.hu, carved.hu)
+
+
+def test_the_gas_weight_can_spare_the_lungs_rim(train: Any) -> None:
+    import torch
+
+    y = torch.full((1, 32, 32), 1, dtype=torch.long)  # soft tissue
+    y[0, 10:20, 10:20] = train.LUNG
+    x = torch.zeros((1, 1, 32, 32))
+    x[0, 0, 8:22, 8:22] = -0.5  # -512 HU: lung and its partial-volume rim
+    logits = torch.zeros((1, 5, 32, 32))
+    plain = train.Loss()(logits, y, x)
+    spared = train.Loss(spare_lung_rim=True)(logits, y, x)
+    assert float(spared) < float(plain)  # the rim is no longer weighted as gas
+    x[0, 0, 0:4, 0:4] = -0.9  # gas far from the lung keeps its weight
+    assert float(train.Loss(spare_lung_rim=True)(logits, y, x)) > float(spared)
