@@ -235,6 +235,20 @@ def coarsened(volume: ev.CtVolume, mm: float = COARSE_MM) -> ev.CtVolume | None:
     )
 
 
+def patient_axes(
+    volume: ev.CtVolume,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Patient (LPS, mm) coordinates of ``volume``'s columns ``(1, C)``, rows ``(R, 1)`` and
+    slices ``(S,)`` (the volume is in the DICOM axial layout)."""
+    slices, rows, cols = volume.hu.shape
+    dz, dy, dx = volume.spacing
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine_ras
+    x = lps[0, 3] + dx * np.arange(cols, dtype=np.float64)[None, :]
+    y = lps[1, 3] + dy * np.arange(rows, dtype=np.float64)[:, None]
+    z = lps[2, 3] + dz * np.arange(slices, dtype=np.float64)
+    return x, y, z
+
+
 def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
     """A rendered phantom whose lung bases wrap around diaphragm domes.
 
@@ -246,12 +260,8 @@ def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
     """
     rng = np.random.default_rng(seed + 104729)
     hu = volume.hu.copy()
-    slices, rows, cols = hu.shape
-    dz, dy, dx = volume.spacing
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine_ras
-    x = lps[0, 3] + dx * np.arange(cols, dtype=np.float64)[None, :]
-    y = lps[1, 3] + dy * np.arange(rows, dtype=np.float64)[:, None]
-    z = lps[2, 3] + dz * np.arange(slices, dtype=np.float64)
+    slices = hu.shape[0]
+    x, y, z = patient_axes(volume)
     lung = (volume.hu > -910) & (volume.hu < -600)
     for side in (x < float(x.mean()), x >= float(x.mean())):
         mask = lung & side[None]
@@ -297,11 +307,8 @@ def add_surroundings(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
     rng = np.random.default_rng(seed + 7919)
     hu = volume.hu.copy()
     slices, rows, cols = hu.shape
-    dz, dy, dx = volume.spacing
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine_ras
-    x = lps[0, 3] + dx * np.arange(cols, dtype=np.float64)[None, :]
-    y = lps[1, 3] + dy * np.arange(rows, dtype=np.float64)[:, None]
-    z = lps[2, 3] + dz * np.arange(slices, dtype=np.float64)
+    _, dy, dx = volume.spacing
+    x, y, z = patient_axes(volume)
     body = hu > -500.0
 
     def noise(n: int) -> npt.NDArray[np.float64]:
