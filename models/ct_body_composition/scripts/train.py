@@ -66,6 +66,7 @@ from scipy import ndimage as ndi  # type: ignore[import-untyped]
 
 from pipeline.errors import GeometryError
 from pipeline.infer.hu_rules import LABEL_NAMES, LUNG, SOFT_TISSUE, hu_labels
+from pipeline.tensors.decode import decode_frames
 from pipeline.tensors.volume import build_volumes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -151,11 +152,12 @@ _CT_IMAGE_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.2"
 
 @dataclass(frozen=True)
 class Source:
-    """One training volume and the files it was read from."""
+    """One training volume, the files it was read from, and how often an epoch sees it."""
 
     volume: ev.CtVolume
     files: tuple[Path, ...]
     kind: str
+    repeat: int = 1
 
 
 def dicom_series(folder: Path) -> list[Source]:
@@ -198,7 +200,7 @@ def single_slice(path: Path) -> Source:
     iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
     if not np.allclose(np.abs(iop), [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], atol=1e-3):
         raise ValueError(f"{path}: not an axial image (orientation {iop.tolist()})")
-    pixels = np.asarray(ds.pixel_array, dtype=np.float32)
+    pixels = np.asarray(decode_frames(ds)[0], dtype=np.float32)
     hu = pixels * float(ds.get("RescaleSlope", 1.0)) + float(ds.get("RescaleIntercept", 0.0))
     if iop[0] < 0:  # columns to the patient's right: flip to the left
         hu = hu[:, ::-1]
@@ -212,7 +214,7 @@ def single_slice(path: Path) -> Source:
         affine_ras=np.diag([-dx, -dy, dz, 1.0]),
         spacing=(dz, dy, dx),
     )
-    return Source(volume, (path,), "dicom slice")
+    return Source(volume, (path,), "dicom slice", SLICE_REPEAT)
 
 
 def coarsened(volume: ev.CtVolume, mm: float = COARSE_MM) -> ev.CtVolume | None:
@@ -394,7 +396,7 @@ def load_sources(data_root: Path, *, hold_out_lung: bool = False) -> list[Source
     if hold_out_lung:
         sources.extend(single_slice(data_root / rel) for rel in SLICE_FILES)
         sources.extend(
-            Source(c, s.files, s.kind + f", averaged to {COARSE_MM:g} mm")
+            Source(c, s.files, s.kind + f", averaged to {COARSE_MM:g} mm", s.repeat)
             for s in list(sources)
             if (c := coarsened(s.volume)) is not None
         )
@@ -546,8 +548,8 @@ def train(
     coarse_p = COARSE_P if hold_out_lung else 0.0
     for src in sources:
         x, y, c = slices_of(bundle, src.volume)
-        if src.kind.startswith("dicom slice"):
-            x, y = x.repeat(SLICE_REPEAT, 1, 1, 1), y.repeat(SLICE_REPEAT, 1, 1)
+        if src.repeat > 1:
+            x, y = x.repeat(src.repeat, 1, 1, 1), y.repeat(src.repeat, 1, 1)
         xs.append(x)
         ys.append(y)
         counts += c
@@ -585,12 +587,14 @@ def train(
         xs.append(x[pick])
         ys.append(y[pick])
         counts += c
+        used = len(pick)
         if hold_out_lung and (coarse := coarsened(vol)) is not None:
             # the same slices at 3 mm in-plane (z is already coarser)
             cx_, cy_, cc = slices_of(bundle, coarse)
             xs.append(cx_[pick])
             ys.append(cy_[pick])
             counts += cc
+            used += len(pick)
         records.append(
             {
                 "name": vol.name,
@@ -598,11 +602,11 @@ def train(
                 "with arms, gas pockets and a table (train.add_surroundings)",
                 "shape": list(vol.hu.shape),
                 "spacing_mm": [round(s, 4) for s in vol.spacing],
-                "slices_used": len(pick),
+                "slices_used": used,
                 "files": [],
             }
         )
-        print(f"  {vol.name}: {tuple(vol.hu.shape)}, {len(pick)} slices")
+        print(f"  {vol.name}: {tuple(vol.hu.shape)}, {used} slices")
     x_all, y_all = torch.cat(xs), torch.cat(ys)
     n = int(x_all.shape[0])
     print(f"{n} training slices; label voxels at full resolution: {counts.tolist()}")
