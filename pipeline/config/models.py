@@ -301,6 +301,12 @@ class InferConfig(_Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto", description="Mixed precision on CUDA (auto: bf16 where supported, else fp16)."
     )
+    test_time_augmentation: bool = Field(
+        True,
+        description="Run the model with the test-time augmentation its registry entry names "
+        "(test_time: flips, transposition; part of how it was validated); false: one pass per "
+        "slice, several times faster, lower quality.",
+    )
     volumes_per_task: int = Field(
         8, ge=1, le=10_000, description="Volumes per task (one model load per worker, reused)."
     )

@@ -11,6 +11,11 @@
    (argmax, inversion of the preprocessing back onto the tensor grid) and come out as a label
    map in tensor geometry, ``(slices, rows, columns)`` uint8.
 
+Test-time augmentation: with ``mirror_axes`` (as nnU-Net mirrors) the network also sees the
+input flipped along those axes, every combination of them, and with ``transpose_xy`` each of
+those with its X and Y axes swapped; the logits, brought back, are averaged before the
+postprocessing. ``("x", "y")`` quadruples the compute, with ``transpose_xy`` it is 8 times.
+
 Runs under ``torch.inference_mode``; on CUDA with autocast (bf16 where supported, else fp16)
 unless ``amp="off"``; the same code on CPU. Results are deterministic for the same input,
 model, device and batch size (cuDNN benchmark off, deterministic kernels requested).
@@ -23,10 +28,11 @@ affine=RAS affine)``: channel, then x = column, y = row, z = slice, MONAI's RAS 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -38,11 +44,36 @@ from pipeline.infer.bundle import Bundle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EngineStats", "Segmenter", "pick_device"]
+__all__ = ["MIRROR_AXES", "EngineStats", "Segmenter", "pick_device", "augmentation_views"]
 
 K = TypeVar("K")
 Loader = Callable[[], tuple[npt.NDArray[Any], npt.NDArray[np.float64]]]
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: axes of MONAI's (X, Y, Z) = (columns, rows, slices) image a bundle can be mirrored along
+MIRROR_AXES: tuple[str, ...] = ("x", "y", "z")
+
+#: one test-time view of a (B, C, X, Y[, Z]) batch: the dims flipped, then X and Y swapped or not
+View = tuple[tuple[int, ...], bool]
+
+
+def augmentation_views(
+    mirror_axes: Sequence[str], transpose_xy: bool, spatial_dims: int
+) -> list[View]:
+    """The views of a batch for test-time augmentation: flips along every combination of
+    ``mirror_axes``, each also with X and Y swapped when ``transpose_xy`` (the 8 symmetries of
+    a square for ``("x", "y")``); the identity first, ``[((), False)]`` for none."""
+    dims: list[int] = []
+    for axis in mirror_axes:
+        if axis not in MIRROR_AXES[:spatial_dims]:
+            raise ModelError(
+                f"mirror axis {axis!r}: a {spatial_dims}D bundle can be mirrored along "
+                f"{', '.join(MIRROR_AXES[:spatial_dims])}"
+            )
+        dim = 2 + MIRROR_AXES.index(axis)
+        if dim not in dims:
+            dims.append(dim)
+    flips = [c for n in range(len(dims) + 1) for c in itertools.combinations(dims, n)]
+    return [(f, t) for t in ((False, True) if transpose_xy else (False,)) for f in flips]
 
 
 def pick_device(device: str = "auto") -> str:
@@ -142,6 +173,12 @@ class Segmenter:
         plus the ones in the current batch).
     loader_threads:
         Threads loading and preprocessing.
+    mirror_axes:
+        Test-time mirroring: also run the network on the input flipped along these axes of
+        MONAI's image (``x`` = columns, ``y`` = rows, ``z`` = slices, 3D bundles only), every
+        combination of them, and average the flipped-back logits. Empty: none.
+    transpose_xy:
+        Test-time transposition: each of those views also with X and Y swapped.
     """
 
     def __init__(
@@ -153,6 +190,8 @@ class Segmenter:
         amp: Literal["auto", "bf16", "fp16", "off"] = "auto",
         prefetch: int = 2,
         loader_threads: int = 1,
+        mirror_axes: Sequence[str] = (),
+        transpose_xy: bool = False,
     ) -> None:
         import torch
 
@@ -169,6 +208,9 @@ class Segmenter:
                 self.autocast_dtype = torch.bfloat16
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
+        self.mirror_axes = tuple(mirror_axes)
+        self.transpose_xy = bool(transpose_xy)
+        self._views = augmentation_views(self.mirror_axes, self.transpose_xy, bundle.spatial_dims)
         self.network = bundle.network.to(self.device).eval()
         self.stats = EngineStats()
         self._fast_argmax, self._post = _split_argmax(bundle.postprocessing)
@@ -196,12 +238,19 @@ class Segmenter:
 
         started = time.perf_counter()
         x = batch.to(self.device, non_blocking=True)
-        if self.autocast_dtype is not None:
-            with torch.autocast("cuda", dtype=self.autocast_dtype):
-                y = self.bundle.inferer(x, self.network)
-        else:
-            y = self.bundle.inferer(x, self.network)
-        y = y.float().cpu()
+        total: Any = None
+        for dims, swap in self._views:
+            xi = x.flip(dims) if dims else x
+            xi = xi.transpose(2, 3) if swap else xi
+            if self.autocast_dtype is not None:
+                with torch.autocast("cuda", dtype=self.autocast_dtype):
+                    yi = self.bundle.inferer(xi, self.network)
+            else:
+                yi = self.bundle.inferer(xi, self.network)
+            yi = yi.transpose(2, 3) if swap else yi
+            yi = (yi.flip(dims) if dims else yi).float()
+            total = yi if total is None else total.add_(yi)
+        y = (total / len(self._views) if len(self._views) > 1 else total).cpu()
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.stats.seconds_compute += time.perf_counter() - started

@@ -7,6 +7,9 @@ A registry entry::
       <name>:
         bundle: <folder in models/, or a bundle path>
         applies_to: "Modality = 'CT' AND volume_ok"     # DuckDB WHERE over the series table
+        test_time:                                      # optional: test-time augmentation
+          mirror_axes: [x, y]                           # each slice also flipped along these
+          transpose_xy: true                            # and each view also transposed
         labels:
           <label name as in the bundle's channel_def>:
             category: [code value, scheme, meaning]     # SEG Segmented Property Category
@@ -35,7 +38,7 @@ A bundle given by path that the registry does not name applies to every series t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -49,6 +52,7 @@ __all__ = [
     "MeasurementSpec",
     "ModelEntry",
     "Registry",
+    "TestTime",
     "default_models_dir",
     "default_registry_path",
     "load_registry",
@@ -114,12 +118,29 @@ class CandidateSpec(_Strict):
     type: Code | None = None
 
 
+class TestTime(_Strict):
+    """Test-time augmentation of a model (:class:`pipeline.infer.engine.Segmenter`): the
+    logits of every view, brought back, are averaged. Part of how the model was validated."""
+
+    #: axes of MONAI's image (x = columns, y = rows, z = slices) the input is also flipped
+    #: along, every combination of them
+    mirror_axes: tuple[Literal["x", "y", "z"], ...] = ()
+    #: each of those views also with x and y swapped
+    transpose_xy: bool = False
+
+    @property
+    def views(self) -> int:
+        """How many forward passes each input takes."""
+        return 2 ** len(set(self.mirror_axes)) * (2 if self.transpose_xy else 1)
+
+
 class ModelEntry(_Strict):
     """One model of the registry."""
 
     name: str
     bundle: str
     applies_to: str = "volume_ok"
+    test_time: TestTime = Field(default_factory=lambda: TestTime())
     labels: dict[str, LabelSpec] = Field(default_factory=dict)
     measurements: dict[str, MeasurementSpec] = Field(default_factory=dict)
     candidates: dict[str, CandidateSpec] = Field(default_factory=dict)

@@ -66,11 +66,17 @@ def _models_dir(cfg: PipelineConfig) -> Path:
     return cfg.infer.models_dir or default_models_dir()
 
 
-def _segmenter(cfg: PipelineConfig, bundle_ref: str, extract_dir: Path) -> Any:
+def _segmenter(
+    cfg: PipelineConfig,
+    bundle_ref: str,
+    extract_dir: Path,
+    mirror_axes: tuple[str, ...] = (),
+    transpose_xy: bool = False,
+) -> Any:
     from pipeline.infer.bundle import load_bundle
     from pipeline.infer.engine import Segmenter
 
-    key = (bundle_ref, cfg.infer.bundle_code, cfg.compute.device)
+    key = (bundle_ref, cfg.infer.bundle_code, cfg.compute.device, mirror_axes, transpose_xy)
     with _SEGMENTERS_LOCK:
         seg = _SEGMENTERS.get(key)
         if seg is None:
@@ -86,6 +92,8 @@ def _segmenter(cfg: PipelineConfig, bundle_ref: str, extract_dir: Path) -> Any:
                 batch_size=cfg.infer.batch_size,
                 amp=cfg.infer.amp,
                 prefetch=cfg.infer.prefetch,
+                mirror_axes=mirror_axes,
+                transpose_xy=transpose_xy,
             )
             _SEGMENTERS[key] = seg
     return seg
@@ -140,7 +148,13 @@ def infer_batch(
     entry: dict[str, Any],
 ) -> dict[str, Any]:
     """Segment a batch of stored volumes; write their masks and findings rows."""
-    seg = _segmenter(cfg, entry["bundle"], lake.restricted / "cache" / "bundles")
+    seg = _segmenter(
+        cfg,
+        entry["bundle"],
+        lake.restricted / "cache" / "bundles",
+        tuple(entry["test_time"]["mirror_axes"]),
+        bool(entry["test_time"]["transpose_xy"]),
+    )
     bundle = seg.bundle
     model_ref = bundle.ref
     device = seg.device + (f"+{str(seg.autocast_dtype).removeprefix('torch.')}"
@@ -357,7 +371,8 @@ def run(
 ) -> InferRunResult:
     """Run ``model`` (default ``infer.model``) over the volumes it applies to."""
     from pipeline.infer.bundle import load_bundle
-    from pipeline.infer.registry import load_registry
+    from pipeline.infer.engine import augmentation_views
+    from pipeline.infer.registry import TestTime, load_registry
 
     t0 = time.perf_counter()
     if not any(lake.table("tensors").rglob("*.parquet")):
@@ -372,6 +387,9 @@ def run(
         mode=cfg.infer.bundle_code,
         extract_dir=lake.restricted / "cache" / "bundles",
     )
+    test_time = entry.test_time if cfg.infer.test_time_augmentation else TestTime()
+    # a clear error before any task
+    augmentation_views(test_time.mirror_axes, test_time.transpose_xy, bundle.spatial_dims)
     missing = [n for n in bundle.labels.values() if n not in entry.labels]
     if missing and entry.labels:
         logger.warning("registry entry %s has no codes for label(s) %s", entry.name, missing)
@@ -389,6 +407,7 @@ def run(
         "bundle": str(bundle.path),
         "labels": {k: v.model_dump() for k, v in entry.labels.items()},
         "candidates": candidates,
+        "test_time": test_time.model_dump(),
     }
     con = connect()
     done = {"volumes": 0, "findings": 0}

@@ -11,7 +11,7 @@ from bundle_factory import make_bundle
 
 from pipeline.errors import ModelError
 from pipeline.infer.bundle import Bundle, load_bundle
-from pipeline.infer.engine import Segmenter, pick_device
+from pipeline.infer.engine import Segmenter, pick_device, augmentation_views
 
 MODELS = Path(__file__).resolve().parents[3] / "models"
 
@@ -142,3 +142,51 @@ def test_fast_argmax_equals_the_bundles_own_postprocessing(bundle2d: Bundle) -> 
     pred.copy_meta_from(item.image)
     full = bundle2d.postprocessing({"pred": pred, "image": item.image})["pred"]  # type: ignore[misc]
     np.testing.assert_array_equal(fast, np.asarray(full[0]).transpose(2, 1, 0).astype(np.uint8))
+
+
+def test_mirroring_makes_the_labels_follow_a_flip(bundle2d: Bundle, bundle3d: Bundle) -> None:
+    """Test-time mirroring along x averages the network over the input and its x-flip, so a
+    volume flipped left-right gets the flipped labels of the original (an untrained network on
+    noise breaks that symmetry otherwise). The slices are the network's 32 x 32, so that no
+    resampling (nearest neighbour is not symmetric under a flip) comes between."""
+    rng = np.random.default_rng(5)
+    array = rng.normal(0, 400, (6, 32, 32)).astype(np.int16)
+    flipped = np.ascontiguousarray(array[:, :, ::-1])  # x = columns
+    affine = np.diag([0.9, 0.8, 3.0, 1.0])
+    vols = [("a", array, affine), ("b", flipped, affine)]
+    plain = _run(bundle2d, vols)
+    assert (plain[0][1][:, :, ::-1] != plain[1][1]).any(), "the test needs an asymmetric net"
+    mirrored = _run(bundle2d, vols, mirror_axes=["x"])
+    np.testing.assert_array_equal(mirrored[0][1][:, :, ::-1], mirrored[1][1])
+    assert (mirrored[0][1] != plain[0][1]).any()  # the mirror changed something
+    # a 3D bundle is mirrored through its sliding window (whose tiling need not be symmetric)
+    ((_, labels3d),) = _run(bundle3d, vols[:1], mirror_axes=["x", "z"])
+    assert labels3d.shape == array.shape
+    assert (labels3d != _run(bundle3d, vols[:1])[0][1]).any()
+
+
+def test_augmentation_views_and_their_checks(bundle2d: Bundle) -> None:
+    assert augmentation_views((), False, 2) == [((), False)]
+    assert augmentation_views(("x",), False, 2) == [((), False), ((2,), False)]
+    flips = [(), (2,), (3,), (2, 3)]
+    assert augmentation_views(("x", "y", "x"), False, 2) == [(f, False) for f in flips]
+    assert augmentation_views(("x", "y"), True, 2) == [(f, t) for t in (False, True) for f in flips]
+    assert len(augmentation_views(("x", "y", "z"), False, 3)) == 8
+    with pytest.raises(ModelError, match="2D bundle can be mirrored along x, y"):
+        Segmenter(bundle2d, device="cpu", mirror_axes=["z"])
+
+
+def test_transposition_makes_the_labels_follow_a_transpose(bundle2d: Bundle) -> None:
+    """With every flip and the transposition (the 8 symmetries of a square slice), a volume
+    transposed in-plane, or rotated by 90 degrees, gets its labels transposed or rotated."""
+    rng = np.random.default_rng(6)
+    array = rng.normal(0, 400, (4, 32, 32)).astype(np.int16)
+    affine = np.diag([0.9, 0.9, 3.0, 1.0])
+    variants = [array, np.ascontiguousarray(array.transpose(0, 2, 1))]
+    variants.append(np.ascontiguousarray(np.rot90(array, 1, axes=(1, 2))))
+    vols = [(str(i), a, affine) for i, a in enumerate(variants)]
+    plain = _run(bundle2d, vols)
+    assert (plain[0][1].transpose(0, 2, 1) != plain[1][1]).any()
+    (_, a), (_, t), (_, r) = _run(bundle2d, vols, mirror_axes=["x", "y"], transpose_xy=True)
+    np.testing.assert_array_equal(a.transpose(0, 2, 1), t)
+    np.testing.assert_array_equal(np.rot90(a, 1, axes=(1, 2)), r)
