@@ -13,6 +13,11 @@ Volumes: ``--volumes`` copies of one 512x512x``--slices`` CT volume in HU (the c
 the page cache.
 
     .venv/bin/python bench/infer.py [--volumes 4] [--device auto] [--amp auto] [--batch-size 64]
+        [--no-tta]
+
+The model runs as pacsflow runs it: with the test-time augmentation of its registry entry
+(``configs/models.yaml`` ``test_time``; the default model: 8 views of every slice), unless
+``--no-tta``; the plain loop does the same views.
 
 With ``--device cuda`` (see bench/gpu.sh) the same code runs on the GPU with bf16 autocast.
 """
@@ -77,9 +82,16 @@ def ct_volume(slices: int) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def plain_loop(
-    bundle: Any, paths: list[Path], affine: np.ndarray, device: str, batch: int, autocast: Any
+    bundle: Any,
+    paths: list[Path],
+    affine: np.ndarray,
+    device: str,
+    batch: int,
+    autocast: Any,
+    views: list[tuple[tuple[int, ...], bool]],
 ) -> tuple[float, list[np.ndarray]]:
-    """What a MONAI user writes: one volume at a time, nothing overlapped."""
+    """What a MONAI user writes: one volume at a time, nothing overlapped; each batch through
+    every test-time view (flips, transposition), logits averaged."""
     import torch
     from monai.data import MetaTensor
 
@@ -99,12 +111,20 @@ def plain_loop(
             logits = []
             for z in range(0, x.shape[0], batch):
                 xb = x[z : z + batch].to(device)
-                if autocast is not None:
-                    with torch.autocast("cuda", dtype=autocast):
-                        y = bundle.inferer(xb, net)
-                else:
-                    y = bundle.inferer(xb, net)
-                logits.append(y.float().cpu())
+                total = None
+                for dims, swap in views:
+                    xv = xb.flip(dims) if dims else xb
+                    xv = xv.transpose(2, 3) if swap else xv
+                    if autocast is not None:
+                        with torch.autocast("cuda", dtype=autocast):
+                            y = bundle.inferer(xv, net)
+                    else:
+                        y = bundle.inferer(xv, net)
+                    y = y.transpose(2, 3) if swap else y
+                    y = (y.flip(dims) if dims else y).float()
+                    total = y if total is None else total + y
+                assert total is not None
+                logits.append((total / len(views) if len(views) > 1 else total).cpu())
             pred = MetaTensor(torch.cat(logits).permute(1, 2, 3, 0))
             pred.copy_meta_from(d["image"])
             lab = bundle.postprocessing({"pred": pred, "image": d["image"]})["pred"]
@@ -124,18 +144,27 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--no-tta", action="store_true", help="one view per slice (no test_time)")
     args = ap.parse_args()
 
     import torch
 
     from pipeline.infer.bundle import load_bundle
-    from pipeline.infer.engine import Segmenter
-    from pipeline.infer.registry import default_models_dir
+    from pipeline.infer.engine import Segmenter, augmentation_views
+    from pipeline.infer.registry import TestTime, default_models_dir, load_registry
     from pipeline.lake import write_npy
 
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.model, models_dir=default_models_dir())
+    tta = TestTime() if args.no_tta else load_registry().entry(args.model).test_time
+    views = augmentation_views(tta.mirror_axes, tta.transpose_xy, bundle.spatial_dims)
+    options: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "amp": args.amp,
+        "mirror_axes": tta.mirror_axes,
+        "transpose_xy": tta.transpose_xy,
+    }
     arr, affine, origin = ct_volume(args.slices)
     OUT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=OUT, prefix="infer-"))
@@ -145,19 +174,20 @@ def main() -> None:
         write_npy(p, arr)
         p.read_bytes()  # page cache warm, as the tensors stage leaves it
         paths.append(p)
-    seg = Segmenter(bundle, device=args.device, batch_size=args.batch_size, amp=args.amp)
+    seg = Segmenter(bundle, device=args.device, **options)
     dev = seg.device
     gpu = torch.cuda.get_device_name(0) if dev == "cuda" else platform.processor() or "cpu"
     print(
         f"model {bundle.ref} ({sum(p.numel() for p in bundle.network.parameters()):,} "
         f"parameters), device {dev} [{gpu}], autocast {seg.autocast_dtype}, batch "
-        f"{args.batch_size}, torch threads {torch.get_num_threads()}, cores {os.cpu_count()}"
+        f"{args.batch_size}, torch threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
+        f"test-time views {len(views)}"
     )
     print(f"volumes: {args.volumes} x {arr.shape} int16 from {origin}")
 
     # warm-up (first-call costs: kernels, allocator, cuDNN)
     list(
-        Segmenter(bundle, device=dev, batch_size=args.batch_size, amp=args.amp).segment(
+        Segmenter(bundle, device=dev, **options).segment(
             [("w", lambda: (arr[: min(16, len(arr))], affine))]
         )
     )
@@ -167,7 +197,9 @@ def main() -> None:
     ]
     sec = time.perf_counter() - t0
     st = seg.stats
-    base_sec, base = plain_loop(bundle, paths, affine, dev, args.batch_size, seg.autocast_dtype)
+    base_sec, base = plain_loop(
+        bundle, paths, affine, dev, args.batch_size, seg.autocast_dtype, views
+    )
     same = all(np.array_equal(a, b) for a, b in zip(ours, base, strict=True))
     voxels = int(np.prod(arr.shape)) * args.volumes
     rows = [
@@ -193,6 +225,7 @@ def main() -> None:
         "device": dev,
         "device_name": gpu,
         "autocast": str(seg.autocast_dtype),
+        "test_time_views": len(views),
         "volumes": args.volumes,
         "shape": list(arr.shape),
         "seconds": sec,

@@ -131,28 +131,45 @@ class _Prepared(Generic[K]):
     done: int = 0
 
 
-def _split_argmax(post: Any) -> tuple[bool, Any]:
-    """``(True, rest)`` when ``post`` is a Compose whose first transform is a plain
-    ``AsDiscreted(keys="pred", argmax=True)``: the engine then takes the argmax itself (same
-    result, faster) and runs the rest; else ``(False, post)``."""
-    from monai.transforms import AsDiscreted, Compose
+def _is_plain_argmax(transform: Any) -> bool:
+    """``transform`` is ``AsDiscreted(keys="pred", argmax=True)`` and nothing else."""
+    from monai.transforms import AsDiscreted
+
+    if not isinstance(transform, AsDiscreted) or tuple(transform.keys) != ("pred",):
+        return False
+    return bool(
+        transform.argmax[0] is True
+        and transform.to_onehot[0] is None
+        and transform.threshold[0] is None
+        and transform.rounding[0] is None
+        and not getattr(transform.converter, "kwargs", {})  # e.g. dim, keepdim, dtype
+    )
+
+
+def _split_argmax(post: Any) -> tuple[Literal["first", "last"] | None, Any]:
+    """Where ``post``, a Compose, takes a plain ``AsDiscreted(keys="pred", argmax=True)``
+    (``"first"``, or ``"last"`` after e.g. an ``Invertd`` of the logits) and the rest of it
+    (``None`` when nothing is left): the engine then takes that argmax itself (same result,
+    faster). ``(None, post)`` otherwise."""
+    from monai.transforms import Compose
 
     if not isinstance(post, Compose) or not post.transforms:
-        return False, post
-    first = post.transforms[0]
-    if not isinstance(first, AsDiscreted) or tuple(first.keys) != ("pred",):
-        return False, post
-    plain = (
-        first.argmax[0] is True
-        and first.to_onehot[0] is None
-        and first.threshold[0] is None
-        and first.rounding[0] is None
-        and not getattr(first.converter, "kwargs", {})  # e.g. dim, keepdim, dtype
-    )
-    if not plain:
-        return False, post
-    rest = Compose(post.transforms[1:]) if len(post.transforms) > 1 else None
-    return True, rest
+        return None, post
+    transforms = list(post.transforms)
+    for where, index in (("first", 0), ("last", len(transforms) - 1)):
+        if _is_plain_argmax(transforms[index]):
+            rest = transforms[:index] + transforms[index + 1 :]
+            return where, (Compose(rest) if rest else None)  # type: ignore[return-value]
+    return None, post
+
+
+def _argmax(pred: Any) -> Any:
+    """= ``AsDiscreted(argmax=True)``: ``torch.argmax`` over the channel dim is ~7x slower on
+    CPU than ``max(0).indices``, which returns the same (first) index of the maximum."""
+    out = pred.max(0, keepdim=True).indices.to(pred.dtype)
+    if hasattr(out, "copy_meta_from"):
+        out.copy_meta_from(pred)
+    return out
 
 
 class Segmenter:
@@ -267,14 +284,12 @@ class Segmenter:
         if isinstance(item.image, MetaTensor):
             pred.copy_meta_from(item.image)
         out: Any = pred
-        post = self._post
-        if self._fast_argmax:
-            # = AsDiscreted(argmax=True): torch.argmax over the channel dim is ~7x slower on
-            # CPU than max(0).indices, which returns the same (first) index of the maximum
-            out = pred.max(0, keepdim=True).indices.to(pred.dtype)
-            out.copy_meta_from(pred)
-        if post is not None:
-            out = post({"pred": out, "image": item.image})["pred"]
+        if self._fast_argmax == "first":
+            out = _argmax(pred)
+        if self._post is not None:
+            out = self._post({"pred": out, "image": item.image})["pred"]
+        if self._fast_argmax == "last":
+            out = _argmax(out)
         labels = torch.as_tensor(out).detach().cpu()
         if labels.ndim == 4 and labels.shape[0] > 1:
             labels = labels.max(0, keepdim=True).indices

@@ -224,6 +224,7 @@ class Bundle:
     def __init__(self, weights: Path | None, bundle_dir: Path = BUNDLE_DIR) -> None:
         """Build the bundle's pieces; ``weights`` is a ``model.pt``, or ``None`` (untrained)."""
         self.bundle_dir = bundle_dir
+        self.weights = weights
         self.test_time = load_registry().entry(MODEL_NAME).test_time
         parser = ConfigParser()
         parser.read_config(str(bundle_dir / "configs" / "inference.json"))
@@ -266,7 +267,8 @@ class Bundle:
         """pacsflow's loaded bundle (:func:`pipeline.infer.bundle.load_bundle`) with this
         network (and so these weights) in place of the committed ones."""
         loaded = load_bundle(self.bundle_dir, models_dir=self.bundle_dir.parent)
-        return dataclasses.replace(loaded, network=self.network)
+        digest = "untrained" if self.weights is None else f"sha256:{sha256(self.weights)}"
+        return dataclasses.replace(loaded, network=self.network, weights_sha256=digest)
 
 
 # ------------------------------------------------------------------------------ phantom

@@ -477,10 +477,12 @@ class Loss(torch.nn.Module):
     :data:`GAS_WEIGHT`.
     """
 
-    def __init__(self, *, spare_lung_rim: bool = False) -> None:
+    def __init__(
+        self, *, spare_lung_rim: bool = False, class_weights: Sequence[float] = CLASS_WEIGHTS
+    ) -> None:
         super().__init__()
         self.dice = DiceLoss(to_onehot_y=True, softmax=True)
-        self.class_weights = torch.tensor(CLASS_WEIGHTS, dtype=torch.float32)
+        self.class_weights = torch.tensor(tuple(class_weights), dtype=torch.float32)
         self.spare_lung_rim = spare_lung_rim
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -526,7 +528,12 @@ def git_commit() -> dict[str, Any]:
 
 
 def train(
-    data_root: Path, epochs: int, out: Path, *, hold_out_lung: bool = False
+    data_root: Path,
+    epochs: int,
+    out: Path,
+    *,
+    hold_out_lung: bool = False,
+    class_weights: Sequence[float] = CLASS_WEIGHTS,
 ) -> dict[str, Any]:
     """Train, save the weights to ``out``, return the provenance record."""
     t_start = time.perf_counter()
@@ -613,7 +620,7 @@ def train(
     print(f"{n} training slices; label voxels at full resolution: {counts.tolist()}")
     t_data = time.perf_counter() - t_start
 
-    loss_fn = Loss(spare_lung_rim=hold_out_lung)
+    loss_fn = Loss(spare_lung_rim=hold_out_lung, class_weights=class_weights)
     opt = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
     steps = epochs * ((n + BATCH - 1) // BATCH)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -662,7 +669,7 @@ def train(
         "epochs": epochs,
         "batch": BATCH,
         "optimizer": f"Adam, lr {LEARNING_RATE} cosine to {FINAL_LEARNING_RATE}",
-        "loss": f"Dice (softmax) + cross-entropy, class weights {list(CLASS_WEIGHTS)}, "
+        "loss": f"Dice (softmax) + cross-entropy, class weights {list(class_weights)}, "
         f"gas voxels weighted {GAS_WEIGHT}"
         + (f" (not within {LUNG_RIM_PX} px of lung)" if hold_out_lung else ""),
         "augmentation": f"flips, 90-degree rotations, zoom {ZOOM}, {CROP}x{CROP} crops, "
@@ -694,10 +701,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the earlier recipe: train on example_ct/example_ct_sm (the lung bases, then no "
         "longer an independent test of lung Dice) without the additions that replace them",
     )
+    ap.add_argument(
+        "--class-weights",
+        type=lambda text: tuple(float(v) for v in text.split(",")),
+        default=CLASS_WEIGHTS,
+        help="cross-entropy weights of background, soft tissue, adipose, bone, lung "
+        f"(default {','.join(f'{w:g}' for w in CLASS_WEIGHTS)})",
+    )
     args = ap.parse_args(argv)
+    if len(args.class_weights) != len(LABEL_NAMES):
+        ap.error(f"--class-weights needs {len(LABEL_NAMES)} numbers")
     git = git_commit()  # the code as training starts
     hold_out_lung = not args.train_on_lung_bases
-    record = train(args.data, args.epochs, args.out, hold_out_lung=hold_out_lung)
+    record = train(
+        args.data,
+        args.epochs,
+        args.out,
+        hold_out_lung=hold_out_lung,
+        class_weights=args.class_weights,
+    )
+    given = list(argv) if argv is not None else sys.argv[1:]
+    record["command"] = " ".join(["scripts/train.py", *given])
     record["git"] = git
     record["versions"] = library_versions()
     record["hu_rules"] = "pipeline/infer/hu_rules.py"

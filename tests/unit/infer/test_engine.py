@@ -126,22 +126,27 @@ def test_cuda_agrees_with_cpu(bundle2d: Bundle) -> None:
 
 
 def test_fast_argmax_equals_the_bundles_own_postprocessing(bundle2d: Bundle) -> None:
-    """The engine takes a plain AsDiscreted(argmax) itself; the labels are those of the
-    bundle's full postprocessing, ties included."""
+    """The engine takes a plain AsDiscreted(argmax) itself, first (the test bundle: argmax,
+    then the labels inverted) or last (the default model: the logits inverted, then argmax);
+    the labels are those of the bundle's full postprocessing, ties included."""
     import torch
     from monai.data import MetaTensor
 
-    seg = Segmenter(bundle2d, device="cpu")
-    assert seg._fast_argmax
-    arr, affine = _volumes([6])[0][1:]
-    item = seg._prepare("k", lambda: (arr, affine))
-    logits = torch.randn(5, *item.image.shape[1:])
-    logits[2] = logits[4]  # exact ties
-    fast = seg._finish(item, logits.clone())
-    pred = MetaTensor(logits.clone())
-    pred.copy_meta_from(item.image)
-    full = bundle2d.postprocessing({"pred": pred, "image": item.image})["pred"]  # type: ignore[misc]
-    np.testing.assert_array_equal(fast, np.asarray(full[0]).transpose(2, 1, 0).astype(np.uint8))
+    default = load_bundle("ct_body_composition", models_dir=MODELS)
+    for bundle, where in ((bundle2d, "first"), (default, "last")):
+        seg = Segmenter(bundle, device="cpu")
+        assert seg._fast_argmax == where
+        arr, affine = _volumes([6])[0][1:]
+        item = seg._prepare("k", lambda: (arr, affine))
+        logits = torch.randn(5, *item.image.shape[1:])
+        logits[2] = logits[4]  # exact ties
+        fast = seg._finish(item, logits.clone())
+        pred = MetaTensor(logits.clone())
+        pred.copy_meta_from(item.image)
+        full = bundle.postprocessing({"pred": pred, "image": item.image})["pred"]  # type: ignore[misc]
+        expected = np.asarray(full[0]).transpose(2, 1, 0).astype(np.uint8)
+        np.testing.assert_array_equal(fast, expected, err_msg=where)
+        assert fast.shape == arr.shape
 
 
 def test_mirroring_makes_the_labels_follow_a_flip(bundle2d: Bundle, bundle3d: Bundle) -> None:

@@ -25,6 +25,10 @@ def test_shipped_registry_codes_every_label_of_the_default_model() -> None:
     assert (lung.type.value, lung.type.scheme, lung.type.meaning) == ("39607008", "SCT", "Lung")
     assert entry.measurements["volume_ml"].unit.value == "ml"
     assert "Modality = 'CT'" in entry.applies_to
+    # the 8 views the model's README metrics were measured with
+    assert entry.test_time.mirror_axes == ("x", "y")
+    assert entry.test_time.transpose_xy
+    assert entry.test_time.views == 8
 
 
 def test_by_bundle_name_and_by_path(tmp_path: Path) -> None:
@@ -34,6 +38,7 @@ def test_by_bundle_name_and_by_path(tmp_path: Path) -> None:
     assert adhoc.bundle == str(tmp_path)
     assert adhoc.applies_to == "volume_ok"
     assert adhoc.labels == {}
+    assert adhoc.test_time.views == 1  # a bundle the registry does not name: one view
     with pytest.raises(ConfigError, match=r"no model 'nope'.*ct_body_composition"):
         registry.entry("nope")
 
@@ -46,8 +51,9 @@ def test_by_bundle_name_and_by_path(tmp_path: Path) -> None:
         ("models:\n  m:\n    bundle: b\n    labels:\n      l:\n        type: [1, 2]\n", "'m'"),
         ("models:\n  m:\n    bundle: b\n    colour: red\n", r"model 'm'.*colour"),
         ("models: {a: [", "not valid YAML"),
+        ("models:\n  m:\n    bundle: b\n    test_time: {mirror_axes: [w]}\n", r"'m'.*test_time"),
     ],
-    ids=["list", "no-bundle", "short-code", "unknown-key", "yaml"],
+    ids=["list", "no-bundle", "short-code", "unknown-key", "yaml", "mirror-axis"],
 )
 def test_malformed_registry(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "models.yaml"
