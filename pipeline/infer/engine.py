@@ -44,7 +44,7 @@ from pipeline.infer.bundle import Bundle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MIRROR_AXES", "EngineStats", "Segmenter", "pick_device", "augmentation_views"]
+__all__ = ["MIRROR_AXES", "EngineStats", "Segmenter", "augmentation_views", "pick_device"]
 
 K = TypeVar("K")
 Loader = Callable[[], tuple[npt.NDArray[Any], npt.NDArray[np.float64]]]

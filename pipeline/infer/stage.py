@@ -56,7 +56,7 @@ class InferRunResult:
 
 
 # one loaded model per worker process, reused by every task that runs there
-_SEGMENTERS: dict[tuple[str, str, str], Any] = {}
+_SEGMENTERS: dict[tuple[str, str, str, tuple[str, ...], bool], Any] = {}
 _SEGMENTERS_LOCK = threading.Lock()
 
 

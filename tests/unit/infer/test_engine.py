@@ -11,7 +11,7 @@ from bundle_factory import make_bundle
 
 from pipeline.errors import ModelError
 from pipeline.infer.bundle import Bundle, load_bundle
-from pipeline.infer.engine import Segmenter, pick_device, augmentation_views
+from pipeline.infer.engine import Segmenter, augmentation_views, pick_device
 
 MODELS = Path(__file__).resolve().parents[3] / "models"
 
@@ -137,7 +137,7 @@ def test_fast_argmax_equals_the_bundles_own_postprocessing(bundle2d: Bundle) -> 
         seg = Segmenter(bundle, device="cpu")
         assert seg._fast_argmax == where
         arr, affine = _volumes([6])[0][1:]
-        item = seg._prepare("k", lambda: (arr, affine))
+        item = seg._prepare("k", lambda arr=arr, affine=affine: (arr, affine))
         logits = torch.randn(5, *item.image.shape[1:])
         logits[2] = logits[4]  # exact ties
         fast = seg._finish(item, logits.clone())
