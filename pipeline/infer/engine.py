@@ -28,6 +28,7 @@ affine=RAS affine)``: channel, then x = column, y = row, z = slice, MONAI's RAS 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import itertools
 import logging
 import time
@@ -255,14 +256,16 @@ class Segmenter:
 
         started = time.perf_counter()
         x = batch.to(self.device, non_blocking=True)
+        autocast: Any = (
+            torch.autocast("cuda", dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
         total: Any = None
         for dims, swap in self._views:
             xi = x.flip(dims) if dims else x
             xi = xi.transpose(2, 3) if swap else xi
-            if self.autocast_dtype is not None:
-                with torch.autocast("cuda", dtype=self.autocast_dtype):
-                    yi = self.bundle.inferer(xi, self.network)
-            else:
+            with autocast:
                 yi = self.bundle.inferer(xi, self.network)
             yi = yi.transpose(2, 3) if swap else yi
             yi = (yi.flip(dims) if dims else yi).float()

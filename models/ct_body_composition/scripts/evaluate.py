@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -253,7 +254,7 @@ class Bundle:
         (:class:`pipeline.infer.engine.Segmenter`) with this network and the registry's
         test-time augmentation for the model (``configs/models.yaml``)."""
         segmenter = Segmenter(
-            self.as_pipeline_bundle(),
+            self.pipeline_bundle,
             device="cpu",
             batch_size=BATCH,
             mirror_axes=self.test_time.mirror_axes,
@@ -263,9 +264,10 @@ class Bundle:
         ((_, labels),) = list(segmenter.segment([(volume.name, lambda: (volume.hu, affine_lps))]))
         return labels
 
-    def as_pipeline_bundle(self) -> PipelineBundle:
+    @functools.cached_property
+    def pipeline_bundle(self) -> PipelineBundle:
         """pacsflow's loaded bundle (:func:`pipeline.infer.bundle.load_bundle`) with this
-        network (and so these weights) in place of the committed ones."""
+        network (and so these weights) in place of the committed ones; loaded once."""
         loaded = load_bundle(self.bundle_dir, models_dir=self.bundle_dir.parent)
         digest = "untrained" if self.weights is None else f"sha256:{sha256(self.weights)}"
         return dataclasses.replace(loaded, network=self.network, weights_sha256=digest)

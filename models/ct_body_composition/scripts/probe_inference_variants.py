@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         phantom, size=512, fov_mm=400.0, step_mm=2.5, seed=ev.EVAL_PHANTOM_SEED
     )
     true_lung = int((truth == ev.CTLabel.LUNG).sum())
-    loaded = ev.Bundle(args.weights).as_pipeline_bundle()
+    loaded = ev.Bundle(args.weights).pipeline_bundle
     rows: list[dict[str, Any]] = []
     for inversion in ("labels", "logits"):
         bundle = dataclasses.replace(loaded, postprocessing=postprocessing(loaded, inversion))
