@@ -25,10 +25,11 @@ the only real CT with reference lung labels, the lung bases of ``example_seg.nii
 exchange the recipe adds the single axial CT images of :data:`SLICE_FILES` (real patients'
 chest, abdomen, pelvis, neck and head from other public DICOM test sets), copies of every real
 training volume averaged to :data:`COARSE_MM`, diaphragm domes in the phantoms' lung bases
-(:func:`carve_domes`) with 3 mm copies of the phantoms and all their lung-base slices, spares
-the lung's rim from the gas weight of the loss (:data:`LUNG_RIM_PX`), and coarsens slices at
-random (see :data:`COARSE_P`). ``--train-on-lung-bases`` is the earlier recipe (weights up to
-version 0.1.0 of the bundle): it trains on that scan instead, without the additions.
+with stomach gas under the left one (:func:`carve_domes`) and 3 mm copies of the phantoms
+and all their lung-base slices, spares the lung's rim from the gas weight of the loss
+(:data:`LUNG_RIM_PX`), and coarsens slices at random (see :data:`COARSE_P`).
+``--train-on-lung-bases`` is the earlier recipe (weights up to version 0.1.0 of the bundle):
+it trains on that scan instead, without the additions.
 
 Each volume goes through the input contract of ``evaluate.py`` (MetaTensor (1, X, Y, Z), the
 bundle's ``preprocessing``); its labels come from :func:`pipeline.infer.hu_rules.hu_labels` at
@@ -144,6 +145,12 @@ COARSE_MM: Final = 3.0
 #: lung's base, and its in-plane radii as fractions of the lung's half-widths there
 DOME_RISE_MM: Final = (30.0, 70.0)
 DOME_RADIUS: Final = (0.75, 1.0)
+#: stomach gas (not with ``--train-on-lung-bases``): a gas bubble in the left dome, its radii
+#: these fractions of the dome's in-plane radii, its height (mm), and the wall (mm) of tissue
+#: left between it and the lung (diaphragm and stomach wall)
+FUNDUS_RADIUS: Final = (0.3, 0.6)
+FUNDUS_HEIGHT_MM: Final = (12.0, 30.0)
+FUNDUS_WALL_MM: Final = (4.0, 8.0)
 #: ... and the phantoms' lowest this many lung slices (5 mm apart) are all trained on
 BASE_SLICES: Final = 16
 MODEL_PATH: Final = ev.MODEL_PATH
@@ -260,8 +267,16 @@ def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
     what a 3 mm scan blurs and the network missed. Under each lung an ellipsoid of liver-like
     tissue (45-65 HU) rises :data:`DOME_RISE_MM` into the lung, shifted to the front (the
     posterior recess reaches lowest), and replaces the lung it overlaps.
+
+    Under the left dome lies the stomach, its fundus often full of gas: a thin lung sliver
+    then runs between gas and ribs, which the network called gas (soft tissue) when it had
+    only seen gas below the lungs. So the left dome holds a gas bubble (:data:`FUNDUS_RADIUS`,
+    :data:`FUNDUS_HEIGHT_MM`, to the side and front, sometimes with a fluid level) under its
+    top, at least :data:`FUNDUS_WALL_MM` from the lung; the HU rules still label it soft
+    tissue (gas, not lung).
     """
     rng = np.random.default_rng(seed + 104729)
+    rng_gas = np.random.default_rng(seed + 15485863)  # the domes stay as they were without it
     hu = volume.hu.copy()
     slices = hu.shape[0]
     x, y, z = patient_axes(volume)
@@ -285,6 +300,27 @@ def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
             e = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z[k] - (top - rz)) / rz) ** 2
             m = (e <= 1.0) & mask[k]
             hu[k][m] = liver + np.clip(np.rint(rng.normal(0.0, 8.0, int(m.sum()))), -9, 9)
+        if side[0, -1]:  # the patient's left (LPS x grows to the left): the stomach
+            wall = float(rng_gas.uniform(*FUNDUS_WALL_MM))
+            gx = cx + float(rng_gas.uniform(0.1, 0.4)) * rx  # to the side ...
+            gy = cy - float(rng_gas.uniform(-0.2, 0.4)) * ry  # ... and mostly to the front
+            grx = float(rng_gas.uniform(*FUNDUS_RADIUS)) * rx
+            gry = float(rng_gas.uniform(*FUNDUS_RADIUS)) * ry
+            grz = float(rng_gas.uniform(*FUNDUS_HEIGHT_MM))
+            gz = top - wall - grz
+            fluid_y = gy + float(rng_gas.uniform(0.0, 1.5)) * gry  # fluid behind the level
+            srx, sry, srz = rx - wall, ry - wall, rz - wall
+            for k in np.flatnonzero(np.abs(z - gz) < grz):
+                inner = (
+                    ((x - cx) / srx) ** 2 + ((y - cy) / sry) ** 2 + ((z[k] - (top - rz)) / srz) ** 2
+                )
+                g = ((x - gx) / grx) ** 2 + ((y - gy) / gry) ** 2 + ((z[k] - gz) / grz) ** 2
+                pocket = (g <= 1.0) & (inner <= 1.0) & (hu[k] > -500.0)
+                gas = pocket & (y < fluid_y)
+                fluid = pocket & (y >= fluid_y)
+                n_gas, n_fluid = int(gas.sum()), int(fluid.sum())
+                hu[k][gas] = -1000.0 + np.clip(np.rint(rng_gas.normal(0.0, 8.0, n_gas)), -9, 9)
+                hu[k][fluid] = 10.0 + np.clip(np.rint(rng_gas.normal(0.0, 8.0, n_fluid)), -9, 9)
     return ev.CtVolume(
         name=volume.name + "+domes", hu=hu, affine_ras=volume.affine_ras, spacing=volume.spacing
     )
