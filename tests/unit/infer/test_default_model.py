@@ -133,11 +133,6 @@ def test_quality_on_held_out_real_ct(bundle: Bundle, shared_data: Path) -> None:
 
 
 @pytest.mark.shared_data
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #6 goal not met: the committed weights reach lung Dice 0.895 on the held-out "
-    "lung bases (models/ct_body_composition/docs/README.md); this test passes once they reach 0.90",
-)
 def test_lung_dice_on_held_out_lung_bases(bundle: Bundle, shared_data: Path) -> None:
     """The only real CT with reference lungs (TotalSegmentator's ``example_ct``: its lung bases,
     3 mm) was never read by training (the provenance says so): lung Dice >= 0.90 there."""

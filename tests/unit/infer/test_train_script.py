@@ -103,9 +103,10 @@ def test_domes_turn_the_phantoms_lung_bases_into_crescents(train: Any) -> None:
     )
     carved = train.carve_domes(volume, 101)
     lung = (volume.hu > -910) & (volume.hu < -600)
-    changed = carved.hu != volume.hu
+    gas = carved.hu < -950  # the stomach's, under the left dome
+    changed = (carved.hu != volume.hu) & ~gas
     assert changed.any()
-    assert not (changed & ~lung).any(), "only lung is replaced"
+    assert not (changed & ~lung).any(), "only lung is replaced by the domes"
     assert ((carved.hu[changed] >= 36) & (carved.hu[changed] <= 74)).all()  # liver-like
     # the domes sit in the lowest part of each lung, and leave a rim of lung around them
     lung_z = np.flatnonzero(lung.any(axis=(1, 2)))
@@ -116,6 +117,34 @@ def test_domes_turn_the_phantoms_lung_bases_into_crescents(train: Any) -> None:
     assert ((carved.hu[k] > -910) & (carved.hu[k] < -600)).sum() > 0
     again = train.carve_domes(volume, 101)
     np.testing.assert_array_equal(again.hu, carved.hu)
+
+
+def test_stomach_gas_lies_under_the_left_dome_and_stays_gas(train: Any) -> None:
+    from scipy import ndimage as ndi  # type: ignore[import-untyped]
+
+    from pipeline.infer.hu_rules import SOFT_TISSUE, hu_labels
+
+    phantom = train.ev.phantom_for_seed(102)
+    volume, _ = train.ev.render_phantom(
+        phantom, size=192, fov_mm=480.0, step_mm=5.0, seed=102, below_mm=60.0
+    )
+    carved = train.carve_domes(volume, 102)
+    gas = (carved.hu < -950) & (volume.hu >= -950)  # new gas: in the dome or under it
+    assert gas.any()
+    x, _, _ = train.patient_axes(volume)
+    left = (x >= float(x.mean()))[None]  # LPS x grows to the patient's left
+    assert not (gas & ~left).any(), "the stomach is on the left"
+    labels = hu_labels(carved.hu, carved.spacing)
+    assert (labels[gas] == SOFT_TISSUE).all(), "the HU rules call it gas, not lung"
+    # a lung sliver runs beside it: slices with the bubble still hold left lung, apart from it
+    both = [
+        k
+        for k in np.flatnonzero(gas.any(axis=(1, 2)))
+        if ((labels[k] == train.LUNG) & left[0]).any()
+    ]
+    assert both
+    walls = ndi.distance_transform_edt(labels != train.LUNG, sampling=carved.spacing)
+    assert float(walls[gas].min()) > max(carved.spacing), "tissue between gas and lung"
 
 
 def test_the_gas_weight_can_spare_the_lungs_rim(train: Any) -> None:
