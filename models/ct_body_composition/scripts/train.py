@@ -259,6 +259,11 @@ def patient_axes(
     return x, y, z
 
 
+def tissue_noise(rng: np.random.Generator, n: int) -> npt.NDArray[np.float64]:
+    """``n`` draws of the phantoms' voxel noise: normal, sd 8 HU, rounded, within +-9 HU."""
+    return np.clip(np.rint(rng.normal(0.0, 8.0, n)), -9, 9)
+
+
 def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
     """A rendered phantom whose lung bases wrap around diaphragm domes.
 
@@ -299,7 +304,7 @@ def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
         for k in range(slices):
             e = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z[k] - (top - rz)) / rz) ** 2
             m = (e <= 1.0) & mask[k]
-            hu[k][m] = liver + np.clip(np.rint(rng.normal(0.0, 8.0, int(m.sum()))), -9, 9)
+            hu[k][m] = liver + tissue_noise(rng, int(m.sum()))
         if side[0, -1]:  # the patient's left (LPS x grows to the left): the stomach
             wall = float(rng_gas.uniform(*FUNDUS_WALL_MM))
             gx = cx + float(rng_gas.uniform(0.1, 0.4)) * rx  # to the side ...
@@ -310,7 +315,7 @@ def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
             gz = top - wall - grz
             fluid_y = gy + float(rng_gas.uniform(0.0, 1.5)) * gry  # fluid behind the level
             srx, sry, srz = rx - wall, ry - wall, rz - wall
-            for k in np.flatnonzero(np.abs(z - gz) < grz):
+            for k in map(int, np.flatnonzero(np.abs(z - gz) < grz)):
                 inner = (
                     ((x - cx) / srx) ** 2 + ((y - cy) / sry) ** 2 + ((z[k] - (top - rz)) / srz) ** 2
                 )
@@ -318,9 +323,8 @@ def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
                 pocket = (g <= 1.0) & (inner <= 1.0) & (hu[k] > -500.0)
                 gas = pocket & (y < fluid_y)
                 fluid = pocket & (y >= fluid_y)
-                n_gas, n_fluid = int(gas.sum()), int(fluid.sum())
-                hu[k][gas] = -1000.0 + np.clip(np.rint(rng_gas.normal(0.0, 8.0, n_gas)), -9, 9)
-                hu[k][fluid] = 10.0 + np.clip(np.rint(rng_gas.normal(0.0, 8.0, n_fluid)), -9, 9)
+                hu[k][gas] = -1000.0 + tissue_noise(rng_gas, int(gas.sum()))
+                hu[k][fluid] = 10.0 + tissue_noise(rng_gas, int(fluid.sum()))
     return ev.CtVolume(
         name=volume.name + "+domes", hu=hu, affine_ras=volume.affine_ras, spacing=volume.spacing
     )
@@ -350,9 +354,6 @@ def add_surroundings(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
     x, y, z = patient_axes(volume)
     body = hu > -500.0
 
-    def noise(n: int) -> npt.NDArray[np.float64]:
-        return np.clip(np.rint(rng.normal(0.0, 8.0, n)), -9, 9)
-
     # gas pockets, in the abdomen under the lungs and beside the lung bases
     lung_slices = np.flatnonzero(((volume.hu > -910) & (volume.hu < -600)).any(axis=(1, 2)))
     lung_bottom = float(z[lung_slices[0]])
@@ -370,8 +371,8 @@ def add_surroundings(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
             pocket = (e <= 1.0) & deep & (volume.hu[kz] > -500.0)
             gas = pocket & (y < level)
             fluid = pocket & (y >= level)
-            hu[kz][gas] = -1000.0 + noise(int(gas.sum()))
-            hu[kz][fluid] = 10.0 + noise(int(fluid.sum()))
+            hu[kz][gas] = -1000.0 + tissue_noise(rng, int(gas.sum()))
+            hu[kz][fluid] = 10.0 + tissue_noise(rng, int(fluid.sum()))
 
     # arms
     fat_hu, soft_hu = float(rng.uniform(-110, -90)), 40.0
@@ -394,7 +395,7 @@ def add_surroundings(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
             arm[d2 <= bone_r**2] = 900.0
             arm[d2 <= (bone_r - cortex) ** 2] = -60.0
             m = ~np.isnan(arm) & ~body[k]
-            hu[k][m] = arm[m] + noise(int(m.sum()))
+            hu[k][m] = arm[m] + tissue_noise(rng, int(m.sum()))
 
     # table: two curved plates with foam between, under the lowest (most posterior) body row
     back = float(y[np.flatnonzero(body.any(axis=(0, 2)))[-1], 0])
@@ -411,7 +412,7 @@ def add_surroundings(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
         free = hu[k] < -500.0
         for m, value in ((foam, -950.0), (upper, plate_hu), (lower, plate_hu)):
             mm = m & free
-            hu[k][mm] = value + noise(int(mm.sum()))
+            hu[k][mm] = value + tissue_noise(rng, int(mm.sum()))
     return ev.CtVolume(
         name=volume.name + "+arms+gas+table",
         hu=hu.astype(np.float32),
