@@ -277,7 +277,7 @@ def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
     then runs between gas and ribs, which the network called gas (soft tissue) when it had
     only seen gas below the lungs. So the left dome holds a gas bubble (:data:`FUNDUS_RADIUS`,
     :data:`FUNDUS_HEIGHT_MM`, to the side and front, sometimes with a fluid level) under its
-    top, at least :data:`FUNDUS_WALL_MM` from the lung; the HU rules still label it soft
+    top, about :data:`FUNDUS_WALL_MM` from the lung; the HU rules still label it soft
     tissue (gas, not lung).
     """
     rng = np.random.default_rng(seed + 104729)
