@@ -264,6 +264,36 @@ def tissue_noise(rng: np.random.Generator, n: int) -> npt.NDArray[np.float64]:
     return np.clip(np.rint(rng.normal(0.0, 8.0, n)), -9, 9)
 
 
+def ellipsoid(
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.float64],
+    z: float,
+    centre: tuple[float, float, float],
+    radii: tuple[float, float, float],
+) -> npt.NDArray[np.float64]:
+    """Squared normalised distance from ``centre`` in the slice at ``z``: <= 1 inside the
+    ellipsoid of ``radii`` (mm; ``x`` and ``y`` from :func:`patient_axes`)."""
+    return (
+        ((x - centre[0]) / radii[0]) ** 2
+        + ((y - centre[1]) / radii[1]) ** 2
+        + ((z - centre[2]) / radii[2]) ** 2
+    )
+
+
+def fill_pocket(
+    hu: npt.NDArray[np.float32],
+    pocket: npt.NDArray[np.bool_],
+    gas_side: npt.NDArray[np.bool_],
+    rng: np.random.Generator,
+) -> None:
+    """Fill ``pocket`` of the slice ``hu`` in place: gas (-1000 HU) where ``gas_side``, fluid
+    (10 HU) in the rest, both with :func:`tissue_noise`."""
+    gas = pocket & gas_side
+    fluid = pocket & ~gas_side
+    hu[gas] = -1000.0 + tissue_noise(rng, int(gas.sum()))
+    hu[fluid] = 10.0 + tissue_noise(rng, int(fluid.sum()))
+
+
 def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
     """A rendered phantom whose lung bases wrap around diaphragm domes.
 
@@ -302,8 +332,8 @@ def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
         rz = rise + float(rng.uniform(20.0, 60.0))
         liver = float(rng.uniform(45.0, 65.0))
         for k in range(slices):
-            e = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z[k] - (top - rz)) / rz) ** 2
-            m = (e <= 1.0) & mask[k]
+            dome = ellipsoid(x, y, float(z[k]), (cx, cy, top - rz), (rx, ry, rz))
+            m = (dome <= 1.0) & mask[k]
             hu[k][m] = liver + tissue_noise(rng, int(m.sum()))
         if side[0, -1]:  # the patient's left (LPS x grows to the left): the stomach
             wall = float(rng_gas.uniform(*FUNDUS_WALL_MM))
@@ -314,17 +344,12 @@ def carve_domes(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
             grz = float(rng_gas.uniform(*FUNDUS_HEIGHT_MM))
             gz = top - wall - grz
             fluid_y = gy + float(rng_gas.uniform(0.0, 1.5)) * gry  # fluid behind the level
-            srx, sry, srz = rx - wall, ry - wall, rz - wall
+            inner_radii = (rx - wall, ry - wall, rz - wall)
             for k in map(int, np.flatnonzero(np.abs(z - gz) < grz)):
-                inner = (
-                    ((x - cx) / srx) ** 2 + ((y - cy) / sry) ** 2 + ((z[k] - (top - rz)) / srz) ** 2
-                )
-                g = ((x - gx) / grx) ** 2 + ((y - gy) / gry) ** 2 + ((z[k] - gz) / grz) ** 2
-                pocket = (g <= 1.0) & (inner <= 1.0) & (hu[k] > -500.0)
-                gas = pocket & (y < fluid_y)
-                fluid = pocket & (y >= fluid_y)
-                hu[k][gas] = -1000.0 + tissue_noise(rng_gas, int(gas.sum()))
-                hu[k][fluid] = 10.0 + tissue_noise(rng_gas, int(fluid.sum()))
+                inner = ellipsoid(x, y, float(z[k]), (cx, cy, top - rz), inner_radii)
+                bubble = ellipsoid(x, y, float(z[k]), (gx, gy, gz), (grx, gry, grz))
+                pocket = (bubble <= 1.0) & (inner <= 1.0) & (hu[k] > -500.0)
+                fill_pocket(hu[k], pocket, y < fluid_y, rng_gas)
     return ev.CtVolume(
         name=volume.name + "+domes", hu=hu, affine_ras=volume.affine_ras, spacing=volume.spacing
     )
@@ -366,13 +391,10 @@ def add_surroundings(volume: ev.CtVolume, seed: int) -> ev.CtVolume:
         r = (float(rng.uniform(12, 45)), float(rng.uniform(8, 30)), float(rng.uniform(8, 25)))
         level = c[1] + float(rng.uniform(-0.3, 1.5)) * r[1]  # fluid below (posterior to) it
         for kz in np.flatnonzero(np.abs(z - c[2]) < r[2]):
-            e = ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z[kz] - c[2]) / r[2]) ** 2
+            e = ellipsoid(x, y, float(z[kz]), c, r)
             deep = ndi.distance_transform_edt(body[kz], sampling=(dy, dx)) > GAS_DEPTH_MM
             pocket = (e <= 1.0) & deep & (volume.hu[kz] > -500.0)
-            gas = pocket & (y < level)
-            fluid = pocket & (y >= level)
-            hu[kz][gas] = -1000.0 + tissue_noise(rng, int(gas.sum()))
-            hu[kz][fluid] = 10.0 + tissue_noise(rng, int(fluid.sum()))
+            fill_pocket(hu[kz], pocket, y < level, rng)
 
     # arms
     fat_hu, soft_hu = float(rng.uniform(-110, -90)), 40.0
