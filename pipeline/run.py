@@ -205,7 +205,8 @@ def run_pipeline(
                 r.counts,
                 f"writeback: {e.get('groups', 0)} volumes, "
                 f"{e.get('built', 0)} objects built, {e.get('confirmed', 0)} confirmed, "
-                f"{e.get('skipped', 0)} already there in {r.counts.seconds:.1f} s",
+                f"{e.get('skipped', 0)} already there, {e.get('failed', 0)} volumes refused "
+                f"(see the log) in {r.counts.seconds:.1f} s",
             )
             if r.pending:
                 raise RunFailed(

@@ -731,3 +731,21 @@ def unused_tcp_port() -> int:
 def tmp_lake(tmp_path: Path) -> Path:
     """A path for a fresh lake, ``tmp_path / "lake"`` (not created)."""
     return tmp_path / "lake"
+
+
+@pytest.fixture(scope="session")
+def session_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One secret key file (mode 0600) for the lakes tests make through the CLI."""
+    from pipeline.lake.keys import generate_key_file
+
+    return generate_key_file(tmp_path_factory.mktemp("key") / "session.key")
+
+
+@pytest.fixture(autouse=True)
+def _key_and_witness_env(session_key_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every lake a test makes through the CLI without a key flag is a lake of the session
+    key (``PACSFLOW_KEY_FILE``; a ``--key-file`` or ``key_file`` in a config wins), and its
+    audit witness is off unless a test sets one (syslog is not read back here). A test of the
+    no-key case removes the variable itself."""
+    monkeypatch.setenv("PACSFLOW_KEY_FILE", str(session_key_file))
+    monkeypatch.setenv("PACSFLOW__AUDIT__WITNESS", "none")

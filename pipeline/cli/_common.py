@@ -24,6 +24,14 @@ ConfigOpt = Annotated[
 LakeOpt = Annotated[
     Path | None, typer.Option("--lake", help="Root folder of the lake.", show_default=False)
 ]
+KeyFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--key-file",
+        help="The lake's secret key file (or key_file in the config, or env PACSFLOW_KEY_FILE).",
+        show_default=False,
+    ),
+]
 WorkersOpt = Annotated[
     int | None,
     typer.Option("--workers", min=1, help="Local Dask worker processes (1: in-process)."),
@@ -73,6 +81,45 @@ def build_config(
         return load_config(config, overrides=overrides, defaults=defaults)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
+
+
+def lake_keys(cfg: PipelineConfig, key_file: Path | None, *, required: bool = True) -> Any:
+    """The :class:`pipeline.lake.keys.LakeKeys` of ``--key-file``, else ``key_file`` in the
+    config, else ``PACSFLOW_KEY_FILE``; None when none is given and not ``required``. A missing
+    or unreadable key file exits 2 with the reason."""
+    from pipeline.config.env import key_file_from_env
+    from pipeline.lake.keys import LakeKeys, load_key
+
+    path = key_file or cfg.key_file or key_file_from_env()
+    if path is None and not required:
+        return None
+    try:
+        return LakeKeys(load_key(path))
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def open_lake_or_fail(cfg: PipelineConfig, keys: Any, *, create: bool = False) -> Any:
+    """The lake of ``cfg`` checked by :func:`pipeline.lake.identity.open_lake` (not a lake,
+    a newer format or another key exit 2 with one line); returns its ``LakePaths``."""
+    from pipeline.lake import LakePaths
+    from pipeline.lake.identity import LakeIdentityError, open_lake
+
+    if cfg.lake is None:
+        fail("no lake: pass --lake LAKE or set `lake:` in the config", EXIT_USAGE)
+    paths = LakePaths(cfg.lake)
+    try:
+        open_lake(paths, keys, create=create)
+    except LakeIdentityError as exc:
+        fail(str(exc), EXIT_USAGE)
+    return paths
+
+
+def audit_log(cfg: PipelineConfig, paths: Any, keys: Any) -> Any:
+    """The lake's :class:`pipeline.lake.AuditLog` with the configured witness."""
+    from pipeline.lake import AuditLog
+
+    return AuditLog(paths, keys, witness=cfg.audit.witness)
 
 
 def _configure_worker_logging(client: Any) -> None:
@@ -165,47 +212,61 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
     yield advance
 
 
-@contextlib.contextmanager
-def recorded_run(
-    cfg: PipelineConfig, command: str, stage: str
-) -> Iterator[tuple[Any, Any, Any, Any]]:
-    """One recorded stage run: ``(lake, recorder, dask client, advance)`` inside a run
-    manifest (config, hash, versions), the configured Dask client and a progress bar."""
+def recorder(cfg: PipelineConfig, command: str, keys: Any, *, create: bool = False) -> Any:
+    """A :class:`pipeline.lake.RunRecorder` of ``command`` on ``cfg.lake`` under ``keys``."""
     from pipeline.config import config_hash, manifest_config
     from pipeline.lake import LakePaths, RunRecorder
 
     assert cfg.lake is not None
-    lake = LakePaths(cfg.lake)
+    return RunRecorder(
+        LakePaths(cfg.lake),
+        command,
+        keys=keys,
+        witness=cfg.audit.witness,
+        create=create,
+        config_hash=config_hash(cfg),
+        config=manifest_config(cfg),
+    )
+
+
+@contextlib.contextmanager
+def recorded_run(
+    cfg: PipelineConfig, command: str, stage: str, keys: Any, *, create: bool = False
+) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """One recorded stage run: ``(lake, recorder, dask client, advance)`` inside a run
+    manifest (config, hash, versions, key fingerprint), the configured Dask client and a
+    progress bar. The lake must be a lake of ``keys`` (or, with ``create``, becomes one)."""
     with (
-        RunRecorder(
-            lake, command, config_hash=config_hash(cfg), config=manifest_config(cfg)
-        ) as rec,
+        recorder(cfg, command, keys, create=create) as rec,
         dask_client(cfg) as client,
         progress_bar(stage, None) as advance,
     ):
-        yield lake, rec, client, advance
+        yield rec.lake, rec, client, advance
 
 
-def run_recorded_pipeline(cfg: Any, key: bytes, command: str, what: str) -> Any:
-    """Run :func:`pipeline.run.run_pipeline` under the lake's lock, in one run manifest of
+def run_recorded_pipeline(cfg: Any, keys: Any, command: str, what: str) -> Any:
+    """Run :func:`pipeline.run.run_pipeline` on the lake of ``keys`` (made when missing and
+    the run crawls) under the lake's lock, in one run manifest of
     ``command``, on the configured Dask client; a failed run ends the command (exit 1) with
     ``"<what> <run id> failed: <reason>"``. Returns the run's summary."""
-    from pipeline.config import config_hash, manifest_config
-    from pipeline.lake import LakePaths, RunRecorder
+    from pipeline.lake import LakePaths
     from pipeline.lake.lock import lake_lock
     from pipeline.run import RunFailed, run_pipeline
 
-    paths = LakePaths(cfg.lake)
+    paths = open_lake_or_fail(cfg, keys, create=cfg.run.crawl)
     with (
         lake_lock(paths, command),
-        RunRecorder(
-            paths, command, config_hash=config_hash(cfg), config=manifest_config(cfg)
-        ) as rec,
+        recorder(cfg, command, keys, create=cfg.run.crawl) as rec,
         dask_client(cfg) as client,
     ):
+        assert isinstance(rec.lake, LakePaths)
         try:
             return run_pipeline(
-                cfg, key=key, rec=rec, client=client, progress=lambda s: progress_bar(s, None)
+                cfg,
+                key=keys.secret,
+                rec=rec,
+                client=client,
+                progress=lambda s: progress_bar(s, None),
             )
         except RunFailed as exc:
             fail(f"{what} {rec.run_id} failed: {exc}")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from pipeline.cli._common import (
     ConfigOpt,
+    KeyFileOpt,
     LakeOpt,
     SchedulerOpt,
     WorkersOpt,
@@ -28,16 +29,14 @@ SourceOpt = Annotated[
 ]
 
 
-def crawl_with_manifest(cfg: PipelineConfig, source_uri: str, command: str) -> str:
-    """Crawl ``source_uri`` into ``cfg.lake`` as one recorded run; return the summary line."""
-    from pipeline.cli._common import dask_client, progress_bar
-    from pipeline.config import config_hash, manifest_config
+def crawl_with_manifest(cfg: PipelineConfig, source_uri: str, command: str, keys: Any) -> str:
+    """Crawl ``source_uri`` into ``cfg.lake`` (a lake of ``keys``, made when missing or empty)
+    as one recorded run; return the summary line."""
+    from pipeline.cli._common import dask_client, open_lake_or_fail, progress_bar, recorder
     from pipeline.connectors import open_source
     from pipeline.crawl import run as crawl_run
-    from pipeline.lake import LakePaths, RunRecorder
 
-    assert cfg.lake is not None
-    lake = LakePaths(cfg.lake)
+    lake = open_lake_or_fail(cfg, keys, create=True)
     source = open_source(
         source_uri,
         cfg.source,
@@ -45,9 +44,7 @@ def crawl_with_manifest(cfg: PipelineConfig, source_uri: str, command: str) -> s
         cache_dir=lake.restricted / "cache",
     )
     with (
-        RunRecorder(
-            lake, command, config_hash=config_hash(cfg), config=manifest_config(cfg)
-        ) as rec,
+        recorder(cfg, command, keys, create=True) as rec,
         dask_client(cfg) as client,
         progress_bar("crawl", None) as advance,
     ):
@@ -65,6 +62,7 @@ def crawl_with_manifest(cfg: PipelineConfig, source_uri: str, command: str) -> s
 def crawl(
     source: SourceOpt = None,
     lake: LakeOpt = None,
+    key_file: KeyFileOpt = None,
     config: ConfigOpt = None,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
@@ -84,6 +82,8 @@ def crawl(
     uri = cfg.source.uri
 
     def body() -> None:
-        typer.echo(crawl_with_manifest(cfg, uri, "crawl"))
+        from pipeline.cli._common import lake_keys
+
+        typer.echo(crawl_with_manifest(cfg, uri, "crawl", lake_keys(cfg, key_file)))
 
     guarded(body, resume_hint="rerun the same command: unchanged objects are skipped")

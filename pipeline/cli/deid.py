@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from pipeline.cli._common import (
     ConfigOpt,
+    KeyFileOpt,
     LakeOpt,
     SchedulerOpt,
     WorkersOpt,
@@ -18,22 +19,17 @@ from pipeline.cli._common import (
 )
 from pipeline.config import PipelineConfig
 
-KeyFileOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--key-file", help="Secret key file (or env PACSFLOW_KEY_FILE).", show_default=False
-    ),
-]
-RESEARCH_VIEWS = ("instances", "series", "studies", "patients", "tensors", "findings", "reviews")
 
-
-def deid_with_manifest(cfg: PipelineConfig, key: bytes, command: str) -> str:
+def deid_with_manifest(cfg: PipelineConfig, keys: Any, command: str) -> str:
     """De-identify as one recorded run; return the summary line."""
-    from pipeline.cli._common import recorded_run
+    from pipeline.cli._common import open_lake_or_fail, recorded_run
     from pipeline.deid.stage import run as deid_run
 
-    with recorded_run(cfg, command, "deid") as (lake, rec, client, advance):
-        result = deid_run(cfg, lake, key=key, run_id=rec.run_id, client=client, progress=advance)
+    open_lake_or_fail(cfg, keys)
+    with recorded_run(cfg, command, "deid", keys) as (lake, rec, client, advance):
+        result = deid_run(
+            cfg, lake, key=keys.secret, run_id=rec.run_id, client=client, progress=advance
+        )
         rec.restricted_stage("deid", result.counts, deidentified=result.counts.out)
     c = result.counts
     return (
@@ -42,18 +38,15 @@ def deid_with_manifest(cfg: PipelineConfig, key: bytes, command: str) -> str:
     )
 
 
-def verify_lake(cfg: PipelineConfig, key: bytes | None = None) -> tuple[int, list[str]]:
-    """Run the leak scan; return (number of leaks, report lines without values).
-
-    ``key`` is needed only when the vault is encrypted.
-    """
+def verify_lake(cfg: PipelineConfig, keys: Any) -> tuple[int, list[str]]:
+    """Run the leak scan on the lake of ``keys``; return (number of leaks, report lines
+    without values). Not a lake, or another key: exit 2."""
+    from pipeline.cli._common import audit_log, open_lake_or_fail
     from pipeline.deid.verify import verify
-    from pipeline.lake import AuditLog, LakePaths
 
-    assert cfg.lake is not None
-    lake = LakePaths(cfg.lake)
-    leaks = verify(lake, key)
-    AuditLog(lake).append("verify", leaks=len(leaks))
+    lake = open_lake_or_fail(cfg, keys)
+    leaks = verify(lake, keys.secret)
+    audit_log(cfg, lake, keys).append("verify", leaks=len(leaks))
     lines = [
         f"  {leak.path}"
         + (f" column {leak.column} row {leak.row}" if leak.column else "")
@@ -87,10 +80,9 @@ def register(app: typer.Typer) -> None:
             fail("no lake: pass --lake LAKE or set `lake:` in the config", 2)
 
         def body() -> None:
-            from pipeline.deid.keys import load_key
+            from pipeline.cli._common import lake_keys
 
-            key = load_key(key_file or cfg.key_file)
-            typer.echo(deid_with_manifest(cfg, key, "deid"))
+            typer.echo(deid_with_manifest(cfg, lake_keys(cfg, key_file), "deid"))
 
         guarded(body, resume_hint="rerun the same command: finished batches are kept")
 
@@ -98,36 +90,51 @@ def register(app: typer.Typer) -> None:
     def sql(
         query: Annotated[str, typer.Argument(help="SQL over the research tables.")],
         lake: LakeOpt = None,
+        key_file: KeyFileOpt = None,
         config: ConfigOpt = None,
     ) -> None:
-        """DuckDB over the research tables (views instances, series, studies, patients, tensors,
-        findings, reviews) and `lineage` (object key -> pseudonyms -> tensor -> model -> result
-        UID -> delivery status; no identifying column)."""
+        """Read-only DuckDB over the research tables (views instances, series, studies,
+        patients, tensors, findings, reviews) and `lineage` (object key -> pseudonyms -> tensor
+        -> model -> result UID -> delivery status; no identifying column).
+
+        A sandbox: only queries run (no COPY, ATTACH, INSTALL, LOAD, SET, CREATE), and no
+        file outside research/ can be read. Every call is audited (who, when, the query's
+        SHA-256, rows returned).
+        """
         cfg = build_config(config, lake=lake)
-        if cfg.lake is None:
-            fail("no lake: pass --lake LAKE or set `lake:` in the config", 2)
 
         def body() -> None:
+            import hashlib
+            import tempfile
+            from pathlib import Path
+
             import duckdb
 
-            from pipeline.lake import LakePaths, table_exists
-            from pipeline.lake.duck import lineage_sql, scan_sql
+            from pipeline.cli._common import audit_log, lake_keys, open_lake_or_fail
+            from pipeline.lake.duck import SqlRefused, check_read_only, research_sandbox
 
-            paths = LakePaths(cfg.lake)  # type: ignore[arg-type]
-            con = duckdb.connect()
-            for view in RESEARCH_VIEWS:
-                if table_exists(paths, view):
-                    con.execute(f"CREATE VIEW {view} AS SELECT * FROM {scan_sql(paths, view)}")
-            if table_exists(paths, "vault"):  # pseudonyms, hashes and result UIDs only
-                con.execute(f"CREATE VIEW lineage AS SELECT * FROM {lineage_sql(paths)}")
+            keys = lake_keys(cfg, key_file)
+            paths = open_lake_or_fail(cfg, keys)
+            audit = audit_log(cfg, paths, keys)
+            digest = hashlib.sha256(query.encode()).hexdigest()
             try:
-                rel = con.sql(query)
-            except duckdb.Error as exc:
-                fail(f"SQL error: {str(exc).splitlines()[0]}", 2)
-            if rel is None:
-                return
-            df = rel.df()
-            typer.echo(df.to_string(index=False, max_rows=200))
+                check_read_only(query)
+            except (SqlRefused, duckdb.Error) as exc:
+                audit.append("sql_refused", query_sha256=digest)
+                fail(f"SQL refused: {str(exc).splitlines()[0]}", 2)
+            with tempfile.TemporaryDirectory(prefix="pacsflow-sql-") as tmp:
+                con = research_sandbox(paths, Path(tmp))
+                try:
+                    rel = con.sql(query)
+                    df = rel.df() if rel is not None else None
+                except duckdb.Error as exc:
+                    audit.append("sql_failed", query_sha256=digest, error=type(exc).__name__)
+                    fail(f"SQL error: {str(exc).splitlines()[0]}", 2)
+                finally:
+                    con.close()
+            audit.append("sql", query_sha256=digest, rows=0 if df is None else len(df))
+            if df is not None:
+                typer.echo(df.to_string(index=False, max_rows=200))
 
         guarded(body)
 
@@ -135,18 +142,16 @@ def register(app: typer.Typer) -> None:
     def verify(lake: LakeOpt = None, key_file: KeyFileOpt = None, config: ConfigOpt = None) -> None:
         """Scan research outputs for identifiers of the restricted index (non-zero on a hit).
 
-        The key file is needed only when the vault is encrypted (deid.encrypt_vault).
+        Refuses (exit 2) a folder that is not a lake, and a key that is not the lake's.
         """
         cfg = build_config(config, lake=lake)
         if cfg.lake is None:
             fail("no lake: pass --lake LAKE or set `lake:` in the config", 2)
 
         def body() -> None:
-            from pipeline.config.env import key_file_from_env
-            from pipeline.deid.keys import load_key
+            from pipeline.cli._common import lake_keys
 
-            path = key_file or cfg.key_file or key_file_from_env()
-            n, lines = verify_lake(cfg, load_key(path) if path else None)
+            n, lines = verify_lake(cfg, lake_keys(cfg, key_file))
             if n:
                 typer.echo(f"verify: {n} identifying value(s) found under research/:")
                 for line in lines:

@@ -97,13 +97,16 @@ def demo(
                 f"in {result.seconds:.1f} s"
             )
         from pipeline.cli._common import run_recorded_pipeline
-        from pipeline.lake.keys import generate_key_file, load_key
+        from pipeline.lake.keys import LakeKeys, generate_key_file, load_key
 
         assert cfg.lake is not None
-        key_path = LakePaths(cfg.lake).restricted / "demo.key"
-        if not key_path.exists():  # the demo's throwaway key; real runs need `pacsflow keygen`
+        # the demo's throwaway key, beside the lake (never in it: a copy of a lake must not
+        # carry its key); real runs make theirs with `pacsflow keygen`
+        key_path = out / "demo.key"
+        if not key_path.exists():
             generate_key_file(key_path)
-        summary = run_recorded_pipeline(cfg, load_key(key_path), "demo", "demo run")
+        keys = LakeKeys(load_key(key_path))
+        summary = run_recorded_pipeline(cfg, keys, "demo", "demo run")
         for line in summary.lines:
             typer.echo(line)
         leaks = summary.leaks
@@ -140,7 +143,11 @@ def demo(
             f"check       every bad object of the ground truth is quarantined, nothing else "
             f"({len(expected)})"
         )
-        typer.echo(f'research    {lake.research}  (pacsflow sql --lake {lake.root} "SELECT ...")')
+        typer.echo(f"key         {key_path}  (fingerprint {keys.fingerprint}; the lake's own)")
+        typer.echo(
+            f"research    {lake.research}  "
+            f'(pacsflow sql --lake {lake.root} --key-file {key_path} "SELECT ...")'
+        )
         typer.echo(f"  tensors     {lake.tensors}  ({_count(lake, 'tensors', 'checksum')} volumes)")
         typer.echo(f"  findings    {lake.table('findings')}  ({_count(lake, 'findings')} rows)")
         typer.echo(f"  masks       {lake.masks}")
@@ -155,7 +162,7 @@ def demo(
         typer.echo(f"verify      leaks found = {leaks}")
         if leaks:  # run_pipeline already failed closed; kept as the last word
             fail("identifying values reached research/: failing closed")
-        typer.echo(f"next        pacsflow status --lake {lake.root}")
+        typer.echo(f"next        pacsflow status --lake {lake.root} --key-file {key_path}")
         typer.echo(f"done in {time.perf_counter() - t0:.1f} s")
 
     guarded(body)

@@ -9,6 +9,7 @@ import typer
 from pipeline.cli._common import (
     EXIT_USAGE,
     ConfigOpt,
+    KeyFileOpt,
     LakeOpt,
     SchedulerOpt,
     WorkersOpt,
@@ -19,12 +20,14 @@ from pipeline.cli._common import (
 from pipeline.config import PipelineConfig
 
 
-def infer_with_manifest(cfg: PipelineConfig, command: str, model: str | None = None) -> str:
+def infer_with_manifest(
+    cfg: PipelineConfig, command: str, keys: Any, model: str | None = None
+) -> str:
     """Run inference as one recorded run; return the summary line."""
     from pipeline.cli._common import recorded_run
     from pipeline.infer.stage import run as infer_run
 
-    with recorded_run(cfg, command, "infer") as (lake, rec, client, advance):
+    with recorded_run(cfg, command, "infer", keys) as (lake, rec, client, advance):
         result = infer_run(
             cfg, lake, run_id=rec.run_id, client=client, progress=advance, model=model
         )
@@ -46,6 +49,7 @@ def register(app: typer.Typer) -> None:
     @app.command("infer")
     def infer(
         lake: LakeOpt = None,
+        key_file: KeyFileOpt = None,
         model: Annotated[
             str | None,
             typer.Option(
@@ -89,9 +93,10 @@ def register(app: typer.Typer) -> None:
         cfg = build_config(config, lake=lake, workers=workers, scheduler=scheduler, extra=extra)
         if cfg.lake is None:
             fail("no lake: pass --lake LAKE or set `lake:` in the config", EXIT_USAGE)
-        from pipeline.lake import LakePaths
+        from pipeline.cli._common import lake_keys, open_lake_or_fail
 
-        paths = LakePaths(cfg.lake)
+        keys = lake_keys(cfg, key_file)
+        paths = open_lake_or_fail(cfg, keys)
         if not any(paths.table("tensors").rglob("*.parquet")):
             fail(
                 f"no tensors in {cfg.lake}: run `pacsflow tensors --lake {cfg.lake}` first "
@@ -100,6 +105,6 @@ def register(app: typer.Typer) -> None:
             )
 
         def body() -> None:
-            typer.echo(infer_with_manifest(cfg, "infer", model))
+            typer.echo(infer_with_manifest(cfg, "infer", keys, model))
 
         guarded(body)

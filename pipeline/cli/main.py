@@ -12,6 +12,7 @@ import typer
 
 from pipeline._version import __version__
 from pipeline.cli import (
+    audit,
     crawl,
     deid,
     demo,
@@ -60,6 +61,7 @@ def _main(
 
 
 app.command("synth")(synth.synth)
+audit.register(app)
 stubs.register_keygen(app)
 app.command("crawl")(crawl.crawl)
 deid.register(app)

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pipeline.cli._common import EXIT_USAGE, ConfigOpt, LakeOpt, build_config, fail, guarded
+from pipeline.cli._common import (
+    EXIT_USAGE,
+    ConfigOpt,
+    KeyFileOpt,
+    LakeOpt,
+    audit_log,
+    build_config,
+    fail,
+    guarded,
+    lake_keys,
+    open_lake_or_fail,
+)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) reaches this machine only: a loopback address,
+    or a name that resolves to loopback addresses only. ``0.0.0.0`` and ``::`` are not."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +62,25 @@ def register(app: typer.Typer) -> None:
             int | None,
             typer.Option("--port", min=1, max=65535, help="Port (default review.port)."),
         ] = None,
+        certfile: Annotated[
+            Path | None,
+            typer.Option(
+                "--certfile",
+                help="TLS certificate chain (PEM): serve HTTPS (default review.certfile).",
+            ),
+        ] = None,
+        keyfile: Annotated[
+            Path | None,
+            typer.Option("--keyfile", help="Private key (PEM) of --certfile (review.keyfile)."),
+        ] = None,
+        insecure_http: Annotated[
+            bool,
+            typer.Option(
+                "--insecure-http",
+                help="Serve plain HTTP on a non-loopback address (passwords and pages cross "
+                "the network unencrypted); without it that is refused.",
+            ),
+        ] = False,
         hash_password: Annotated[
             bool,
             typer.Option(
@@ -39,10 +88,14 @@ def register(app: typer.Typer) -> None:
                 help="Prompt for a password and print its argon2 hash for review.users.",
             ),
         ] = False,
+        key_file: KeyFileOpt = None,
         config: ConfigOpt = None,
     ) -> None:
         """QA review of AI findings: a web worklist with overlays, decisions stored in the
-        `reviews` table, metrics per model version; or, with --report, one HTML file."""
+        `reviews` table, metrics per model version; or, with --report, one HTML file.
+
+        Serves HTTPS with --certfile/--keyfile; plain HTTP only on a loopback address,
+        unless --insecure-http."""
         if hash_password:
             from pipeline.review.app import hash_password as make_hash
 
@@ -71,25 +124,53 @@ def register(app: typer.Typer) -> None:
                     "`pacsflow review --hash-password`) and a role",
                     EXIT_USAGE,
                 )
+            cert = certfile or cfg.review.certfile
+            key = keyfile or cfg.review.keyfile
+            if (cert is None) != (key is None):
+                fail("--certfile and --keyfile go together: give both or neither", EXIT_USAGE)
+            for what, path in (("certificate", cert), ("private key", key)):
+                if path is not None and not Path(path).is_file():
+                    fail(f"TLS {what} {path} is not a readable file", EXIT_USAGE)
+            where_host = host or cfg.review.host
+            where_port = port or cfg.review.port
+            if cert is None and not is_loopback(where_host):
+                if not insecure_http:
+                    fail(
+                        f"refusing to serve plain HTTP on {where_host}, which is not a loopback "
+                        "address: give --certfile and --keyfile (or review.certfile/keyfile), "
+                        "or --insecure-http to accept that passwords and pages cross the "
+                        "network unencrypted",
+                        EXIT_USAGE,
+                    )
+                typer.echo(
+                    f"pacsflow: warning: serving plain HTTP on {where_host}: passwords, session "
+                    "cookies and review pages cross the network unencrypted (--insecure-http)",
+                    err=True,
+                )
             secret = None
             if cfg.review.secret_env:
                 secret = os.environ.get(cfg.review.secret_env)
                 if not secret:
                     fail(f"review.secret_env: ${cfg.review.secret_env} is not set", EXIT_USAGE)
+            keys = lake_keys(cfg, key_file)
+            paths = open_lake_or_fail(cfg, keys)
             import uvicorn
 
-            from pipeline.review.app import create_app
+            from pipeline.lake.crypto import VaultCipher
+            from pipeline.review.app import create_app, server_config
 
-            where_host = host or cfg.review.host
-            where_port = port or cfg.review.port
-            typer.echo(f"review: serving http://{where_host}:{where_port}/ (Ctrl-C stops)")
-            uvicorn.run(
-                create_app(cfg, paths, secret=secret),
-                host=where_host,
-                port=where_port,
-                log_level="warning",
-                ws="none",
-                lifespan="off",
+            app_ = create_app(
+                cfg,
+                paths,
+                audit=audit_log(cfg, paths, keys),
+                secret=secret,
+                tls=cert is not None,
+                cipher=VaultCipher(keys.secret),
             )
+            scheme = "https" if cert is not None else "http"
+            typer.echo(f"review: serving {scheme}://{where_host}:{where_port}/ (Ctrl-C stops)")
+            uvicorn.Server(
+                server_config(app_, host=where_host, port=where_port, certfile=cert, keyfile=key)
+            ).run()
 
         guarded(body)

@@ -36,14 +36,12 @@ def register(app: typer.Typer) -> None:
             fail("no lake: set `lake:` in the config or pass --lake", EXIT_USAGE)
 
         def body() -> None:
-            from pipeline.cli._common import run_recorded_pipeline
+            from pipeline.cli._common import lake_keys, run_recorded_pipeline
             from pipeline.lake import LakePaths
-            from pipeline.lake.keys import load_key
 
             assert cfg.lake is not None
             paths = LakePaths(cfg.lake)
-            key = load_key(key_file or cfg.key_file)
-            summary = run_recorded_pipeline(cfg, key, "run", "run")
+            summary = run_recorded_pipeline(cfg, lake_keys(cfg, key_file), "run", "run")
             for line in summary.lines:
                 typer.echo(line)
             typer.echo(f"run {summary.run_id}: done ({paths.runs / (summary.run_id + '.json')})")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pipeline.cli._common import ConfigOpt, LakeOpt, build_config, fail, guarded
+from pipeline.cli._common import ConfigOpt, KeyFileOpt, LakeOpt, build_config, guarded
 
 
 def environment_report() -> dict[str, Any]:
@@ -42,14 +42,20 @@ def _native(uid: str) -> bool:
     }
 
 
-def lake_report(root: Path) -> dict[str, Any]:
-    """Counts per object state, quarantine by reason, the last run and the audit chain."""
+def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dict[str, Any]:
+    """Counts per object state, quarantine by reason, the last run and the audit chain (its
+    MACs checked when ``keys`` is given, its end against a file ``witness``)."""
+    from pipeline.cli._common import EXIT_USAGE, fail
     from pipeline.crawl import object_states
     from pipeline.lake import LakePaths, list_manifests, verify_chain
+    from pipeline.lake.audit import Witness
+    from pipeline.lake.identity import LakeIdentityError, open_lake
 
     lake = LakePaths(root)
-    if not lake.root.is_dir():
-        fail(f"no lake at {root}", 2)
+    try:
+        identity = open_lake(lake, keys)
+    except LakeIdentityError as exc:
+        fail(str(exc), EXIT_USAGE)
     states_table = object_states(lake)
     states = Counter(states_table.column("state").to_pylist())
     reasons = Counter(
@@ -62,13 +68,13 @@ def lake_report(root: Path) -> dict[str, Any]:
         if st == "quarantined"
     )
     manifests = list_manifests(lake)
-    chain = verify_chain(lake)
+    chain = verify_chain(lake, keys, witness=Witness(witness) if witness else None)
     audit_problem = chain.reason
     if chain.ok:
-        hashes = {r.get("seq"): r.get("hash") for r in _audit_records(lake)}
+        macs = {r.get("seq"): r.get("mac") for r in _audit_records(lake)}
         for m in manifests:
             head = m.audit_head
-            if head and hashes.get(head["seq"]) != head["hash"]:
+            if head and macs.get(head["seq"]) != head.get("mac"):
                 audit_problem = (
                     f"run {m.run_id} ended at audit record {head['seq']}, "
                     "which is missing or different (log truncated or replaced)"
@@ -77,6 +83,9 @@ def lake_report(root: Path) -> dict[str, Any]:
     last = manifests[-1] if manifests else None
     return {
         "lake": str(lake.root),
+        "lake_id": identity.lake_id,
+        "format": identity.format,
+        "key_fingerprint": identity.key_fingerprint,
         "objects": {"seen": sum(states.values()), **dict(sorted(states.items()))},
         "quarantine_by_reason": dict(sorted(reasons.items())),
         "writeback": _writeback_status(lake),
@@ -103,6 +112,10 @@ def lake_report(root: Path) -> dict[str, Any]:
             "records": chain.records,
             "ok": chain.ok and not audit_problem,
             "problem": audit_problem or None,
+            "torn": chain.torn,
+            "macs_checked": chain.keyed,
+            "witness": witness or "syslog",
+            "witnessed": chain.witnessed,
         },
     }
 
@@ -129,9 +142,9 @@ def _writeback_status(lake: Any) -> dict[str, dict[str, int]]:
 
 
 def _audit_records(lake: Any) -> list[dict[str, Any]]:
-    from pipeline.lake import AuditLog
+    from pipeline.lake.audit import read_records
 
-    return AuditLog(lake).records()
+    return read_records(lake)
 
 
 def _print_env(env: dict[str, Any]) -> None:
@@ -151,7 +164,8 @@ def _print_env(env: dict[str, Any]) -> None:
 
 
 def _print_lake(rep: dict[str, Any]) -> None:
-    typer.echo(f"lake: {rep['lake']}")
+    typer.echo(f"lake: {rep['lake']} (format {rep['format']}, id {rep['lake_id']})")
+    typer.echo(f"  key fingerprint: {rep['key_fingerprint']}")
     objs = rep["objects"]
     typer.echo("  objects: " + ", ".join(f"{k} {v}" for k, v in objs.items()))
     if rep["quarantine_by_reason"]:
@@ -179,22 +193,34 @@ def _print_lake(rep: dict[str, Any]) -> None:
     else:
         typer.echo("  no runs yet")
     a = rep["audit"]
-    verdict = "intact" if a["ok"] else f"BROKEN: {a['problem']}"
+    if a["ok"]:
+        verdict = "intact" + ("" if a["macs_checked"] else " (links only: MACs need the key)")
+    elif a["torn"]:
+        verdict = f"TORN (not tampering): {a['problem']}"
+    else:
+        verdict = f"BROKEN: {a['problem']}"
     typer.echo(f"  audit log: {a['records']} records, chain {verdict}")
+    kept = "end matches it" if a["witnessed"] else "not read back"
+    typer.echo(f"  audit witness: {a['witness']} ({kept})")
 
 
 def status(
     lake: LakeOpt = None,
+    key_file: KeyFileOpt = None,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
 ) -> None:
-    """Versions, pixel codecs, compute devices; with --lake: counts per state, last run, audit."""
+    """Versions, pixel codecs, compute devices; with --lake: the lake's key fingerprint,
+    counts per state, last run, and the audit chain (MACs checked when the key is given)."""
     cfg = build_config(config, lake=lake)
 
     def body() -> None:
         report: dict[str, Any] = {"environment": environment_report()}
         if cfg.lake is not None:
-            report["lake"] = lake_report(cfg.lake)
+            from pipeline.cli._common import lake_keys
+
+            keys = lake_keys(cfg, key_file, required=False)
+            report["lake"] = lake_report(cfg.lake, keys, cfg.audit.witness)
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:

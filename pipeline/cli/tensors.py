@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from pipeline.cli._common import (
     ConfigOpt,
+    KeyFileOpt,
     LakeOpt,
     SchedulerOpt,
     WorkersOpt,
@@ -16,12 +19,13 @@ from pipeline.cli._common import (
 from pipeline.config import PipelineConfig
 
 
-def tensors_with_manifest(cfg: PipelineConfig, command: str) -> str:
+def tensors_with_manifest(cfg: PipelineConfig, command: str, keys: Any) -> str:
     """Build tensors as one recorded run; return the summary line."""
-    from pipeline.cli._common import recorded_run
+    from pipeline.cli._common import open_lake_or_fail, recorded_run
     from pipeline.tensors.stage import run as tensors_run
 
-    with recorded_run(cfg, command, "tensors") as (lake, rec, client, advance):
+    open_lake_or_fail(cfg, keys)
+    with recorded_run(cfg, command, "tensors", keys) as (lake, rec, client, advance):
         result = tensors_run(cfg, lake, run_id=rec.run_id, client=client, progress=advance)
         rec.restricted_stage("tensors", result.counts)
     c = result.counts
@@ -38,6 +42,7 @@ def register(app: typer.Typer) -> None:
     @app.command("tensors")
     def tensors(
         lake: LakeOpt = None,
+        key_file: KeyFileOpt = None,
         config: ConfigOpt = None,
         workers: WorkersOpt = None,
         scheduler: SchedulerOpt = None,
@@ -46,13 +51,15 @@ def register(app: typer.Typer) -> None:
 
         Objects are read whole through the connector that crawled them; only geometry and
         pixels are taken from them, and the UIDs the tensors table lists are the vault's
-        pseudonyms (no key needed).
+        pseudonyms. The key opens the lake (its audit log is keyed).
         """
         cfg = build_config(config, lake=lake, workers=workers, scheduler=scheduler)
         if cfg.lake is None:
             fail("no lake: pass --lake LAKE or set `lake:` in the config", 2)
 
         def body() -> None:
-            typer.echo(tensors_with_manifest(cfg, "tensors"))
+            from pipeline.cli._common import lake_keys
+
+            typer.echo(tensors_with_manifest(cfg, "tensors", lake_keys(cfg, key_file)))
 
         guarded(body)

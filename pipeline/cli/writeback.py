@@ -6,25 +6,34 @@ from typing import Annotated, Any
 
 import typer
 
-from pipeline.cli._common import EXIT_USAGE, ConfigOpt, LakeOpt, build_config, fail, guarded
-from pipeline.cli.deid import KeyFileOpt
+from pipeline.cli._common import (
+    EXIT_USAGE,
+    ConfigOpt,
+    KeyFileOpt,
+    LakeOpt,
+    build_config,
+    fail,
+    guarded,
+)
 from pipeline.config import PipelineConfig
 
 
 def writeback_with_manifest(
-    cfg: PipelineConfig, command: str, dest: str, key: bytes, model: str | None = None
+    cfg: PipelineConfig, command: str, dest: str, keys: Any, model: str | None = None
 ) -> str:
-    """Write back as one recorded run (audit: the re-identification, counts only)."""
-    from pipeline.cli._common import recorded_run
+    """Write back as one recorded run on the lake of ``keys`` (audit: the re-identification,
+    counts only)."""
+    from pipeline.cli._common import open_lake_or_fail, recorded_run
     from pipeline.writeback.stage import run as writeback_run
 
-    with recorded_run(cfg, command, "writeback") as (lake, rec, _client, advance):
+    open_lake_or_fail(cfg, keys)
+    with recorded_run(cfg, command, "writeback", keys) as (lake, rec, _client, advance):
 
         def audit(**counts: Any) -> None:
             rec.audit.append("reidentified", run_id=rec.run_id, stage="writeback", **counts)
 
         result = writeback_run(
-            cfg, lake, run_id=rec.run_id, dest=dest, key=key, model=model, progress=advance,
+            cfg, lake, run_id=rec.run_id, dest=dest, key=keys.secret, model=model, progress=advance,
             audit=audit,
         )  # fmt: skip
         rec.stage("writeback", result.counts)
@@ -32,6 +41,7 @@ def writeback_with_manifest(
     line = (
         f"writeback: {e.get('groups', 0)} volumes, {e.get('built', 0)} objects built, "
         f"{e.get('confirmed', 0)} confirmed, {e.get('skipped', 0)} already there, "
+        f"{e.get('failed', 0)} volumes refused (see the log), "
         f"{len(result.pending)} pending in {result.counts.seconds:.1f} s (run {rec.run_id})"
     )
     if result.pending:
@@ -70,9 +80,9 @@ def register(app: typer.Typer) -> None:
             fail("no destination: pass --dest or set writeback.dest", EXIT_USAGE)
 
         def body() -> None:
-            from pipeline.lake.keys import load_key
+            from pipeline.cli._common import lake_keys
 
-            key = load_key(key_file or cfg.key_file)
-            typer.echo(writeback_with_manifest(cfg, "writeback", target, key, model))
+            keys = lake_keys(cfg, key_file)
+            typer.echo(writeback_with_manifest(cfg, "writeback", target, keys, model))
 
         guarded(body)

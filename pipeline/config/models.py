@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "AuditConfig",
     "AuthConfig",
     "ComputeConfig",
     "CrawlConfig",
@@ -372,6 +373,18 @@ class LoggingConfig(_Section):
     json_lines: bool = Field(False, description="Structured JSON log lines instead of text.")
 
 
+class AuditConfig(_Section):
+    """The audit log (``restricted/audit/``): where its head is witnessed outside the lake."""
+
+    witness: str = Field(
+        "syslog",
+        description="Where the audit chain's head is kept after every record, so deleting "
+        "records at the end is detected: 'syslog' (journald where it runs; read back by hand), "
+        "a file path outside the lake (read back by `pacsflow status`; best on another host "
+        "or append-only), or 'none'.",
+    )
+
+
 class ReviewUser(_Section):
     """One user of the review app: a password hash (never the password) and a role."""
 
@@ -402,14 +415,71 @@ class ReviewConfig(_Section):
         default_factory=dict, description="Users by login name, with password hash and role."
     )
     session_minutes: int = Field(
-        480, ge=1, le=7 * 24 * 60, description="A login expires after this many minutes."
+        480,
+        ge=1,
+        le=7 * 24 * 60,
+        description="A login ends this many minutes after it began, however active (absolute "
+        "timeout, enforced server-side).",
+    )
+    idle_minutes: int = Field(
+        30,
+        ge=1,
+        le=7 * 24 * 60,
+        description="A login ends after this many minutes without a request (idle timeout, "
+        "enforced server-side).",
     )
     host: str = Field("127.0.0.1", description="Address the app listens on (the CLI's wins).")
     port: int = Field(8765, ge=1, le=65535, description="Port the app listens on.")
+    certfile: Path | None = Field(
+        None,
+        description="TLS certificate chain (PEM) the app serves HTTPS with (--certfile wins); "
+        "unset: plain HTTP, allowed on a loopback address only (or with --insecure-http).",
+    )
+    keyfile: Path | None = Field(
+        None, description="Private key (PEM) of `certfile` (--keyfile wins)."
+    )
     secret_env: str | None = Field(
         None,
         description="Env var holding the secret that signs session cookies; unset: a random "
-        "one per start (logins end when the app restarts).",
+        "one per start. Sessions are held in the app's memory: they end when it restarts.",
+    )
+    login_failures: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Failed logins of one user name within login_window_minutes that lock the "
+        "name for lockout_minutes.",
+    )
+    address_failures: int = Field(
+        20,
+        ge=1,
+        le=100_000,
+        description="Failed logins from one client address within login_window_minutes that "
+        "lock the address for lockout_minutes.",
+    )
+    login_window_minutes: int = Field(
+        15, ge=1, le=24 * 60, description="The window failed logins are counted in."
+    )
+    lockout_minutes: int = Field(
+        15,
+        ge=1,
+        le=24 * 60,
+        description="How long a locked user name or address is refused (429 with Retry-After, "
+        "whatever the password).",
+    )
+    hash_concurrency: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Password checks (argon2, 64 MiB each) run at once; bounds the memory and "
+        "CPU that logins can take.",
+    )
+    hash_queue: int = Field(
+        8,
+        ge=0,
+        le=10_000,
+        description="Logins that may wait for a password check; more are refused at once "
+        "(503 with Retry-After).",
     )
     viewer_url: str | None = Field(
         None,
@@ -423,6 +493,12 @@ class ReviewConfig(_Section):
     report_images: int = Field(
         500, ge=0, le=100_000, description="Findings with an embedded image in --report."
     )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ReviewConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("review.certfile and review.keyfile go together; set both or neither")
+        return self
 
 
 class PipelineConfig(_Section):
@@ -447,3 +523,4 @@ class PipelineConfig(_Section):
     review: ReviewConfig = Field(
         default_factory=ReviewConfig, description="QA review of findings (`pacsflow review`)."
     )
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="The audit log.")

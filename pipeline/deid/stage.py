@@ -31,7 +31,6 @@ from pipeline.config import PipelineConfig
 from pipeline.connectors import Source, open_source
 from pipeline.deid.core import Deidentifier
 from pipeline.deid.encode import encode_part10, pixel_tail, tail_encoding, write_with_tail
-from pipeline.deid.keys import Pseudonymizer
 from pipeline.deid.vault import ORIGINAL_COLUMNS, VaultCipher
 from pipeline.enums import QuarantineReason, Stage
 from pipeline.errors import InputError, MissingAttribute, SourceError, UnreadableDicom
@@ -51,6 +50,7 @@ from pipeline.lake.duck import (
     scan_sql,
     volume_verdicts,
 )
+from pipeline.lake.keys import LakeKeys
 from pipeline.lake.schemas import INSTANCES
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def deid_batch(
     """
 
     now = dt.datetime.now(dt.UTC)
-    pseudo = Pseudonymizer(secret_key)
+    pseudo = LakeKeys(secret_key).pseudonymizer()
     deid = Deidentifier(pseudo, cfg.deid.options)
     cipher = VaultCipher(secret_key) if cfg.deid.encrypt_vault else None
     allowed = frozenset(v.upper() if "." not in v else v for v in cfg.deid.allow_burned_in)

@@ -15,11 +15,15 @@ from pipeline.lake.paths import LakePaths
 from pipeline.lake.schemas import schema_for
 
 __all__ = [
+    "RESEARCH_VIEWS",
+    "SqlRefused",
     "arrow_reader",
     "arrow_table",
+    "check_read_only",
     "connect",
     "latest_sql",
     "object_states",
+    "research_sandbox",
     "scan_sql",
     "volume_verdicts",
 ]
@@ -192,3 +196,64 @@ def lineage_sql(lake: LakePaths) -> str:
                ON o.tensor_key = f.tensor_key AND o.model = f.model
               AND o.model_version = f.model_version AND o.weights_sha256 = f.weights_sha256
     )"""
+
+
+#: The research views of ``pacsflow sql``.
+RESEARCH_VIEWS = ("instances", "series", "studies", "patients", "tensors", "findings", "reviews")
+#: Statement types a sandboxed query may run (DESCRIBE, SHOW, FROM and VALUES are SELECTs).
+_READ_ONLY = frozenset({"SELECT", "EXPLAIN"})
+
+
+class SqlRefused(ValueError):
+    """A ``pacsflow sql`` statement that the sandbox does not run (one-line reason)."""
+
+
+def check_read_only(sql: str) -> int:
+    """The number of statements in ``sql``, all of them read-only queries.
+
+    Raises
+    ------
+    SqlRefused
+        For a statement that is not a query (COPY, ATTACH, INSTALL, LOAD, SET, PRAGMA, CREATE,
+        ...), or no statement at all. A syntax error raises ``duckdb.Error``.
+    """
+    import duckdb
+
+    statements = duckdb.extract_statements(sql)
+    if not statements:
+        raise SqlRefused("no SQL statement given")
+    for st in statements:
+        kind = st.type.name
+        if kind not in _READ_ONLY:
+            raise SqlRefused(
+                f"{kind} statements are not allowed: `pacsflow sql` runs read-only queries "
+                "(SELECT, WITH, FROM, DESCRIBE, SHOW, EXPLAIN) over the research views"
+            )
+    return len(statements)
+
+
+def research_sandbox(lake: LakePaths, tmp: Path) -> Any:
+    """A DuckDB connection that can read the research zone and nothing else.
+
+    The research tables are views (and ``lineage``, which joins the restricted vault and
+    outbox's non-identifying columns, an in-memory table built first); then file access is
+    limited to ``research/`` (and the private spill folder ``tmp``), extensions can neither be
+    installed nor loaded, and the configuration is locked, so no statement can read the
+    restricted zone, the key or any other file, reach the network, or undo the settings.
+    Statements still need :func:`check_read_only` (COPY and ATTACH could write into
+    ``research/``).
+    """
+    con = connect(tmp)
+    for view in RESEARCH_VIEWS:
+        if any(lake.table(view).rglob("*.parquet")):
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM {scan_sql(lake, view)}")
+    if any(lake.table("vault").rglob("*.parquet")):  # pseudonyms, hashes and result UIDs only
+        con.execute(f"CREATE TABLE lineage AS SELECT * FROM {lineage_sql(lake)}")
+    research = str(lake.research.resolve()) + "/"
+    con.execute("SET allowed_directories = $dirs", {"dirs": [research]})
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET allow_community_extensions = false")
+    con.execute("SET lock_configuration = true")
+    return con

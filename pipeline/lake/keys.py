@@ -1,7 +1,24 @@
-"""The secret key and the keyed, deterministic pseudonyms derived from it (HMAC-SHA256).
+"""The secret key, the keys derived from it, and the keyed, deterministic pseudonyms.
 
 It lives in the lake layer because two stages use it: deid (pseudonyms, date shifts) and
 write-back (the UIDs of the objects it creates).
+
+One secret key per lake (``pacsflow keygen``), never stored in the lake. Every key pacsflow uses
+is derived from it with HKDF-SHA256 (RFC 5869), one ``info`` label per purpose, so no derived key
+reveals the secret or another derived key (:class:`LakeKeys`):
+
+========================  ==========================================  ====================
+derived key               info label                                  used for
+========================  ==========================================  ====================
+pseudonym key (32 B)      ``pacsflow/v1/pseudonyms``                  UIDs, tokens, shifts
+encryption key (64 B)     ``pacsflow vault AES-SIV v1``               AES-SIV at rest
+audit MAC key (32 B)      ``pacsflow/v1/audit-mac``                   the audit chain
+fingerprint key (32 B)    ``pacsflow/v1/fingerprint``                 the key's fingerprint
+========================  ==========================================  ====================
+
+The fingerprint (``pfk1:`` and 20 hex digits of an HMAC of a fixed label under the fingerprint
+key) names a key without revealing it: the lake records it when first used, and every command
+refuses a key with another fingerprint.
 
 Any worker, on any machine, on any day, maps an identifier the same way with no coordination,
 and a different key gives unrelated pseudonyms. The key never appears in logs, manifests or
@@ -28,7 +45,7 @@ from pathlib import Path
 from pipeline.config.env import key_file_from_env
 from pipeline.errors import ConfigError
 
-__all__ = ["KEY_BYTES", "Pseudonymizer", "generate_key_file", "load_key"]
+__all__ = ["KEY_BYTES", "LakeKeys", "Pseudonymizer", "generate_key_file", "load_key"]
 
 KEY_BYTES = 32
 _HEADER = "pacsflow-key-v1"
@@ -91,6 +108,68 @@ def load_key(path: Path | None = None) -> bytes:
     if len(key) != KEY_BYTES:
         raise ConfigError(f"{path}: the key must be {KEY_BYTES} bytes")
     return key
+
+
+_PSEUDONYM_INFO = b"pacsflow/v1/pseudonyms"
+#: kept from the vault's first encryption, so vaults encrypted before the hierarchy still decrypt
+_ENCRYPTION_INFO = b"pacsflow vault AES-SIV v1"
+_AUDIT_INFO = b"pacsflow/v1/audit-mac"
+_FINGERPRINT_INFO = b"pacsflow/v1/fingerprint"
+_FINGERPRINT_LABEL = b"pacsflow key fingerprint"
+FINGERPRINT_PREFIX = "pfk1:"
+
+
+def _hkdf(secret: bytes, info: bytes, length: int = 32) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+
+
+@dataclass(frozen=True)
+class LakeKeys:
+    """The key hierarchy of one secret key (see the module docstring). Picklable.
+
+    Examples
+    --------
+    >>> keys = LakeKeys(b"k" * 32)
+    >>> keys.fingerprint.startswith("pfk1:"), len(keys.fingerprint)
+    (True, 25)
+    >>> keys.pseudonym_key != keys.audit_key != b"k" * 32
+    True
+    """
+
+    secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.secret) < 16:
+            raise ValueError("the secret key must be at least 16 bytes")
+
+    @property
+    def pseudonym_key(self) -> bytes:
+        """HMAC key of pseudonyms, date shifts and pacsflow's own UIDs."""
+        return _hkdf(self.secret, _PSEUDONYM_INFO)
+
+    @property
+    def encryption_key(self) -> bytes:
+        """The 512-bit AES-SIV key of encryption at rest."""
+        return _hkdf(self.secret, _ENCRYPTION_INFO, 64)
+
+    @property
+    def audit_key(self) -> bytes:
+        """HMAC key of the audit chain."""
+        return _hkdf(self.secret, _AUDIT_INFO)
+
+    @property
+    def fingerprint(self) -> str:
+        """``pfk1:`` + 20 hex digits naming this key (safe to show, log and store)."""
+        fp_key = _hkdf(self.secret, _FINGERPRINT_INFO)
+        digest = hmac.new(fp_key, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()
+        return FINGERPRINT_PREFIX + digest[:20]
+
+    def pseudonymizer(self) -> Pseudonymizer:
+        """Pseudonyms under :attr:`pseudonym_key`."""
+        return Pseudonymizer(self.pseudonym_key)
 
 
 @dataclass(frozen=True)

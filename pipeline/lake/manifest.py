@@ -14,12 +14,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline._deps import library_versions
-from pipeline.lake.audit import AuditLog
+from pipeline.lake.audit import AuditLog, Witness
+from pipeline.lake.identity import open_lake
 from pipeline.lake.io import atomic_write_text
 from pipeline.lake.paths import LakePaths
+
+if TYPE_CHECKING:
+    from pipeline.lake.keys import LakeKeys
 
 __all__ = ["RunManifest", "RunRecorder", "StageCounts", "list_manifests", "new_run_id"]
 
@@ -63,6 +67,8 @@ class RunManifest:
     stages: dict[str, StageCounts] = field(default_factory=dict)
     error: str | None = None
     audit_head: dict[str, Any] | None = None
+    lake_id: str | None = None
+    key_fingerprint: str | None = None
 
     def to_json(self) -> str:
         """Serialise as pretty JSON."""
@@ -73,15 +79,19 @@ class RunManifest:
         """Read a manifest written by :meth:`RunRecorder`."""
         data = json.loads(path.read_text(encoding="utf-8"))
         data["stages"] = {k: StageCounts(**v) for k, v in data.get("stages", {}).items()}
-        return cls(**data)
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class RunRecorder:
     """Context manager that records one run: manifest at start and end, audit records around it.
 
+    Entering opens the lake (:func:`pipeline.lake.identity.open_lake`): it must be a lake of
+    ``keys``, or, with ``create``, a missing or empty folder that becomes one.
+
     Examples
     --------
-    >>> with RunRecorder(lake, "crawl", config_hash=h, config=cfg_dict) as run:  # doctest: +SKIP
+    >>> with RunRecorder(lake, "crawl", keys=keys, create=True) as run:  # doctest: +SKIP
     ...     run.stage("crawl", StageCounts(seen=10, out=9, quarantined=1))
     """
 
@@ -90,10 +100,15 @@ class RunRecorder:
         lake: LakePaths,
         command: str,
         *,
+        keys: LakeKeys,
+        witness: Witness | str | None = None,
+        create: bool = False,
         config_hash: str | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         self.lake = lake
+        self.keys = keys
+        self.create = create
         self.manifest = RunManifest(
             run_id=new_run_id(),
             command=command,
@@ -102,7 +117,7 @@ class RunRecorder:
             config=config,
             versions=library_versions(),
         )
-        self.audit = AuditLog(lake)
+        self.audit = AuditLog(lake, keys, witness=witness)
         self._t0 = 0.0
 
     @property
@@ -120,7 +135,7 @@ class RunRecorder:
         self.manifest.stages[name] = counts
         self._write()
 
-    def restricted_stage(self, name: str, counts: StageCounts, **extra: int) -> None:
+    def restricted_stage(self, name: str, counts: StageCounts, **extra: Any) -> None:
         """:meth:`stage` for a stage that read the restricted zone, with its read in the audit
         log (counts only, never values)."""
         self.stage(name, counts)
@@ -137,7 +152,10 @@ class RunRecorder:
         atomic_write_text(self.path, self.manifest.to_json())
 
     def __enter__(self) -> RunRecorder:
+        identity = open_lake(self.lake, self.keys, create=self.create)
         self.lake.create()
+        self.manifest.lake_id = identity.lake_id
+        self.manifest.key_fingerprint = identity.key_fingerprint
         self._t0 = time.perf_counter()
         self._write()
         self.audit.append(
@@ -168,7 +186,7 @@ class RunRecorder:
                 k: f"{v.seen}/{v.out}/{v.quarantined}/{v.skipped}" for k, v in m.stages.items()
             },
         )
-        m.audit_head = {"seq": record["seq"], "hash": record["hash"]}
+        m.audit_head = {"seq": record["seq"], "mac": record["mac"]}
         self._write()
 
 

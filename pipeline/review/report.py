@@ -1,5 +1,10 @@
 """``pacsflow review --report FILE.html``: one self-contained HTML file (images and plots as
-data URIs, CSS inline, no script, no network) with every finding and its review status."""
+data URIs, CSS inline, no script, no network) with every finding and its review status.
+
+The report is meant to be shared, so every comment and corrected label is checked again
+against its patient's identifiers (:mod:`pipeline.review.phi`; decisions stored before that
+check existed may hold some): one that holds any, or cannot be checked, is left out and said
+so."""
 
 from __future__ import annotations
 
@@ -7,12 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import LakeError
 from pipeline.lake.io import atomic_write_text
 from pipeline.lake.paths import LakePaths
+from pipeline.review.phi import check_free_text, patient_identifiers
 from pipeline.review.render import VolumeCache, default_slice, metrics_plots
 from pipeline.review.store import Catalog, metrics_by_version
 
-__all__ = ["build_report", "write_report"]
+__all__ = ["WITHHELD", "build_report", "write_report"]
+
+#: What the report shows in place of a comment or corrected label that may identify a patient.
+WITHHELD = "[withheld: it may identify the patient]"
 
 
 def build_report(
@@ -27,8 +37,10 @@ def build_report(
     latest = catalog.latest()
     volumes = VolumeCache(lake, size=4)
     rows: list[dict[str, Any]] = []
+    identifiers: dict[str, set[str] | None] = {}
     for i, f in enumerate(findings):
         r = latest.get(f["finding_key"])
+        texts = _shareable_texts(lake, f, r, identifiers) if r else (None, None)
         image = None
         if i < max_images and f.get("tensor_path"):
             window = "soft-tissue" if f.get("Modality") == "CT" and f.get("rescaled") else "auto"
@@ -40,8 +52,8 @@ def build_report(
                 "image": image,
                 "status": r["decision"] if r else "unreviewed",
                 "reviewer": r["reviewer"] if r else None,
-                "corrected_label": r.get("corrected_label") if r else None,
-                "comment": r.get("comment") if r else None,
+                "corrected_label": texts[0],
+                "comment": texts[1],
             }
         )
     versions = metrics_by_version(findings, latest)
@@ -70,6 +82,32 @@ def build_report(
         )
     )
     return html, len(findings)
+
+
+def _shareable_texts(
+    lake: LakePaths,
+    finding: dict[str, Any],
+    review: dict[str, Any],
+    cache: dict[str, set[str] | None],
+) -> tuple[str | None, str | None]:
+    """A decision's corrected label and comment as the report may show them: each checked
+    against the patient's identifiers, and :data:`WITHHELD` in place of one that holds any
+    or cannot be checked (an encrypted vault)."""
+    series = str(finding.get("SeriesInstanceUID") or "")
+    out: list[str | None] = []
+    for column in ("corrected_label", "comment"):
+        text = review.get(column)
+        if not text:
+            out.append(None)
+            continue
+        if series not in cache:
+            try:
+                cache[series] = patient_identifiers(lake, series)
+            except LakeError:
+                cache[series] = None
+        known = cache[series]
+        out.append(text if known is not None and check_free_text(text, known)[0] else WITHHELD)
+    return out[0], out[1]
 
 
 def _thumbnail(png: bytes, side: int = 192) -> bytes:

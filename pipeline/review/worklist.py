@@ -29,10 +29,14 @@ SORTS: tuple[str, ...] = (
 
 
 def _float(value: str | None) -> float | None:
+    """A finite number, else None (``nan``, ``inf`` and nonsense alike)."""
+    if not value or len(value) > 64:
+        return None
     try:
-        return float(value) if value not in (None, "") else None
+        x = float(value)
     except ValueError:
         return None
+    return x if math.isfinite(x) else None
 
 
 def _date(value: str | None) -> date | None:
@@ -42,17 +46,26 @@ def _date(value: str | None) -> date | None:
         return None
 
 
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 def _int(value: str | None, default: int, lo: int, hi: int) -> int:
+    """A whole number clamped to ``lo..hi``; ``default`` when missing or not a number."""
+    if not value or len(value) > 32:
+        return default
     try:
-        n = int(value) if value not in (None, "") else default
+        n = int(value)
     except ValueError:
-        n = default
+        return default
     return min(max(n, lo), hi)
 
 
 @dataclass(frozen=True)
 class Query:
-    """One worklist request, parsed leniently (a bad value falls back to its default)."""
+    """One worklist request, parsed leniently: a missing or bad value (not a number, not a
+    finite number, an unknown choice) falls back to its default, numbers are clamped to their
+    range, so no query string fails."""
 
     model: str = ""  # "model@version"
     label: str = ""
@@ -89,7 +102,7 @@ class Query:
             manufacturer=params.get("manufacturer", ""),
             status=status if status in STATUSES else "any",
             sample=mode if mode in SAMPLING_MODES else "all",
-            percent=min(max(_float(params.get("percent")) or 10.0, 0.0), 100.0),
+            percent=min(max(_or(_float(params.get("percent")), 10.0), 0.0), 100.0),
             seed=_int(params.get("seed"), 0, 0, 2**31 - 1),
             sort=sort if sort in SORTS else "",
             order="desc" if params.get("order") == "desc" else "asc",

@@ -40,8 +40,9 @@ from pipeline.config import PipelineConfig
 from pipeline.connectors import open_source
 from pipeline.errors import InputError, PacsflowError, SourceError, WritebackError
 from pipeline.lake import LakePaths, StageCounts, atomic_write_bytes, load_tensor, write_partition
+from pipeline.lake.crypto import VaultCipher
 from pipeline.lake.duck import arrow_table, connect, latest_sql, scan_sql
-from pipeline.lake.keys import Pseudonymizer
+from pipeline.lake.keys import LakeKeys, Pseudonymizer
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,11 @@ def _groups(con: Any, lake: LakePaths, model: str | None) -> list[dict[str, Any]
     return arrow_table(con, sql, {"model": model} if model else None).to_pylist()
 
 
-def _originals(con: Any, lake: LakePaths, sops: list[str]) -> dict[str, dict[str, Any]]:
-    """pseudonymous SOP UID -> original UIDs and where the object lives (restricted zone)."""
+def _originals(
+    con: Any, lake: LakePaths, sops: list[str], cipher: VaultCipher
+) -> dict[str, dict[str, Any]]:
+    """pseudonymous SOP UID -> original UIDs (decrypted when the vault is encrypted) and
+    where the object lives (restricted zone)."""
     vault = latest_sql(lake, "vault", "object_key", "deidentified_at")
     index = latest_sql(lake, "index", "object_key", "crawled_at")
     sql = f"""
@@ -114,7 +118,7 @@ def _originals(con: Any, lake: LakePaths, sops: list[str]) -> dict[str, dict[str
         WHERE v.sop_pseudonym IN (SELECT unnest($sops))
     """
     rows = arrow_table(con, sql, {"sops": sops}).to_pylist()
-    return {r["sop_pseudonym"]: r for r in rows}
+    return {r["sop_pseudonym"]: cipher.decrypt_row(r) for r in rows}
 
 
 def _confirmed(con: Any, lake: LakePaths, dest: str) -> dict[str, str]:
@@ -162,7 +166,8 @@ def run(
     from pipeline.writeback.objects import SegmentSpec, build_seg, build_sr
 
     t0 = time.perf_counter()
-    pseudo = Pseudonymizer(key)
+    pseudo = LakeKeys(key).pseudonymizer()
+    cipher = VaultCipher(key)  # clear rows pass through: the vault may mix both
     from pipeline.connectors import source_kind
     from pipeline.enums import SourceKind
 
@@ -199,7 +204,7 @@ def run(
             if progress:
                 progress(1)
             try:
-                objs = _plan(con, lake, pseudo, group)
+                objs = _plan(con, lake, pseudo, cipher, group)
             except WritebackError as exc:
                 counts["failed"] += 1
                 logger.warning("write-back of %s skipped: %s", group["tensor_key"], exc)
@@ -292,9 +297,10 @@ def run(
     if audit is not None:
         audit(objects=reidentified, groups=counts["groups"])
     seconds = round(time.perf_counter() - t0, 3)
-    stage_counts = StageCounts(
+    stage_counts = StageCounts(  # a volume refused (WritebackError) is counted, never silent
         seen=counts["groups"],
-        out=counts["groups"],
+        out=counts["groups"] - counts["failed"],
+        quarantined=counts["failed"],
         seconds=seconds,
         extra={**counts, "reidentified_objects": reidentified, "pending": len(pending)},
     )
@@ -326,7 +332,7 @@ _OUTBOX_KEYS: Final = (
 
 
 def _plan(
-    con: Any, lake: LakePaths, pseudo: Pseudonymizer, group: dict[str, Any]
+    con: Any, lake: LakePaths, pseudo: Pseudonymizer, cipher: VaultCipher, group: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """The SEG and SR of one volume: their UIDs and where they come from (re-identified)."""
     if not all(part in (group["preprocessing"] or "") for part in _RAW_GRID):
@@ -335,7 +341,7 @@ def _plan(
             "masks onto the original frames from the raw grid only (orientation native, no "
             "spacing)"
         )
-    originals_map = _originals(con, lake, list(group["sops"]))
+    originals_map = _originals(con, lake, list(group["sops"]), cipher)
     missing = [s for s in group["sops"] if s not in originals_map]
     if missing:
         raise WritebackError(f"{len(missing)} slice(s) have no vault entry (deid rebuilt?)")

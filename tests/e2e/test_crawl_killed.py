@@ -26,13 +26,14 @@ def _stable(table: pa.Table) -> list[dict[str, object]]:
     return sorted(table.select(keep).to_pylist(), key=lambda r: str(r["object_key"]))
 
 
-def _crawl(archive: Path, lake: Path) -> subprocess.Popen[str]:
+def _crawl(archive: Path, lake: Path, key: Path) -> subprocess.Popen[str]:
     if not EXE.exists():
         pytest.skip("the pacsflow console script is not installed (pip install -e .)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACSFLOW")}
     env["PACSFLOW__COMPUTE__PARTITION_SIZE"] = "50"
+    where = ["--lake", str(lake), "--key-file", str(key), "--workers", "1"]
     return subprocess.Popen(
-        [str(EXE), "-q", "crawl", "--source", str(archive), "--lake", str(lake), "--workers", "1"],
+        [str(EXE), "-q", "crawl", "--source", str(archive), *where],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -40,7 +41,7 @@ def _crawl(archive: Path, lake: Path) -> subprocess.Popen[str]:
     )
 
 
-def test_killed_crawl_resumes_to_the_same_index(tmp_path: Path) -> None:
+def test_killed_crawl_resumes_to_the_same_index(tmp_path: Path, session_key_file: Path) -> None:
     from pipeline.synth import synthesize
 
     archive = tmp_path / "archive"
@@ -48,12 +49,12 @@ def test_killed_crawl_resumes_to_the_same_index(tmp_path: Path) -> None:
     good = result.n_instances
 
     reference = tmp_path / "reference"
-    done = _crawl(archive, reference)
+    done = _crawl(archive, reference, session_key_file)
     _, err = done.communicate(timeout=300)
     assert done.returncode == 0, err[-2000:]
 
     lake = tmp_path / "lake"
-    proc = _crawl(archive, lake)
+    proc = _crawl(archive, lake, session_key_file)
     index_dir = lake / "restricted" / "index"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -67,7 +68,7 @@ def test_killed_crawl_resumes_to_the_same_index(tmp_path: Path) -> None:
     partial = LakePaths(lake)
     assert 0 < read_table(partial, "index").num_rows < good
 
-    rerun = _crawl(archive, lake)
+    rerun = _crawl(archive, lake, session_key_file)
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-2000:]
     assert "indexed" in out

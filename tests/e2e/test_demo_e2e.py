@@ -82,8 +82,9 @@ def test_logs_carry_no_phi(small_demo: tuple[Path, str], tmp_path: Path) -> None
     out, _ = small_demo
     truth = json.loads((out / "archive" / "ground_truth.json").read_text())
     done = _pacsflow(
-        "-v", "crawl", "--source", str(out / "archive"), "--lake", str(tmp_path / "lake")
-    )
+        "-v", "crawl", "--source", str(out / "archive"), "--lake", str(tmp_path / "lake"),
+        "--key-file", str(out / "demo.key"),
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     logs = done.stdout + done.stderr
     for patient in truth["patients"]:

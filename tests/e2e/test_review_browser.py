@@ -2,8 +2,9 @@
 driven by Selenium with the system browser; no browser download): log in, filter the worklist,
 open a finding and see its overlay image, accept one finding and reject another, see the
 metrics page count them, find both decisions in the `reviews` table; a wrong password and a
-POST without the CSRF token are refused; the static report opens offline and lists every
-finding. Screenshots of the worklist and a finding view go to docs/screenshots/.
+POST without the CSRF token are refused; the Content-Security-Policy blocks nothing the pages
+need (no violation in the console); the static report opens offline and lists every finding.
+Screenshots of the worklist and a finding view go to docs/screenshots/.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> LakePaths:
     from pipeline.crawl import run as crawl_run
     from pipeline.deid.stage import run as deid_run
     from pipeline.infer import stage as infer_stage
+    from pipeline.lake.identity import open_lake
+    from pipeline.lake.keys import LakeKeys
     from pipeline.synth import synthesize
     from pipeline.tensors.stage import run as tensors_run
 
@@ -79,6 +82,7 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> LakePaths:
         environ={},
     )
     paths = LakePaths(root / "lake")
+    open_lake(paths, LakeKeys(KEY), create=True)
     crawl_run(cfg, paths, FolderSource(root / "archive"), run_id="c")
     deid_run(cfg, paths, key=KEY, run_id="d")
     tensors_run(cfg, paths, run_id="t")
@@ -92,7 +96,9 @@ def server(lake: LakePaths) -> Iterator[str]:
     """The review app on a free loopback port, served by uvicorn in a thread."""
     import uvicorn
 
-    from pipeline.review.app import create_app, hash_password
+    from pipeline.lake import AuditLog
+    from pipeline.lake.keys import LakeKeys
+    from pipeline.review.app import create_app, hash_password, server_config
 
     cfg = load_config(
         overrides={
@@ -113,15 +119,9 @@ def server(lake: LakePaths) -> Iterator[str]:
         environ={},
     )
     port = _free_port()
-    config = uvicorn.Config(
-        create_app(cfg, lake, secret="test-session-secret"),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        ws="none",
-        lifespan="off",
-    )
-    srv = uvicorn.Server(config)
+    audit = AuditLog(lake, LakeKeys(KEY), witness="none")
+    app = create_app(cfg, lake, audit=audit, secret="test-session-secret")
+    srv = uvicorn.Server(server_config(app, host="127.0.0.1", port=port))
     thread = threading.Thread(target=srv.run, name="review-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + WAIT_S
@@ -148,6 +148,7 @@ def browser() -> Iterator[Any]:
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     for arg in (
         "--headless=new",
         "--no-sandbox",
@@ -294,6 +295,14 @@ def test_review_in_a_real_browser(
     assert all(
         r["details"].get("reviewer") in ("lena", None) for r in records if "review" in r["event"]
     )
+
+    # the pages' script and styles are files: the Content-Security-Policy blocked nothing
+    blocked = [
+        e["message"]
+        for e in browser.get_log("browser")
+        if "Content Security Policy" in e["message"] or "Refused to" in e["message"]
+    ]
+    assert blocked == []
 
     # the label set export holds the two decided findings
     browser.get(server + "/metrics")  # keep the browser on a page of the app

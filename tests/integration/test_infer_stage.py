@@ -226,6 +226,8 @@ def test_cuda_without_gpu_workers_is_explained(
 def test_cli_without_tensors_says_what_to_run(tmp_path: Path) -> None:
     from pipeline.cli.main import app
 
-    result = CliRunner().invoke(app, ["infer", "--lake", str(tmp_path / "empty")])
+    lake = str(tmp_path / "empty")
+    assert CliRunner().invoke(app, ["init", "--lake", lake]).exit_code == 0
+    result = CliRunner().invoke(app, ["infer", "--lake", lake])
     assert result.exit_code == 2
     assert "run `pacsflow tensors --lake" in result.output

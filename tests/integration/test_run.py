@@ -117,6 +117,8 @@ def test_run_end_to_end_then_nothing_new_then_one_new_study(setup: Path, tmp_pat
             "sql",
             "--lake",
             str(lake.root),
+            "--key-file",
+            str(setup / "k.key"),
             (
                 "SELECT count(DISTINCT object_key) AS n FROM lineage "
                 "WHERE result_kind = 'SEG' AND delivery_status = 'confirmed'"
@@ -126,11 +128,11 @@ def test_run_end_to_end_then_nothing_new_then_one_new_study(setup: Path, tmp_pat
     assert lineage.exit_code == 0
     assert int(lineage.output.split()[-1]) > 0
     # the stages that read the restricted zone say so in the audit log, with counts only
-    from pipeline.lake.audit import AuditLog
+    from pipeline.lake.audit import read_records
 
     reads = {
         r["details"]["stage"]: r["details"]
-        for r in AuditLog(lake).records()
+        for r in read_records(lake)
         if r["event"] == "restricted_read" and r["run_id"] == manifest["run_id"]
     }
     assert set(reads) >= {"deid", "tensors"}

@@ -21,6 +21,8 @@ from pipeline.deid.stage import run as deid_run
 from pipeline.infer.stage import run as infer_run
 from pipeline.lake import LakePaths, read_table
 from pipeline.lake.arrays import load_tensor
+from pipeline.lake.identity import open_lake
+from pipeline.lake.keys import LakeKeys
 from pipeline.tensors.stage import run as tensors_run
 from pipeline.writeback.stage import dciodvfy_errors
 from pipeline.writeback.stage import run as writeback_run
@@ -56,6 +58,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LakePaths]:
     write_registry(root / "models.yaml", bundle)
     cfg = _cfg(root)
     lake = LakePaths(root / "lake")
+    open_lake(lake, LakeKeys(KEY), create=True)  # the CLI tests below open it as a lake
     crawl_run(cfg, lake, FolderSource(root / "archive"), run_id="c")
     deid_run(cfg, lake, key=KEY, run_id="d")
     tensors_run(cfg, lake, run_id="t")
@@ -292,7 +295,7 @@ def test_sigkill_of_the_command_then_rerun_leaves_one_copy(
 
     _root, base = built
     lake = _copy(base, tmp_path / "lake")
-    key = b"s" * 32
+    key = KEY  # the lake's own key: another one is refused (one key per lake)
     key_file = tmp_path / "k.key"
     key_file.write_text(f"pacsflow-key-v1\n{base64.b64encode(key).decode()}\n")
     key_file.chmod(0o600)

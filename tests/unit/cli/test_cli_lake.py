@@ -64,4 +64,4 @@ def test_status_fails_on_a_tampered_or_truncated_audit_log(tmp_path: Path) -> No
     log.write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
     result = runner.invoke(app, ["status", "--lake", str(lake)])
     assert result.exit_code == 1
-    assert "hash mismatch" in result.output
+    assert "MAC mismatch" in result.output

@@ -128,26 +128,29 @@ def test_verify_finds_a_planted_leak(archive: Path, tmp_path: Path) -> None:
     assert kinds == [("blob", 1, "original UID"), ("when", 0, "birth date")]
 
 
-def test_deid_cli_needs_a_key_and_sql_and_verify_work(archive: Path, tmp_path: Path) -> None:
+def test_deid_cli_needs_a_key_and_sql_and_verify_work(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from typer.testing import CliRunner
 
     from pipeline.cli.main import app
 
+    monkeypatch.delenv("PACSFLOW_KEY_FILE")
     runner = CliRunner()
     lake = tmp_path / "lake"
-    crawl = runner.invoke(
-        app, ["crawl", "--source", str(archive), "--lake", str(lake), "--workers", "1"]
-    )
-    assert crawl.exit_code == 0, crawl.output
-    no_key = runner.invoke(app, ["deid", "--lake", str(lake), "--workers", "1"], env={})
-    assert no_key.exit_code == 2
-    assert "pacsflow keygen" in no_key.output
     key = generate_key_file(tmp_path / "k.key")
     assert load_key(key)
+    where = ["--lake", str(lake), "--key-file", str(key), "--workers", "1"]
+    crawl = runner.invoke(app, ["crawl", "--source", str(archive), *where])
+    assert crawl.exit_code == 0, crawl.output
+    no_key = runner.invoke(app, ["deid", "--lake", str(lake), "--workers", "1"])
+    assert no_key.exit_code == 2
+    assert "pacsflow keygen" in no_key.output
     done = runner.invoke(
         app, ["deid", "--lake", str(lake), "--key-file", str(key), "--workers", "1"]
     )
     assert done.exit_code == 0, done.output
+    monkeypatch.setenv("PACSFLOW_KEY_FILE", str(key))
     q = runner.invoke(app, ["sql", "--lake", str(lake), "SELECT count(*) AS n FROM instances"])
     assert q.exit_code == 0, q.output
     assert q.output.split()[-1].isdigit()

@@ -1,4 +1,4 @@
-"""Lake paths, schemas, atomic writes, manifests and the hash-chained audit log."""
+"""Lake paths, schemas, atomic writes, manifests and the keyed, chained audit log."""
 
 from __future__ import annotations
 
@@ -27,7 +27,18 @@ from pipeline.lake import (
     verify_chain,
     write_partition,
 )
+from pipeline.lake.identity import open_lake
 from pipeline.lake.io import conform
+from pipeline.lake.keys import LakeKeys
+
+KEYS = LakeKeys(b"lake-test-key-32-bytes-long-ok!!")
+
+
+def _lake(root: Path) -> LakePaths:
+    """A lake of KEYS (marker written) at ``root``."""
+    lake = LakePaths(root)
+    open_lake(lake, KEYS, create=True)
+    return lake
 
 
 def test_every_table_has_a_schema_and_a_zone(tmp_path: Path) -> None:
@@ -117,11 +128,11 @@ def test_restricted_zone_is_owner_only(tmp_path: Path) -> None:
 
 
 def test_audit_chain_detects_edits_deletions_and_reordering(tmp_path: Path) -> None:
-    lake = LakePaths(tmp_path).create()
-    log = AuditLog(lake)
+    lake = _lake(tmp_path)
+    log = AuditLog(lake, KEYS, witness="none")
     for i in range(5):
         log.append("read", run_id="r", count=i, pseudonym=f"2.25.{i}")
-    check = verify_chain(lake)
+    check = verify_chain(lake, KEYS)
     assert check.ok
     assert check.records == 5
     lines = log.path.read_text().splitlines()
@@ -131,20 +142,20 @@ def test_audit_chain_detects_edits_deletions_and_reordering(tmp_path: Path) -> N
     rec["details"]["count"] = 99
     edited[2] = json.dumps(rec)
     log.path.write_text("\n".join(edited) + "\n")
-    assert not verify_chain(lake).ok
+    assert not verify_chain(lake, KEYS).ok
 
     log.path.write_text("\n".join(lines[:2] + lines[3:]) + "\n")
-    assert "sequence" in verify_chain(lake).reason
+    assert "sequence" in verify_chain(lake, KEYS).reason
 
     log.path.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
-    assert not verify_chain(lake).ok
+    assert not verify_chain(lake, KEYS).ok
 
     log.path.write_text("\n".join(lines) + "\n")
-    assert verify_chain(lake).ok
+    assert verify_chain(lake, KEYS).ok
 
 
 def test_audit_refuses_identifying_details(tmp_path: Path) -> None:
-    log = AuditLog(LakePaths(tmp_path).create())
+    log = AuditLog(_lake(tmp_path), KEYS, witness="none")
     with pytest.raises(ValueError, match="identifying"):
         log.append("read", PatientID="12345")
     with pytest.raises(ValueError, match="identifying"):
@@ -154,13 +165,13 @@ def test_audit_refuses_identifying_details(tmp_path: Path) -> None:
 
 
 def _append_many(root: str, n: int) -> None:
-    log = AuditLog(LakePaths(Path(root)))
+    log = AuditLog(LakePaths(Path(root)), KEYS, witness="none")
     for i in range(n):
         log.append("worker", count=i, pid=os.getpid())
 
 
 def test_audit_appends_from_several_processes_keep_the_chain(tmp_path: Path) -> None:
-    lake = LakePaths(tmp_path).create()
+    lake = _lake(tmp_path)
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_append_many, args=(str(tmp_path), 40)) for _ in range(3)]
     for p in procs:
@@ -168,14 +179,16 @@ def test_audit_appends_from_several_processes_keep_the_chain(tmp_path: Path) -> 
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    check = verify_chain(lake)
+    check = verify_chain(lake, KEYS)
     assert check.ok, check.reason
     assert check.records == 120
 
 
 def test_run_manifest_records_counts_versions_and_audit_head(tmp_path: Path) -> None:
     lake = LakePaths(tmp_path)
-    with RunRecorder(lake, "crawl", config_hash="abc", config={"x": 1}) as rec:
+    with RunRecorder(
+        lake, "crawl", keys=KEYS, witness="none", create=True, config_hash="abc", config={"x": 1}
+    ) as rec:
         assert json.loads(rec.path.read_text())["status"] == "running"
         rec.stage("crawl", StageCounts(seen=3, out=2, quarantined=1))
     (m,) = list_manifests(lake)
@@ -184,17 +197,18 @@ def test_run_manifest_records_counts_versions_and_audit_head(tmp_path: Path) -> 
     assert m.versions["pydicom"]
     assert m.stages["crawl"].reconciles
     assert m.audit_head is not None
-    records = AuditLog(lake).records()
+    assert m.key_fingerprint == KEYS.fingerprint
+    records = AuditLog(lake, KEYS).records()
     assert [r["event"] for r in records] == ["run_started", "run_finished"]
-    assert records[-1]["hash"] == m.audit_head["hash"]
+    assert records[-1]["mac"] == m.audit_head["mac"]
 
 
 def test_run_manifest_flags_unreconciled_and_failed_runs(tmp_path: Path) -> None:
-    lake = LakePaths(tmp_path)
-    with RunRecorder(lake, "crawl") as rec:
+    lake = _lake(tmp_path)
+    with RunRecorder(lake, "crawl", keys=KEYS, witness="none") as rec:
         rec.stage("crawl", StageCounts(seen=3, out=1))
     assert list_manifests(lake)[-1].status == "unreconciled"
-    with pytest.raises(RuntimeError), RunRecorder(lake, "crawl"):
+    with pytest.raises(RuntimeError), RunRecorder(lake, "crawl", keys=KEYS, witness="none"):
         raise RuntimeError("boom")
     failed = [m for m in list_manifests(lake) if m.status == "failed"]
     assert len(failed) == 1
