@@ -57,7 +57,7 @@ def run_pipeline(
     import contextlib
 
     assert cfg.lake is not None
-    lake = LakePaths(cfg.lake)
+    lake: LakePaths = rec.lake  # carries the keys (a lake encrypted at rest needs them)
     summary = RunSummary(rec.run_id)
     stages = cfg.run
 

@@ -101,15 +101,16 @@ def lake_keys(cfg: PipelineConfig, key_file: Path | None, *, required: bool = Tr
 
 def open_lake_or_fail(cfg: PipelineConfig, keys: Any, *, create: bool = False) -> Any:
     """The lake of ``cfg`` checked by :func:`pipeline.lake.identity.open_lake` (not a lake,
-    a newer format or another key exit 2 with one line); returns its ``LakePaths``."""
+    a newer format or another key exit 2 with one line); returns its ``LakePaths``, carrying
+    ``keys``. A lake it creates is encrypted at rest as ``cfg.encrypt_at_rest`` says."""
     from pipeline.lake import LakePaths
     from pipeline.lake.identity import LakeIdentityError, open_lake
 
     if cfg.lake is None:
         fail("no lake: pass --lake LAKE or set `lake:` in the config", EXIT_USAGE)
-    paths = LakePaths(cfg.lake)
+    paths = LakePaths(cfg.lake, keys=keys)
     try:
-        open_lake(paths, keys, create=create)
+        open_lake(paths, keys, create=create, encrypted=cfg.encrypt_at_rest)
     except LakeIdentityError as exc:
         fail(str(exc), EXIT_USAGE)
     return paths
@@ -219,7 +220,7 @@ def recorder(cfg: PipelineConfig, command: str, keys: Any, *, create: bool = Fal
 
     assert cfg.lake is not None
     return RunRecorder(
-        LakePaths(cfg.lake),
+        LakePaths(cfg.lake, keys=keys),
         command,
         keys=keys,
         witness=cfg.audit.witness,

@@ -49,7 +49,7 @@ def crawl_with_manifest(cfg: PipelineConfig, source_uri: str, command: str, keys
         progress_bar("crawl", None) as advance,
     ):
         result = crawl_run(cfg, lake, source, run_id=rec.run_id, client=client, progress=advance)
-        rec.stage("crawl", result.counts)
+        rec.restricted_stage("crawl", result.counts)  # it reads the identified archive
     c = result.counts
     if not c.reconciles:
         fail(f"crawl counts do not reconcile: seen {c.seen} != {c.out}+{c.quarantined}+{c.skipped}")

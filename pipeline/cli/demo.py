@@ -112,7 +112,7 @@ def demo(
         leaks = summary.leaks
 
         assert cfg.lake is not None
-        lake = LakePaths(cfg.lake)
+        lake = LakePaths(cfg.lake, keys=keys)
         index = current_index(lake)
         quarantine = read_table(lake, "quarantine", columns=["location", "reason", "stage"])
         quarantine = quarantine.filter(pc.equal(quarantine.column("stage"), "crawl"))

@@ -231,7 +231,8 @@ class DeidConfig(_Section):
     encrypt_vault: bool = Field(
         False,
         description="Encrypt the original identifiers in restricted/vault at rest (AES-SIV under "
-        "a key derived from the secret key; new rows).",
+        "a key derived from the secret key; new rows). A lake encrypted at rest "
+        "(encrypt_at_rest) does so whatever this says.",
     )
 
 
@@ -506,7 +507,16 @@ class PipelineConfig(_Section):
 
     lake: Path | None = Field(None, description="Root folder of the lake.")
     key_file: Path | None = Field(
-        None, description="Secret key file for pseudonyms (or env PACSFLOW_KEY_FILE)."
+        None,
+        description="The lake's secret key file (or env PACSFLOW_KEY_FILE); every key pacsflow "
+        "uses derives from it.",
+    )
+    encrypt_at_rest: bool = Field(
+        True,
+        description="A new lake seals its restricted zone: identifying columns of the index, "
+        "quarantine, units and outbox, the vault's originals and the SEG/SR built for sending "
+        "are encrypted under keys derived from the secret key. Chosen when the lake is "
+        "created (recorded in its marker); later values are ignored.",
     )
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Compute settings.")
     source: SourceConfig = Field(default_factory=SourceConfig, description="Archive to crawl.")

@@ -43,6 +43,7 @@ from pipeline.crawl.core import parse_raw
 from pipeline.enums import ObjectState, Stage
 from pipeline.errors import InputError
 from pipeline.lake import LakePaths, StageCounts, read_table, schema_for, write_partition
+from pipeline.lake.crypto import Sealer
 from pipeline.lake.duck import (
     arrow_reader,
     arrow_table,
@@ -90,6 +91,8 @@ def current_index(lake: LakePaths) -> pa.Table:
         table = arrow_table(con, f"SELECT * FROM {sql} ORDER BY object_key")
     finally:
         con.close()
+    sealer = lake.sealer()
+    table = sealer.open_table("index", table) if sealer is not None else table
     return table.cast(schema_for("index"))
 
 
@@ -204,8 +207,9 @@ def crawl_batch(
 # --------------------------------------------------------------------------------------------
 
 
-def _write_listing(source: Source, folder: Path) -> int:
-    """Stream the source's units into Parquet chunks; return how many there are."""
+def _write_listing(source: Source, folder: Path, sealer: Sealer | None = None) -> int:
+    """Stream the source's units into Parquet chunks; return how many there are. Unit keys
+    are sealed as the units table holds them (a lake encrypted at rest), so the diff joins."""
     folder.mkdir(parents=True, exist_ok=True)
     schema = pa.schema(
         [
@@ -224,7 +228,7 @@ def _write_listing(source: Source, folder: Path) -> int:
             return
         cols = {
             "seq": list(range(n - len(chunk), n)),
-            "unit_key": [u.key for u in chunk],
+            "unit_key": [sealer.seal("unit_key", u.key) if sealer else u.key for u in chunk],
             "watermark": [u.watermark for u in chunk],
             "size_bytes": [u.size_bytes for u in chunk],
             "mtime_ns": [u.mtime_ns for u in chunk],
@@ -244,9 +248,14 @@ def _write_listing(source: Source, folder: Path) -> int:
 
 
 def _batches(
-    con: Any, sql: str, params: Mapping[str, Any], batch_units: int
+    con: Any,
+    sql: str,
+    params: Mapping[str, Any],
+    batch_units: int,
+    sealer: Sealer | None = None,
 ) -> Iterator[tuple[list[Unit], dict[str, dict[str, str]]]]:
-    """Group the diff query's rows (ordered by listing) into batches of whole units."""
+    """Group the diff query's rows (ordered by listing) into batches of whole units (their
+    keys opened, to be read from the source)."""
     reader = arrow_reader(con, sql, params, 10_000)
     units: list[Unit] = []
     known: dict[str, dict[str, str]] = {}
@@ -262,6 +271,8 @@ def _batches(
             cols["fingerprint"],
             strict=True,
         ):
+            if sealer is not None:
+                uk = sealer.open("unit_key", uk)
             if uk != last:
                 if len(units) >= batch_units:
                     yield units, known
@@ -355,7 +366,7 @@ def run(
     (tmp / "pid").write_text(f"{socket.gethostname()} {os.getpid()}")
     src = source.source_id
     try:
-        n_units = _write_listing(source, tmp / "listing")
+        n_units = _write_listing(source, tmp / "listing", lake.sealer())
         con = connect(tmp)
         listing = f"read_parquet('{tmp / 'listing'}/*.parquet')"
         units_latest = latest_sql(lake, "units", "unit_key", "crawled_at", "source = $src")
@@ -392,7 +403,7 @@ def run(
         )
         totals = {"indexed": 0, "quarantined": 0, "unchanged": 0, "units": 0}
         on_invalid = cfg.crawl.on_invalid
-        batches = _batches(con, diff, params, cfg.compute.partition_size)
+        batches = _batches(con, diff, params, cfg.compute.partition_size, lake.sealer())
 
         def add(result: dict[str, int]) -> None:
             for k in totals:

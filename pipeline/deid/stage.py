@@ -37,6 +37,7 @@ from pipeline.errors import InputError, MissingAttribute, SourceError, Unreadabl
 from pipeline.lake import (
     LakePaths,
     StageCounts,
+    read_table,
     sync_filesystem,
     table_exists,
     write_partition,
@@ -266,7 +267,9 @@ def deid_batch(
     now = dt.datetime.now(dt.UTC)
     pseudo = LakeKeys(secret_key).pseudonymizer()
     deid = Deidentifier(pseudo, cfg.deid.options)
-    cipher = VaultCipher(secret_key) if cfg.deid.encrypt_vault else None
+    # a lake encrypted at rest always encrypts its vault
+    sealed = cfg.deid.encrypt_vault or lake.encrypted_at_rest
+    cipher = VaultCipher(secret_key) if sealed else None
     allowed = frozenset(v.upper() if "." not in v else v for v in cfg.deid.allow_burned_in)
     export = cfg.deid.export_dicom
     sources: dict[str, Source] = {}
@@ -345,7 +348,20 @@ def deid_batch(
     }
 
 
-def _new_sql(lake: LakePaths) -> str:
+def _own_uids_sql(con: Any, lake: LakePaths) -> str:
+    """SQL of the SOP Instance UIDs write-back gave pacsflow's own results, in the form the
+    index holds UIDs (sealed in a lake encrypted at rest), as a temporary table of ``con``."""
+    import pyarrow as pa
+
+    uids = read_table(lake, "outbox", columns=["result_uid"]).column("result_uid").to_pylist()
+    sealer = lake.sealer()
+    if sealer is not None:
+        uids = [sealer.seal("uid", u) for u in uids]
+    con.register("pf_own_uids", pa.table({"uid": pa.array(sorted(set(uids)), pa.string())}))
+    return "(SELECT uid FROM pf_own_uids)"
+
+
+def _new_sql(lake: LakePaths, own: str) -> str:
     """Indexed objects not yet de-identified (nor quarantined by deid), with ``own``: true for
     pacsflow's own write-back results (their SOP Instance UID is in the outbox), which a crawl of
     the PACS they were stored into finds again and which are never research data."""
@@ -354,7 +370,7 @@ def _new_sql(lake: LakePaths) -> str:
     return f"""
         SELECT i.object_key, i.source, i.location, i.unit_key, i.PatientID, i.fingerprint,
                i.size_bytes, i.mtime_ns,
-               i.SOPInstanceUID IN (SELECT result_uid FROM {scan_sql(lake, "outbox")}) AS own
+               i.SOPInstanceUID IN {own} AS own
         FROM {index_latest} i
         LEFT JOIN {scan_sql(lake, "vault")} v
           ON v.object_key = i.object_key AND v.fingerprint IS NOT DISTINCT FROM i.fingerprint
@@ -365,19 +381,21 @@ def _new_sql(lake: LakePaths) -> str:
 
 def _own_results(con: Any, lake: LakePaths) -> int:
     """How many new indexed objects are pacsflow's own results (skipped, see :func:`_new_sql`)."""
-    rows = con.execute(f"SELECT count(*) FROM ({_new_sql(lake)}) WHERE own").fetchall()
+    rows = con.execute(
+        f"SELECT count(*) FROM ({_new_sql(lake, _own_uids_sql(con, lake))}) WHERE own"
+    ).fetchall()
     return int(rows[0][0])
 
 
 def _todo(con: Any, lake: LakePaths, batch: int) -> Iterator[list[dict[str, Any]]]:
     sql = f"""
-        SELECT * EXCLUDE (own) FROM ({_new_sql(lake)})
+        SELECT * EXCLUDE (own) FROM ({_new_sql(lake, _own_uids_sql(con, lake))})
         WHERE own IS NOT TRUE
         ORDER BY object_key
     """
     rows: list[dict[str, Any]] = []
     for rb in arrow_reader(con, sql, None, 10_000):
-        rows.extend(rb.to_pylist())
+        rows.extend(lake.opened("index", r) for r in rb.to_pylist())
         while len(rows) >= batch:
             yield rows[:batch]
             rows = rows[batch:]
@@ -404,6 +422,7 @@ def _export_todo(
     rows: list[dict[str, Any]] = []
     for rb in arrow_reader(con, sql, None, 10_000):
         for r in rb.to_pylist():
+            r = lake.opened("index", r)
             path = (
                 folder / r["study_pseudonym"] / r["series_pseudonym"] / f"{r['sop_pseudonym']}.dcm"
             )

@@ -2,8 +2,9 @@
 
 The first command that creates a lake (``pacsflow init``, the first crawl, ``run`` or ``demo``)
 writes the marker: the lake format version, a random lake id, when and by which version it was
-made, and the fingerprint of its secret key (:attr:`pipeline.lake.keys.LakeKeys.fingerprint`,
-never the key). Every later command opens the lake through :func:`open_lake`, which refuses
+made, the fingerprint of its secret key (:attr:`pipeline.lake.keys.LakeKeys.fingerprint`,
+never the key), and whether it is encrypted at rest (chosen at creation, for good). Every
+later command opens the lake through :func:`open_lake`, which refuses
 
 - a folder without the marker (a typo in ``--lake``, an unrelated folder, a lake made before
   format 1), so nothing is created in it and no check passes on it by accident;
@@ -51,6 +52,8 @@ class LakeIdentity:
     created_at: str
     created_by: str
     key_fingerprint: str
+    #: the restricted zone's identifying columns and files are sealed (``encrypt_at_rest``)
+    encrypted_at_rest: bool = False
 
     def to_json(self) -> str:
         """The marker's text."""
@@ -87,6 +90,7 @@ def read_marker(lake: LakePaths) -> LakeIdentity | None:
             created_at=str(data["created_at"]),
             created_by=str(data["created_by"]),
             key_fingerprint=str(data["key_fingerprint"]),
+            encrypted_at_rest=bool(data.get("encrypted_at_rest", False)),
         )
     except KeyError as exc:
         raise LakeIdentityError(f"{path} is damaged (no {exc.args[0]})") from None
@@ -106,7 +110,7 @@ def _not_a_lake(lake: LakePaths) -> LakeIdentityError:
     return LakeIdentityError(f"{root} is not a pacsflow lake (no {MARKER})")
 
 
-def _create(lake: LakePaths, keys: LakeKeys) -> LakeIdentity:
+def _create(lake: LakePaths, keys: LakeKeys, encrypted: bool) -> LakeIdentity:
     root = lake.root
     if root.exists() and not root.is_dir():
         raise LakeIdentityError(f"{root} is a file, not a folder for a lake")
@@ -125,6 +129,7 @@ def _create(lake: LakePaths, keys: LakeKeys) -> LakeIdentity:
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         created_by=f"pacsflow {__version__}",
         key_fingerprint=keys.fingerprint,
+        encrypted_at_rest=encrypted,
     )
     lake.create()
     atomic_write_text(root / MARKER, identity.to_json())
@@ -132,10 +137,12 @@ def _create(lake: LakePaths, keys: LakeKeys) -> LakeIdentity:
     return identity
 
 
-def open_lake(lake: LakePaths, keys: LakeKeys | None, *, create: bool = False) -> LakeIdentity:
+def open_lake(
+    lake: LakePaths, keys: LakeKeys | None, *, create: bool = False, encrypted: bool = False
+) -> LakeIdentity:
     """Check that ``lake`` is a lake of this format and of ``keys``; with ``create``, make a
-    new lake in a missing or empty folder. ``keys`` None skips the key check (read-only
-    commands that never use the key: ``status``).
+    new lake in a missing or empty folder (``encrypted``: sealed at rest, for good). ``keys``
+    None skips the key check (read-only commands that never use the key: ``status``).
 
     Raises
     ------
@@ -147,7 +154,7 @@ def open_lake(lake: LakePaths, keys: LakeKeys | None, *, create: bool = False) -
     if identity is None:
         if not create or keys is None:
             raise _not_a_lake(lake)
-        return _create(lake, keys)
+        return _create(lake, keys, encrypted)
     if keys is not None and keys.fingerprint != identity.key_fingerprint:
         raise LakeIdentityError(
             f"wrong key for {lake.root}: the lake belongs to key {identity.key_fingerprint}, "

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline.lake.crypto import SEALED_COLUMNS, VaultCipher
 from pipeline.lake.paths import LakePaths
 from pipeline.lake.schemas import schema_for
 
@@ -170,6 +171,9 @@ def write_partition(
         raise ValueError(f"unsafe part name {part!r}")
     final = folder / f"{part}.parquet"
     conformed = conform(table, name)
+    sealer = lake.sealer() if name in SEALED_COLUMNS else None
+    if sealer is not None:  # a lake encrypted at rest: its identifying columns are sealed
+        conformed = sealer.seal_table(name, conformed)
     drop = [k for k in (partition or {}) if k in conformed.column_names]
     if drop:
         conformed = conformed.drop_columns(drop)
@@ -229,7 +233,9 @@ def read_table(
     """Read lake table ``name`` (all partitions) with its declared schema.
 
     Returns an empty table of the right schema when the table has no files yet. Hive partition
-    columns that duplicate a declared column are read as that column.
+    columns that duplicate a declared column are read as that column. Sealed columns (a lake
+    encrypted at rest) come back opened, and the vault's originals decrypted, when ``lake``
+    carries its keys; a ``filter`` sees them as stored.
     """
     schema = schema_for(name)
     folder = lake.table(name)
@@ -243,13 +249,25 @@ def read_table(
         partitioning="hive",
         ignore_prefixes=[".", "_"],
     )
-    return dataset.to_table(columns=columns, filter=filter)
+    vault_keys = name == "vault" and lake.keys is not None
+    wanted = columns
+    if vault_keys and columns is not None and "object_key" not in columns:
+        wanted = [*columns, "object_key"]  # the vault's ciphertexts are bound to it
+    table = dataset.to_table(columns=wanted, filter=filter)
+    if vault_keys:
+        assert lake.keys is not None
+        table = VaultCipher(lake.keys.secret).decrypt_table(table)
+        if wanted is not columns:
+            table = table.drop_columns(["object_key"])
+    sealer = lake.sealer() if name in SEALED_COLUMNS else None
+    return sealer.open_table(name, table) if sealer is not None else table
 
 
 def scan_batches(
     lake: LakePaths, name: str, *, columns: list[str] | None = None, batch_size: int = 65_536
 ) -> Iterator[pa.RecordBatch]:
-    """Stream lake table ``name`` as record batches (memory bounded by ``batch_size``)."""
+    """Stream lake table ``name`` as record batches (memory bounded by ``batch_size``); sealed
+    columns come back opened."""
     if not table_exists(lake, name):
         return
     dataset = ds.dataset(
@@ -259,7 +277,13 @@ def scan_batches(
         partitioning="hive",
         ignore_prefixes=[".", "_"],
     )
-    yield from dataset.to_batches(columns=columns, batch_size=batch_size)
+    sealer = lake.sealer() if name in SEALED_COLUMNS else None
+    for batch in dataset.to_batches(columns=columns, batch_size=batch_size):
+        if sealer is None:
+            yield batch
+        else:
+            opened = sealer.open_table(name, pa.Table.from_batches([batch]))
+            yield from opened.to_batches()
 
 
 def sweep_temporaries(lake: LakePaths) -> int:

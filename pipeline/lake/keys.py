@@ -11,7 +11,9 @@ reveals the secret or another derived key (:class:`LakeKeys`):
 derived key               info label                                  used for
 ========================  ==========================================  ====================
 pseudonym key (32 B)      ``pacsflow/v1/pseudonyms``                  UIDs, tokens, shifts
-encryption key (64 B)     ``pacsflow vault AES-SIV v1``               AES-SIV at rest
+encryption key (64 B)     ``pacsflow vault AES-SIV v1``               the vault's originals
+column key (64 B)         ``pacsflow/v1/sealed-columns``              sealed columns
+file key (32 B)           ``pacsflow/v1/files``                       sealed files
 audit MAC key (32 B)      ``pacsflow/v1/audit-mac``                   the audit chain
 fingerprint key (32 B)    ``pacsflow/v1/fingerprint``                 the key's fingerprint
 ========================  ==========================================  ====================
@@ -113,6 +115,8 @@ def load_key(path: Path | None = None) -> bytes:
 _PSEUDONYM_INFO = b"pacsflow/v1/pseudonyms"
 #: kept from the vault's first encryption, so vaults encrypted before the hierarchy still decrypt
 _ENCRYPTION_INFO = b"pacsflow vault AES-SIV v1"
+_COLUMN_INFO = b"pacsflow/v1/sealed-columns"
+_FILE_INFO = b"pacsflow/v1/files"
 _AUDIT_INFO = b"pacsflow/v1/audit-mac"
 _FINGERPRINT_INFO = b"pacsflow/v1/fingerprint"
 _FINGERPRINT_LABEL = b"pacsflow key fingerprint"
@@ -154,6 +158,16 @@ class LakeKeys:
     def encryption_key(self) -> bytes:
         """The 512-bit AES-SIV key of encryption at rest."""
         return _hkdf(self.secret, _ENCRYPTION_INFO, 64)
+
+    @property
+    def column_key(self) -> bytes:
+        """The 512-bit AES-SIV key of the restricted zone's sealed columns."""
+        return _hkdf(self.secret, _COLUMN_INFO, 64)
+
+    @property
+    def file_key(self) -> bytes:
+        """The AES-256-GCM key of the restricted zone's sealed files."""
+        return _hkdf(self.secret, _FILE_INFO)
 
     @property
     def audit_key(self) -> bytes:

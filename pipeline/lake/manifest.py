@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -106,7 +107,7 @@ class RunRecorder:
         config_hash: str | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
-        self.lake = lake
+        self.lake = lake.with_keys(keys)
         self.keys = keys
         self.create = create
         self.manifest = RunManifest(
@@ -167,6 +168,8 @@ class RunRecorder:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self.lake.encrypted_at_rest:  # the DIMSE cache holds originals: none left at rest
+            shutil.rmtree(self.lake.restricted / "cache", ignore_errors=True)
         m = self.manifest
         m.seconds = round(time.perf_counter() - self._t0, 3)
         m.finished_at = datetime.now(UTC).isoformat(timespec="seconds")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline.enums import Zone
+
+if TYPE_CHECKING:
+    from pipeline.lake.crypto import FileCipher, Sealer
+    from pipeline.lake.keys import LakeKeys
 
 __all__ = ["RESEARCH_TABLES", "RESTRICTED_TABLES", "LakePaths"]
 
@@ -36,9 +41,62 @@ class LakePaths:
     """
 
     root: Path
+    #: The lake's keys, when the caller opened it with them (stages that seal or open the
+    #: restricted zone's identifying values use them; they travel to Dask workers with it).
+    keys: LakeKeys | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    def with_keys(self, keys: LakeKeys | None) -> LakePaths:
+        """The same lake, carrying ``keys``."""
+        return replace(self, keys=keys)
+
+    @property
+    def encrypted_at_rest(self) -> bool:
+        """True when the lake's marker says its restricted zone is sealed."""
+        from pipeline.lake.identity import read_marker
+
+        identity = read_marker(self)
+        return identity is not None and identity.encrypted_at_rest
+
+    def _needs_keys(self) -> LakeKeys:
+        if self.keys is None:
+            from pipeline.errors import LakeError
+
+            raise LakeError(
+                f"{self.root} is encrypted at rest: this step needs the lake's key (a bug when "
+                "a command that took --key-file says it)"
+            )
+        return self.keys
+
+    def sealer(self) -> Sealer | None:
+        """The sealer of the restricted zone's identifying columns, or None when the lake is
+        not encrypted at rest.
+
+        Raises
+        ------
+        LakeError
+            An encrypted lake opened without its keys.
+        """
+        if not self.encrypted_at_rest:
+            return None
+        from pipeline.lake.crypto import Sealer
+
+        return Sealer(self._needs_keys().column_key)
+
+    def file_cipher(self) -> FileCipher | None:
+        """The cipher of the restricted zone's files, or None when not encrypted at rest."""
+        if not self.encrypted_at_rest:
+            return None
+        from pipeline.lake.crypto import FileCipher
+
+        return FileCipher(self._needs_keys().file_key)
+
+    def opened(self, table: str, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` of restricted table ``table`` (read through SQL) with sealed values opened."""
+        sealer = self.sealer()
+        return sealer.open_row(table, row) if sealer is not None else row
 
     @property
     def restricted(self) -> Path:

@@ -239,8 +239,11 @@ def _todo(
     """
     batch: list[dict[str, Any]] = []
     n = 0
+    sealer = lake.sealer()
     for rb in arrow_reader(con, sql, {"h": prep_hash}, 256):
         for row in rb.to_pylist():
+            if sealer is not None:  # locations to read the objects from
+                row["objects"] = [sealer.open_row("index", o) for o in row["objects"]]
             batch.append(row)
             n += len(row["objects"])
             if n >= batch_objects:

@@ -23,13 +23,15 @@ The source objects of a volume whose SEG is confirmed reach the state ``written_
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import logging
 import re
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -40,7 +42,7 @@ from pipeline.config import PipelineConfig
 from pipeline.connectors import open_source
 from pipeline.errors import InputError, PacsflowError, SourceError, WritebackError
 from pipeline.lake import LakePaths, StageCounts, atomic_write_bytes, load_tensor, write_partition
-from pipeline.lake.crypto import VaultCipher
+from pipeline.lake.crypto import FileCipher, VaultCipher
 from pipeline.lake.duck import arrow_table, connect, latest_sql, scan_sql
 from pipeline.lake.keys import LakeKeys, Pseudonymizer
 
@@ -118,7 +120,7 @@ def _originals(
         WHERE v.sop_pseudonym IN (SELECT unnest($sops))
     """
     rows = arrow_table(con, sql, {"sops": sops}).to_pylist()
-    return {r["sop_pseudonym"]: cipher.decrypt_row(r) for r in rows}
+    return {r["sop_pseudonym"]: cipher.decrypt_row(lake.opened("index", r)) for r in rows}
 
 
 def _confirmed(con: Any, lake: LakePaths, dest: str) -> dict[str, str]:
@@ -168,6 +170,7 @@ def run(
     t0 = time.perf_counter()
     pseudo = LakeKeys(key).pseudonymizer()
     cipher = VaultCipher(key)  # clear rows pass through: the vault may mix both
+    files = lake.file_cipher()  # a lake encrypted at rest seals the objects it builds
     from pipeline.connectors import source_kind
     from pipeline.enums import SourceKind
 
@@ -268,28 +271,34 @@ def run(
                 for obj, ds in ((seg_obj, seg), (sr_obj, sr)):
                     buf = io.BytesIO()
                     ds.save_as(buf, enforce_file_format=True)
-                    atomic_write_bytes(objects_dir / obj["path_name"], buf.getvalue())
+                    data, name = buf.getvalue(), obj["path_name"]
+                    if files is not None:  # sealed at rest: re-identified objects
+                        data = files.encrypt(data, name)
+                    atomic_write_bytes(objects_dir / name, data)
                     counts["built"] += 1
                     row(obj, "built", None)
-            ready = []
-            for obj in todo:
-                path = objects_dir / obj["path_name"]
-                if cfg.writeback.check_iod:
-                    errors = dciodvfy_errors(path)
-                    if errors:
+            with _clear_files(objects_dir, [o["path_name"] for o in todo], files) as clear:
+                ready = []
+                for obj in todo:
+                    path = clear[obj["path_name"]]
+                    if cfg.writeback.check_iod:
+                        errors = dciodvfy_errors(path)
+                        if errors:
+                            counts["failed"] += 1
+                            row(obj, "invalid", errors[0][:500])
+                            pending.append(obj["result_uid"])
+                            continue
+                    ready.append((obj, path))
+                for obj, path in ready:
+                    ok = _send(cfg, destination, obj, path, row)
+                    counts["sent"] += 1 if ok is not None else 0
+                    if ok:
+                        counts["confirmed"] += 1
+                        if files is not None:  # the destination holds it now: none kept here
+                            (objects_dir / obj["path_name"]).unlink(missing_ok=True)
+                    else:
                         counts["failed"] += 1
-                        row(obj, "invalid", errors[0][:500])
                         pending.append(obj["result_uid"])
-                        continue
-                ready.append((obj, path))
-            for obj, path in ready:
-                ok = _send(cfg, destination, obj, path, row)
-                counts["sent"] += 1 if ok is not None else 0
-                if ok:
-                    counts["confirmed"] += 1
-                else:
-                    counts["failed"] += 1
-                    pending.append(obj["result_uid"])
     finally:
         if rows:
             write_partition(lake, "outbox", rows, part=f"{run_id}-{len(rows):06d}")
@@ -382,6 +391,24 @@ def _plan(
             }
         )
     return out
+
+
+@contextlib.contextmanager
+def _clear_files(
+    folder: Path, names: list[str], files: FileCipher | None
+) -> Iterator[dict[str, Path]]:
+    """The built objects ``names`` as readable files: themselves, or (sealed at rest)
+    decrypted copies in a private temporary folder that is removed afterwards."""
+    if files is None:
+        yield {n: folder / n for n in names}
+        return
+    with tempfile.TemporaryDirectory(prefix="pacsflow-writeback-") as tmp:
+        out = {}
+        for name in names:
+            clear = Path(tmp) / name
+            clear.write_bytes(files.decrypt((folder / name).read_bytes(), name))
+            out[name] = clear
+        yield out
 
 
 def _send(

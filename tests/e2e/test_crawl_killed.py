@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.crawl import current_index
 from pipeline.lake import LakePaths, read_table
+from pipeline.lake.keys import LakeKeys, load_key
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,8 @@ def test_killed_crawl_resumes_to_the_same_index(tmp_path: Path, session_key_file
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     proc.communicate()
-    partial = LakePaths(lake)
+    keys = LakeKeys(load_key(session_key_file))  # the lake is sealed at rest: reads need it
+    partial = LakePaths(lake, keys=keys)
     assert 0 < read_table(partial, "index").num_rows < good
 
     rerun = _crawl(archive, lake, session_key_file)
@@ -76,5 +78,5 @@ def test_killed_crawl_resumes_to_the_same_index(tmp_path: Path, session_key_file
     resumed = current_index(partial)
     assert resumed.num_rows == good
     assert read_table(partial, "index").num_rows == good  # no duplicate rows at all
-    assert _stable(resumed) == _stable(current_index(LakePaths(reference)))
+    assert _stable(resumed) == _stable(current_index(LakePaths(reference, keys=keys)))
     assert not list(lake.glob(".crawl-*"))  # the killed run's scratch folder was swept

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli.main import app
 from pipeline.lake import LakePaths, read_table
+from pipeline.lake.keys import LakeKeys
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +106,7 @@ def test_run_end_to_end_then_nothing_new_then_one_new_study(setup: Path, tmp_pat
     assert "verify: leaks found = 0" in first.output
     manifest = _manifest(run / "lake", first.output)
     assert set(manifest["stages"]) == {"crawl", "deid", "tensors", "infer", "writeback"}
-    lake = LakePaths(run / "lake")
+    lake = LakePaths(run / "lake", keys=LakeKeys(KEY))
     tables = _tables(lake)
     assert tables["findings"]
     assert len(tables["outbox"]) == 2 * len(tables["tensors"])
@@ -168,7 +169,7 @@ def test_run_on_a_dask_cluster_equals_in_process(
         # the same absolute archive path on both sides would be needed for equal object keys;
         # object keys differ by location, so compare what does not depend on it
         _run(_config(setup, run), *extra)
-        runs[name] = _tables(LakePaths(run / "lake"))
+        runs[name] = _tables(LakePaths(run / "lake", keys=LakeKeys(KEY)))
     assert runs["here"]["findings"] == runs["there"]["findings"]
     assert runs["here"]["tensors"] == runs["there"]["tensors"]
     assert runs["here"]["outbox"] == runs["there"]["outbox"]
@@ -181,7 +182,7 @@ def test_run_refuses_a_second_run_on_the_same_lake(setup: Path, tmp_path: Path) 
     run.mkdir()
     shutil.copytree(setup / "archive", run / "archive")
     config = _config(setup, run)
-    with lake_lock(LakePaths(run / "lake"), "someone else"):
+    with lake_lock(LakePaths(run / "lake", keys=LakeKeys(KEY)), "someone else"):
         result = CliRunner().invoke(app, ["run", str(config)])
     assert result.exit_code != 0
     assert "another pacsflow run holds" in result.output
@@ -219,7 +220,7 @@ def test_sigkill_at_several_points_then_rerun_equals_an_uninterrupted_run(
     )
     full = time.monotonic() - t0
     assert done.returncode == 0, done.stderr[-2000:]
-    reference = _tables(LakePaths(ref_dir / "lake"))
+    reference = _tables(LakePaths(ref_dir / "lake", keys=LakeKeys(KEY)))
     for fraction in (0.2, 0.45, 0.7, 0.9):
         run = tmp_path / f"kill-{fraction}"
         run.mkdir()
@@ -236,7 +237,7 @@ def test_sigkill_at_several_points_then_rerun_equals_an_uninterrupted_run(
             argv(config), env=env, capture_output=True, text=True, timeout=600, check=False
         )
         assert again.returncode == 0, (fraction, again.stderr[-2000:])
-        lake = LakePaths(run / "lake")
+        lake = LakePaths(run / "lake", keys=LakeKeys(KEY))
         got = _tables(lake)
         assert got["tensors"] == reference["tensors"], fraction
         assert got["findings"] == reference["findings"], fraction

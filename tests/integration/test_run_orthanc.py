@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli.main import app
 from pipeline.lake import LakePaths, read_table
+from pipeline.lake.keys import LakeKeys
 from pipeline.synth.lesions import match_lesions
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -98,7 +99,7 @@ def test_orthanc_to_orthanc_every_lesion_comes_back(
         )
         output = _run(config)
         assert "verify: leaks found = 0" in output
-        lake = LakePaths(tmp_path / "lake")
+        lake = LakePaths(tmp_path / "lake", keys=LakeKeys(KEY))
         run_id = output.strip().splitlines()[-1].split()[1].rstrip(":")
         manifest = json.loads((lake.root / "runs" / f"{run_id}.json").read_text())
         for name, stage in manifest["stages"].items():

@@ -38,7 +38,8 @@ def test_crawl_then_status(tmp_path: Path) -> None:
     assert rep["runs"] == 2
     assert rep["last_run"]["status"] == "succeeded"
     assert rep["audit"]["ok"]
-    assert rep["audit"]["records"] == 4
+    assert rep["audit"]["records"] == 6  # per crawl: started, read of identified data, finished
+    assert rep["key_fingerprint"].startswith("pfk1:")
 
 
 def test_status_fails_on_a_tampered_or_truncated_audit_log(tmp_path: Path) -> None:
