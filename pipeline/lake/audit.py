@@ -229,7 +229,8 @@ class AuditLog:
         ValueError
             When ``details`` holds a forbidden key or a non-JSON-scalar value.
         LakeError
-            When the log's last line is torn (run ``pacsflow audit repair``) or damaged.
+            When the log's last line is torn (run ``pacsflow audit repair``) or damaged, or
+            the record cannot be written (a full disk: it may be left torn).
         """
         if not event or not isinstance(event, str):
             raise ValueError("audit event must be a non-empty string")
@@ -251,8 +252,15 @@ class AuditLog:
                 "prev": prev,
             }
             record["mac"] = _mac(self._key, record)
-            _write_all(fd, _canonical(record) + b"\n")
-            os.fsync(fd)
+            try:
+                _write_all(fd, _canonical(record) + b"\n")
+                os.fsync(fd)
+            except OSError as exc:
+                raise LakeError(
+                    f"cannot write the audit log ({exc.strerror}): the action is not recorded; "
+                    "free space, then `pacsflow audit repair --lake LAKE` if it reports a torn "
+                    "last record"
+                ) from exc
         finally:
             os.close(fd)  # closing drops the flock
         self.witness.record(lake_id, record["seq"], record["mac"], record["time"])
