@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bundle_factory import make_bundle, write_registry
+from review_factory import build_review_lake, headless_chromium
 from typer.testing import CliRunner
 
 from pipeline.config import load_config
@@ -27,16 +27,12 @@ from pipeline.lake import LakePaths, read_table
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 KEY = b"r" * 32
 SEED = 6161
 #: test-only passwords of users that live for one test on loopback
 PASSWORDS = {"lena": "lead-password-for-tests", "rudi": "reviewer-password-for-tests"}
 WAIT_S = 20.0
-
-_MISSING = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
 
 
 def _free_port() -> int:
@@ -48,47 +44,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory: pytest.TempPathFactory) -> LakePaths:
     """A small real lake with findings: synthesize -> crawl -> deid -> tensors -> infer."""
-    from pipeline.connectors import FolderSource
-    from pipeline.crawl import run as crawl_run
-    from pipeline.deid.stage import run as deid_run
-    from pipeline.infer import stage as infer_stage
-    from pipeline.lake.identity import open_lake
-    from pipeline.lake.keys import LakeKeys
-    from pipeline.synth import synthesize
-    from pipeline.tensors.stage import run as tensors_run
-
-    root = tmp_path_factory.mktemp("review-e2e")
-    synthesize(
-        root / "archive",
-        patients=2,
-        seed=SEED,
-        ct_slices=10,
-        rows=48,
-        columns=48,
-        include_bad=False,
-    )
-    bundle = make_bundle(root / "bundles" / "tiny")
-    write_registry(root / "models.yaml", bundle)
-    cfg = load_config(
-        overrides={
-            "compute": {"partition_size": 8, "device": "cpu"},
-            "infer": {
-                "model": "tiny",
-                "registry": str(root / "models.yaml"),
-                "volumes_per_task": 2,
-                "batch_size": 16,
-            },
-        },
-        environ={},
-    )
-    paths = LakePaths(root / "lake")
-    open_lake(paths, LakeKeys(KEY), create=True)
-    crawl_run(cfg, paths, FolderSource(root / "archive"), run_id="c")
-    deid_run(cfg, paths, key=KEY, run_id="d")
-    tensors_run(cfg, paths, run_id="t")
-    infer_stage.run(cfg, paths, run_id="i")
-    assert read_table(paths, "findings").num_rows >= 8
-    return paths
+    return build_review_lake(tmp_path_factory.mktemp("review-e2e"), KEY, seed=SEED)
 
 
 @pytest.fixture(scope="module")
@@ -138,34 +94,8 @@ def server(lake: LakePaths) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if _MISSING:
-        pytest.skip(
-            f"no system Chromium ({', '.join(_MISSING)} missing): "
-            "apt-get install chromium chromium-driver"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,900",
-        "--no-first-run",
-        "--disable-extensions",
-        "--disable-background-networking",
-    ):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
-    driver.set_page_load_timeout(60)
-    try:
+    with headless_chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _wait(driver: Any, condition: Any) -> Any:

@@ -53,53 +53,14 @@ def free_port() -> int:
 
 def shared_lake(tmp_path_factory: pytest.TempPathFactory, key_file: Path) -> LakePaths:
     """A small real lake of the key in ``key_file``, with findings (built once per session)."""
-    if str(key_file) in _LAKES:
-        return _LAKES[str(key_file)]
-    from bundle_factory import make_bundle, write_registry
+    if str(key_file) not in _LAKES:
+        from review_factory import build_review_lake
 
-    from pipeline.connectors import FolderSource
-    from pipeline.crawl import run as crawl_run
-    from pipeline.deid.stage import run as deid_run
-    from pipeline.infer import stage as infer_stage
-    from pipeline.lake.identity import open_lake
-    from pipeline.lake.keys import LakeKeys, load_key
-    from pipeline.synth import synthesize
-    from pipeline.tensors.stage import run as tensors_run
+        from pipeline.lake.keys import load_key
 
-    root = tmp_path_factory.mktemp("review-security")
-    synthesize(
-        root / "archive",
-        patients=2,
-        seed=6161,
-        ct_slices=10,
-        rows=48,
-        columns=48,
-        include_bad=False,
-    )
-    bundle = make_bundle(root / "bundles" / "tiny")
-    write_registry(root / "models.yaml", bundle)
-    cfg = load_config(
-        overrides={
-            "compute": {"partition_size": 8, "device": "cpu"},
-            "infer": {
-                "model": "tiny",
-                "registry": str(root / "models.yaml"),
-                "volumes_per_task": 2,
-                "batch_size": 16,
-            },
-        },
-        environ={},
-    )
-    key = load_key(key_file)
-    paths = LakePaths(root / "lake")
-    open_lake(paths, LakeKeys(key), create=True)
-    crawl_run(cfg, paths, FolderSource(root / "archive"), run_id="c")
-    deid_run(cfg, paths, key=key, run_id="d")
-    tensors_run(cfg, paths, run_id="t")
-    infer_stage.run(cfg, paths, run_id="i")
-    assert read_table(paths, "findings").num_rows >= 8
-    _LAKES[str(key_file)] = paths
-    return paths
+        root = tmp_path_factory.mktemp("review-security")
+        _LAKES[str(key_file)] = build_review_lake(root, load_key(key_file), seed=6161)
+    return _LAKES[str(key_file)]
 
 
 def password_hash(user: str) -> str:

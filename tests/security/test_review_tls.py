@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from review_factory import headless_chromium
 from test_review_support import (
     PASSWORDS,
     WAIT_S,
@@ -37,10 +38,6 @@ from typer.testing import CliRunner
 from pipeline.lake import LakePaths
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-_MISSING = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
 
 
 @pytest.fixture(scope="module")
@@ -142,36 +139,9 @@ def test_tls_from_the_command_line(
 
 @pytest.fixture
 def browser(tls: Tls) -> Iterator[Any]:
-    if _MISSING:
-        pytest.skip(
-            f"no system Chromium ({', '.join(_MISSING)} missing): "
-            "apt-get install chromium chromium-driver"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,900",
-        "--no-first-run",
-        "--disable-extensions",
-        "--disable-background-networking",
-        # trust exactly the test server's key (Chromium has no CA file option)
-        f"--ignore-certificate-errors-spki-list={tls.spki_sha256}",
-    ):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
-    driver.set_page_load_timeout(60)
-    try:
+    # trust exactly the test server's key (Chromium has no CA file option)
+    with headless_chromium(f"--ignore-certificate-errors-spki-list={tls.spki_sha256}") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _wait(driver: Any, condition: Any) -> Any:
