@@ -44,7 +44,7 @@ def _native(uid: str) -> bool:
 
 def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dict[str, Any]:
     """Counts per object state, quarantine by reason, the last run and the audit chain (its
-    MACs checked when ``keys`` is given, its end against a file ``witness``)."""
+    MACs checked when ``keys`` is given, its end against the ``witness``'s file)."""
     from pipeline.cli._common import EXIT_USAGE, fail
     from pipeline.crawl import object_states
     from pipeline.lake import LakePaths, list_manifests, verify_chain
@@ -68,7 +68,8 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
         if st == "quarantined"
     )
     manifests = list_manifests(lake)
-    chain = verify_chain(lake, keys, witness=Witness(witness) if witness else None)
+    kept_by = Witness(witness or "default")
+    chain = verify_chain(lake, keys, witness=kept_by)
     audit_problem = chain.reason
     if chain.ok:
         macs = {r.get("seq"): r.get("mac") for r in _audit_records(lake)}
@@ -114,7 +115,7 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
             "problem": audit_problem or None,
             "torn": chain.torn,
             "macs_checked": chain.keyed,
-            "witness": witness or "syslog",
+            "witness": kept_by.spec if kept_by.path is None else f"{kept_by.spec}: {kept_by.path}",
             "witnessed": chain.witnessed,
         },
     }

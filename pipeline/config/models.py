@@ -378,11 +378,12 @@ class AuditConfig(_Section):
     """The audit log (``restricted/audit/``): where its head is witnessed outside the lake."""
 
     witness: str = Field(
-        "syslog",
+        "default",
         description="Where the audit chain's head is kept after every record, so deleting "
-        "records at the end is detected: 'syslog' (journald where it runs; read back by hand), "
-        "a file path outside the lake (read back by `pacsflow status`; best on another host "
-        "or append-only), or 'none'.",
+        "records at the end or rolling the log back is detected: 'default' (syslog, and "
+        "$XDG_STATE_HOME/pacsflow/audit-witness.log, read back by `pacsflow status`), "
+        "'syslog' (journald where it runs; read back by hand), a file path outside the lake "
+        "(read back; best on another host or append-only), or 'none'.",
     )
 
 

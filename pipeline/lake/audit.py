@@ -8,10 +8,11 @@ canonical JSON of every other field. So
 
 - editing, deleting, inserting or reordering a record breaks the chain, and rewriting the whole
   chain needs the key (a shell account on the lake's host is not enough);
-- deleting records at the end (truncation) is caught by the **witness**, which keeps the head
-  (lake id, ``seq``, ``mac``) outside the lake after every append: syslog (journald where it
-  runs, facility authpriv, tag ``pacsflow-audit``) by default, or a file (``audit.witness``:
-  a path, ideally append-only or on another host), which :func:`verify_chain` reads back;
+- deleting records at the end (truncation) or rolling the log back is caught by the
+  **witness**, which keeps the head (lake id, ``seq``, ``mac``) outside the lake after every
+  append: by default syslog (journald where it runs, facility authpriv, tag
+  ``pacsflow-audit``) and a file in the user's state folder, which :func:`verify_chain` reads
+  back; ``audit.witness`` names another file (best append-only or on another host);
 - each record is written with one ``write`` on an ``O_APPEND`` descriptor under ``flock`` and
   fsynced, so a crash or a full disk can only leave the *last* line short. Such a line (no
   newline at the end) is reported as **torn**, not as tampering; appends refuse until
@@ -51,6 +52,7 @@ __all__ = [
     "RepairResult",
     "Witness",
     "actor",
+    "default_witness_file",
     "read_records",
     "repair_torn",
     "verify_chain",
@@ -122,33 +124,39 @@ class Witness:
     Parameters
     ----------
     spec:
-        ``"syslog"`` (default), ``"none"``, or a file path (one line per append:
-        ``<lake id> <seq> <mac> <time>``; the file is created with mode 0600).
+        ``"default"``: syslog and the file :func:`default_witness_file` (the user's state
+        folder, read back by ``status``); ``"syslog"``; ``"none"``; or a file path (one line
+        per append: ``<lake id> <seq> <mac> <time>``; created with mode 0600).
     """
 
-    def __init__(self, spec: str | Path | None = "syslog") -> None:
-        text = str(spec) if spec is not None else "syslog"
+    def __init__(self, spec: str | Path | None = "default") -> None:
+        text = str(spec) if spec is not None else "default"
         self.spec = text
-        self.path: Path | None = None if text in ("syslog", "none") else Path(text).expanduser()
+        self.syslog = text in ("default", "syslog")
+        self.path: Path | None
+        if text == "default":
+            self.path = default_witness_file()
+        elif text in ("syslog", "none"):
+            self.path = None
+        else:
+            self.path = Path(text).expanduser()
 
     def __repr__(self) -> str:
         return f"Witness({self.spec!r})"
 
     def record(self, lake_id: str, seq: int, mac: str, time: str) -> None:
         """Keep one head (best effort for syslog; a file witness that cannot be written fails)."""
-        line = f"{lake_id} {seq} {mac} {time}"
-        if self.spec == "none":
-            return
-        if self.path is None:
+        if self.syslog:
             import syslog
 
             syslog.openlog(_SYSLOG_TAG, 0, syslog.LOG_AUTHPRIV)
             syslog.syslog(syslog.LOG_INFO, f"lake={lake_id} seq={seq} mac={mac}")
+        if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, (line + "\n").encode("ascii"))
+            os.write(fd, f"{lake_id} {seq} {mac} {time}\n".encode("ascii"))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -184,6 +192,13 @@ class ChainCheck:
     keyed: bool = False
     witnessed: bool = False
     head: tuple[int, str] | None = None
+
+
+def default_witness_file() -> Path:
+    """``$XDG_STATE_HOME/pacsflow/audit-witness.log`` (``~/.local/state/...`` by default):
+    outside every lake, so a lake's copy or a rollback of it does not carry it along."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "pacsflow" / "audit-witness.log"
 
 
 def _lake_id(lake: LakePaths) -> str:

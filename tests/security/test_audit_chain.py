@@ -163,3 +163,23 @@ def test_the_audit_table_answers_who_touched_a_patient(lake: Lake) -> None:
     assert _records(lake)[-1]["event"] == "audit_queried"
     by_user = lake.run("audit", "--user", "dr_b", "--json")
     assert [json.loads(line)["user"] for line in by_user.output.splitlines()] == ["dr_b"]
+
+
+def test_the_default_witness_catches_truncation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no witness configured, the head still goes to a file outside the lake (the user's
+    state folder), which `status` reads back."""
+    monkeypatch.delenv("PACSFLOW__AUDIT__WITNESS")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    lake = make_lake(tmp_path)
+    assert lake.run("sql", "SELECT 1").exit_code == 0
+    ok = lake.run("status")
+    assert ok.exit_code == 0, ok.output
+    assert "end matches it" in ok.output
+    assert (tmp_path / "state" / "pacsflow" / "audit-witness.log").is_file()
+    lines = _log(lake).read_text().splitlines(keepends=True)
+    _log(lake).write_text("".join(lines[:-1]))
+    result = lake.run("status")
+    assert result.exit_code == 1
+    assert "truncated" in result.output
