@@ -394,8 +394,9 @@ def _todo(con: Any, lake: LakePaths, batch: int) -> Iterator[list[dict[str, Any]
         ORDER BY object_key
     """
     rows: list[dict[str, Any]] = []
+    opened = lake.opener("index")
     for rb in arrow_reader(con, sql, None, 10_000):
-        rows.extend(lake.opened("index", r) for r in rb.to_pylist())
+        rows.extend(opened(r) for r in rb.to_pylist())
         while len(rows) >= batch:
             yield rows[:batch]
             rows = rows[batch:]
@@ -419,10 +420,11 @@ def _export_todo(
         QUALIFY row_number() OVER (PARTITION BY i.object_key ORDER BY v.deidentified_at DESC) = 1
         ORDER BY i.object_key
     """
+    opened = lake.opener("index")
     rows: list[dict[str, Any]] = []
     for rb in arrow_reader(con, sql, None, 10_000):
         for r in rb.to_pylist():
-            r = lake.opened("index", r)
+            r = opened(r)
             path = (
                 folder / r["study_pseudonym"] / r["series_pseudonym"] / f"{r['sop_pseudonym']}.dcm"
             )

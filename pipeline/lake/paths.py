@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,10 +94,14 @@ class LakePaths:
 
         return FileCipher(self._needs_keys().file_key)
 
-    def opened(self, table: str, row: dict[str, Any]) -> dict[str, Any]:
-        """``row`` of restricted table ``table`` (read through SQL) with sealed values opened."""
+    def opener(self, table: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """A function that opens the sealed values of a row of restricted table ``table``
+        read through SQL (the identity when the lake is not encrypted at rest). Take it once
+        per query, not per row: it reads the marker and keys the cipher."""
         sealer = self.sealer()
-        return sealer.open_row(table, row) if sealer is not None else row
+        if sealer is None:
+            return lambda row: row
+        return lambda row: sealer.open_row(table, row)
 
     @property
     def restricted(self) -> Path:

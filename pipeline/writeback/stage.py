@@ -120,7 +120,8 @@ def _originals(
         WHERE v.sop_pseudonym IN (SELECT unnest($sops))
     """
     rows = arrow_table(con, sql, {"sops": sops}).to_pylist()
-    return {r["sop_pseudonym"]: cipher.decrypt_row(lake.opened("index", r)) for r in rows}
+    opened = lake.opener("index")
+    return {r["sop_pseudonym"]: cipher.decrypt_row(opened(r)) for r in rows}
 
 
 def _confirmed(con: Any, lake: LakePaths, dest: str) -> dict[str, str]:
