@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -53,7 +54,16 @@ def synth(patients: int, slices: int) -> Path:
     return archive
 
 
-def config(lake: Path, archive: Path, model: str, workers: int, only: set[str]) -> Path:
+def config(
+    lake: Path,
+    archive: Path,
+    model: str,
+    workers: int,
+    only: set[str],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """A `pacsflow run` config of ``lake`` (with its own key) running the stages ``only``;
+    ``extra`` top-level keys are added (e.g. ``encrypt_at_rest``)."""
     key = lake.parent / f"{lake.name}.key"
     if not key.exists():
         subprocess.run(
@@ -71,6 +81,7 @@ def config(lake: Path, archive: Path, model: str, workers: int, only: set[str]) 
                 "writeback": {"dest": str(lake.parent / f"{lake.name}-results")},
                 "run": {s: s in only for s in STAGES},
                 "logging": {"level": "WARNING"},
+                **(extra or {}),
             }
         )
     )

@@ -15,40 +15,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import BIN, OUT, synth, timed
+from e2e import OUT, config, synth, timed
 
-STAGES = ("crawl", "deid", "verify", "tensors", "infer", "writeback")
-
-
-def config(lake: Path, archive: Path, sealed: bool) -> Path:
-    key = lake.parent / f"{lake.name}.key"
-    if not key.exists():
-        subprocess.run(
-            [str(BIN / "pacsflow"), "keygen", str(key)], check=True, stdout=subprocess.DEVNULL
-        )
-    path = lake.parent / f"{lake.name}.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "lake": str(lake),
-                "key_file": str(key),
-                "encrypt_at_rest": sealed,
-                "source": {"uri": str(archive)},
-                "compute": {"workers": 2, "device": "cpu"},
-                "run": {s: s in ("crawl", "deid", "verify", "tensors") for s in STAGES},
-                "logging": {"level": "WARNING"},
-                "audit": {"witness": "none"},
-            }
-        )
-    )
-    return path
+MODEL = "ct_body_composition"  # not run: infer is off
+STAGES = {"crawl", "deid", "verify", "tensors"}
 
 
 def main() -> None:
@@ -65,7 +39,7 @@ def main() -> None:
         for sealed in (True, False) if i % 2 == 0 else (False, True):  # no order bias
             lake = OUT / f"enc-{'sealed' if sealed else 'clear'}"
             shutil.rmtree(lake, ignore_errors=True)
-            cfg = config(lake, archive, sealed)
+            cfg = config(lake, archive, MODEL, 2, STAGES, {"encrypt_at_rest": sealed})
             first, _ = timed(cfg)
             again, _ = timed(cfg)
             for what, wall in (("first", first), ("rerun", again)):

@@ -214,17 +214,20 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
 
 
 def recorder(cfg: PipelineConfig, command: str, keys: Any, *, create: bool = False) -> Any:
-    """A :class:`pipeline.lake.RunRecorder` of ``command`` on ``cfg.lake`` under ``keys``."""
+    """A :class:`pipeline.lake.RunRecorder` of ``command`` on ``cfg.lake`` under ``keys``: on
+    entering it refuses a folder that is not a lake of ``keys`` (exit 2 through
+    :func:`guarded`), or with ``create`` makes one as ``cfg.encrypt_at_rest`` says."""
     from pipeline.config import config_hash, manifest_config
     from pipeline.lake import LakePaths, RunRecorder
 
     assert cfg.lake is not None
     return RunRecorder(
-        LakePaths(cfg.lake, keys=keys),
+        LakePaths(cfg.lake),
         command,
         keys=keys,
         witness=cfg.audit.witness,
         create=create,
+        encrypted=cfg.encrypt_at_rest,
         config_hash=config_hash(cfg),
         config=manifest_config(cfg),
     )
@@ -250,17 +253,15 @@ def run_recorded_pipeline(cfg: Any, keys: Any, command: str, what: str) -> Any:
     the run crawls) under the lake's lock, in one run manifest of
     ``command``, on the configured Dask client; a failed run ends the command (exit 1) with
     ``"<what> <run id> failed: <reason>"``. Returns the run's summary."""
-    from pipeline.lake import LakePaths
     from pipeline.lake.lock import lake_lock
     from pipeline.run import RunFailed, run_pipeline
 
-    paths = open_lake_or_fail(cfg, keys, create=cfg.run.crawl)
+    paths = open_lake_or_fail(cfg, keys, create=cfg.run.crawl)  # the lock lives in it
     with (
         lake_lock(paths, command),
         recorder(cfg, command, keys, create=cfg.run.crawl) as rec,
         dask_client(cfg) as client,
     ):
-        assert isinstance(rec.lake, LakePaths)
         try:
             return run_pipeline(
                 cfg,

@@ -32,23 +32,26 @@ SourceOpt = Annotated[
 def crawl_with_manifest(cfg: PipelineConfig, source_uri: str, command: str, keys: Any) -> str:
     """Crawl ``source_uri`` into ``cfg.lake`` (a lake of ``keys``, made when missing or empty)
     as one recorded run; return the summary line."""
-    from pipeline.cli._common import dask_client, open_lake_or_fail, progress_bar, recorder
+    from pipeline.cli._common import dask_client, progress_bar, recorder
     from pipeline.connectors import open_source
     from pipeline.crawl import run as crawl_run
+    from pipeline.lake import LakePaths
 
-    lake = open_lake_or_fail(cfg, keys, create=True)
+    assert cfg.lake is not None
     source = open_source(
         source_uri,
         cfg.source,
         follow_symlinks=cfg.crawl.follow_symlinks,
-        cache_dir=lake.restricted / "cache",
+        cache_dir=LakePaths(cfg.lake).restricted / "cache",
     )
     with (
         recorder(cfg, command, keys, create=True) as rec,
         dask_client(cfg) as client,
         progress_bar("crawl", None) as advance,
     ):
-        result = crawl_run(cfg, lake, source, run_id=rec.run_id, client=client, progress=advance)
+        result = crawl_run(
+            cfg, rec.lake, source, run_id=rec.run_id, client=client, progress=advance
+        )  # rec.lake carries the keys (an encrypted lake seals what the crawl writes)
         rec.restricted_stage("crawl", result.counts)  # it reads the identified archive
     c = result.counts
     if not c.reconciles:

@@ -22,10 +22,9 @@ from pipeline.config import PipelineConfig
 
 def deid_with_manifest(cfg: PipelineConfig, keys: Any, command: str) -> str:
     """De-identify as one recorded run; return the summary line."""
-    from pipeline.cli._common import open_lake_or_fail, recorded_run
+    from pipeline.cli._common import recorded_run
     from pipeline.deid.stage import run as deid_run
 
-    open_lake_or_fail(cfg, keys)
     with recorded_run(cfg, command, "deid", keys) as (lake, rec, client, advance):
         result = deid_run(
             cfg, lake, key=keys.secret, run_id=rec.run_id, client=client, progress=advance

@@ -21,10 +21,9 @@ from pipeline.config import PipelineConfig
 
 def tensors_with_manifest(cfg: PipelineConfig, command: str, keys: Any) -> str:
     """Build tensors as one recorded run; return the summary line."""
-    from pipeline.cli._common import open_lake_or_fail, recorded_run
+    from pipeline.cli._common import recorded_run
     from pipeline.tensors.stage import run as tensors_run
 
-    open_lake_or_fail(cfg, keys)
     with recorded_run(cfg, command, "tensors", keys) as (lake, rec, client, advance):
         result = tensors_run(cfg, lake, run_id=rec.run_id, client=client, progress=advance)
         rec.restricted_stage("tensors", result.counts)

@@ -23,10 +23,9 @@ def writeback_with_manifest(
 ) -> str:
     """Write back as one recorded run on the lake of ``keys`` (audit: the re-identification,
     counts only)."""
-    from pipeline.cli._common import open_lake_or_fail, recorded_run
+    from pipeline.cli._common import recorded_run
     from pipeline.writeback.stage import run as writeback_run
 
-    open_lake_or_fail(cfg, keys)
     with recorded_run(cfg, command, "writeback", keys) as (lake, rec, _client, advance):
 
         def audit(**counts: Any) -> None:

@@ -177,24 +177,15 @@ class Sealer:
     Picklable (it travels to Dask workers with the lake)."""
 
     def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
         self._key = key
+        self._siv = AESSIV(key)
         self._seal_cache: dict[tuple[str, str], str] = {}
         self._open_cache: dict[tuple[str, str], str] = {}
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_key": self._key}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["_key"])  # type: ignore[misc]
-
-    def _siv(self) -> Any:
-        from cryptography.hazmat.primitives.ciphers.aead import AESSIV
-
-        siv = getattr(self, "_siv_obj", None)
-        if siv is None:
-            siv = AESSIV(self._key)
-            self._siv_obj = siv
-        return siv
+    def __reduce__(self) -> tuple[type[Sealer], tuple[bytes]]:
+        return Sealer, (self._key,)  # the cipher and caches are rebuilt on the other side
 
     def seal(self, family: str, value: str | None) -> str | None:
         """The sealed text of ``value`` (None and sealed values pass through)."""
@@ -202,7 +193,7 @@ class Sealer:
             return value
         hit = self._seal_cache.get((family, value))
         if hit is None:
-            token = self._siv().encrypt(value.encode("utf-8"), [_SEAL_AD, family.encode()])
+            token = self._siv.encrypt(value.encode("utf-8"), [_SEAL_AD, family.encode()])
             hit = SEAL_PREFIX + base64.urlsafe_b64encode(token).decode("ascii")
             if len(self._seal_cache) < 100_000:
                 self._seal_cache[(family, value)] = hit
@@ -226,7 +217,7 @@ class Sealer:
 
         try:
             raw = base64.urlsafe_b64decode(value[len(SEAL_PREFIX) :])
-            clear = self._siv().decrypt(raw, [_SEAL_AD, family.encode()]).decode("utf-8")
+            clear = self._siv.decrypt(raw, [_SEAL_AD, family.encode()]).decode("utf-8")
         except (InvalidTag, ValueError):
             raise LakeError(
                 "a sealed value of the restricted zone does not open with this key (another "

@@ -88,7 +88,8 @@ class RunRecorder:
     """Context manager that records one run: manifest at start and end, audit records around it.
 
     Entering opens the lake (:func:`pipeline.lake.identity.open_lake`): it must be a lake of
-    ``keys``, or, with ``create``, a missing or empty folder that becomes one.
+    ``keys``, or, with ``create``, a missing or empty folder that becomes one (sealed at rest
+    when ``encrypted``); nothing is written before that check passed.
 
     Examples
     --------
@@ -104,12 +105,14 @@ class RunRecorder:
         keys: LakeKeys,
         witness: Witness | str | None = None,
         create: bool = False,
+        encrypted: bool = False,
         config_hash: str | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         self.lake = lake.with_keys(keys)
         self.keys = keys
         self.create = create
+        self.encrypted = encrypted
         self.manifest = RunManifest(
             run_id=new_run_id(),
             command=command,
@@ -153,7 +156,7 @@ class RunRecorder:
         atomic_write_text(self.path, self.manifest.to_json())
 
     def __enter__(self) -> RunRecorder:
-        identity = open_lake(self.lake, self.keys, create=self.create)
+        identity = open_lake(self.lake, self.keys, create=self.create, encrypted=self.encrypted)
         self.lake.create()
         self.manifest.lake_id = identity.lake_id
         self.manifest.key_fingerprint = identity.key_fingerprint
