@@ -110,7 +110,12 @@ def _login(driver: Any, base: str, user: str, password: str) -> None:
     driver.get(base + "/login")
     driver.find_element(By.ID, "username").send_keys(user)
     driver.find_element(By.ID, "password").send_keys(password)
-    driver.find_element(By.ID, "login-submit").click()
+    submit = driver.find_element(By.ID, "login-submit")
+    submit.click()
+    # the answer is a new page: wait until the form is gone (the password check takes a while)
+    from selenium.webdriver.support import expected_conditions
+
+    _wait(driver, expected_conditions.staleness_of(submit))
 
 
 def _image_loaded(driver: Any, element: Any) -> bool:
