@@ -9,7 +9,29 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["map_bounded"]
+__all__ = ["Progress", "map_bounded", "set_total"]
+
+
+class Progress:
+    """What a stage reports its progress to: ``progress(n)`` after ``n`` more items are done,
+    ``progress.total(n)`` once it knows how many there are (for the rate and the ETA).
+
+    Stages also accept a bare ``Callable[[int], None]``; :func:`set_total` skips those.
+    """
+
+    def __call__(self, n: int) -> None:  # pragma: no cover - an interface
+        """``n`` more items are done."""
+
+    def total(self, n: int | None) -> None:  # pragma: no cover - an interface
+        """There are ``n`` items in all (None: unknown)."""
+
+
+def set_total(progress: Callable[[int], None] | None, n: int | None) -> None:
+    """Tell ``progress`` how many items the stage will do, when it can take a total."""
+    total = getattr(progress, "total", None)
+    if callable(total):
+        total(n)
+
 
 R = TypeVar("R")
 Call = tuple[tuple[Any, ...], dict[str, Any]]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pipeline.enums import QuarantineReason
 
 __all__ = [
+    "Cancelled",
     "ConfigError",
     "GeometryError",
     "InputError",
@@ -32,6 +33,27 @@ __all__ = [
 
 class PacsflowError(Exception):
     """Base class of every error pacsflow raises on purpose."""
+
+
+class Cancelled(BaseException):
+    """The run was cancelled by a signal (SIGINT or SIGTERM): the stage stops where it is,
+    finished batches are kept, and a rerun resumes.
+
+    A ``BaseException`` like :class:`KeyboardInterrupt`, so that no ``except Exception``
+    around an object or a batch can swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"cancelled by {self.signal_name}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self.signum
 
 
 class ConfigError(PacsflowError):

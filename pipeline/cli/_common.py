@@ -13,7 +13,7 @@ import typer
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.config.env import debug_enabled
-from pipeline.errors import ConfigError, NotImplementedStage, PacsflowError
+from pipeline.errors import Cancelled, ConfigError, NotImplementedStage, PacsflowError
 
 logger = logging.getLogger(__name__)
 
@@ -176,102 +176,138 @@ def dask_client(cfg: PipelineConfig) -> Iterator[Any]:
     yield None
 
 
+class _LogProgress:
+    """Progress as log lines (no terminal): every 10% (at most one line per 2 s, at least one
+    per 30 s, and the last), with rate and ETA."""
+
+    def __init__(self, description: str, total: int | None) -> None:
+        import time
+
+        self.description = description
+        self._total = total
+        self.done = 0
+        self._clock = time.monotonic
+        self._t0 = self._last = self._clock()
+        self._next = self._step()
+
+    def _step(self) -> int:
+        return self.done + max(1, (self._total or 1000) // 10)
+
+    def total(self, n: int | None) -> None:
+        self._total = n
+        self._next = min(self._next, self._step())
+        if n is not None:
+            logger.info("%s: %d to do", self.description, n)
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = self._clock()
+        finished = self._total is not None and self.done >= self._total
+        due = self.done >= self._next and now - self._last >= 2  # at most one line per 2 s
+        if not (finished or due or now - self._last >= 30):
+            return
+        self._next, self._last = self._step(), now
+        elapsed = max(now - self._t0, 1e-9)
+        rate = self.done / elapsed
+        if self._total:
+            left = max(self._total - self.done, 0) / rate if rate else float("inf")
+            logger.info(
+                "%s: %d/%d (%.0f%%), %.1f/s, about %.0f s left",
+                self.description,
+                self.done,
+                self._total,
+                100 * self.done / self._total,
+                rate,
+                left,
+            )
+        else:
+            logger.info("%s: %d done, %.1f/s", self.description, self.done, rate)
+
+
+class _RichProgress:
+    """A rich progress bar's task: ``progress(n)``, ``progress.total(n)``."""
+
+    def __init__(self, bar: Any, task: Any) -> None:
+        self._bar, self._task = bar, task
+
+    def total(self, n: int | None) -> None:
+        self._bar.update(self._task, total=n)
+
+    def __call__(self, n: int) -> None:
+        self._bar.advance(self._task, n)
+
+
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on a terminal; periodic log lines otherwise. Yields ``advance(n)``."""
+def progress_bar(description: str, total: int | None = None) -> Iterator[Any]:
+    """A rich progress bar on a terminal (count, rate, elapsed, ETA); log lines with rate and
+    ETA otherwise. Yields a :class:`pipeline.compute.Progress`: ``progress(n)`` after ``n``
+    more items, ``progress.total(n)`` when the stage knows how many there are."""
     if sys.stderr.isatty():
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
             Progress,
+            TaskProgressColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
         )
+        from rich.text import Text
+
+        class _Rate(TaskProgressColumn):
+            def render(self, task: Any) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:,.1f}/s" if speed else "", style="progress.data.speed")
 
         with Progress(
             "[progress.description]{task.description}",
             BarColumn(),
             MofNCompleteColumn(),
+            _Rate(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             transient=False,
         ) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda n: bar.advance(task, n)
+            yield _RichProgress(bar, bar.add_task(description, total=total))
         return
-    done = 0
-    step = max(1, (total or 1000) // 10)
-    next_report = step
-
-    def advance(n: int) -> None:
-        nonlocal done, next_report
-        done += n
-        if done >= next_report:
-            logger.info("%s: %d%s done", description, done, f"/{total}" if total else "")
-            next_report = done + step
-
-    yield advance
+    yield _LogProgress(description, total)
 
 
-def recorder(cfg: PipelineConfig, command: str, keys: Any, *, create: bool = False) -> Any:
-    """A :class:`pipeline.lake.RunRecorder` of ``command`` on ``cfg.lake`` under ``keys``: on
-    entering it refuses a folder that is not a lake of ``keys`` (exit 2 through
-    :func:`guarded`), or with ``create`` makes one as ``cfg.encrypt_at_rest`` says."""
-    from pipeline.config import config_hash, manifest_config
-    from pipeline.lake import LakePaths, RunRecorder
+def run_command(
+    cfg: PipelineConfig,
+    keys: Any,
+    command: str,
+    stages: list[str] | None = None,
+    *,
+    create: bool = False,
+    options: dict[str, Any] | None = None,
+    what: str | None = None,
+) -> Any:
+    """Run ``stages`` (names; None: those ``cfg.run`` switches on) through the one runner
+    (:func:`pipeline.run.run_stages`: the lake's lock, a run manifest, the audit log, the
+    configured Dask client, progress with totals, reconciliation, cancellation), printing
+    each stage's summary line. A failed run prints what it did, then ends the command
+    (exit 1) with ``"<what> <run id> failed: <reason>"``. Returns the run's summary."""
+    from pipeline.run import RunFailed, enabled_stages, run_stages, stage_named
 
-    assert cfg.lake is not None
-    return RunRecorder(
-        LakePaths(cfg.lake),
-        command,
-        keys=keys,
-        witness=cfg.audit.witness,
-        create=create,
-        encrypted=cfg.encrypt_at_rest,
-        config_hash=config_hash(cfg),
-        config=manifest_config(cfg),
-    )
-
-
-@contextlib.contextmanager
-def recorded_run(
-    cfg: PipelineConfig, command: str, stage: str, keys: Any, *, create: bool = False
-) -> Iterator[tuple[Any, Any, Any, Any]]:
-    """One recorded stage run: ``(lake, recorder, dask client, advance)`` inside a run
-    manifest (config, hash, versions, key fingerprint), the configured Dask client and a
-    progress bar. The lake must be a lake of ``keys`` (or, with ``create``, becomes one)."""
-    with (
-        recorder(cfg, command, keys, create=create) as rec,
-        dask_client(cfg) as client,
-        progress_bar(stage, None) as advance,
-    ):
-        yield rec.lake, rec, client, advance
-
-
-def run_recorded_pipeline(cfg: Any, keys: Any, command: str, what: str) -> Any:
-    """Run :func:`pipeline.run.run_pipeline` on the lake of ``keys`` (made when missing and
-    the run crawls) under the lake's lock, in one run manifest of
-    ``command``, on the configured Dask client; a failed run ends the command (exit 1) with
-    ``"<what> <run id> failed: <reason>"``. Returns the run's summary."""
-    from pipeline.lake.lock import lake_lock
-    from pipeline.run import RunFailed, run_pipeline
-
-    paths = open_lake_or_fail(cfg, keys, create=cfg.run.crawl)  # the lock lives in it
-    with (
-        lake_lock(paths, command),
-        recorder(cfg, command, keys, create=cfg.run.crawl) as rec,
-        dask_client(cfg) as client,
-    ):
-        try:
-            return run_pipeline(
-                cfg,
-                key=keys.secret,
-                rec=rec,
-                client=client,
-                progress=lambda s: progress_bar(s, None),
-            )
-        except RunFailed as exc:
-            fail(f"{what} {rec.run_id} failed: {exc}")
+    chosen = enabled_stages(cfg) if stages is None else [stage_named(n) for n in stages]
+    try:
+        summary = run_stages(
+            cfg,
+            keys,
+            command,
+            chosen,
+            create=create,
+            client=dask_client,
+            progress=progress_bar,
+            options=options,
+        )
+    except RunFailed as exc:
+        for line in exc.summary.lines:
+            typer.echo(line)
+        fail(f"{what or command} {exc.summary.run_id} failed: {exc}")
+    for line in summary.lines:
+        typer.echo(line)
+    return summary
 
 
 def guarded(func: Callable[[], None], *, resume_hint: str | None = None) -> None:
@@ -292,8 +328,16 @@ def guarded(func: Callable[[], None], *, resume_hint: str | None = None) -> None
         fail(str(exc), EXIT_USAGE)
     except PacsflowError as exc:
         fail(f"{type(exc).__name__}: {exc}")
+    except Cancelled as exc:
+        run_id = getattr(exc, "run_id", None)
+        where = f"run {run_id} recorded as cancelled; " if run_id else ""
+        fail(
+            f"cancelled by {exc.signal_name}: {where}rerun the same command to resume "
+            "(finished batches are kept)",
+            exc.exit_code,
+        )
     except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to resume (finished partitions are kept)")
+        fail("interrupted; rerun the same command to resume (finished batches are kept)", 130)
     except Exception as exc:
         hint = f"; {resume_hint}" if resume_hint else ""
         logger.debug("unexpected error", exc_info=True)

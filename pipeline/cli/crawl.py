@@ -31,35 +31,13 @@ SourceOpt = Annotated[
 
 def crawl_with_manifest(cfg: PipelineConfig, source_uri: str, command: str, keys: Any) -> str:
     """Crawl ``source_uri`` into ``cfg.lake`` (a lake of ``keys``, made when missing or empty)
-    as one recorded run; return the summary line."""
-    from pipeline.cli._common import dask_client, progress_bar, recorder
-    from pipeline.connectors import open_source
-    from pipeline.crawl import run as crawl_run
-    from pipeline.lake import LakePaths
+    through the one runner; print the summary and return the closing line."""
+    from pipeline.cli._common import run_command
 
-    assert cfg.lake is not None
-    source = open_source(
-        source_uri,
-        cfg.source,
-        follow_symlinks=cfg.crawl.follow_symlinks,
-        cache_dir=LakePaths(cfg.lake).restricted / "cache",
+    summary = run_command(
+        cfg, keys, command, ["crawl"], create=True, options={"source": source_uri}
     )
-    with (
-        recorder(cfg, command, keys, create=True) as rec,
-        dask_client(cfg) as client,
-        progress_bar("crawl", None) as advance,
-    ):
-        result = crawl_run(
-            cfg, rec.lake, source, run_id=rec.run_id, client=client, progress=advance
-        )  # rec.lake carries the keys (an encrypted lake seals what the crawl writes)
-        rec.restricted_stage("crawl", result.counts)  # it reads the identified archive
-    c = result.counts
-    if not c.reconciles:
-        fail(f"crawl counts do not reconcile: seen {c.seen} != {c.out}+{c.quarantined}+{c.skipped}")
-    return (
-        f"crawl: seen {c.seen}, indexed {c.out}, quarantined {c.quarantined}, "
-        f"unchanged {c.skipped} in {c.seconds:.1f} s (run {rec.run_id})"
-    )
+    return f"run {summary.run_id}: done ({summary.manifest})"
 
 
 def crawl(

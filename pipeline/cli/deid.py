@@ -21,38 +21,11 @@ from pipeline.config import PipelineConfig
 
 
 def deid_with_manifest(cfg: PipelineConfig, keys: Any, command: str) -> str:
-    """De-identify as one recorded run; return the summary line."""
-    from pipeline.cli._common import recorded_run
-    from pipeline.deid.stage import run as deid_run
+    """De-identify through the one runner; print the summary and return the closing line."""
+    from pipeline.cli._common import run_command
 
-    with recorded_run(cfg, command, "deid", keys) as (lake, rec, client, advance):
-        result = deid_run(
-            cfg, lake, key=keys.secret, run_id=rec.run_id, client=client, progress=advance
-        )
-        rec.restricted_stage("deid", result.counts, deidentified=result.counts.out)
-    c = result.counts
-    return (
-        f"deid: {c.seen} objects, de-identified {c.out}, quarantined {c.quarantined} "
-        f"in {c.seconds:.1f} s (run {rec.run_id})"
-    )
-
-
-def verify_lake(cfg: PipelineConfig, keys: Any) -> tuple[int, list[str]]:
-    """Run the leak scan on the lake of ``keys``; return (number of leaks, report lines
-    without values). Not a lake, or another key: exit 2."""
-    from pipeline.cli._common import audit_log, open_lake_or_fail
-    from pipeline.deid.verify import verify
-
-    lake = open_lake_or_fail(cfg, keys)
-    leaks = verify(lake, keys.secret)
-    audit_log(cfg, lake, keys).append("verify", leaks=len(leaks))
-    lines = [
-        f"  {leak.path}"
-        + (f" column {leak.column} row {leak.row}" if leak.column else "")
-        + f": {leak.kind}"
-        for leak in leaks[:50]
-    ]
-    return len(leaks), lines
+    summary = run_command(cfg, keys, command, ["deid"])
+    return f"run {summary.run_id}: done ({summary.manifest})"
 
 
 def register(app: typer.Typer) -> None:
@@ -148,14 +121,10 @@ def register(app: typer.Typer) -> None:
             fail("no lake: pass --lake LAKE or set `lake:` in the config", 2)
 
         def body() -> None:
-            from pipeline.cli._common import lake_keys
+            from pipeline.cli._common import lake_keys, run_command
 
-            n, lines = verify_lake(cfg, lake_keys(cfg, key_file))
-            if n:
-                typer.echo(f"verify: {n} identifying value(s) found under research/:")
-                for line in lines:
-                    typer.echo(line)
-                raise typer.Exit(1)
+            summary = run_command(cfg, lake_keys(cfg, key_file), "verify", ["verify"])
             typer.echo("verify: no identifying value found under research/")
+            typer.echo(f"run {summary.run_id}: done ({summary.manifest})")
 
         guarded(body)

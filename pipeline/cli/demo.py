@@ -96,7 +96,7 @@ def demo(
                 f"(+{result.n_bad} bad objects), {result.bytes_written / 2**20:.0f} MiB "
                 f"in {result.seconds:.1f} s"
             )
-        from pipeline.cli._common import run_recorded_pipeline
+        from pipeline.cli._common import run_command
         from pipeline.lake.keys import LakeKeys, generate_key_file, load_key
 
         assert cfg.lake is not None
@@ -106,9 +106,7 @@ def demo(
         if not key_path.exists():
             generate_key_file(key_path)
         keys = LakeKeys(load_key(key_path))
-        summary = run_recorded_pipeline(cfg, keys, "demo", "demo run")
-        for line in summary.lines:
-            typer.echo(line)
+        summary = run_command(cfg, keys, "demo", create=cfg.run.crawl, what="demo run")
         leaks = summary.leaks
 
         assert cfg.lake is not None
@@ -160,7 +158,7 @@ def demo(
         confirmed = _count(lake, "outbox", where="status = 'confirmed'")
         typer.echo(f"written back {results}  ({confirmed} SEG/SR objects confirmed)")
         typer.echo(f"verify      leaks found = {leaks}")
-        if leaks:  # run_pipeline already failed closed; kept as the last word
+        if leaks:  # the run already failed closed; kept as the last word
             fail("identifying values reached research/: failing closed")
         typer.echo(f"next        pacsflow status --lake {lake.root} --key-file {key_path}")
         typer.echo(f"done in {time.perf_counter() - t0:.1f} s")

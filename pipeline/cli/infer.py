@@ -23,24 +23,11 @@ from pipeline.config import PipelineConfig
 def infer_with_manifest(
     cfg: PipelineConfig, command: str, keys: Any, model: str | None = None
 ) -> str:
-    """Run inference as one recorded run; return the summary line."""
-    from pipeline.cli._common import recorded_run
-    from pipeline.infer.stage import run as infer_run
+    """Run inference through the one runner; print the summary and return the closing line."""
+    from pipeline.cli._common import run_command
 
-    with recorded_run(cfg, command, "infer", keys) as (lake, rec, client, advance):
-        result = infer_run(
-            cfg, lake, run_id=rec.run_id, client=client, progress=advance, model=model
-        )
-        rec.stage("infer", result.counts)
-    c = result.counts
-    engine = c.extra.get("engine", {})
-    waiting = engine.get("seconds_waiting", 0.0)
-    total = engine.get("seconds_total", 0.0)
-    wait = f", waiting for data {100 * waiting / total:.0f}%" if total else ""
-    return (
-        f"infer: {result.model_ref} over {c.seen} volumes, {c.extra.get('findings', 0)} "
-        f"findings rows in {c.seconds:.1f} s{wait} (run {rec.run_id})"
-    )
+    summary = run_command(cfg, keys, command, ["infer"], options={"model": model})
+    return f"run {summary.run_id}: done ({summary.manifest})"
 
 
 def register(app: typer.Typer) -> None:

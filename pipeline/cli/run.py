@@ -36,14 +36,10 @@ def register(app: typer.Typer) -> None:
             fail("no lake: set `lake:` in the config or pass --lake", EXIT_USAGE)
 
         def body() -> None:
-            from pipeline.cli._common import lake_keys, run_recorded_pipeline
-            from pipeline.lake import LakePaths
+            from pipeline.cli._common import lake_keys, run_command
 
-            assert cfg.lake is not None
-            paths = LakePaths(cfg.lake)
-            summary = run_recorded_pipeline(cfg, lake_keys(cfg, key_file), "run", "run")
-            for line in summary.lines:
-                typer.echo(line)
-            typer.echo(f"run {summary.run_id}: done ({paths.runs / (summary.run_id + '.json')})")
+            keys = lake_keys(cfg, key_file)
+            summary = run_command(cfg, keys, "run", create=cfg.run.crawl)
+            typer.echo(f"run {summary.run_id}: done ({summary.manifest})")
 
         guarded(body)

@@ -50,6 +50,7 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
     from pipeline.lake import LakePaths, list_manifests, verify_chain
     from pipeline.lake.audit import Witness
     from pipeline.lake.identity import LakeIdentityError, open_lake
+    from pipeline.lake.lock import lock_holder
 
     lake = LakePaths(root)
     try:
@@ -81,6 +82,12 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
                     "which is missing or different (log truncated or replaced)"
                 )
                 break
+    holder = lock_holder(lake)
+    live = [m.run_id for m in manifests if m.status == "running"][-1:] if holder else []
+    for m in manifests:  # a run whose process died, not yet marked by the next run
+        if m.status == "running" and m.run_id not in live:
+            m.status = "abandoned"
+    by_status = Counter(m.status for m in manifests)
     last = manifests[-1] if manifests else None
     return {
         "lake": str(lake.root),
@@ -91,6 +98,9 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
         "quarantine_by_reason": dict(sorted(reasons.items())),
         "writeback": _writeback_status(lake),
         "runs": len(manifests),
+        "runs_by_status": dict(sorted(by_status.items())),
+        "running_now": holder,
+        "abandoned": [m.run_id for m in manifests if m.status == "abandoned"],
         "last_run": None
         if last is None
         else {
@@ -191,8 +201,19 @@ def _print_lake(rep: dict[str, Any]) -> None:
             f"  last run: {last['run_id']} ({last['command']}) {last['status']}, "
             f"{last['seconds']} s; {rep['runs']} run(s) in all"
         )
+        typer.echo(
+            "  runs by status: " + ", ".join(f"{k} {v}" for k, v in rep["runs_by_status"].items())
+        )
     else:
         typer.echo("  no runs yet")
+    if rep["running_now"]:
+        typer.echo(f"  running now: {rep['running_now']}")
+    if rep["abandoned"]:
+        shown = ", ".join(rep["abandoned"][-5:])
+        typer.echo(
+            f"  abandoned: {len(rep['abandoned'])} run(s) whose process died ({shown}); "
+            "finished batches are kept, the next run resumes"
+        )
     a = rep["audit"]
     if a["ok"]:
         verdict = "intact" + ("" if a["macs_checked"] else " (links only: MACs need the key)")

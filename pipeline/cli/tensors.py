@@ -20,19 +20,11 @@ from pipeline.config import PipelineConfig
 
 
 def tensors_with_manifest(cfg: PipelineConfig, command: str, keys: Any) -> str:
-    """Build tensors as one recorded run; return the summary line."""
-    from pipeline.cli._common import recorded_run
-    from pipeline.tensors.stage import run as tensors_run
+    """Build tensors through the one runner; print the summary and return the closing line."""
+    from pipeline.cli._common import run_command
 
-    with recorded_run(cfg, command, "tensors", keys) as (lake, rec, client, advance):
-        result = tensors_run(cfg, lake, run_id=rec.run_id, client=client, progress=advance)
-        rec.restricted_stage("tensors", result.counts)
-    c = result.counts
-    return (
-        f"tensors: {c.seen} objects, {c.extra.get('volumes', 0)} volumes stored, "
-        f"{c.extra.get('refused_series', 0)} series refused, quarantined {c.quarantined} "
-        f"in {c.seconds:.1f} s (run {rec.run_id})"
-    )
+    summary = run_command(cfg, keys, command, ["tensors"])
+    return f"run {summary.run_id}: done ({summary.manifest})"
 
 
 def register(app: typer.Typer) -> None:

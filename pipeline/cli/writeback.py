@@ -21,31 +21,13 @@ from pipeline.config import PipelineConfig
 def writeback_with_manifest(
     cfg: PipelineConfig, command: str, dest: str, keys: Any, model: str | None = None
 ) -> str:
-    """Write back as one recorded run on the lake of ``keys`` (audit: the re-identification,
-    counts only)."""
-    from pipeline.cli._common import recorded_run
-    from pipeline.writeback.stage import run as writeback_run
+    """Write back through the one runner (audit: the re-identification, counts only); print
+    the summary and return the closing line. Objects left pending fail the command (exit 1)
+    with the hint to rerun."""
+    from pipeline.cli._common import run_command
 
-    with recorded_run(cfg, command, "writeback", keys) as (lake, rec, _client, advance):
-
-        def audit(**counts: Any) -> None:
-            rec.audit.append("reidentified", run_id=rec.run_id, stage="writeback", **counts)
-
-        result = writeback_run(
-            cfg, lake, run_id=rec.run_id, dest=dest, key=keys.secret, model=model, progress=advance,
-            audit=audit,
-        )  # fmt: skip
-        rec.stage("writeback", result.counts)
-    e = result.counts.extra
-    line = (
-        f"writeback: {e.get('groups', 0)} volumes, {e.get('built', 0)} objects built, "
-        f"{e.get('confirmed', 0)} confirmed, {e.get('skipped', 0)} already there, "
-        f"{e.get('failed', 0)} volumes refused (see the log), "
-        f"{len(result.pending)} pending in {result.counts.seconds:.1f} s (run {rec.run_id})"
-    )
-    if result.pending:
-        fail(line + "; rerun the same command to send what is pending", 1)
-    return line
+    summary = run_command(cfg, keys, command, ["writeback"], options={"dest": dest, "model": model})
+    return f"run {summary.run_id}: done ({summary.manifest})"
 
 
 def register(app: typer.Typer) -> None:

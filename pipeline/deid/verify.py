@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.compute import set_total
 from pipeline.errors import LakeError
 from pipeline.lake import LakePaths, scan_batches
 
@@ -159,8 +160,17 @@ def _strings(column: pa.ChunkedArray) -> Iterator[tuple[int, str]]:
         yield i, value if isinstance(value, str) else repr(value)
 
 
-def _scan(lake: LakePaths, matcher: _Matcher) -> Iterator[Leak]:
-    for path in sorted(p for p in lake.research.rglob("*") if p.is_file()):
+def _scan(
+    paths: list[Path],
+    lake: LakePaths,
+    matcher: _Matcher,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[Leak]:
+    for path in paths:
+        if progress:
+            progress(1)
+        if not path.is_file():  # gone since the listing (a vacuum, a superseded part)
+            continue
         rel = str(path.relative_to(lake.root))
         if path.suffix == ".parquet":
             pf = pq.ParquetFile(path)
@@ -210,12 +220,25 @@ def _text_of(path: Path) -> str:
     return path.read_bytes().decode("latin-1")
 
 
-def verify(lake: LakePaths, key: bytes | None = None, max_needles: int = 500_000) -> list[Leak]:
-    """Return every place under ``research/`` holding an identifying value (empty: clean)."""
+def verify(
+    lake: LakePaths,
+    key: bytes | None = None,
+    max_needles: int = 500_000,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> list[Leak]:
+    """Return every place under ``research/`` holding an identifying value (empty: clean).
+
+    ``progress`` (a :class:`pipeline.compute.Progress`) hears the number of files to scan
+    (per chunk of needles) and each file scanned."""
     if not lake.research.exists():
         return []
     leaks: dict[tuple[str, str | None, int | None], Leak] = {}
+    files = 0
     for chunk in iter_needles(lake, key, max_needles):
-        for leak in _scan(lake, _Matcher(chunk)):
+        paths = sorted(p for p in lake.research.rglob("*") if p.is_file())
+        files += len(paths)
+        set_total(progress, files)
+        for leak in _scan(paths, lake, _Matcher(chunk), progress):
             leaks.setdefault((leak.path, leak.column, leak.row), leak)
     return sorted(leaks.values(), key=lambda x: (x.path, x.column or "", x.row or 0))

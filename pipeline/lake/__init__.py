@@ -13,7 +13,13 @@ from pipeline.lake.io import (
     write_partition,
     write_partitioned,
 )
-from pipeline.lake.manifest import RunManifest, RunRecorder, StageCounts, list_manifests
+from pipeline.lake.manifest import (
+    RunManifest,
+    RunRecorder,
+    StageCounts,
+    list_manifests,
+    mark_abandoned,
+)
 from pipeline.lake.paths import RESEARCH_TABLES, RESTRICTED_TABLES, LakePaths
 from pipeline.lake.schemas import SCHEMA_VERSION, SCHEMAS, schema_for
 
@@ -32,6 +38,7 @@ __all__ = [
     "atomic_write_text",
     "list_manifests",
     "load_tensor",
+    "mark_abandoned",
     "read_table",
     "scan_batches",
     "schema_for",

@@ -22,7 +22,7 @@ from pipeline.lake.paths import LakePaths
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["lake_lock"]
+__all__ = ["lake_lock", "lock_holder"]
 
 
 @contextlib.contextmanager
@@ -57,6 +57,24 @@ def lake_lock(lake: LakePaths, command: str) -> Iterator[None]:
         finally:
             os.ftruncate(fd, 0)  # a clean exit leaves no holder behind
             fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def lock_holder(lake: LakePaths) -> str | None:
+    """Who holds the lake's lock now (``"pid ... on host, command since ..."``), or None when
+    no live process does. Takes nothing: a probe with a shared, non-blocking ``flock``."""
+    try:
+        fd = os.open(lake.lock, os.O_RDONLY)
+    except OSError:
+        return None  # never locked
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
     finally:
         os.close(fd)
 

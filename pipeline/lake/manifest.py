@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline._deps import library_versions
+from pipeline.errors import Cancelled
 from pipeline.lake.audit import AuditLog, Witness
 from pipeline.lake.identity import open_lake
 from pipeline.lake.io import atomic_write_text
@@ -26,7 +27,21 @@ from pipeline.lake.paths import LakePaths
 if TYPE_CHECKING:
     from pipeline.lake.keys import LakeKeys
 
-__all__ = ["RunManifest", "RunRecorder", "StageCounts", "list_manifests", "new_run_id"]
+__all__ = [
+    "RUN_STATUSES",
+    "RunManifest",
+    "RunRecorder",
+    "StageCounts",
+    "list_manifests",
+    "mark_abandoned",
+    "new_run_id",
+]
+
+#: What a manifest's ``status`` can say. ``running``: started, not finished (or its process
+#: died and no run since has looked); ``abandoned``: its process died without finishing
+#: (marked by the next run, which holds the lake's lock); ``cancelled``: stopped by
+#: SIGINT/SIGTERM, finished batches kept.
+RUN_STATUSES = ("running", "succeeded", "failed", "unreconciled", "cancelled", "abandoned")
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -155,6 +170,20 @@ class RunRecorder:
     def _write(self) -> None:
         atomic_write_text(self.path, self.manifest.to_json())
 
+    def cancel_now(self, signal_name: str) -> None:
+        """Mark the manifest ``cancelled`` at once (a second signal: the process exits right
+        after, without unwinding); the audit log gets its ``run_finished`` record."""
+        m = self.manifest
+        m.status = "cancelled"
+        m.error = f"{signal_name} (twice: stopped at once)"
+        m.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+        m.seconds = round(time.perf_counter() - self._t0, 3)
+        record = self.audit.append(
+            "run_finished", run_id=self.run_id, status=m.status, seconds=m.seconds
+        )
+        m.audit_head = {"seq": record["seq"], "mac": record["mac"]}
+        self._write()
+
     def __enter__(self) -> RunRecorder:
         identity = open_lake(self.lake, self.keys, create=self.create, encrypted=self.encrypted)
         self.lake.create()
@@ -176,7 +205,10 @@ class RunRecorder:
         m = self.manifest
         m.seconds = round(time.perf_counter() - self._t0, 3)
         m.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
-        if exc is not None:
+        if isinstance(exc, Cancelled):
+            m.status = "cancelled"
+            m.error = exc.signal_name
+        elif exc is not None:
             m.status = "failed"
             m.error = type(exc).__name__
         elif not all(c.reconciles for c in m.stages.values()):
@@ -194,6 +226,26 @@ class RunRecorder:
         )
         m.audit_head = {"seq": record["seq"], "mac": record["mac"]}
         self._write()
+
+
+def mark_abandoned(lake: LakePaths, audit: AuditLog | None = None) -> list[str]:
+    """Mark every manifest still ``running`` as ``abandoned``; return their run ids.
+
+    Only call it holding the lake's lock (:func:`pipeline.lake.lock.lake_lock`): then no
+    other run is alive, and a ``running`` manifest is one whose process died (kill -9, a
+    power cut, an out-of-memory kill). Each gets an ``run_abandoned`` audit record.
+    """
+    marked = []
+    for m in list_manifests(lake):
+        if m.status != "running":
+            continue
+        m.status = "abandoned"
+        m.error = "the process ended without finishing the run (killed or crashed)"
+        atomic_write_text(lake.runs / f"{m.run_id}.json", m.to_json())
+        if audit is not None:
+            audit.append("run_abandoned", run_id=m.run_id, command=m.command)
+        marked.append(m.run_id)
+    return marked
 
 
 def list_manifests(lake: LakePaths) -> list[RunManifest]:

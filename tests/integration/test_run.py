@@ -105,7 +105,8 @@ def test_run_end_to_end_then_nothing_new_then_one_new_study(setup: Path, tmp_pat
     first = _run(config)
     assert "verify: leaks found = 0" in first.output
     manifest = _manifest(run / "lake", first.output)
-    assert set(manifest["stages"]) == {"crawl", "deid", "tensors", "infer", "writeback"}
+    assert set(manifest["stages"]) == {"crawl", "deid", "verify", "tensors", "infer", "writeback"}
+    assert manifest["stages"]["verify"]["extra"] == {"leaks": 0}
     lake = LakePaths(run / "lake", keys=LakeKeys(KEY))
     tables = _tables(lake)
     assert tables["findings"]
