@@ -22,14 +22,15 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _count(lake: Any, table: str, column: str | None = None, where: str = "true") -> int:
-    """Rows of a lake table (with ``column`` set, and ``where``)."""
-    from pipeline.lake.duck import connect, scan_sql
+def _count(lake: Any, table: str, column: str | None = None, status: str | None = None) -> int:
+    """Rows of a lake table (with ``column`` set, and ``status`` equal to a value)."""
+    from pipeline.lake.duck import connect
+    from pipeline.lake.queries import count_rows
 
     con = connect()
     try:
-        cond = f"{column} IS NOT NULL AND ({where})" if column else where
-        row = con.execute(f"SELECT count(*) FROM {scan_sql(lake, table)} WHERE {cond}").fetchone()
+        q = count_rows(lake, table, column, status)
+        row = con.execute(q.sql, q.params).fetchone()
         return int(row[0]) if row else 0
     finally:
         con.close()
@@ -155,7 +156,7 @@ def demo(
             "lung lesions found as lung_nodule findings"
         )
         results = Path(cfg.writeback.dest) if cfg.writeback.dest else None
-        confirmed = _count(lake, "outbox", where="status = 'confirmed'")
+        confirmed = _count(lake, "outbox", status="confirmed")
         typer.echo(f"written back {results}  ({confirmed} SEG/SR objects confirmed)")
         typer.echo(f"verify      leaks found = {leaks}")
         if leaks:  # the run already failed closed; kept as the last word

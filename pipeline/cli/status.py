@@ -134,16 +134,13 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
 def _writeback_status(lake: Any) -> dict[str, dict[str, int]]:
     """Per destination: SEG/SR objects by their latest delivery status (pending = not
     confirmed)."""
-    from pipeline.lake.duck import arrow_table, connect, latest_sql
+    from pipeline.lake.duck import arrow_table, connect
+    from pipeline.lake.queries import writeback_status
 
     con = connect()
     try:
-        rows = arrow_table(
-            con,
-            f"""SELECT dest, status, count(*) AS n
-                FROM {latest_sql(lake, "outbox", "result_uid, dest", "updated_at")}
-                GROUP BY 1, 2 ORDER BY 1, 2""",
-        ).to_pylist()
+        q = writeback_status(lake)
+        rows = arrow_table(con, q.sql, q.params).to_pylist()
     finally:
         con.close()
     out: dict[str, dict[str, int]] = {}

@@ -48,10 +48,10 @@ from pipeline.lake.duck import (
     arrow_reader,
     arrow_table,
     connect,
-    latest_sql,
     object_states,
-    scan_sql,
 )
+from pipeline.lake.queries import CrawlQueries
+from pipeline.lake.queries import current_index as current_index_query
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ def current_index(lake: LakePaths) -> pa.Table:
 
     con = duckdb.connect()
     try:
-        sql = latest_sql(lake, "index", "object_key", "crawled_at")
-        table = arrow_table(con, f"SELECT * FROM {sql} ORDER BY object_key")
+        q = current_index_query(lake)
+        table = arrow_table(con, q.sql, q.params)
     finally:
         con.close()
     sealer = lake.sealer()
@@ -368,31 +368,12 @@ def run(
     try:
         n_units = _write_listing(source, tmp / "listing", lake.sealer())
         con = connect(tmp)
-        listing = f"read_parquet('{tmp / 'listing'}/*.parquet')"
-        units_latest = latest_sql(lake, "units", "unit_key", "crawled_at", "source = $src")
-        if not cfg.crawl.incremental:
-            units_latest = f"(SELECT * FROM {units_latest} WHERE false)"
-        index_latest = latest_sql(lake, "index", "object_key", "crawled_at", "source = $src")
-        q_latest = latest_sql(lake, "quarantine", "object_key", "quarantined_at", "source = $src")
-        params = {"src": src}
-        same = (
-            f"SELECT count(*), coalesce(sum(u.n_objects), 0) FROM {listing} l "
-            f"JOIN {units_latest} u ON l.unit_key = u.unit_key "
-            "AND u.state = 'read' AND u.watermark = l.watermark"
+        crawl_q = CrawlQueries.at_start(
+            lake, tmp / "listing", source=src, incremental=cfg.crawl.incremental
         )
-        units_unchanged, objects_unchanged = con.execute(same, params).fetchall()[0]
-        diff = f"""
-            SELECT l.seq, l.unit_key, l.watermark, l.size_bytes, l.mtime_ns,
-                   i.object_key, i.fingerprint
-            FROM {listing} l
-            LEFT JOIN {units_latest} u
-              ON l.unit_key = u.unit_key AND u.state = 'read' AND u.watermark = l.watermark
-            LEFT JOIN (SELECT unit_key, object_key, fingerprint FROM {index_latest}
-                       WHERE state <> 'gone' AND {str(cfg.crawl.incremental).lower()}) i
-              ON i.unit_key = l.unit_key
-            WHERE u.unit_key IS NULL
-            ORDER BY l.seq
-        """
+        same = crawl_q.unchanged()
+        units_unchanged, objects_unchanged = con.execute(same.sql, same.params).fetchall()[0]
+        diff = crawl_q.diff()
         if progress and units_unchanged:
             progress(int(units_unchanged))
         logger.info(
@@ -403,7 +384,7 @@ def run(
         )
         totals = {"indexed": 0, "quarantined": 0, "unchanged": 0, "units": 0}
         on_invalid = cfg.crawl.on_invalid
-        batches = _batches(con, diff, params, cfg.compute.partition_size, lake.sealer())
+        batches = _batches(con, diff.sql, diff.params, cfg.compute.partition_size, lake.sealer())
 
         def add(result: dict[str, int]) -> None:
             for k in totals:
@@ -427,12 +408,9 @@ def run(
             add(result)
 
         # what vanished: whole units no longer listed, and objects no longer in a re-read unit
-        gone_units_sql = f"""
-            SELECT u.unit_key FROM {units_latest} u
-            WHERE u.state = 'read' AND u.unit_key NOT IN (SELECT unit_key FROM {listing})
-        """
+        gone_units_q = crawl_q.gone_units()
         now = datetime.now(UTC)
-        gone_units = [r[0] for r in con.execute(gone_units_sql, params).fetchall()]
+        gone_units = [r[0] for r in con.execute(gone_units_q.sql, gone_units_q.params).fetchall()]
         if gone_units:
             write_partition(
                 lake,
@@ -452,37 +430,14 @@ def run(
                 ],
                 part=f"{run_id}-gone",
             )
-        columns = (
-            "object_key, source, location, unit_key, PatientID, StudyInstanceUID, "
-            "SeriesInstanceUID, SOPInstanceUID, SOPClassUID, Modality, TransferSyntaxUID, "
-            "InstanceNumber, has_pixel_data, size_bytes, mtime_ns, fingerprint"
-        )
-        read_now = (
-            f"(SELECT unit_key, unnest(object_keys) AS object_key FROM {scan_sql(lake, 'units')} "
-            "WHERE source = $src AND run_id = $run AND state = 'read')"
-        )
-        gone_objects_sql = f"""
-            SELECT {columns} FROM (
-                SELECT {columns}, crawled_at AS event_at FROM {index_latest} WHERE state <> 'gone'
-                UNION ALL
-                SELECT object_key, source, location, unit_key, NULL, NULL, NULL, NULL, NULL,
-                       NULL, NULL, NULL, NULL, size_bytes, mtime_ns, NULL, quarantined_at
-                FROM {q_latest}
-            ) o
-            WHERE (o.unit_key IN (SELECT unnest($gone::VARCHAR[]))
-                   OR (o.unit_key IN (SELECT unit_key FROM {read_now})
-                       AND o.object_key NOT IN (SELECT object_key FROM {read_now})))
-              AND o.object_key NOT IN (
-                  SELECT object_key FROM {index_latest} WHERE state = 'gone')
-            QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1
-        """
+        gone_objects = crawl_q.gone_objects(lake, run_id, gone_units)
         gone = _write_gone(
             con,
             lake,
             source,
             run_id,
-            gone_objects_sql,
-            {"src": src, "run": run_id, "gone": gone_units},
+            gone_objects.sql,
+            gone_objects.params,
             "gone",
         )
         con.close()

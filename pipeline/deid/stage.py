@@ -47,11 +47,19 @@ from pipeline.lake.duck import (
     arrow_reader,
     arrow_table,
     connect,
-    latest_sql,
-    scan_sql,
     volume_verdicts,
 )
 from pipeline.lake.keys import LakeKeys
+from pipeline.lake.queries import (
+    OWN_UIDS,
+    deid_export_todo,
+    deid_new_objects,
+    deid_own_results,
+    deid_patients,
+    deid_series_instances,
+    deid_studies,
+    deid_superseded,
+)
 from pipeline.lake.schemas import INSTANCES
 
 logger = logging.getLogger(__name__)
@@ -348,54 +356,33 @@ def deid_batch(
     }
 
 
-def _own_uids_sql(con: Any, lake: LakePaths) -> str:
-    """SQL of the SOP Instance UIDs write-back gave pacsflow's own results, in the form the
-    index holds UIDs (sealed in a lake encrypted at rest), as a temporary table of ``con``."""
+def _register_own_uids(con: Any, lake: LakePaths) -> None:
+    """Register :data:`~pipeline.lake.queries.OWN_UIDS` on ``con``: the SOP Instance UIDs
+    write-back gave pacsflow's own results, in the form the index holds UIDs (sealed in a lake
+    encrypted at rest). A crawl of the PACS they were stored into finds them again; they are
+    never research data."""
     import pyarrow as pa
 
     uids = read_table(lake, "outbox", columns=["result_uid"]).column("result_uid").to_pylist()
     sealer = lake.sealer()
     if sealer is not None:
         uids = [sealer.seal("uid", u) for u in uids]
-    con.register("pf_own_uids", pa.table({"uid": pa.array(sorted(set(uids)), pa.string())}))
-    return "(SELECT uid FROM pf_own_uids)"
-
-
-def _new_sql(lake: LakePaths, own: str) -> str:
-    """Indexed objects not yet de-identified (nor quarantined by deid), with ``own``: true for
-    pacsflow's own write-back results (their SOP Instance UID is in the outbox), which a crawl of
-    the PACS they were stored into finds again and which are never research data."""
-    index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
-    q_deid = f"(SELECT object_key FROM {scan_sql(lake, 'quarantine')} WHERE stage = 'deid')"
-    return f"""
-        SELECT i.object_key, i.source, i.location, i.unit_key, i.PatientID, i.fingerprint,
-               i.size_bytes, i.mtime_ns,
-               i.SOPInstanceUID IN {own} AS own
-        FROM {index_latest} i
-        LEFT JOIN {scan_sql(lake, "vault")} v
-          ON v.object_key = i.object_key AND v.fingerprint IS NOT DISTINCT FROM i.fingerprint
-        WHERE i.state = 'indexed' AND v.object_key IS NULL
-          AND i.object_key NOT IN {q_deid}
-    """
+    con.register(OWN_UIDS, pa.table({"uid": pa.array(sorted(set(uids)), pa.string())}))
 
 
 def _own_results(con: Any, lake: LakePaths) -> int:
-    """How many new indexed objects are pacsflow's own results (skipped, see :func:`_new_sql`)."""
-    rows = con.execute(
-        f"SELECT count(*) FROM ({_new_sql(lake, _own_uids_sql(con, lake))}) WHERE own"
-    ).fetchall()
+    """How many new indexed objects are pacsflow's own results (skipped)."""
+    _register_own_uids(con, lake)
+    rows = con.execute(deid_own_results(lake).sql).fetchall()
     return int(rows[0][0])
 
 
 def _todo(con: Any, lake: LakePaths, batch: int) -> Iterator[list[dict[str, Any]]]:
-    sql = f"""
-        SELECT * EXCLUDE (own) FROM ({_new_sql(lake, _own_uids_sql(con, lake))})
-        WHERE own IS NOT TRUE
-        ORDER BY object_key
-    """
+    _register_own_uids(con, lake)
+    q = deid_new_objects(lake)
     rows: list[dict[str, Any]] = []
     opened = lake.opener("index")
-    for rb in arrow_reader(con, sql, None, 10_000):
+    for rb in arrow_reader(con, q.sql, q.params, 10_000):
         rows.extend(opened(r) for r in rb.to_pylist())
         while len(rows) >= batch:
             yield rows[:batch]
@@ -408,21 +395,10 @@ def _export_todo(
     con: Any, lake: LakePaths, batch: int, folder: Path
 ) -> Iterator[list[dict[str, Any]]]:
     """Objects de-identified in earlier runs whose export file is missing under ``folder``."""
-    index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
-    sql = f"""
-        SELECT i.object_key, i.source, i.location, i.unit_key, i.PatientID, i.fingerprint,
-               i.size_bytes, i.mtime_ns,
-               v.study_pseudonym, v.series_pseudonym, v.sop_pseudonym
-        FROM {index_latest} i
-        JOIN {scan_sql(lake, "vault")} v
-          ON v.object_key = i.object_key AND v.fingerprint IS NOT DISTINCT FROM i.fingerprint
-        WHERE i.state = 'indexed'
-        QUALIFY row_number() OVER (PARTITION BY i.object_key ORDER BY v.deidentified_at DESC) = 1
-        ORDER BY i.object_key
-    """
+    q = deid_export_todo(lake)
     opened = lake.opener("index")
     rows: list[dict[str, Any]] = []
-    for rb in arrow_reader(con, sql, None, 10_000):
+    for rb in arrow_reader(con, q.sql, q.params, 10_000):
         for r in rb.to_pylist():
             r = opened(r)
             path = (
@@ -452,20 +428,9 @@ def _drop_superseded(con: Any, lake: LakePaths) -> int:
 
     if not table_exists(lake, "instances"):
         return 0
-    folder = lake.table("instances")
-    sql = f"""
-        WITH r AS (
-            SELECT SOPInstanceUID, filename, file_row_number,
-                   row_number() OVER (PARTITION BY SOPInstanceUID
-                        ORDER BY parse_filename(filename) DESC, filename DESC,
-                                 file_row_number DESC) AS rank
-            FROM read_parquet('{folder}/**/*.parquet', filename = true, file_row_number = true,
-                              union_by_name = true)
-        )
-        SELECT filename, list(file_row_number) AS rows FROM r WHERE rank > 1 GROUP BY filename
-    """
+    q = deid_superseded(lake)
     dropped = 0
-    for filename, stale in con.execute(sql).fetchall():
+    for filename, stale in con.execute(q.sql, q.params).fetchall():
         table = pq.read_table(filename)
         keep = np.ones(table.num_rows, dtype=bool)
         keep[np.asarray(stale, dtype=np.int64)] = False
@@ -555,13 +520,6 @@ _SERIES_CHUNK = 20_000
 
 def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
     """Rebuild ``series``, ``studies`` and ``patients`` from ``instances`` (streaming)."""
-    inst = scan_sql(lake, "instances")
-    cols = (
-        "SeriesInstanceUID, StudyInstanceUID, patient_token, Modality, BodyPartExamined, "
-        "Manufacturer, ManufacturerModelName, SeriesNumber, SeriesDate, ContentDate, Rows, "
-        "Columns, ImageOrientationPatient, ImagePositionPatient, PixelSpacing, SliceThickness, "
-        "KVP, MagneticFieldStrength, NumberOfFrames"
-    )
     series_rows: list[dict[str, Any]] = []
     current: list[dict[str, Any]] = []
     written: set[Path] = set()
@@ -608,8 +566,8 @@ def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
         if len(series_rows) >= _SERIES_CHUNK:
             write_series()
 
-    sql = f"SELECT {cols} FROM {inst} ORDER BY SeriesInstanceUID, SOPInstanceUID"
-    for rb in arrow_reader(con, sql, None, 10_000):
+    q = deid_series_instances(lake)
+    for rb in arrow_reader(con, q.sql, q.params, 10_000):
         for row in rb.to_pylist():
             if current and row["SeriesInstanceUID"] != current[0]["SeriesInstanceUID"]:
                 flush()
@@ -620,23 +578,9 @@ def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
     for stale in lake.table("series").rglob("*.parquet"):  # parts of an earlier, larger build
         if stale not in written:
             stale.unlink()
-    studies = arrow_table(
-        con,
-        f"""SELECT StudyInstanceUID, any_value(patient_token) AS patient_token,
-                   min(coalesce(StudyDate, ContentDate)) AS StudyDate,
-                   any_value(PatientAge) AS PatientAge,
-                   list_sort(list_distinct(list(Modality))) AS ModalitiesInStudy,
-                   count(DISTINCT SeriesInstanceUID) AS n_series, count(*) AS n_instances
-            FROM {inst} GROUP BY StudyInstanceUID ORDER BY StudyInstanceUID""",
-    )
+    studies = arrow_table(con, deid_studies(lake).sql)
     write_partition(lake, "studies", studies, part="all")
-    patients = arrow_table(
-        con,
-        f"""SELECT patient_token, any_value(PatientSex) AS PatientSex,
-                   count(DISTINCT StudyInstanceUID) AS n_studies,
-                   count(DISTINCT SeriesInstanceUID) AS n_series, count(*) AS n_instances
-            FROM {inst} GROUP BY patient_token ORDER BY patient_token""",
-    )
+    patients = arrow_table(con, deid_patients(lake).sql)
     write_partition(lake, "patients", patients, part="all")
 
 

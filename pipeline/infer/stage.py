@@ -37,7 +37,8 @@ from pipeline.compute import map_bounded
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, ModelError
 from pipeline.lake import LakePaths, StageCounts, sync_filesystem, write_npy, write_partition
-from pipeline.lake.duck import arrow_reader, connect, scan_sql
+from pipeline.lake.duck import arrow_reader, connect
+from pipeline.lake.queries import infer_todo
 
 logger = logging.getLogger(__name__)
 
@@ -304,32 +305,18 @@ def _code_list(code: Any) -> list[str] | None:
 def _todo(
     con: Any, lake: LakePaths, cfg: PipelineConfig, entry: Any, bundle: Any, per_task: int
 ) -> Iterator[list[dict[str, Any]]]:
-    sql = f"""
-        WITH s AS (
-            SELECT SeriesInstanceUID, Modality FROM {scan_sql(lake, "series")}
-            WHERE ({entry.applies_to})
-        )
-        SELECT t.tensor_key, t.SeriesInstanceUID, t.path, t.shape, t.spacing, t.affine,
-               t.checksum, t.rescaled, t.volume_index, s.Modality
-        FROM {scan_sql(lake, "tensors")} t
-        JOIN s ON s.SeriesInstanceUID = t.SeriesInstanceUID
-        WHERE t.status = 'ok' AND t.preprocessing_hash = $h
-          AND NOT EXISTS (
-            SELECT 1 FROM {scan_sql(lake, "findings")} f
-            WHERE f.tensor_key = t.tensor_key AND f.model = $m
-              AND f.model_version = $v AND f.weights_sha256 = $w
-          )
-        ORDER BY t.tensor_key
-    """
-    params = {
-        "h": cfg.tensors.preprocessing_hash(),
-        "m": bundle.name,
-        "v": bundle.version,
-        "w": bundle.weights_sha256,
-    }
+    q = infer_todo(
+        lake,
+        entry=entry.name,
+        model=bundle.name,
+        applies_to=entry.applies_to,
+        preprocessing_hash=cfg.tensors.preprocessing_hash(),
+        version=bundle.version,
+        weights_sha256=bundle.weights_sha256,
+    )
     batch: list[dict[str, Any]] = []
     try:
-        for rb in arrow_reader(con, sql, params, 256):
+        for rb in arrow_reader(con, q.sql, q.params, 256):
             for row in rb.to_pylist():
                 batch.append(row)
                 if len(batch) >= per_task:

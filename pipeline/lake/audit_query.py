@@ -20,8 +20,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.lake.duck import connect, scan_sql
+from pipeline.lake.duck import connect
 from pipeline.lake.paths import LakePaths
+from pipeline.lake.queries import run_ids_about, subject_series
 
 __all__ = ["AuditRow", "Subject", "audit_rows", "resolve_subject"]
 
@@ -49,7 +50,7 @@ def _exists(lake: LakePaths, name: str) -> bool:
     return any(lake.table(name).rglob("*.parquet"))
 
 
-def _column(con: Any, sql: str, params: list[Any]) -> set[str]:
+def _column(con: Any, sql: str, params: Mapping[str, Any] | None) -> set[str]:
     return {r[0] for r in con.execute(sql, params).fetchall() if r[0] is not None}
 
 
@@ -67,20 +68,8 @@ def resolve_subject(
         studies: set[str] = set()
         series_set: set[str] = set()
         if _exists(lake, "series"):
-            where, params = [], []
-            for col, value in (
-                ("patient_token", patient),
-                ("StudyInstanceUID", study),
-                ("SeriesInstanceUID", series),
-            ):
-                if value:
-                    where.append(f"{col} = ?")
-                    params.append(value)
-            rows = con.execute(
-                "SELECT DISTINCT patient_token, StudyInstanceUID, SeriesInstanceUID FROM "
-                f"{scan_sql(lake, 'series')} WHERE {' AND '.join(where) or 'true'}",
-                params,
-            ).fetchall()
+            q = subject_series(lake, patient=patient, study=study, series=series)
+            rows = con.execute(q.sql, q.params).fetchall()
             for p, st, se in rows:
                 patients.add(p)
                 studies.add(st)
@@ -94,20 +83,10 @@ def resolve_subject(
             studies.clear()
         runs: set[str] = set()
         if series_set:
-            marks = ", ".join("?" for _ in series_set)
-            params = sorted(series_set)
-            for table, col in (
-                ("vault", "series_pseudonym"),
-                ("findings", "SeriesInstanceUID"),
-                ("outbox", "source_series_pseudonym"),
-            ):
+            for table in ("vault", "findings", "outbox"):
                 if _exists(lake, table):
-                    runs |= _column(
-                        con,
-                        f"SELECT DISTINCT run_id FROM {scan_sql(lake, table)} "
-                        f"WHERE {col} IN ({marks})",
-                        params,
-                    )
+                    q = run_ids_about(lake, table, sorted(series_set))
+                    runs |= _column(con, q.sql, q.params)
         return Subject(
             frozenset(patients), frozenset(studies), frozenset(series_set), frozenset(runs)
         )

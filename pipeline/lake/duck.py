@@ -1,6 +1,8 @@
 """DuckDB over lake tables: out-of-core scans, latest-row views, Arrow streaming.
 
-Shared by the stages (they never import each other). Works with duckdb 1.x and 2.x.
+Shared by the stages (they never import each other). Works with duckdb 1.x and 2.x. The SQL
+itself lives in :mod:`pipeline.lake.queries` (``scan_sql``, ``latest_sql`` and ``lineage_sql``
+are re-exported here).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.lake import queries
 from pipeline.lake.paths import LakePaths
-from pipeline.lake.schemas import schema_for
+from pipeline.lake.queries import latest_sql, lineage_sql, scan_sql
 
 __all__ = [
     "RESEARCH_VIEWS",
@@ -22,6 +25,7 @@ __all__ = [
     "check_read_only",
     "connect",
     "latest_sql",
+    "lineage_sql",
     "object_states",
     "research_sandbox",
     "scan_sql",
@@ -36,7 +40,8 @@ def connect(tmp: Path | None = None) -> Any:
     con = duckdb.connect()
     con.execute("SET memory_limit = '512MB'")  # spills to temp_directory beyond it
     if tmp is not None:
-        con.execute(f"SET temp_directory = '{tmp / 'duckdb'}'")
+        q = queries.set_temp_directory(tmp)
+        con.execute(q.sql, q.params)
     con.execute("SET threads = 2")
     con.execute("SET preserve_insertion_order = true")
     return con
@@ -59,42 +64,6 @@ def arrow_reader(
     return fetch(rows)
 
 
-def scan_sql(lake: LakePaths, name: str) -> str:
-    """SQL for a lake table: its Parquet files, or an empty relation of its schema.
-
-    Files are found at any depth (hive folders ``key=value/`` read as string columns).
-    """
-    folder = lake.table(name)
-    if folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None:
-        return (
-            f"read_parquet('{folder}/**/*.parquet', union_by_name = true, "
-            "hive_partitioning = true, hive_types_autocast = false)"
-        )
-    cols = ", ".join(f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in schema_for(name))
-    return f"(SELECT {cols} WHERE false)"
-
-
-def _duck_type(t: pa.DataType) -> str:
-    if pa.types.is_string(t):
-        return "VARCHAR"
-    if pa.types.is_int64(t):
-        return "BIGINT"
-    if pa.types.is_boolean(t):
-        return "BOOLEAN"
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ"
-    if pa.types.is_list(t):
-        return _duck_type(t.value_type) + "[]"
-    return "VARCHAR"
-
-
-def latest_sql(lake: LakePaths, name: str, key: str, order: str, where: str = "true") -> str:
-    return (
-        f"(SELECT * FROM {scan_sql(lake, name)} WHERE {where} "
-        f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order} DESC) = 1)"
-    )
-
-
 def object_states(lake: LakePaths) -> pa.Table:
     """One row per object ever seen: key, source, location, ``state`` and quarantine ``reason``.
 
@@ -107,51 +76,8 @@ def object_states(lake: LakePaths) -> pa.Table:
 
     con = duckdb.connect()
     try:
-        sql = f"""
-            SELECT object_key, source, location, state, reason FROM (
-                SELECT object_key, source, location, state, NULL AS reason, crawled_at AS event_at
-                FROM {scan_sql(lake, "index")}
-                UNION ALL
-                SELECT object_key, source, location, 'quarantined', reason, quarantined_at
-                FROM {scan_sql(lake, "quarantine")}
-                UNION ALL
-                SELECT v.object_key, i.source, i.location, 'deidentified', NULL, v.deidentified_at
-                FROM {scan_sql(lake, "vault")} v
-                JOIN {latest_sql(lake, "index", "object_key", "crawled_at")} i
-                  ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
-                UNION ALL
-                SELECT v.object_key, i.source, i.location, 'tensorised', NULL,
-                       v.deidentified_at + INTERVAL 1 MICROSECOND
-                FROM (SELECT DISTINCT unnest(sop_instance_uids) AS sop
-                      FROM {scan_sql(lake, "tensors")} WHERE status = 'ok') t
-                JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = t.sop
-                JOIN {latest_sql(lake, "index", "object_key", "crawled_at")} i
-                  ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
-                UNION ALL
-                SELECT v.object_key, i.source, i.location, 'inferred', NULL,
-                       v.deidentified_at + INTERVAL 2 MICROSECOND
-                FROM (SELECT DISTINCT unnest(t.sop_instance_uids) AS sop
-                      FROM {scan_sql(lake, "tensors")} t
-                      WHERE t.tensor_key IN (SELECT tensor_key FROM {scan_sql(lake, "findings")})
-                     ) f
-                JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = f.sop
-                JOIN {latest_sql(lake, "index", "object_key", "crawled_at")} i
-                  ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
-                UNION ALL
-                SELECT v.object_key, i.source, i.location, 'written_back', NULL,
-                       v.deidentified_at + INTERVAL 3 MICROSECOND
-                FROM (SELECT DISTINCT unnest(t.sop_instance_uids) AS sop
-                      FROM {scan_sql(lake, "tensors")} t
-                      WHERE t.tensor_key IN (SELECT tensor_key FROM {scan_sql(lake, "outbox")}
-                                             WHERE kind = 'SEG' AND status = 'confirmed')
-                     ) w
-                JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = w.sop
-                JOIN {latest_sql(lake, "index", "object_key", "crawled_at")} i
-                  ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
-            ) QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1
-            ORDER BY source, location
-        """
-        table = arrow_table(con, sql)
+        q = queries.object_states(lake)
+        table = arrow_table(con, q.sql, q.params)
     finally:
         con.close()
     return table
@@ -163,39 +89,8 @@ def volume_verdicts(con: Any, lake: LakePaths) -> dict[str, tuple[bool, str | No
     deid stage computes for the ``series`` table."""
     if not any(lake.table("tensors").rglob("*.parquet")):
         return {}
-    rows = con.execute(
-        f"""SELECT SeriesInstanceUID, min(status), min(reason)
-            FROM {scan_sql(lake, "tensors")} GROUP BY 1"""
-    ).fetchall()
+    rows = con.execute(queries.volume_verdicts(lake).sql).fetchall()
     return {uid: (status == "ok", reason) for uid, status, reason in rows}
-
-
-def lineage_sql(lake: LakePaths) -> str:
-    """The end-to-end lineage, one row per (object, volume, model identity, result object):
-    object key -> pseudonyms -> tensor -> model -> result UID -> delivery status.
-
-    Only non-identifying columns: the object key is a hash, the UIDs are pseudonyms or the
-    keyed UIDs write-back derived; original UIDs and locations stay in the restricted zone.
-    """
-    vault = latest_sql(lake, "vault", "object_key", "deidentified_at")
-    outbox = latest_sql(lake, "outbox", "result_uid, dest", "updated_at")
-    return f"""(
-        SELECT v.object_key, v.sop_pseudonym, v.series_pseudonym, v.deid_version,
-               t.tensor_key, t.checksum AS tensor_checksum,
-               f.model, f.model_version, f.weights_sha256,
-               o.kind AS result_kind, o.result_uid, o.dest, o.status AS delivery_status,
-               o.updated_at AS delivery_updated_at
-        FROM {vault} v
-        LEFT JOIN (SELECT tensor_key, checksum, unnest(sop_instance_uids) AS sop
-                   FROM {scan_sql(lake, "tensors")} WHERE status = 'ok') t
-               ON t.sop = v.sop_pseudonym
-        LEFT JOIN (SELECT DISTINCT tensor_key, model, model_version, weights_sha256
-                   FROM {scan_sql(lake, "findings")}) f
-               ON f.tensor_key = t.tensor_key
-        LEFT JOIN {outbox} o
-               ON o.tensor_key = f.tensor_key AND o.model = f.model
-              AND o.model_version = f.model_version AND o.weights_sha256 = f.weights_sha256
-    )"""
 
 
 #: The research views of ``pacsflow sql``.
@@ -246,11 +141,12 @@ def research_sandbox(lake: LakePaths, tmp: Path) -> Any:
     con = connect(tmp)
     for view in RESEARCH_VIEWS:
         if any(lake.table(view).rglob("*.parquet")):
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM {scan_sql(lake, view)}")
+            con.execute(queries.create_scan_view(lake, view, RESEARCH_VIEWS))
     if any(lake.table("vault").rglob("*.parquet")):  # pseudonyms, hashes and result UIDs only
-        con.execute(f"CREATE TABLE lineage AS SELECT * FROM {lineage_sql(lake)}")
-    research = str(lake.research.resolve()) + "/"
-    con.execute("SET allowed_directories = $dirs", {"dirs": [research]})
+        con.execute(queries.create_lineage_table(lake))
+    con.execute(
+        "SET allowed_directories = $dirs", {"dirs": queries.allowed_prefixes(lake.research)}
+    )
     con.execute("SET enable_external_access = false")
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")

@@ -21,9 +21,10 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from pipeline.lake.duck import arrow_table, connect, scan_sql
+from pipeline.lake.duck import arrow_table, connect
 from pipeline.lake.io import read_table, write_partition
 from pipeline.lake.paths import LakePaths
+from pipeline.lake.queries import review_catalog
 
 __all__ = [
     "DECISIONS",
@@ -393,27 +394,6 @@ def _signature(lake: LakePaths, names: Sequence[str]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-_CATALOG_SQL = """
-    SELECT f.finding_key, f.SeriesInstanceUID, f.tensor_key, f.tensor_checksum, f.volume_index,
-           f.model, f.model_version, f.weights_sha256, f.label, f.label_value, f.score,
-           f.voxel_count, f.volume_ml, f.mean_hu, f.bbox, f.measurements, f.mask_path,
-           f.mask_checksum, f.device, f.run_id, f.inferred_at,
-           t.path AS tensor_path, t.shape, t.spacing, t.rescaled,
-           s.Modality, s.Manufacturer, s.ManufacturerModelName, s.BodyPartExamined,
-           s.SeriesDate, st.StudyDate, s.StudyInstanceUID
-    FROM {findings} f
-    LEFT JOIN (SELECT * FROM {tensors} WHERE status = 'ok') t ON t.tensor_key = f.tensor_key
-    LEFT JOIN (SELECT * FROM {series} QUALIFY row_number() OVER
-               (PARTITION BY SeriesInstanceUID ORDER BY n_instances DESC NULLS LAST) = 1) s
-           ON s.SeriesInstanceUID = f.SeriesInstanceUID
-    LEFT JOIN (SELECT * FROM {studies} QUALIFY row_number() OVER
-               (PARTITION BY StudyInstanceUID ORDER BY n_series DESC NULLS LAST) = 1) st
-           ON st.StudyInstanceUID = s.StudyInstanceUID
-    QUALIFY row_number() OVER (PARTITION BY f.finding_key ORDER BY f.inferred_at DESC) = 1
-    ORDER BY f.finding_key
-"""
-
-
 class Catalog:
     """The findings joined with their volume, series and study, and the reviews; reloaded
     when the tables' files change. Research zone only: pseudonyms and shifted dates."""
@@ -434,10 +414,10 @@ class Catalog:
         with self._lock:
             sig = _signature(self.lake, self._TABLES)
             if sig != self._sig:
-                sql = _CATALOG_SQL.format(**{t: scan_sql(self.lake, t) for t in self._TABLES})
+                q = review_catalog(self.lake)
                 con = connect()
                 try:
-                    self._rows = arrow_table(con, sql).to_pylist()
+                    self._rows = arrow_table(con, q.sql, q.params).to_pylist()
                 finally:
                     con.close()
                 self._by_key = {r["finding_key"]: r for r in self._rows}

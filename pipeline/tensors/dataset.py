@@ -47,7 +47,8 @@ import numpy as np
 
 from pipeline.errors import LakeError
 from pipeline.lake import LakePaths
-from pipeline.lake.duck import arrow_table, connect, scan_sql
+from pipeline.lake.duck import arrow_table, connect
+from pipeline.lake.queries import cohort_base, cohort_join, create_scan_view
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,18 +95,6 @@ class ChecksumMismatch(LakeError):
     """A stored tensor's bytes do not match the checksum its ``tensors`` row records."""
 
 
-def _cohort_base(lake: LakePaths, preprocessing_hash: str | None) -> str:
-    cols = ", ".join(f's."{c}"' for c in _SERIES_COLUMNS)
-    prep = "AND t.preprocessing_hash = $prep" if preprocessing_hash is not None else ""
-    return f"""
-        SELECT t.*, {cols}
-        FROM {scan_sql(lake, "tensors")} t
-        LEFT JOIN {scan_sql(lake, "series")} s ON s.SeriesInstanceUID = t.SeriesInstanceUID
-        WHERE t.status = 'ok' {prep}
-        QUALIFY t.deid_version = max(t.deid_version) OVER (PARTITION BY t.SeriesInstanceUID)
-    """
-
-
 def cohort(
     lake: LakePaths,
     sql: str | None = None,
@@ -146,16 +135,15 @@ def cohort(
     """
     if sql is not None and where is not None:
         raise ValueError("give sql or where, not both")
-    params = {"prep": preprocessing_hash} if preprocessing_hash is not None else None
     con = connect()
     try:
         for view in COHORT_VIEWS:
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM {scan_sql(lake, view)}")
-        base = _cohort_base(lake, preprocessing_hash)
-        if params:  # views cannot take parameters: materialise the (small) cohort
-            con.execute(f"CREATE TEMP TABLE cohort AS {base}", params)
+            con.execute(create_scan_view(lake, view, COHORT_VIEWS))
+        base = cohort_base(lake, _SERIES_COLUMNS, preprocessing_hash)
+        if base.params:  # views cannot take parameters: materialise the (small) cohort
+            con.execute(f"CREATE TEMP TABLE cohort AS {base.sql}", base.params)
         else:
-            con.execute(f"CREATE VIEW cohort AS {base}")
+            con.execute(f"CREATE VIEW cohort AS {base.sql}")
         if sql is None:
             query = "SELECT * FROM cohort"
             if where is not None:
@@ -171,14 +159,7 @@ def cohort(
                     f"it returns {', '.join(columns)}"
                 )
             cohort_columns = list(con.sql("SELECT * FROM cohort").columns)
-            extra = ", ".join(f'c."{c}"' for c in cohort_columns if c not in columns)
-            query = f"""
-                SELECT q.*{", " + extra if extra else ""}
-                FROM (SELECT *, row_number() OVER () AS __order FROM ({body})) q
-                JOIN cohort c ON c."{key}" = q."{key}"
-                ORDER BY q.__order, c.volume_index
-            """
-            query = f"SELECT * EXCLUDE (__order) FROM ({query})"
+            query = cohort_join(body, key, columns, cohort_columns)
         return arrow_table(con, query).to_pandas()
     finally:
         con.close()

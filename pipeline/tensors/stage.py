@@ -43,7 +43,8 @@ from pipeline.lake import (
     write_npy,
     write_partition,
 )
-from pipeline.lake.duck import arrow_reader, connect, latest_sql, scan_sql, volume_verdicts
+from pipeline.lake.duck import arrow_reader, connect, volume_verdicts
+from pipeline.lake.queries import tensors_todo
 
 logger = logging.getLogger(__name__)
 
@@ -212,35 +213,11 @@ def _todo(
 ) -> Iterator[list[dict[str, Any]]]:
     """Series without a tensors row for this preprocessing and their de-identification
     version (the vault's), grouped into batches of about ``batch_objects`` objects."""
-    index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
-    vault_latest = latest_sql(lake, "vault", "object_key", "deidentified_at")
-    sql = f"""
-        WITH s AS (
-            SELECT v.series_pseudonym, max(v.deid_version) AS deid_version,
-                   list(struct_pack(object_key := i.object_key, source := i.source,
-                                    location := i.location, unit_key := i.unit_key,
-                                    size_bytes := i.size_bytes, mtime_ns := i.mtime_ns,
-                                    sop_pseudonym := v.sop_pseudonym)
-                        ORDER BY v.sop_pseudonym) AS objects
-            FROM {vault_latest} v
-            JOIN {index_latest} i
-              ON i.object_key = v.object_key
-             AND i.fingerprint IS NOT DISTINCT FROM v.fingerprint
-            WHERE i.state = 'indexed'
-            GROUP BY v.series_pseudonym
-        )
-        SELECT s.* FROM s
-        WHERE NOT EXISTS (
-            SELECT 1 FROM {scan_sql(lake, "tensors")} t
-            WHERE t.SeriesInstanceUID = s.series_pseudonym
-              AND t.preprocessing_hash = $h AND t.deid_version = s.deid_version
-        )
-        ORDER BY s.series_pseudonym
-    """
+    q = tensors_todo(lake, prep_hash)
     batch: list[dict[str, Any]] = []
     n = 0
     sealer = lake.sealer()
-    for rb in arrow_reader(con, sql, {"h": prep_hash}, 256):
+    for rb in arrow_reader(con, q.sql, q.params, 256):
         for row in rb.to_pylist():
             if sealer is not None:  # locations to read the objects from
                 row["objects"] = [sealer.open_row("index", o) for o in row["objects"]]

@@ -43,8 +43,9 @@ from pipeline.connectors import open_source
 from pipeline.errors import InputError, PacsflowError, SourceError, WritebackError
 from pipeline.lake import LakePaths, StageCounts, atomic_write_bytes, load_tensor, write_partition
 from pipeline.lake.crypto import FileCipher, VaultCipher
-from pipeline.lake.duck import arrow_table, connect, latest_sql, scan_sql
+from pipeline.lake.duck import arrow_table, connect
 from pipeline.lake.keys import LakeKeys, Pseudonymizer
+from pipeline.lake.queries import writeback_confirmed, writeback_groups, writeback_originals
 
 logger = logging.getLogger(__name__)
 
@@ -83,27 +84,8 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 def _groups(con: Any, lake: LakePaths, model: str | None) -> list[dict[str, Any]]:
     """One row per (volume, model identity) with findings, with its tensors row."""
-    where = "true" if model is None else "f.model = $model"
-    sql = f"""
-        SELECT f.tensor_key, f.model, f.model_version, f.weights_sha256,
-               any_value(f.SeriesInstanceUID) AS series_pseudonym,
-               any_value(f.mask_path) AS mask_path,
-               list(struct_pack(label := f.label, value := f.label_value,
-                                category := f.category_code, type := f.type_code,
-                                volume_ml := f.volume_ml, mean_hu := f.mean_hu,
-                                voxels := f.voxel_count) ORDER BY f.label_value) AS labels,
-               any_value(t.sop_instance_uids) AS sops,
-               any_value(t.frame_numbers) AS frames,
-               any_value(t.preprocessing) AS preprocessing,
-               any_value(t.volume_index) AS volume_index,
-               any_value(t.shape) AS shape
-        FROM {scan_sql(lake, "findings")} f
-        JOIN {scan_sql(lake, "tensors")} t ON t.tensor_key = f.tensor_key
-        WHERE {where}
-        GROUP BY 1, 2, 3, 4
-        ORDER BY 1, 2, 3, 4
-    """
-    return arrow_table(con, sql, {"model": model} if model else None).to_pylist()
+    q = writeback_groups(lake, model)
+    return arrow_table(con, q.sql, q.params).to_pylist()
 
 
 def _originals(
@@ -111,24 +93,16 @@ def _originals(
 ) -> dict[str, dict[str, Any]]:
     """pseudonymous SOP UID -> original UIDs (decrypted when the vault is encrypted) and
     where the object lives (restricted zone)."""
-    vault = latest_sql(lake, "vault", "object_key", "deidentified_at")
-    index = latest_sql(lake, "index", "object_key", "crawled_at")
-    sql = f"""
-        SELECT v.sop_pseudonym, v.SOPInstanceUID, v.SeriesInstanceUID, v.StudyInstanceUID,
-               v.object_key, i.source, i.location
-        FROM {vault} v JOIN {index} i ON i.object_key = v.object_key
-        WHERE v.sop_pseudonym IN (SELECT unnest($sops))
-    """
-    rows = arrow_table(con, sql, {"sops": sops}).to_pylist()
+    q = writeback_originals(lake, sops)
+    rows = arrow_table(con, q.sql, q.params).to_pylist()
     opened = lake.opener("index")
     return {r["sop_pseudonym"]: cipher.decrypt_row(opened(r)) for r in rows}
 
 
 def _confirmed(con: Any, lake: LakePaths, dest: str) -> dict[str, str]:
     """result UID -> latest status at ``dest``."""
-    latest = latest_sql(lake, "outbox", "result_uid", "updated_at", where="dest = $dest")
-    sql = f"SELECT result_uid, status FROM {latest}"
-    return {r["result_uid"]: r["status"] for r in arrow_table(con, sql, {"dest": dest}).to_pylist()}
+    q = writeback_confirmed(lake, dest)
+    return {r["result_uid"]: r["status"] for r in arrow_table(con, q.sql, q.params).to_pylist()}
 
 
 def _public_dest(dest: str) -> str:

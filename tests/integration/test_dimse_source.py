@@ -212,7 +212,9 @@ def association_events(caplog: pytest.LogCaptureFixture) -> list[tuple[float, st
     """(time, "open" | "close") of each association the connector logged."""
     out = []
     for record in caplog.records:
-        if record.name != DIMSE_LOGGER or not record.getMessage().startswith("association"):
+        if not record.name.startswith(DIMSE_LOGGER) or not record.getMessage().startswith(
+            "association"
+        ):
             continue
         message = record.getMessage()
         out.append((record.created, "open" if "opened" in message else "close"))

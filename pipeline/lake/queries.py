@@ -1,0 +1,824 @@
+"""Every SQL statement pacsflow runs over the lake, by name, with bound parameters.
+
+Values never enter SQL text: run ids, sources, destinations, model identities,
+preprocessing hashes, config flags and UID lists are DuckDB parameters (``$name``), bound when
+the statement runs. Three kinds of text cannot be bound everywhere and are spliced, each by
+one audited helper of this module and nowhere else:
+
+- **file paths** (the Parquet folders of the lake tables, a crawl's listing, the DuckDB spill
+  folder): :func:`sql_path` writes a string literal (single quotes doubled, NUL refused) and
+  :func:`parquet_glob` escapes the glob characters of the folder (``*``, ``?``, ``[``) first.
+  They are spliced because a view cannot hold a parameter (DuckDB 2.0: "This type of
+  statement can't be prepared") and the table fragments below compose into views;
+- **identifiers** (view, table and column names): :func:`identifier` accepts only a name of
+  a given whitelist (the lake's tables, a schema's columns, a result's columns) and quotes it;
+- **operator-written filters** (a model's ``applies_to``, the ``where`` of a cohort): only
+  :func:`filter_expression`, which parses the text as one boolean expression and refuses
+  anything else (a second statement, a comment eating the rest of the query).
+
+The functions return a :class:`Query` (SQL text and its parameters) or, for fragments that
+compose into larger statements, the SQL text of a relation in parentheses.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import pyarrow as pa
+
+from pipeline.errors import ConfigError, LakeError
+from pipeline.lake.paths import LakePaths
+from pipeline.lake.schemas import schema_for
+
+__all__ = [
+    "OWN_UIDS",
+    "CrawlQueries",
+    "Query",
+    "allowed_prefixes",
+    "cohort_base",
+    "cohort_join",
+    "count_rows",
+    "create_lineage_table",
+    "create_scan_view",
+    "current_index",
+    "deid_export_todo",
+    "deid_new_objects",
+    "deid_own_results",
+    "deid_patients",
+    "deid_series_instances",
+    "deid_studies",
+    "deid_superseded",
+    "filter_expression",
+    "identifier",
+    "infer_todo",
+    "latest_sql",
+    "lineage_sql",
+    "object_states",
+    "parquet_glob",
+    "review_catalog",
+    "run_ids_about",
+    "scan_sql",
+    "set_temp_directory",
+    "sql_path",
+    "subject_series",
+    "tensors_todo",
+    "volume_verdicts",
+    "writeback_confirmed",
+    "writeback_groups",
+    "writeback_originals",
+    "writeback_status",
+]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One SQL statement and the values bound to its ``$name`` parameters."""
+
+    sql: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# the audited splicing helpers
+# ---------------------------------------------------------------------------------------------
+
+_PLAIN_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def sql_path(path: str | os.PathLike[str]) -> str:
+    """A file path as a SQL string literal: single quotes doubled, nothing else interpreted.
+
+    Raises
+    ------
+    LakeError
+        For a path holding a NUL character (no file system allows one).
+    """
+    text = os.fspath(path)
+    if "\x00" in text:
+        raise LakeError("a lake path holds a NUL character; choose another lake folder")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def parquet_glob(folder: Path, pattern: str = "**/*.parquet") -> str:
+    """The literal of a glob over ``folder``: the folder's own glob characters escaped (so a
+    folder named ``o'brien [1]`` matches itself), then ``pattern`` (code-written)."""
+    return sql_path(glob.escape(str(folder)) + "/" + pattern)
+
+
+def allowed_prefixes(folder: Path) -> list[str]:
+    """DuckDB ``allowed_directories`` entries for ``folder``: the folder, and its glob-escaped
+    spelling (which :func:`parquet_glob` patterns start with when the name holds ``[``,
+    ``*`` or ``?``; as a glob it matches only ``folder`` itself)."""
+    plain = str(folder.resolve()) + "/"
+    return sorted({plain, glob.escape(plain)})
+
+
+def identifier(name: str, allowed: Iterable[str]) -> str:
+    """``name`` as a quoted SQL identifier, when it is one of ``allowed``.
+
+    Raises
+    ------
+    ValueError
+        For a name outside the whitelist.
+    """
+    allowed = set(allowed)
+    if name not in allowed:
+        raise ValueError(
+            f"{name!r} is not one of the expected names ({', '.join(sorted(allowed))})"
+        )
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _columns(table: str, names: str) -> str:
+    """A code-written column list (``"result_uid, dest"``) checked against ``table``'s schema."""
+    known = set(schema_for(table).names)
+    parts = [p.strip() for p in names.split(",")]
+    for p in parts:
+        if p not in known or not _PLAIN_NAME.match(p):
+            raise ValueError(f"{p!r} is not a column of lake table {table!r}")
+    return ", ".join(parts)
+
+
+def filter_expression(expr: str, *, what: str) -> str:
+    """An operator-written boolean filter (``"Modality = 'CT' AND volume_ok"``), parsed as one
+    expression and spliced as DuckDB's own rendering of it, in parentheses: nothing outside the
+    expression (a second statement, a closing parenthesis and a UNION, a comment that would
+    swallow the rest of the query) can reach the query.
+
+    Parameters
+    ----------
+    expr:
+        The filter, DuckDB syntax.
+    what:
+        Where it comes from, for the error (``"model 'x': applies_to"``).
+
+    Raises
+    ------
+    ConfigError
+        For text that is not exactly one expression.
+    """
+    import duckdb
+
+    parse = getattr(duckdb, "SQLExpression", None)
+    try:
+        if parse is not None:  # duckdb >= 1.2: the parser's rendering, comments dropped
+            rendered = str(parse(expr))
+        else:  # pragma: no cover - older duckdb: the text itself, if it is one statement
+            statements = duckdb.extract_statements(f"SELECT 1 WHERE ({expr}\n)")
+            if len(statements) != 1 or statements[0].type.name != "SELECT":
+                raise ConfigError(f"{what} {expr!r} is not one filter expression")
+            rendered = expr
+    except duckdb.Error as exc:
+        raise ConfigError(
+            f"{what} {expr!r} is not one filter expression ({str(exc).splitlines()[0]})"
+        ) from None
+    return f"({rendered})"
+
+
+# ---------------------------------------------------------------------------------------------
+# fragments: a table's rows, its latest rows, the lineage
+# ---------------------------------------------------------------------------------------------
+
+
+def set_temp_directory(tmp: Path) -> Query:
+    """Where DuckDB spills beyond its memory limit (``tmp/duckdb``)."""
+    return Query("SET temp_directory = $dir", {"dir": str(tmp / "duckdb")})
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_string(t):
+        return "VARCHAR"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ"
+    if pa.types.is_list(t):
+        return _duck_type(t.value_type) + "[]"
+    return "VARCHAR"
+
+
+def scan_sql(lake: LakePaths, name: str) -> str:
+    """SQL for a lake table: its Parquet files, or an empty relation of its schema.
+
+    Files are found at any depth (hive folders ``key=value/`` read as string columns).
+    """
+    folder = lake.table(name)  # KeyError for a name that is not a lake table
+    if folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None:
+        return (
+            f"read_parquet({parquet_glob(folder)}, union_by_name = true, "
+            "hive_partitioning = true, hive_types_autocast = false)"
+        )
+    cols = ", ".join(
+        f"NULL::{_duck_type(f.type)} AS {identifier(f.name, [f.name])}" for f in schema_for(name)
+    )
+    return f"(SELECT {cols} WHERE false)"
+
+
+def latest_sql(lake: LakePaths, name: str, key: str, order: str, where: str = "true") -> str:
+    """The latest row of each ``key`` of table ``name`` by ``order``.
+
+    ``key`` and ``order`` are column lists of the table's schema (checked); ``where`` is a
+    code-written condition whose values are ``$name`` parameters, never spliced values.
+    """
+    return (
+        f"(SELECT * FROM {scan_sql(lake, name)} WHERE {where} "
+        f"QUALIFY row_number() OVER (PARTITION BY {_columns(name, key)} "
+        f"ORDER BY {_columns(name, order)} DESC) = 1)"
+    )
+
+
+def lineage_sql(lake: LakePaths) -> str:
+    """The end-to-end lineage, one row per (object, volume, model identity, result object):
+    object key -> pseudonyms -> tensor -> model -> result UID -> delivery status.
+
+    Only non-identifying columns: the object key is a hash, the UIDs are pseudonyms or the
+    keyed UIDs write-back derived; original UIDs and locations stay in the restricted zone.
+    """
+    vault = latest_sql(lake, "vault", "object_key", "deidentified_at")
+    outbox = latest_sql(lake, "outbox", "result_uid, dest", "updated_at")
+    return f"""(
+        SELECT v.object_key, v.sop_pseudonym, v.series_pseudonym, v.deid_version,
+               t.tensor_key, t.checksum AS tensor_checksum,
+               f.model, f.model_version, f.weights_sha256,
+               o.kind AS result_kind, o.result_uid, o.dest, o.status AS delivery_status,
+               o.updated_at AS delivery_updated_at
+        FROM {vault} v
+        LEFT JOIN (SELECT tensor_key, checksum, unnest(sop_instance_uids) AS sop
+                   FROM {scan_sql(lake, "tensors")} WHERE status = 'ok') t
+               ON t.sop = v.sop_pseudonym
+        LEFT JOIN (SELECT DISTINCT tensor_key, model, model_version, weights_sha256
+                   FROM {scan_sql(lake, "findings")}) f
+               ON f.tensor_key = t.tensor_key
+        LEFT JOIN {outbox} o
+               ON o.tensor_key = f.tensor_key AND o.model = f.model
+              AND o.model_version = f.model_version AND o.weights_sha256 = f.weights_sha256
+    )"""
+
+
+def create_scan_view(lake: LakePaths, view: str, allowed: Iterable[str]) -> str:
+    """``CREATE VIEW <view>`` over a lake table (``view`` one of ``allowed``)."""
+    return f"CREATE VIEW {identifier(view, allowed)} AS SELECT * FROM {scan_sql(lake, view)}"
+
+
+def create_lineage_table(lake: LakePaths) -> str:
+    """``CREATE TABLE lineage`` of :func:`lineage_sql` (materialised: it reads the vault)."""
+    return f"CREATE TABLE lineage AS SELECT * FROM {lineage_sql(lake)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# lake-wide views: object states, verdicts, counts
+# ---------------------------------------------------------------------------------------------
+
+
+def object_states(lake: LakePaths) -> Query:
+    """One row per object ever seen with its latest state (see ``duck.object_states``)."""
+    index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
+    return Query(f"""
+        SELECT object_key, source, location, state, reason FROM (
+            SELECT object_key, source, location, state, NULL AS reason, crawled_at AS event_at
+            FROM {scan_sql(lake, "index")}
+            UNION ALL
+            SELECT object_key, source, location, 'quarantined', reason, quarantined_at
+            FROM {scan_sql(lake, "quarantine")}
+            UNION ALL
+            SELECT v.object_key, i.source, i.location, 'deidentified', NULL, v.deidentified_at
+            FROM {scan_sql(lake, "vault")} v
+            JOIN {index_latest} i
+              ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
+            UNION ALL
+            SELECT v.object_key, i.source, i.location, 'tensorised', NULL,
+                   v.deidentified_at + INTERVAL 1 MICROSECOND
+            FROM (SELECT DISTINCT unnest(sop_instance_uids) AS sop
+                  FROM {scan_sql(lake, "tensors")} WHERE status = 'ok') t
+            JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = t.sop
+            JOIN {index_latest} i
+              ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
+            UNION ALL
+            SELECT v.object_key, i.source, i.location, 'inferred', NULL,
+                   v.deidentified_at + INTERVAL 2 MICROSECOND
+            FROM (SELECT DISTINCT unnest(t.sop_instance_uids) AS sop
+                  FROM {scan_sql(lake, "tensors")} t
+                  WHERE t.tensor_key IN (SELECT tensor_key FROM {scan_sql(lake, "findings")})
+                 ) f
+            JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = f.sop
+            JOIN {index_latest} i
+              ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
+            UNION ALL
+            SELECT v.object_key, i.source, i.location, 'written_back', NULL,
+                   v.deidentified_at + INTERVAL 3 MICROSECOND
+            FROM (SELECT DISTINCT unnest(t.sop_instance_uids) AS sop
+                  FROM {scan_sql(lake, "tensors")} t
+                  WHERE t.tensor_key IN (SELECT tensor_key FROM {scan_sql(lake, "outbox")}
+                                         WHERE kind = 'SEG' AND status = 'confirmed')
+                 ) w
+            JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = w.sop
+            JOIN {index_latest} i
+              ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
+        ) QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1
+        ORDER BY source, location
+    """)
+
+
+def volume_verdicts(lake: LakePaths) -> Query:
+    """The tensors stage's verdict per series: ``(SeriesInstanceUID, min status, min reason)``."""
+    return Query(
+        f"""SELECT SeriesInstanceUID, min(status), min(reason)
+            FROM {scan_sql(lake, "tensors")} GROUP BY 1"""
+    )
+
+
+def count_rows(
+    lake: LakePaths, table: str, column: str | None = None, status: str | None = None
+) -> Query:
+    """Rows of a lake table (with ``column`` set, and ``status`` equal to a value)."""
+    conds = ["true"]
+    if column is not None:
+        conds.append(f"{identifier(column, schema_for(table).names)} IS NOT NULL")
+    params = {}
+    if status is not None:
+        conds.append("status = $status")
+        params = {"status": status}
+    return Query(
+        f"SELECT count(*) FROM {scan_sql(lake, table)} WHERE {' AND '.join(conds)}", params
+    )
+
+
+def writeback_status(lake: LakePaths) -> Query:
+    """Per destination and latest delivery status, the number of SEG/SR objects."""
+    return Query(
+        f"""SELECT dest, status, count(*) AS n
+            FROM {latest_sql(lake, "outbox", "result_uid, dest", "updated_at")}
+            GROUP BY 1, 2 ORDER BY 1, 2"""
+    )
+
+
+def review_catalog(lake: LakePaths) -> Query:
+    """The findings joined with their volume, series and study (the review catalog)."""
+    return Query(f"""
+        SELECT f.finding_key, f.SeriesInstanceUID, f.tensor_key, f.tensor_checksum,
+               f.volume_index, f.model, f.model_version, f.weights_sha256, f.label,
+               f.label_value, f.score, f.voxel_count, f.volume_ml, f.mean_hu, f.bbox,
+               f.measurements, f.mask_path, f.mask_checksum, f.device, f.run_id, f.inferred_at,
+               t.path AS tensor_path, t.shape, t.spacing, t.rescaled,
+               s.Modality, s.Manufacturer, s.ManufacturerModelName, s.BodyPartExamined,
+               s.SeriesDate, st.StudyDate, s.StudyInstanceUID
+        FROM {scan_sql(lake, "findings")} f
+        LEFT JOIN (SELECT * FROM {scan_sql(lake, "tensors")} WHERE status = 'ok') t
+               ON t.tensor_key = f.tensor_key
+        LEFT JOIN (SELECT * FROM {scan_sql(lake, "series")} QUALIFY row_number() OVER
+                   (PARTITION BY SeriesInstanceUID ORDER BY n_instances DESC NULLS LAST) = 1) s
+               ON s.SeriesInstanceUID = f.SeriesInstanceUID
+        LEFT JOIN (SELECT * FROM {scan_sql(lake, "studies")} QUALIFY row_number() OVER
+                   (PARTITION BY StudyInstanceUID ORDER BY n_series DESC NULLS LAST) = 1) st
+               ON st.StudyInstanceUID = s.StudyInstanceUID
+        QUALIFY row_number() OVER (PARTITION BY f.finding_key ORDER BY f.inferred_at DESC) = 1
+        ORDER BY f.finding_key
+    """)
+
+
+# ---------------------------------------------------------------------------------------------
+# audit
+# ---------------------------------------------------------------------------------------------
+
+#: Lake tables whose rows name a series, and the column that names it.
+_SERIES_COLUMN: Final = {
+    "vault": "series_pseudonym",
+    "findings": "SeriesInstanceUID",
+    "outbox": "source_series_pseudonym",
+}
+
+
+def subject_series(
+    lake: LakePaths, *, patient: str | None, study: str | None, series: str | None
+) -> Query:
+    """The (patient, study, series) pseudonyms of research ``series`` matching the given ones."""
+    conds, params = [], {}
+    for col, name, value in (
+        ("patient_token", "patient", patient),
+        ("StudyInstanceUID", "study", study),
+        ("SeriesInstanceUID", "series", series),
+    ):
+        if value:
+            conds.append(f"{col} = ${name}")
+            params[name] = value
+    return Query(
+        "SELECT DISTINCT patient_token, StudyInstanceUID, SeriesInstanceUID FROM "
+        f"{scan_sql(lake, 'series')} WHERE {' AND '.join(conds) or 'true'}",
+        params,
+    )
+
+
+def run_ids_about(lake: LakePaths, table: str, series: Sequence[str]) -> Query:
+    """The runs that wrote rows of ``table`` (vault, findings, outbox) about ``series``."""
+    if table not in _SERIES_COLUMN:
+        raise ValueError(f"{table!r} is not one of {', '.join(_SERIES_COLUMN)}")
+    col = identifier(_SERIES_COLUMN[table], _SERIES_COLUMN.values())
+    return Query(
+        f"SELECT DISTINCT run_id FROM {scan_sql(lake, table)} "
+        f"WHERE {col} IN (SELECT unnest($series::VARCHAR[]))",
+        {"series": list(series)},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# crawl
+# ---------------------------------------------------------------------------------------------
+
+
+def current_index(lake: LakePaths) -> Query:
+    """The latest row of each object of the index."""
+    return Query(
+        f"SELECT * FROM {latest_sql(lake, 'index', 'object_key', 'crawled_at')} ORDER BY object_key"
+    )
+
+
+#: Index columns of a ``gone`` row.
+_GONE_COLUMNS: Final = (
+    "object_key, source, location, unit_key, PatientID, StudyInstanceUID, "
+    "SeriesInstanceUID, SOPInstanceUID, SOPClassUID, Modality, TransferSyntaxUID, "
+    "InstanceNumber, has_pixel_data, size_bytes, mtime_ns, fingerprint"
+)
+
+
+@dataclass(frozen=True)
+class CrawlQueries:
+    """A crawl's comparison of its listing with the lake, as the lake stood when it started.
+
+    Build with :meth:`at_start` before the crawl writes anything; every query binds the
+    source (``$src``).
+    """
+
+    source: str
+    listing: str
+    units_latest: str
+    index_latest: str
+    quarantine_latest: str
+    incremental: bool
+
+    @classmethod
+    def at_start(
+        cls, lake: LakePaths, listing: Path, *, source: str, incremental: bool
+    ) -> CrawlQueries:
+        """The queries of a crawl of ``source`` whose listing parts lie in ``listing``."""
+        units_latest = latest_sql(lake, "units", "unit_key", "crawled_at", "source = $src")
+        if not incremental:
+            units_latest = f"(SELECT * FROM {units_latest} WHERE false)"
+        return cls(
+            source=source,
+            listing=f"read_parquet({parquet_glob(listing, '*.parquet')})",
+            units_latest=units_latest,
+            index_latest=latest_sql(lake, "index", "object_key", "crawled_at", "source = $src"),
+            quarantine_latest=latest_sql(
+                lake, "quarantine", "object_key", "quarantined_at", "source = $src"
+            ),
+            incremental=incremental,
+        )
+
+    def unchanged(self) -> Query:
+        """(units, objects) listed with the watermark they were read at."""
+        return Query(
+            f"SELECT count(*), coalesce(sum(u.n_objects), 0) FROM {self.listing} l "
+            f"JOIN {self.units_latest} u ON l.unit_key = u.unit_key "
+            "AND u.state = 'read' AND u.watermark = l.watermark",
+            {"src": self.source},
+        )
+
+    def diff(self) -> Query:
+        """The listed units to read, with the objects the index knows in each."""
+        return Query(
+            f"""
+            SELECT l.seq, l.unit_key, l.watermark, l.size_bytes, l.mtime_ns,
+                   i.object_key, i.fingerprint
+            FROM {self.listing} l
+            LEFT JOIN {self.units_latest} u
+              ON l.unit_key = u.unit_key AND u.state = 'read' AND u.watermark = l.watermark
+            LEFT JOIN (SELECT unit_key, object_key, fingerprint FROM {self.index_latest}
+                       WHERE state <> 'gone' AND $incremental) i
+              ON i.unit_key = l.unit_key
+            WHERE u.unit_key IS NULL
+            ORDER BY l.seq
+            """,
+            {"src": self.source, "incremental": self.incremental},
+        )
+
+    def gone_units(self) -> Query:
+        """Units read before and no longer listed."""
+        return Query(
+            f"""
+            SELECT u.unit_key FROM {self.units_latest} u
+            WHERE u.state = 'read' AND u.unit_key NOT IN (SELECT unit_key FROM {self.listing})
+            """,
+            {"src": self.source},
+        )
+
+    def gone_objects(self, lake: LakePaths, run_id: str, gone_units: list[str]) -> Query:
+        """Objects of the gone units, and objects no longer in a unit this run read again
+        (the units this run read are scanned now, after the crawl wrote them)."""
+        read_now = (
+            f"(SELECT unit_key, unnest(object_keys) AS object_key FROM {scan_sql(lake, 'units')} "
+            "WHERE source = $src AND run_id = $run AND state = 'read')"
+        )
+        cols = _GONE_COLUMNS
+        return Query(
+            f"""
+            SELECT {cols} FROM (
+                SELECT {cols}, crawled_at AS event_at FROM {self.index_latest}
+                WHERE state <> 'gone'
+                UNION ALL
+                SELECT object_key, source, location, unit_key, NULL, NULL, NULL, NULL, NULL,
+                       NULL, NULL, NULL, NULL, size_bytes, mtime_ns, NULL, quarantined_at
+                FROM {self.quarantine_latest}
+            ) o
+            WHERE (o.unit_key IN (SELECT unnest($gone::VARCHAR[]))
+                   OR (o.unit_key IN (SELECT unit_key FROM {read_now})
+                       AND o.object_key NOT IN (SELECT object_key FROM {read_now})))
+              AND o.object_key NOT IN (
+                  SELECT object_key FROM {self.index_latest} WHERE state = 'gone')
+            QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1
+            """,
+            {"src": self.source, "run": run_id, "gone": gone_units},
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# deid
+# ---------------------------------------------------------------------------------------------
+
+#: The registered relation of pacsflow's own result UIDs (sealed like the index's when the
+#: lake is encrypted at rest), one column ``uid``.
+OWN_UIDS: Final = "pf_own_uids"
+
+
+def _deid_new(lake: LakePaths) -> str:
+    """Indexed objects not yet de-identified (nor quarantined by deid), with ``own``: true for
+    pacsflow's own write-back results (their SOP Instance UID is in :data:`OWN_UIDS`)."""
+    index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
+    q_deid = f"(SELECT object_key FROM {scan_sql(lake, 'quarantine')} WHERE stage = 'deid')"
+    return f"""
+        SELECT i.object_key, i.source, i.location, i.unit_key, i.PatientID, i.fingerprint,
+               i.size_bytes, i.mtime_ns,
+               i.SOPInstanceUID IN (SELECT uid FROM {OWN_UIDS}) AS own
+        FROM {index_latest} i
+        LEFT JOIN {scan_sql(lake, "vault")} v
+          ON v.object_key = i.object_key AND v.fingerprint IS NOT DISTINCT FROM i.fingerprint
+        WHERE i.state = 'indexed' AND v.object_key IS NULL
+          AND i.object_key NOT IN {q_deid}
+    """
+
+
+def deid_own_results(lake: LakePaths) -> Query:
+    """How many new indexed objects are pacsflow's own results."""
+    return Query(f"SELECT count(*) FROM ({_deid_new(lake)}) WHERE own")
+
+
+def deid_new_objects(lake: LakePaths) -> Query:
+    """The new indexed objects to de-identify (not pacsflow's own results), by object key."""
+    return Query(f"""
+        SELECT * EXCLUDE (own) FROM ({_deid_new(lake)})
+        WHERE own IS NOT TRUE
+        ORDER BY object_key
+    """)
+
+
+def deid_export_todo(lake: LakePaths) -> Query:
+    """Indexed objects de-identified before, with their pseudonyms (to check the export)."""
+    index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
+    return Query(f"""
+        SELECT i.object_key, i.source, i.location, i.unit_key, i.PatientID, i.fingerprint,
+               i.size_bytes, i.mtime_ns,
+               v.study_pseudonym, v.series_pseudonym, v.sop_pseudonym
+        FROM {index_latest} i
+        JOIN {scan_sql(lake, "vault")} v
+          ON v.object_key = i.object_key AND v.fingerprint IS NOT DISTINCT FROM i.fingerprint
+        WHERE i.state = 'indexed'
+        QUALIFY row_number() OVER (PARTITION BY i.object_key ORDER BY v.deidentified_at DESC) = 1
+        ORDER BY i.object_key
+    """)
+
+
+def deid_superseded(lake: LakePaths) -> Query:
+    """Per ``instances`` part file, the row numbers a later row of the same SOP UID replaces."""
+    return Query(f"""
+        WITH r AS (
+            SELECT SOPInstanceUID, filename, file_row_number,
+                   row_number() OVER (PARTITION BY SOPInstanceUID
+                        ORDER BY parse_filename(filename) DESC, filename DESC,
+                                 file_row_number DESC) AS rank
+            FROM read_parquet({parquet_glob(lake.table("instances"))}, filename = true,
+                              file_row_number = true, union_by_name = true)
+        )
+        SELECT filename, list(file_row_number) AS rows FROM r WHERE rank > 1 GROUP BY filename
+    """)
+
+
+def deid_series_instances(lake: LakePaths) -> Query:
+    """The ``instances`` columns a ``series`` row is built from, in series order."""
+    cols = (
+        "SeriesInstanceUID, StudyInstanceUID, patient_token, Modality, BodyPartExamined, "
+        "Manufacturer, ManufacturerModelName, SeriesNumber, SeriesDate, ContentDate, Rows, "
+        "Columns, ImageOrientationPatient, ImagePositionPatient, PixelSpacing, SliceThickness, "
+        "KVP, MagneticFieldStrength, NumberOfFrames"
+    )
+    return Query(
+        f"SELECT {cols} FROM {scan_sql(lake, 'instances')} "
+        "ORDER BY SeriesInstanceUID, SOPInstanceUID"
+    )
+
+
+def deid_studies(lake: LakePaths) -> Query:
+    """The ``studies`` aggregate of ``instances``."""
+    return Query(
+        f"""SELECT StudyInstanceUID, any_value(patient_token) AS patient_token,
+                   min(coalesce(StudyDate, ContentDate)) AS StudyDate,
+                   any_value(PatientAge) AS PatientAge,
+                   list_sort(list_distinct(list(Modality))) AS ModalitiesInStudy,
+                   count(DISTINCT SeriesInstanceUID) AS n_series, count(*) AS n_instances
+            FROM {scan_sql(lake, "instances")}
+            GROUP BY StudyInstanceUID ORDER BY StudyInstanceUID"""
+    )
+
+
+def deid_patients(lake: LakePaths) -> Query:
+    """The ``patients`` aggregate of ``instances``."""
+    return Query(
+        f"""SELECT patient_token, any_value(PatientSex) AS PatientSex,
+                   count(DISTINCT StudyInstanceUID) AS n_studies,
+                   count(DISTINCT SeriesInstanceUID) AS n_series, count(*) AS n_instances
+            FROM {scan_sql(lake, "instances")} GROUP BY patient_token ORDER BY patient_token"""
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def tensors_todo(lake: LakePaths, preprocessing_hash: str) -> Query:
+    """Series without a tensors row for this preprocessing at their de-identification
+    version, with their objects."""
+    index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
+    vault_latest = latest_sql(lake, "vault", "object_key", "deidentified_at")
+    return Query(
+        f"""
+        WITH s AS (
+            SELECT v.series_pseudonym, max(v.deid_version) AS deid_version,
+                   list(struct_pack(object_key := i.object_key, source := i.source,
+                                    location := i.location, unit_key := i.unit_key,
+                                    size_bytes := i.size_bytes, mtime_ns := i.mtime_ns,
+                                    sop_pseudonym := v.sop_pseudonym)
+                        ORDER BY v.sop_pseudonym) AS objects
+            FROM {vault_latest} v
+            JOIN {index_latest} i
+              ON i.object_key = v.object_key
+             AND i.fingerprint IS NOT DISTINCT FROM v.fingerprint
+            WHERE i.state = 'indexed'
+            GROUP BY v.series_pseudonym
+        )
+        SELECT s.* FROM s
+        WHERE NOT EXISTS (
+            SELECT 1 FROM {scan_sql(lake, "tensors")} t
+            WHERE t.SeriesInstanceUID = s.series_pseudonym
+              AND t.preprocessing_hash = $h AND t.deid_version = s.deid_version
+        )
+        ORDER BY s.series_pseudonym
+        """,
+        {"h": preprocessing_hash},
+    )
+
+
+def cohort_base(
+    lake: LakePaths, series_columns: Sequence[str], preprocessing_hash: str | None
+) -> Query:
+    """The ``ok`` tensors rows of each series' latest de-identification version, with the
+    ``series_columns`` of their series (and of one preprocessing when given)."""
+    allowed = schema_for("series").names
+    cols = ", ".join(f"s.{identifier(c, allowed)}" for c in series_columns)
+    prep = "AND t.preprocessing_hash = $prep" if preprocessing_hash is not None else ""
+    return Query(
+        f"""
+        SELECT t.*, {cols}
+        FROM {scan_sql(lake, "tensors")} t
+        LEFT JOIN {scan_sql(lake, "series")} s ON s.SeriesInstanceUID = t.SeriesInstanceUID
+        WHERE t.status = 'ok' {prep}
+        QUALIFY t.deid_version = max(t.deid_version) OVER (PARTITION BY t.SeriesInstanceUID)
+        """,
+        {"prep": preprocessing_hash} if preprocessing_hash is not None else {},
+    )
+
+
+def cohort_join(body: str, key: str, columns: Sequence[str], cohort_columns: Sequence[str]) -> str:
+    """A user's cohort query ``body`` (its result ``columns``) joined to the ``cohort`` view on
+    ``key``, keeping the query's columns and order and adding the cohort's other columns."""
+    k = identifier(key, columns)
+    extra = ", ".join(
+        f"c.{identifier(c, cohort_columns)}" for c in cohort_columns if c not in columns
+    )
+    query = f"""
+        SELECT q.*{", " + extra if extra else ""}
+        FROM (SELECT *, row_number() OVER () AS __order FROM ({body})) q
+        JOIN cohort c ON c.{k} = q.{k}
+        ORDER BY q.__order, c.volume_index
+    """
+    return f"SELECT * EXCLUDE (__order) FROM ({query})"
+
+
+# ---------------------------------------------------------------------------------------------
+# infer and write-back
+# ---------------------------------------------------------------------------------------------
+
+
+def infer_todo(
+    lake: LakePaths,
+    *,
+    entry: str,
+    model: str,
+    applies_to: str,
+    preprocessing_hash: str,
+    version: str,
+    weights_sha256: str,
+) -> Query:
+    """Stored volumes of the series ``applies_to`` (the filter of registry entry ``entry``)
+    selects that lack the findings of this model identity.
+
+    Raises
+    ------
+    ConfigError
+        When ``applies_to`` is not one filter expression.
+    """
+    where = filter_expression(applies_to, what=f"model {entry!r}: applies_to")
+    return Query(
+        f"""
+        WITH s AS (
+            SELECT SeriesInstanceUID, Modality FROM {scan_sql(lake, "series")}
+            WHERE {where}
+        )
+        SELECT t.tensor_key, t.SeriesInstanceUID, t.path, t.shape, t.spacing, t.affine,
+               t.checksum, t.rescaled, t.volume_index, s.Modality
+        FROM {scan_sql(lake, "tensors")} t
+        JOIN s ON s.SeriesInstanceUID = t.SeriesInstanceUID
+        WHERE t.status = 'ok' AND t.preprocessing_hash = $h
+          AND NOT EXISTS (
+            SELECT 1 FROM {scan_sql(lake, "findings")} f
+            WHERE f.tensor_key = t.tensor_key AND f.model = $m
+              AND f.model_version = $v AND f.weights_sha256 = $w
+          )
+        ORDER BY t.tensor_key
+        """,
+        {"h": preprocessing_hash, "m": model, "v": version, "w": weights_sha256},
+    )
+
+
+def writeback_groups(lake: LakePaths, model: str | None) -> Query:
+    """One row per (volume, model identity) with findings (of ``model`` when given)."""
+    where = "true" if model is None else "f.model = $model"
+    return Query(
+        f"""
+        SELECT f.tensor_key, f.model, f.model_version, f.weights_sha256,
+               any_value(f.SeriesInstanceUID) AS series_pseudonym,
+               any_value(f.mask_path) AS mask_path,
+               list(struct_pack(label := f.label, value := f.label_value,
+                                category := f.category_code, type := f.type_code,
+                                volume_ml := f.volume_ml, mean_hu := f.mean_hu,
+                                voxels := f.voxel_count) ORDER BY f.label_value) AS labels,
+               any_value(t.sop_instance_uids) AS sops,
+               any_value(t.frame_numbers) AS frames,
+               any_value(t.preprocessing) AS preprocessing,
+               any_value(t.volume_index) AS volume_index,
+               any_value(t.shape) AS shape
+        FROM {scan_sql(lake, "findings")} f
+        JOIN {scan_sql(lake, "tensors")} t ON t.tensor_key = f.tensor_key
+        WHERE {where}
+        GROUP BY 1, 2, 3, 4
+        ORDER BY 1, 2, 3, 4
+        """,
+        {"model": model} if model is not None else {},
+    )
+
+
+def writeback_originals(lake: LakePaths, sops: Sequence[str]) -> Query:
+    """The vault and index rows of the pseudonymous SOP UIDs ``sops`` (restricted zone)."""
+    vault = latest_sql(lake, "vault", "object_key", "deidentified_at")
+    index = latest_sql(lake, "index", "object_key", "crawled_at")
+    return Query(
+        f"""
+        SELECT v.sop_pseudonym, v.SOPInstanceUID, v.SeriesInstanceUID, v.StudyInstanceUID,
+               v.object_key, i.source, i.location
+        FROM {vault} v JOIN {index} i ON i.object_key = v.object_key
+        WHERE v.sop_pseudonym IN (SELECT unnest($sops))
+        """,
+        {"sops": list(sops)},
+    )
+
+
+def writeback_confirmed(lake: LakePaths, dest: str) -> Query:
+    """result UID and its latest status at ``dest``."""
+    latest = latest_sql(lake, "outbox", "result_uid", "updated_at", where="dest = $dest")
+    return Query(f"SELECT result_uid, status FROM {latest}", {"dest": dest})
