@@ -36,7 +36,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.compute import map_bounded
+from pipeline.compute import map_bounded, set_total
 from pipeline.config import PipelineConfig
 from pipeline.connectors import Source, Unit
 from pipeline.crawl.core import parse_raw
@@ -374,6 +374,7 @@ def run(
         same = crawl_q.unchanged()
         units_unchanged, objects_unchanged = con.execute(same.sql, same.params).fetchall()[0]
         diff = crawl_q.diff()
+        set_total(progress, n_units)
         if progress and units_unchanged:
             progress(int(units_unchanged))
         logger.info(

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline._version import __version__
-from pipeline.compute import map_bounded
+from pipeline.compute import map_bounded, set_total
 from pipeline.config import PipelineConfig
 from pipeline.connectors import Source, open_source
 from pipeline.deid.core import Deidentifier
@@ -377,9 +377,14 @@ def _own_results(con: Any, lake: LakePaths) -> int:
     return int(rows[0][0])
 
 
-def _todo(con: Any, lake: LakePaths, batch: int) -> Iterator[list[dict[str, Any]]]:
+def _todo(
+    con: Any, lake: LakePaths, batch: int, progress: Progress | None = None
+) -> Iterator[list[dict[str, Any]]]:
     _register_own_uids(con, lake)
     q = deid_new_objects(lake)
+    if progress is not None:
+        n = con.execute(q.total().sql, dict(q.params)).fetchall()[0][0]
+        set_total(progress, int(n))
     rows: list[dict[str, Any]] = []
     opened = lake.opener("index")
     for rb in arrow_reader(con, q.sql, q.params, 10_000):
@@ -612,7 +617,7 @@ def run(
         if export is not None:  # first what earlier runs de-identified but did not export
             for i, rows in enumerate(_export_todo(con, lake, batch, Path(export))):
                 yield (cfg, rows), {**common, "part": f"x{i:05d}", "export_only": True}
-        for i, rows in enumerate(_todo(con, lake, batch)):
+        for i, rows in enumerate(_todo(con, lake, batch, None if export else progress)):
             counted.append(len(rows))
             yield (cfg, rows), {**common, "part": f"{run_id}-{i:05d}"}
 

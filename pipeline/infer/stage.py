@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.compute import map_bounded
+from pipeline.compute import map_bounded, set_total
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, ModelError
 from pipeline.lake import LakePaths, StageCounts, sync_filesystem, write_npy, write_partition
@@ -303,7 +303,13 @@ def _code_list(code: Any) -> list[str] | None:
 
 
 def _todo(
-    con: Any, lake: LakePaths, cfg: PipelineConfig, entry: Any, bundle: Any, per_task: int
+    con: Any,
+    lake: LakePaths,
+    cfg: PipelineConfig,
+    entry: Any,
+    bundle: Any,
+    per_task: int,
+    progress: Progress | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     q = infer_todo(
         lake,
@@ -316,6 +322,8 @@ def _todo(
     )
     batch: list[dict[str, Any]] = []
     try:
+        if progress is not None:
+            set_total(progress, int(con.execute(q.total().sql, dict(q.params)).fetchall()[0][0]))
         for rb in arrow_reader(con, q.sql, q.params, 256):
             for row in rb.to_pylist():
                 batch.append(row)
@@ -401,7 +409,8 @@ def run(
     stats: dict[str, float] = {}
 
     def calls() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
-        for i, batch in enumerate(_todo(con, lake, cfg, entry, bundle, cfg.infer.volumes_per_task)):
+        todo = _todo(con, lake, cfg, entry, bundle, cfg.infer.volumes_per_task, progress)
+        for i, batch in enumerate(todo):
             yield (
                 (cfg, batch),
                 {

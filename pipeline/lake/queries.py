@@ -83,6 +83,11 @@ class Query:
     sql: str
     params: Mapping[str, Any] = field(default_factory=dict)
 
+    def total(self, expr: str = "count(*)") -> Query:
+        """``expr`` over this query's rows (a stage's total for its progress), e.g.
+        ``count(*)`` or ``coalesce(sum(len(objects)), 0)``; ``expr`` is pacsflow's own text."""
+        return Query(f"SELECT {expr} FROM ({self.sql}) AS todo", self.params)
+
 
 # ---------------------------------------------------------------------------------------------
 # the audited splicing helpers

@@ -27,6 +27,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from pipeline.compute import set_total
 from pipeline.synth._codecs import available_syntaxes, encode_frame, is_encapsulated
 from pipeline.synth._part10 import InstanceEncoder
 from pipeline.synth.core import (
@@ -541,6 +542,7 @@ def synthesize(
         syntaxes=syntaxes,
     )
     out.mkdir(parents=True, exist_ok=True)
+    set_total(progress, sum(len(s.file_names) for s in plan.series) + len(plan.bad))
     records: list[dict[str, Any] | None] = [None] * len(plan.series)
     if workers == 1 or len(plan.series) == 1:
         for i, series in enumerate(plan.series):

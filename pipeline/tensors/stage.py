@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.compute import map_bounded
+from pipeline.compute import map_bounded, set_total
 from pipeline.config import PipelineConfig
 from pipeline.connectors import Source, open_source
 from pipeline.enums import Stage
@@ -209,11 +209,18 @@ def tensors_batch(
 
 
 def _todo(
-    con: Any, lake: LakePaths, prep_hash: str, batch_objects: int
+    con: Any,
+    lake: LakePaths,
+    prep_hash: str,
+    batch_objects: int,
+    progress: Progress | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """Series without a tensors row for this preprocessing and their de-identification
     version (the vault's), grouped into batches of about ``batch_objects`` objects."""
     q = tensors_todo(lake, prep_hash)
+    if progress is not None:
+        total = q.total("coalesce(sum(len(objects)), 0)")
+        set_total(progress, int(con.execute(total.sql, dict(total.params)).fetchall()[0][0]))
     batch: list[dict[str, Any]] = []
     n = 0
     sealer = lake.sealer()
@@ -271,7 +278,7 @@ def run(
     done = {"objects": 0, "volumes": 0, "refused": 0, "quarantined": 0}
 
     def calls() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
-        batches = _todo(con, lake, prep_hash, cfg.compute.partition_size // 4 or 1)
+        batches = _todo(con, lake, prep_hash, cfg.compute.partition_size // 4 or 1, progress)
         for i, series in enumerate(batches):
             kwargs = {
                 "lake": lake,

@@ -38,6 +38,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from pipeline.compute import set_total
 from pipeline.config import PipelineConfig
 from pipeline.connectors import open_source
 from pipeline.errors import InputError, PacsflowError, SourceError, WritebackError
@@ -177,7 +178,9 @@ def run(
 
     try:
         status_at_dest = _confirmed(con, lake, public)
-        for group in _groups(con, lake, model):
+        groups = _groups(con, lake, model)
+        set_total(progress, len(groups))
+        for group in groups:
             counts["groups"] += 1
             if progress:
                 progress(1)
