@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.lake import delta
 from pipeline.lake.paths import LakePaths
 from pipeline.lake.schemas import schema_for
 
@@ -25,6 +26,7 @@ __all__ = [
     "object_states",
     "research_sandbox",
     "scan_sql",
+    "version_sql",
     "volume_verdicts",
 ]
 
@@ -59,17 +61,42 @@ def arrow_reader(
     return fetch(rows)
 
 
-def scan_sql(lake: LakePaths, name: str) -> str:
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def scan_sql(lake: LakePaths, name: str, version: int | None = None) -> str:
     """SQL for a lake table: its Parquet files, or an empty relation of its schema.
 
-    Files are found at any depth (hive folders ``key=value/`` read as string columns).
+    A research table reads the files of one Delta version (the latest, or ``version``), listed
+    when this is called: a query sees that version whole, whatever commits meanwhile.
+    Restricted tables' files are found at any depth. Hive folders ``key=value/`` read as
+    string columns.
     """
     folder = lake.table(name)
-    if folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None:
-        return (
-            f"read_parquet('{folder}/**/*.parquet', union_by_name = true, "
-            "hive_partitioning = true, hive_types_autocast = false)"
-        )
+    opts = "union_by_name = true, hive_partitioning = true, hive_types_autocast = false"
+    if delta.is_versioned(name):
+        files = delta.data_files(lake, name, version)
+        if files:
+            return f"read_parquet([{', '.join(_quote(f) for f in files)}], {opts})"
+    elif folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None:
+        return f"read_parquet({_quote(str(folder) + '/**/*.parquet')}, {opts})"
+    return _empty_sql(name)
+
+
+def version_sql(lake: LakePaths, name: str, versions: Mapping[str, int] | None) -> str:
+    """:func:`scan_sql` of research table ``name`` at the version ``versions`` names (what a run
+    manifest recorded); the latest with ``versions`` None, an empty relation when the mapping
+    does not name the table (it had no rows by then)."""
+    if versions is None:
+        return scan_sql(lake, name)
+    if name in versions:
+        return scan_sql(lake, name, int(versions[name]))
+    return _empty_sql(name)
+
+
+def _empty_sql(name: str) -> str:
+    """An empty relation with the declared columns of table ``name``."""
     cols = ", ".join(f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in schema_for(name))
     return f"(SELECT {cols} WHERE false)"
 
@@ -161,11 +188,12 @@ def volume_verdicts(con: Any, lake: LakePaths) -> dict[str, tuple[bool, str | No
     """The tensors stage's verdict per series, taken on the pixels: ``{series UID: (volume_ok,
     volume_reason)}`` (empty before any tensors run). It outranks the header-level verdict the
     deid stage computes for the ``series`` table."""
-    if not any(lake.table("tensors").rglob("*.parquet")):
+    tensors = scan_sql(lake, "tensors")
+    if not tensors.startswith("read_parquet"):
         return {}
     rows = con.execute(
         f"""SELECT SeriesInstanceUID, min(status), min(reason)
-            FROM {scan_sql(lake, "tensors")} GROUP BY 1"""
+            FROM {tensors} GROUP BY 1"""
     ).fetchall()
     return {uid: (status == "ok", reason) for uid, status, reason in rows}
 
@@ -232,8 +260,13 @@ def check_read_only(sql: str) -> int:
     return len(statements)
 
 
-def research_sandbox(lake: LakePaths, tmp: Path) -> Any:
+def research_sandbox(lake: LakePaths, tmp: Path, versions: Mapping[str, int] | None = None) -> Any:
     """A DuckDB connection that can read the research zone and nothing else.
+
+    With ``versions`` (``{table: version}``, what a run manifest recorded) each research view
+    reads that version of its table, and a table the mapping does not name is an empty view
+    (it did not exist yet); ``lineage`` is then left out (it joins restricted tables, which
+    have no versions).
 
     The research tables are views (and ``lineage``, which joins the restricted vault and
     outbox's non-identifying columns, an in-memory table built first); then file access is
@@ -245,9 +278,12 @@ def research_sandbox(lake: LakePaths, tmp: Path) -> Any:
     """
     con = connect(tmp)
     for view in RESEARCH_VIEWS:
-        if any(lake.table(view).rglob("*.parquet")):
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM {scan_sql(lake, view)}")
-    if any(lake.table("vault").rglob("*.parquet")):  # pseudonyms, hashes and result UIDs only
+        sql = version_sql(lake, view, versions)
+        if versions is None and not sql.startswith("read_parquet"):
+            continue  # no such view before the table's first rows
+        con.execute(f"CREATE VIEW {view} AS SELECT * FROM {sql}")
+    if versions is None and any(lake.table("vault").rglob("*.parquet")):
+        # pseudonyms, hashes and result UIDs only
         con.execute(f"CREATE TABLE lineage AS SELECT * FROM {lineage_sql(lake)}")
     research = str(lake.research.resolve()) + "/"
     con.execute("SET allowed_directories = $dirs", {"dirs": [research]})
