@@ -47,7 +47,7 @@ import numpy as np
 
 from pipeline.errors import LakeError
 from pipeline.lake import LakePaths
-from pipeline.lake.duck import arrow_table, connect, scan_sql
+from pipeline.lake.duck import arrow_table, connect, version_sql
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -59,6 +59,7 @@ __all__ = [
     "cohort",
     "monai_affine",
     "monai_dataset",
+    "pinned",
 ]
 
 #: The research tables a cohort query can name, plus the view ``cohort`` (tensors x series).
@@ -94,13 +95,16 @@ class ChecksumMismatch(LakeError):
     """A stored tensor's bytes do not match the checksum its ``tensors`` row records."""
 
 
-def _cohort_base(lake: LakePaths, preprocessing_hash: str | None) -> str:
+def _cohort_base(
+    lake: LakePaths, preprocessing_hash: str | None, versions: Mapping[str, int] | None
+) -> str:
     cols = ", ".join(f's."{c}"' for c in _SERIES_COLUMNS)
     prep = "AND t.preprocessing_hash = $prep" if preprocessing_hash is not None else ""
     return f"""
         SELECT t.*, {cols}
-        FROM {scan_sql(lake, "tensors")} t
-        LEFT JOIN {scan_sql(lake, "series")} s ON s.SeriesInstanceUID = t.SeriesInstanceUID
+        FROM {version_sql(lake, "tensors", versions)} t
+        LEFT JOIN {version_sql(lake, "series", versions)} s
+               ON s.SeriesInstanceUID = t.SeriesInstanceUID
         WHERE t.status = 'ok' {prep}
         QUALIFY t.deid_version = max(t.deid_version) OVER (PARTITION BY t.SeriesInstanceUID)
     """
@@ -112,6 +116,7 @@ def cohort(
     where: str | None = None,
     *,
     preprocessing_hash: str | None = None,
+    as_of: str | Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
     """The stored volumes of a cohort, one row per volume, as a pandas DataFrame.
 
@@ -130,6 +135,11 @@ def cohort(
         SliceThickness <= 2.5"``). Not with ``sql``.
     preprocessing_hash
         Keep the volumes of this preprocessing only (a lake may hold several).
+    as_of
+        Read the tables as a run left them: a run id (or a unique prefix of one), or
+        ``{table: version}``. The latest versions when None. Pinning a training run's cohort
+        this way gives the same rows whatever ran since (until ``pacsflow vacuum`` removes a
+        version no run manifest keeps).
 
     Returns
     -------
@@ -143,15 +153,18 @@ def cohort(
     ------
     ValueError
         Both ``sql`` and ``where`` given, or a query result without a key column.
+    LakeError
+        ``as_of`` names no run, or a run without recorded table versions.
     """
     if sql is not None and where is not None:
         raise ValueError("give sql or where, not both")
+    versions = pinned(lake, as_of)
     params = {"prep": preprocessing_hash} if preprocessing_hash is not None else None
     con = connect()
     try:
         for view in COHORT_VIEWS:
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM {scan_sql(lake, view)}")
-        base = _cohort_base(lake, preprocessing_hash)
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM {version_sql(lake, view, versions)}")
+        base = _cohort_base(lake, preprocessing_hash, versions)
         if params:  # views cannot take parameters: materialise the (small) cohort
             con.execute(f"CREATE TEMP TABLE cohort AS {base}", params)
         else:
@@ -182,6 +195,18 @@ def cohort(
         return arrow_table(con, query).to_pandas()
     finally:
         con.close()
+
+
+def pinned(lake: LakePaths, as_of: str | Mapping[str, int] | None) -> dict[str, int] | None:
+    """The table versions ``as_of`` names: a run id (its manifest's ``table_versions``), a
+    mapping as it is, or None (the latest)."""
+    if as_of is None:
+        return None
+    if isinstance(as_of, str):
+        from pipeline.lake.manifest import versions_of_run
+
+        return versions_of_run(lake, as_of)[1]
+    return {str(k): int(v) for k, v in as_of.items()}
 
 
 def monai_affine(stored_affine: Sequence[float] | Any, space: Literal["RAS", "LPS"] = "RAS") -> Any:
@@ -328,17 +353,26 @@ class TensorDataset:
 
 def monai_dataset(
     lake: LakePaths,
-    cohort_df: pd.DataFrame,
+    cohort_df: pd.DataFrame | None = None,
     transform: Callable[[dict[str, Any]], Any] | None = None,
+    *,
+    where: str | None = None,
+    as_of: str | Mapping[str, int] | None = None,
     **kwargs: Any,
 ) -> Any:
     """A :class:`monai.data.Dataset` of the cohort's items (a ``torch.utils.data.Dataset``).
 
     ``kwargs`` go to :class:`TensorDataset`; ``transform`` is MONAI's (applied by the
-    returned dataset, so MONAI's ``CacheDataset``-style wrappers can be swapped in).
+    returned dataset, so MONAI's ``CacheDataset``-style wrappers can be swapped in). Without
+    ``cohort_df`` the cohort is ``cohort(lake, where=where, as_of=as_of)``: the volumes as the
+    run ``as_of`` left the tables (pinned versions), or the latest.
     """
     from monai.data import Dataset
 
+    if cohort_df is None:
+        cohort_df = cohort(lake, where=where, as_of=as_of)
+    elif where is not None or as_of is not None:
+        raise ValueError("give cohort_df, or where/as_of to select one, not both")
     inner = TensorDataset(lake, cohort_df, **kwargs)
     return Dataset(data=_Items(inner), transform=transform)
 
