@@ -15,7 +15,7 @@ plain Parquet with hive partition folders, which every reader understands. (Scan
 delta-rs' own pyarrow filesystem, ``DeltaTable.to_pyarrow_dataset()``, aborted the interpreter
 at exit in 6 of 12 runs with deltalake 1.6.6 and pyarrow 26; reading the listed files did not,
 12 of 12.) Tables written before this module (Parquet part files, no ``_delta_log``) are
-converted in place by :func:`adopt_parquet` on their first write.
+adopted in place by :func:`adopt_parquet` on their next write.
 """
 
 from __future__ import annotations
@@ -125,6 +125,11 @@ def data_files(lake: LakePaths, name: str, version: int | None = None) -> list[s
 
     Empty when the table has never been written, or that version holds no rows. The files sit
     in hive folders (``Modality=CT/``) below the table folder.
+
+    Raises
+    ------
+    LakeError
+        A ``version`` the table never had, or whose files vacuum removed.
     """
     table = _open(lake, name, version)
     if table is None:
@@ -132,7 +137,15 @@ def data_files(lake: LakePaths, name: str, version: int | None = None) -> list[s
             folder = lake.table(name)
             return sorted(str(p) for p in folder.rglob("*.parquet") if _visible(p, folder))
         return []
-    return sorted(table.file_uris())
+    files = sorted(table.file_uris())
+    if version is not None and not all(Path(f).is_file() for f in files):
+        from pipeline.errors import LakeError
+
+        raise LakeError(
+            f"version {version} of research table {name!r} is no longer readable: "
+            "`pacsflow vacuum` removed its files (it keeps the versions run manifests record)"
+        )
+    return files
 
 
 def _visible(path: Path, folder: Path) -> bool:
@@ -171,8 +184,15 @@ def _existing_keys(lake: LakePaths, name: str, table: pa.Table) -> pa.Table:
     files = data_files(lake, name)
     if not files or table.num_rows == 0:
         return pa.table({k: pa.array([], table.schema.field(k).type) for k in keys})
-    dataset = ds.dataset(files, format="parquet", partitioning="hive",
-                         partition_base_dir=str(lake.table(name)))  # fmt: skip
+    from pipeline.lake.schemas import schema_for
+
+    dataset = ds.dataset(
+        files,
+        schema=schema_for(name),
+        format="parquet",
+        partitioning="hive",
+        partition_base_dir=str(lake.table(name)),
+    )
     wanted = table.select(keys)
     expr = None
     for k in keys:
@@ -235,6 +255,9 @@ def commit(
     folder = lake.table(name)
     folder.mkdir(parents=True, exist_ok=True)
     adopt_parquet(lake, name)
+    # the log folder first: from now on a reader lists files from the log only, never the
+    # data files of a first commit still being written
+    _log(lake, name).mkdir(exist_ok=True)
     by = PARTITION_BY.get(name)
     props = CommitProperties(custom_metadata=dict(metadata or {}), max_commit_retries=_RETRIES)
     rows = data.num_rows if isinstance(data, pa.Table) else -1
@@ -323,8 +346,8 @@ def dedupe(lake: LakePaths, name: str) -> int:
     try:
         dup = con.execute(
             f"SELECT count(*) FROM (SELECT {keys} FROM {scan} GROUP BY ALL HAVING count(*) > 1)"
-        ).fetchone()
-        if not dup or not dup[0]:
+        ).fetchall()
+        if not dup[0][0]:
             return 0
         table = _open(lake, name)
         assert table is not None
@@ -353,7 +376,7 @@ def dedupe(lake: LakePaths, name: str) -> int:
         )
         dropped_row = con.execute(
             f"SELECT count(*) FROM ({ranked}) WHERE pf_n > 1 AND pf_rank > 1"
-        ).fetchone()
+        ).fetchall()[0]
     finally:
         con.close()
     schema = schema_for(name)
@@ -384,7 +407,8 @@ def dedupe(lake: LakePaths, name: str) -> int:
 
 def adopt_parquet(lake: LakePaths, name: str) -> int:
     """Make a research table written before Delta (hive Parquet part files, no log) a Delta
-    table: one commit adding its files as they are. Returns the number of files adopted.
+    table in place: one commit that adds its files as they are (nothing is copied, so readers
+    see the same rows before and after). Returns the number of files adopted.
 
     Rows of an object stored twice stay as they were (the next write of that object replaces
     them all).
@@ -392,32 +416,19 @@ def adopt_parquet(lake: LakePaths, name: str) -> int:
     folder = lake.table(name)
     if _log(lake, name).is_dir() or not folder.is_dir():
         return 0
-    files = sorted(p for p in folder.rglob("*.parquet") if _visible(p, folder))
+    files = [p for p in folder.rglob("*.parquet") if _visible(p, folder)]
     if not files:
         return 0
-    import pyarrow.dataset as ds
-    from deltalake import write_deltalake
+    from deltalake import Schema, convert_to_deltalake
 
-    from pipeline.lake.schemas import schema_for
-
-    dataset = ds.dataset(
-        [str(p) for p in files],
-        schema=schema_for(name),
-        format="parquet",
-        partitioning="hive",
-        partition_base_dir=str(folder),
-    )
     by = PARTITION_BY.get(name)
-    write_deltalake(
+    partitions = Schema.from_arrow(pa.schema([(by, pa.string())])) if by else None
+    convert_to_deltalake(
         str(folder),
-        dataset.scanner().to_reader(),
-        partition_by=[by] if by else None,
-        mode="append",
-        writer_properties=_writer(),
+        partition_by=partitions,
+        partition_strategy="hive" if by else None,
         post_commithook_properties=_hooks(),
     )
-    for p in files:  # now copied into the table's first version
-        p.unlink()
     logger.info("%s: %d Parquet file(s) adopted as Delta version 0", name, len(files))
     return len(files)
 

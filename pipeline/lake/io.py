@@ -228,8 +228,16 @@ def write_partitioned(
 
     One file ``<by>=<value>/<part>.parquet`` per distinct value (nulls and values unsafe in a
     path go to ``<by>=UNKNOWN``, read back as that string). Same ``part`` again replaces the
-    files, as :func:`write_partition` does.
+    files, as :func:`write_partition` does. A research table gets all the rows in one Delta
+    commit (partitioned by :data:`pipeline.lake.delta.PARTITION_BY`, which ``by`` must name).
     """
+    if delta.is_versioned(name):
+        if delta.PARTITION_BY.get(name) != by:
+            raise ValueError(f"research table {name!r} is not partitioned by {by!r}")
+        if not _SAFE.match(part):
+            raise ValueError(f"unsafe part name {part!r}")
+        commit_rows(lake, name, rows)
+        return [lake.table(name)]
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         value = partition_value(row.get(by))
