@@ -11,6 +11,7 @@ It is written atomically when the run starts (status ``running``) and again when
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import shutil
 import time
@@ -28,6 +29,8 @@ from pipeline.lake.paths import LakePaths
 
 if TYPE_CHECKING:
     from pipeline.lake.keys import LakeKeys
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "RunManifest",
@@ -220,7 +223,13 @@ class RunRecorder:
             },
         )
         m.audit_head = {"seq": record["seq"], "mac": record["mac"]}
-        self._record_versions()
+        try:
+            self._record_versions()
+        except Exception:
+            if exc is None:
+                raise
+            # the run failed already: its error, not a second one, is what the caller sees
+            logger.warning("run %s: research table versions not recorded", self.run_id)
         self._write()
 
 
