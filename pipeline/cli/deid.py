@@ -64,6 +64,15 @@ def register(app: typer.Typer) -> None:
         lake: LakeOpt = None,
         key_file: KeyFileOpt = None,
         config: ConfigOpt = None,
+        as_of: Annotated[
+            str | None,
+            typer.Option(
+                "--as-of",
+                metavar="RUN",
+                help="Read each research table at the version run RUN recorded (a run id or "
+                "a unique prefix; see `pacsflow status`). No `lineage` view then.",
+            ),
+        ] = None,
     ) -> None:
         """Read-only DuckDB over the research tables (views instances, series, studies,
         patients, tensors, findings, reviews) and `lineage` (object key -> pseudonyms -> tensor
@@ -71,7 +80,7 @@ def register(app: typer.Typer) -> None:
 
         A sandbox: only queries run (no COPY, ATTACH, INSTALL, LOAD, SET, CREATE), and no
         file outside research/ can be read. Every call is audited (who, when, the query's
-        SHA-256, rows returned).
+        SHA-256, rows returned). `--as-of RUN` reads the tables as that run left them.
         """
         cfg = build_config(config, lake=lake)
 
@@ -83,28 +92,40 @@ def register(app: typer.Typer) -> None:
             import duckdb
 
             from pipeline.cli._common import audit_log, lake_keys, open_lake_or_fail
+            from pipeline.errors import LakeError
             from pipeline.lake.duck import SqlRefused, check_read_only, research_sandbox
+            from pipeline.lake.manifest import versions_of_run
 
             keys = lake_keys(cfg, key_file)
             paths = open_lake_or_fail(cfg, keys)
             audit = audit_log(cfg, paths, keys)
             digest = hashlib.sha256(query.encode()).hexdigest()
+            versions: dict[str, int] | None = None
+            pinned: dict[str, Any] = {}
+            if as_of is not None:
+                try:
+                    run_id, versions = versions_of_run(paths, as_of)
+                except LakeError as exc:
+                    fail(f"--as-of: {exc}", 2)
+                pinned = {"as_of": run_id}
             try:
                 check_read_only(query)
             except (SqlRefused, duckdb.Error) as exc:
-                audit.append("sql_refused", query_sha256=digest)
+                audit.append("sql_refused", query_sha256=digest, **pinned)
                 fail(f"SQL refused: {str(exc).splitlines()[0]}", 2)
             with tempfile.TemporaryDirectory(prefix="pacsflow-sql-") as tmp:
-                con = research_sandbox(paths, Path(tmp))
+                con = research_sandbox(paths, Path(tmp), versions)
                 try:
                     rel = con.sql(query)
                     df = rel.df() if rel is not None else None
                 except duckdb.Error as exc:
-                    audit.append("sql_failed", query_sha256=digest, error=type(exc).__name__)
+                    audit.append(
+                        "sql_failed", query_sha256=digest, error=type(exc).__name__, **pinned
+                    )
                     fail(f"SQL error: {str(exc).splitlines()[0]}", 2)
                 finally:
                     con.close()
-            audit.append("sql", query_sha256=digest, rows=0 if df is None else len(df))
+            audit.append("sql", query_sha256=digest, rows=0 if df is None else len(df), **pinned)
             if df is not None:
                 typer.echo(df.to_string(index=False, max_rows=200))
 

@@ -23,6 +23,7 @@ from pipeline.cli import (
     stubs,
     synth,
     tensors,
+    vacuum,
     writeback,
 )
 from pipeline.cli._logging import setup_logging
@@ -70,6 +71,7 @@ infer.register(app)
 writeback.register(app)
 run.register(app)
 review.register(app)
+vacuum.register(app)
 app.command("demo")(demo.demo)
 app.command("status")(status.status)
 

@@ -49,6 +49,7 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
     from pipeline.crawl import object_states
     from pipeline.lake import LakePaths, list_manifests, verify_chain
     from pipeline.lake.audit import Witness
+    from pipeline.lake.delta import table_versions
     from pipeline.lake.identity import LakeIdentityError, open_lake
     from pipeline.lake.lock import lock_holder
 
@@ -97,6 +98,7 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
         "objects": {"seen": sum(states.values()), **dict(sorted(states.items()))},
         "quarantine_by_reason": dict(sorted(reasons.items())),
         "writeback": _writeback_status(lake),
+        "table_versions": table_versions(lake),
         "runs": len(manifests),
         "runs_by_status": dict(sorted(by_status.items())),
         "running_now": holder,
@@ -109,6 +111,7 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
             "status": last.status,
             "started_at": last.started_at,
             "seconds": last.seconds,
+            "table_versions": dict(last.table_versions),
             "stages": {
                 k: {
                     "seen": v.seen,
@@ -191,6 +194,11 @@ def _print_lake(rep: dict[str, Any]) -> None:
                 if pending
                 else ""
             )
+        )
+    if rep.get("table_versions"):
+        typer.echo(
+            "  research tables (Delta versions): "
+            + ", ".join(f"{k} v{v}" for k, v in rep["table_versions"].items())
         )
     last = rep["last_run"]
     if last:

@@ -8,6 +8,11 @@
    objects that may carry burned-in PHI (BurnedInAnnotation YES, or ultrasound, secondary
    capture, other and document classes) are quarantined, fail closed;
 3. ``series``, ``studies`` and ``patients`` are rebuilt from ``instances``.
+
+The research tables are Delta tables: a batch's instances are one commit, and an object that
+comes again (a corrected header, the same instance stored twice) replaces its row in that
+commit; each aggregate rebuild is one commit that names the ``instances`` version it was built
+from.
 """
 
 from __future__ import annotations
@@ -37,11 +42,11 @@ from pipeline.errors import InputError, MissingAttribute, SourceError, Unreadabl
 from pipeline.lake import (
     LakePaths,
     StageCounts,
+    delta,
     read_table,
     sync_filesystem,
     table_exists,
     write_partition,
-    write_partitioned,
 )
 from pipeline.lake.duck import (
     arrow_reader,
@@ -49,6 +54,7 @@ from pipeline.lake.duck import (
     connect,
     volume_verdicts,
 )
+from pipeline.lake.io import commit_rows, conform, partition_value
 from pipeline.lake.keys import LakeKeys
 from pipeline.lake.queries import (
     OWN_UIDS,
@@ -58,9 +64,8 @@ from pipeline.lake.queries import (
     deid_patients,
     deid_series_instances,
     deid_studies,
-    deid_superseded,
 )
-from pipeline.lake.schemas import INSTANCES
+from pipeline.lake.schemas import INSTANCES, schema_for
 
 logger = logging.getLogger(__name__)
 
@@ -341,9 +346,16 @@ def deid_batch(
     if export is not None and exported:
         sync_filesystem(Path(export))  # one flush for the batch (before the vault commits it)
     if export_only:  # a failure here is not a quarantine: the object is de-identified
-        return {"out": 0, "quarantined": 0, "exported": exported, "export_failed": len(quarantine)}
-    if instances:
-        write_partitioned(lake, "instances", instances, part=part, by="Modality")
+        return {
+            "out": 0,
+            "quarantined": 0,
+            "exported": exported,
+            "export_failed": len(quarantine),
+            "superseded": 0,
+        }
+    superseded = 0
+    if instances:  # one commit; rows of objects the table holds are replaced in it
+        superseded = commit_rows(lake, "instances", instances).replaced
     if quarantine:
         write_partition(lake, "quarantine", quarantine, part=f"deid-{part}")
     if vault:  # last: it commits the batch (a rerun skips what the vault holds)
@@ -353,6 +365,7 @@ def deid_batch(
         "quarantined": len(quarantine),
         "exported": exported,
         "export_failed": 0,
+        "superseded": superseded,
     }
 
 
@@ -418,42 +431,6 @@ def _export_todo(
         yield rows
 
 
-def _drop_superseded(con: Any, lake: LakePaths) -> int:
-    """Keep one ``instances`` row per SOP Instance UID: the one written last.
-
-    An object de-identified again (its header changed: a corrected name, a merged patient) or
-    stored twice in the archive gives a second row with the same pseudonymous SOP Instance UID.
-    Part files are named ``<run id>-<batch>`` (run ids sort by time), so the row of the greatest
-    file name (and within it the last row) wins; the files holding older rows are rewritten
-    without them, atomically. Returns the number of rows dropped.
-    """
-    import pyarrow.parquet as pq
-
-    from pipeline.lake import atomic_write_bytes
-
-    if not table_exists(lake, "instances"):
-        return 0
-    q = deid_superseded(lake)
-    dropped = 0
-    for filename, stale in con.execute(q.sql, q.params).fetchall():
-        table = pq.read_table(filename)
-        keep = np.ones(table.num_rows, dtype=bool)
-        keep[np.asarray(stale, dtype=np.int64)] = False
-        dropped += int((~keep).sum())
-        path = Path(filename)
-        if keep.any():
-            import io
-
-            buf = io.BytesIO()
-            pq.write_table(table.filter(pa.array(keep)), buf, compression="zstd")
-            atomic_write_bytes(path, buf.getvalue(), durable=False)  # synced per batch
-        else:
-            path.unlink()
-    if dropped:
-        logger.info("deid: %d superseded instance row(s) replaced by newer ones", dropped)
-    return dropped
-
-
 def _series_geometry(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Volume geometry summary of one series: can it become a volume, and if not, why."""
     n = len(rows)
@@ -507,16 +484,18 @@ def _series_geometry(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: commit metadata naming the ``instances`` version an aggregate was built from
+BUILT_FROM = "pacsflow.instances_version"
+
+
 def _aggregates_stale(lake: LakePaths) -> bool:
-    """True when an aggregate table is missing or older than the newest instances file."""
-    newest = max(
-        (p.stat().st_mtime_ns for p in lake.table("instances").rglob("*.parquet")), default=0
+    """True when an aggregate table is missing or was not built from the latest ``instances``
+    version (a run killed between the two commits)."""
+    current = str(delta.current_version(lake, "instances"))
+    return any(
+        delta.last_commit_metadata(lake, name).get(BUILT_FROM) != current
+        for name in ("series", "studies", "patients")
     )
-    for name in ("series", "studies", "patients"):
-        files = list(lake.table(name).rglob("*.parquet"))
-        if not files or min(p.stat().st_mtime_ns for p in files) < newest:
-            return True
-    return False
 
 
 #: series rows held before a part file is written (memory bounded by this, not the archive)
@@ -524,16 +503,13 @@ _SERIES_CHUNK = 20_000
 
 
 def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
-    """Rebuild ``series``, ``studies`` and ``patients`` from ``instances`` (streaming)."""
+    """Rebuild ``series``, ``studies`` and ``patients`` from ``instances`` (streaming): each
+    one Delta commit that replaces the table and names the ``instances`` version read."""
+    version = delta.current_version(lake, "instances")
+    built_from = {BUILT_FROM: str(version)}
     series_rows: list[dict[str, Any]] = []
     current: list[dict[str, Any]] = []
-    written: set[Path] = set()
     verdicts = volume_verdicts(con, lake)  # taken on the pixels: outranks the header's
-
-    def write_series() -> None:
-        part = f"all-{len(written):05d}"
-        written.update(write_partitioned(lake, "series", series_rows, part=part, by="Modality"))
-        series_rows.clear()
 
     def first(key: str) -> Any:
         return next((r[key] for r in current if r[key] is not None), None)
@@ -568,25 +544,44 @@ def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
         if verdict is not None:
             series_rows[-1]["volume_ok"], series_rows[-1]["volume_reason"] = verdict
         current.clear()
-        if len(series_rows) >= _SERIES_CHUNK:
-            write_series()
 
-    q = deid_series_instances(lake)
-    for rb in arrow_reader(con, q.sql, q.params, 10_000):
-        for row in rb.to_pylist():
-            if current and row["SeriesInstanceUID"] != current[0]["SeriesInstanceUID"]:
-                flush()
-            current.append(row)
-    flush()
-    if series_rows or not written:
-        write_series()
-    for stale in lake.table("series").rglob("*.parquet"):  # parts of an earlier, larger build
-        if stale not in written:
-            stale.unlink()
-    studies = arrow_table(con, deid_studies(lake).sql)
-    write_partition(lake, "studies", studies, part="all")
-    patients = arrow_table(con, deid_patients(lake).sql)
-    write_partition(lake, "patients", patients, part="all")
+    def chunk() -> pa.RecordBatch | None:
+        for r in series_rows:
+            r["Modality"] = partition_value(r["Modality"])
+        table = conform(series_rows, "series")
+        series_rows.clear()
+        return table.combine_chunks().to_batches()[0] if table.num_rows else None
+
+    # listed here, not in the generator: delta-rs drives the generator from its own runtime,
+    # which cannot start another (listing a version's files is a delta-rs call)
+    q = deid_series_instances(lake, version)
+
+    def series_batches() -> Iterator[pa.RecordBatch]:
+        for rb in arrow_reader(con, q.sql, q.params, 10_000):
+            for row in rb.to_pylist():
+                if current and row["SeriesInstanceUID"] != current[0]["SeriesInstanceUID"]:
+                    flush()
+                current.append(row)
+            if len(series_rows) >= _SERIES_CHUNK:
+                batch = chunk()
+                if batch is not None:
+                    yield batch
+        flush()
+        batch = chunk()
+        if batch is not None:
+            yield batch
+
+    schema = schema_for("series")
+    reader = pa.RecordBatchReader.from_batches(schema, series_batches())
+    delta.commit(lake, "series", reader, mode="overwrite", metadata=built_from)
+    studies = arrow_table(con, deid_studies(lake, version).sql)
+    delta.commit(
+        lake, "studies", conform(studies, "studies"), mode="overwrite", metadata=built_from
+    )
+    patients = arrow_table(con, deid_patients(lake, version).sql)
+    delta.commit(
+        lake, "patients", conform(patients, "patients"), mode="overwrite", metadata=built_from
+    )
 
 
 def run(
@@ -607,7 +602,7 @@ def run(
     """
     t0 = time.perf_counter()
     con = connect()
-    done = {"out": 0, "quarantined": 0, "exported": 0, "export_failed": 0}
+    done = {"out": 0, "quarantined": 0, "exported": 0, "export_failed": 0, "superseded": 0}
     counted: list[int] = []
     export = cfg.deid.export_dicom
     batch = cfg.compute.partition_size
@@ -628,7 +623,8 @@ def run(
         if progress:
             progress(result["out"] + result["quarantined"] + result["exported"])
     seen = sum(counted)
-    dropped = _drop_superseded(con, lake) if seen else 0
+    # rows that concurrent batches both added (one object in two batches at once)
+    dropped = done["superseded"] + (delta.dedupe(lake, "instances") if seen else 0)
     if table_exists(lake, "instances") and (seen or _aggregates_stale(lake)):
         _rebuild_aggregates(con, lake)
     con.close()

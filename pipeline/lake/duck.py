@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pipeline.lake import queries
 from pipeline.lake.paths import LakePaths
-from pipeline.lake.queries import latest_sql, lineage_sql, scan_sql
+from pipeline.lake.queries import latest_sql, lineage_sql, scan_sql, version_sql
 
 __all__ = [
     "RESEARCH_VIEWS",
@@ -29,6 +29,7 @@ __all__ = [
     "object_states",
     "research_sandbox",
     "scan_sql",
+    "version_sql",
     "volume_verdicts",
 ]
 
@@ -87,9 +88,10 @@ def volume_verdicts(con: Any, lake: LakePaths) -> dict[str, tuple[bool, str | No
     """The tensors stage's verdict per series, taken on the pixels: ``{series UID: (volume_ok,
     volume_reason)}`` (empty before any tensors run). It outranks the header-level verdict the
     deid stage computes for the ``series`` table."""
-    if not any(lake.table("tensors").rglob("*.parquet")):
+    tensors = scan_sql(lake, "tensors")
+    if not tensors.startswith("read_parquet"):
         return {}
-    rows = con.execute(queries.volume_verdicts(lake).sql).fetchall()
+    rows = con.execute(queries.volume_verdicts(lake, tensors).sql).fetchall()
     return {uid: (status == "ok", reason) for uid, status, reason in rows}
 
 
@@ -127,8 +129,13 @@ def check_read_only(sql: str) -> int:
     return len(statements)
 
 
-def research_sandbox(lake: LakePaths, tmp: Path) -> Any:
+def research_sandbox(lake: LakePaths, tmp: Path, versions: Mapping[str, int] | None = None) -> Any:
     """A DuckDB connection that can read the research zone and nothing else.
+
+    With ``versions`` (``{table: version}``, what a run manifest recorded) each research view
+    reads that version of its table, and a table the mapping does not name is an empty view
+    (it did not exist yet); ``lineage`` is then left out (it joins restricted tables, which
+    have no versions).
 
     The research tables are views (and ``lineage``, which joins the restricted vault and
     outbox's non-identifying columns, an in-memory table built first); then file access is
@@ -140,9 +147,12 @@ def research_sandbox(lake: LakePaths, tmp: Path) -> Any:
     """
     con = connect(tmp)
     for view in RESEARCH_VIEWS:
-        if any(lake.table(view).rglob("*.parquet")):
-            con.execute(queries.create_scan_view(lake, view, RESEARCH_VIEWS))
-    if any(lake.table("vault").rglob("*.parquet")):  # pseudonyms, hashes and result UIDs only
+        sql = version_sql(lake, view, versions)
+        if versions is None and not sql.startswith("read_parquet"):
+            continue  # no such view before the table's first rows
+        con.execute(queries.create_view(view, RESEARCH_VIEWS, sql))
+    if versions is None and any(lake.table("vault").rglob("*.parquet")):
+        # pseudonyms, hashes and result UIDs only
         con.execute(queries.create_lineage_table(lake))
     con.execute(
         "SET allowed_directories = $dirs", {"dirs": queries.allowed_prefixes(lake.research)}

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pipeline._version import __version__
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, LakeError
 from pipeline.lake.io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -150,6 +150,12 @@ def open_lake(
         Not a lake (and not creatable), a newer format, or another key: the message names
         both fingerprints and never the key.
     """
+    from pipeline.lake.delta import check_lake_path
+
+    try:
+        check_lake_path(lake.root)
+    except LakeError as exc:
+        raise LakeIdentityError(str(exc)) from None
     identity = read_marker(lake)
     if identity is None:
         if not create or keys is None:

@@ -1,5 +1,10 @@
 """Atomic Parquet writes and schema-checked reads of lake tables.
 
+The research tables are Delta tables (:mod:`pipeline.lake.delta`): :func:`write_partition`
+and :func:`write_partitioned` commit their rows as one Delta transaction, replacing the rows of
+objects the table already holds, and :func:`read_table`/:func:`scan_batches` read one version
+(the latest, or ``version=``). The restricted tables are plain hive Parquet datasets:
+
 A partition is written to a hidden temporary file in its final folder, flushed to disk, and
 renamed into place (``os.replace`` is atomic on POSIX within one filesystem). Readers (pyarrow,
 pandas, Dask, DuckDB with ``*.parquet`` globs) never see a half-written file: the temporary name
@@ -22,6 +27,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline.lake import delta
 from pipeline.lake.crypto import SEALED_COLUMNS, VaultCipher
 from pipeline.lake.paths import LakePaths
 from pipeline.lake.schemas import schema_for
@@ -31,7 +37,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
+    "commit_rows",
     "conform",
+    "partition_value",
     "read_table",
     "scan_batches",
     "sweep_temporaries",
@@ -160,8 +168,24 @@ def write_partition(
     Returns
     -------
     Path
-        The final path of the partition file.
+        The final path of the partition file (the table's folder for a research table: its
+        rows are one Delta commit, objects already held replaced, see
+        :func:`pipeline.lake.delta.commit`).
     """
+    if delta.is_versioned(name):
+        if not _SAFE.match(part):
+            raise ValueError(f"unsafe part name {part!r}")
+        conformed = conform(table, name)
+        for key, value in (partition or {}).items():
+            if key in conformed.column_names:
+                index = conformed.schema.get_field_index(key)
+                conformed = conformed.set_column(
+                    index,
+                    conformed.schema.field(index),
+                    pa.array([value] * conformed.num_rows, conformed.schema.field(index).type),
+                )
+        commit_rows(lake, name, conformed)
+        return lake.table(name)
     folder = lake.table(name)
     for key, value in (partition or {}).items():
         if not (_SAFE.match(key) and _SAFE.match(value)):
@@ -183,7 +207,7 @@ def write_partition(
     return final
 
 
-def _partition_value(value: Any) -> str:
+def partition_value(value: Any) -> str:
     """A hive folder value: the value itself when safe, ``UNKNOWN`` for null or unsafe ones.
 
     (pandas cannot read a null hive partition, so nulls get a spelled-out value.)
@@ -204,11 +228,19 @@ def write_partitioned(
 
     One file ``<by>=<value>/<part>.parquet`` per distinct value (nulls and values unsafe in a
     path go to ``<by>=UNKNOWN``, read back as that string). Same ``part`` again replaces the
-    files, as :func:`write_partition` does.
+    files, as :func:`write_partition` does. A research table gets all the rows in one Delta
+    commit (partitioned by :data:`pipeline.lake.delta.PARTITION_BY`, which ``by`` must name).
     """
+    if delta.is_versioned(name):
+        if delta.PARTITION_BY.get(name) != by:
+            raise ValueError(f"research table {name!r} is not partitioned by {by!r}")
+        if not _SAFE.match(part):
+            raise ValueError(f"unsafe part name {part!r}")
+        commit_rows(lake, name, rows)
+        return [lake.table(name)]
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        value = _partition_value(row.get(by))
+        value = partition_value(row.get(by))
         row = {**row, by: value}
         groups.setdefault(value, []).append(row)
     return [
@@ -217,10 +249,58 @@ def write_partitioned(
     ]
 
 
+def commit_rows(
+    lake: LakePaths, name: str, table: pa.Table | Mapping[str, Any] | list[dict[str, Any]]
+) -> delta.CommitResult:
+    """Commit rows to research table ``name`` as one Delta transaction: rows of objects the
+    table holds (by :data:`pipeline.lake.delta.KEYS`) replace theirs, the others are added.
+
+    The partition column's nulls and values unsafe in a path become ``UNKNOWN``, as in
+    :func:`write_partitioned`.
+    """
+    if not delta.is_versioned(name):
+        raise ValueError(f"table {name!r} is not a research table")
+    by = delta.PARTITION_BY.get(name)
+    if by is not None and isinstance(table, list):
+        table = [{**row, by: partition_value(row.get(by))} for row in table]
+    return delta.commit(lake, name, conform(table, name))
+
+
 def table_exists(lake: LakePaths, name: str) -> bool:
-    """True when table ``name`` has at least one partition file."""
+    """True when table ``name`` has at least one partition file (a research table: when its
+    latest version holds one)."""
+    if delta.is_versioned(name):
+        return bool(delta.data_files(lake, name))
     folder = lake.table(name)
     return folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None
+
+
+def _dataset(lake: LakePaths, name: str, version: int | None) -> ds.Dataset | None:
+    """The files of table ``name`` as a pyarrow dataset with its declared schema (version
+    ``version`` of a research table), or None when there are none."""
+    folder = lake.table(name)
+    if delta.is_versioned(name):
+        files = delta.data_files(lake, name, version)
+        if not files:
+            return None
+        return ds.dataset(
+            files,
+            schema=schema_for(name),
+            format="parquet",
+            partitioning="hive",
+            partition_base_dir=str(folder),
+        )
+    if version is not None:
+        raise ValueError(f"table {name!r} is not versioned")
+    if not table_exists(lake, name):
+        return None
+    return ds.dataset(
+        folder,
+        schema=schema_for(name),
+        format="parquet",
+        partitioning="hive",
+        ignore_prefixes=[".", "_"],
+    )
 
 
 def read_table(
@@ -229,26 +309,20 @@ def read_table(
     *,
     columns: list[str] | None = None,
     filter: Any = None,
+    version: int | None = None,
 ) -> pa.Table:
     """Read lake table ``name`` (all partitions) with its declared schema.
 
     Returns an empty table of the right schema when the table has no files yet. Hive partition
     columns that duplicate a declared column are read as that column. Sealed columns (a lake
     encrypted at rest) come back opened, and the vault's originals decrypted, when ``lake``
-    carries its keys; a ``filter`` sees them as stored.
+    carries its keys; a ``filter`` sees them as stored. ``version`` reads that version of a
+    research table (the latest when None).
     """
-    schema = schema_for(name)
-    folder = lake.table(name)
-    if not table_exists(lake, name):
-        empty = schema.empty_table()
+    dataset = _dataset(lake, name, version)
+    if dataset is None:
+        empty = schema_for(name).empty_table()
         return empty.select(columns) if columns else empty
-    dataset = ds.dataset(
-        folder,
-        schema=schema,
-        format="parquet",
-        partitioning="hive",
-        ignore_prefixes=[".", "_"],
-    )
     vault_keys = name == "vault" and lake.keys is not None
     wanted = columns
     if vault_keys and columns is not None and "object_key" not in columns:
@@ -264,19 +338,18 @@ def read_table(
 
 
 def scan_batches(
-    lake: LakePaths, name: str, *, columns: list[str] | None = None, batch_size: int = 65_536
+    lake: LakePaths,
+    name: str,
+    *,
+    columns: list[str] | None = None,
+    batch_size: int = 65_536,
+    version: int | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Stream lake table ``name`` as record batches (memory bounded by ``batch_size``); sealed
-    columns come back opened."""
-    if not table_exists(lake, name):
+    columns come back opened. ``version`` as in :func:`read_table`."""
+    dataset = _dataset(lake, name, version)
+    if dataset is None:
         return
-    dataset = ds.dataset(
-        lake.table(name),
-        schema=schema_for(name),
-        format="parquet",
-        partitioning="hive",
-        ignore_prefixes=[".", "_"],
-    )
     sealer = lake.sealer() if name in SEALED_COLUMNS else None
     for batch in dataset.to_batches(columns=columns, batch_size=batch_size):
         if sealer is None:

@@ -2,13 +2,16 @@
 
 A manifest records the command, the effective configuration and its hash, the versions of the
 key libraries, per-stage counts (``in``, ``out``, ``quarantined``, ``skipped``) and timings,
-the status, and the audit log's head at the end of the run (so a truncated audit log is caught).
+the status, the audit log's head at the end of the run (so a truncated audit log is caught), and
+the version of every research table after each stage and at the end (``table_versions``: what
+``pacsflow sql --as-of RUN`` reads and ``pacsflow vacuum`` keeps).
 It is written atomically when the run starts (status ``running``) and again when it ends.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import shutil
 import time
@@ -20,12 +23,15 @@ from typing import TYPE_CHECKING, Any
 from pipeline._deps import library_versions
 from pipeline.errors import Cancelled
 from pipeline.lake.audit import AuditLog, Witness
+from pipeline.lake.delta import table_versions
 from pipeline.lake.identity import open_lake
 from pipeline.lake.io import atomic_write_text
 from pipeline.lake.paths import LakePaths
 
 if TYPE_CHECKING:
     from pipeline.lake.keys import LakeKeys
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "RUN_STATUSES",
@@ -35,6 +41,8 @@ __all__ = [
     "list_manifests",
     "mark_abandoned",
     "new_run_id",
+    "pinned_versions",
+    "versions_of_run",
 ]
 
 #: What a manifest's ``status`` can say. ``running``: started, not finished (or its process
@@ -85,6 +93,8 @@ class RunManifest:
     audit_head: dict[str, Any] | None = None
     lake_id: str | None = None
     key_fingerprint: str | None = None
+    #: the version of each research table when the run last recorded (``{table: version}``)
+    table_versions: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Serialise as pretty JSON."""
@@ -150,9 +160,23 @@ class RunRecorder:
         return self.lake.runs / f"{self.run_id}.json"
 
     def stage(self, name: str, counts: StageCounts) -> None:
-        """Record a finished stage's counts (and write the manifest so far)."""
+        """Record a finished stage's counts and the research tables' versions (and write the
+        manifest so far)."""
         self.manifest.stages[name] = counts
+        self._record_versions()
         self._write()
+
+    def table_version(self, table: str, version: int) -> None:
+        """Record that this run left research table ``table`` at ``version`` (the recorder
+        also records every table's latest version after each stage and at the end; a later
+        version of the same table wins)."""
+        have = self.manifest.table_versions.get(table)
+        if have is None or version > have:
+            self.manifest.table_versions[table] = int(version)
+
+    def _record_versions(self) -> None:
+        for table, version in table_versions(self.lake).items():
+            self.table_version(table, version)
 
     def restricted_stage(self, name: str, counts: StageCounts, **extra: Any) -> None:
         """:meth:`stage` for a stage that read the restricted zone, with its read in the audit
@@ -225,6 +249,13 @@ class RunRecorder:
             },
         )
         m.audit_head = {"seq": record["seq"], "mac": record["mac"]}
+        try:
+            self._record_versions()
+        except Exception:
+            if exc is None:
+                raise
+            # the run failed already: its error, not a second one, is what the caller sees
+            logger.warning("run %s: research table versions not recorded", self.run_id)
         self._write()
 
 
@@ -253,3 +284,42 @@ def list_manifests(lake: LakePaths) -> list[RunManifest]:
     if not lake.runs.is_dir():
         return []
     return [RunManifest.from_file(p) for p in sorted(lake.runs.glob("*.json"))]
+
+
+def versions_of_run(lake: LakePaths, run: str) -> tuple[str, dict[str, int]]:
+    """The research table versions a run recorded: ``(run id, {table: version})``.
+
+    ``run`` is a run id or a prefix of exactly one.
+
+    Raises
+    ------
+    LakeError
+        No run, several runs, or a run that recorded no table version (a run from before
+        versioned tables, or one that wrote none).
+    """
+    from pipeline.errors import LakeError
+
+    if not run or "/" in run or run.startswith("."):
+        raise LakeError(f"no run {run!r} in this lake")
+    matches = sorted(lake.runs.glob(f"{run}*.json")) if lake.runs.is_dir() else []
+    exact = [p for p in matches if p.stem == run]
+    if exact:
+        matches = exact
+    if not matches:
+        raise LakeError(f"no run {run!r} in this lake (see `pacsflow status` for its runs)")
+    if len(matches) > 1:
+        raise LakeError(f"{run!r} names {len(matches)} runs: give more of the run id")
+    manifest = RunManifest.from_file(matches[0])
+    if not manifest.table_versions:
+        raise LakeError(f"run {manifest.run_id} recorded no research table versions")
+    return manifest.run_id, dict(manifest.table_versions)
+
+
+def pinned_versions(lake: LakePaths) -> dict[str, set[int]]:
+    """Every research table version a kept run manifest records (``{table: versions}``): what
+    ``pacsflow vacuum`` must keep readable."""
+    out: dict[str, set[int]] = {}
+    for manifest in list_manifests(lake):
+        for table, version in manifest.table_versions.items():
+            out.setdefault(table, set()).add(int(version))
+    return out

@@ -46,6 +46,7 @@ __all__ = [
     "count_rows",
     "create_lineage_table",
     "create_scan_view",
+    "create_view",
     "current_index",
     "deid_export_todo",
     "deid_new_objects",
@@ -53,7 +54,7 @@ __all__ = [
     "deid_patients",
     "deid_series_instances",
     "deid_studies",
-    "deid_superseded",
+    "empty_sql",
     "filter_expression",
     "identifier",
     "infer_todo",
@@ -68,6 +69,7 @@ __all__ = [
     "sql_path",
     "subject_series",
     "tensors_todo",
+    "version_sql",
     "volume_verdicts",
     "writeback_confirmed",
     "writeback_groups",
@@ -210,17 +212,40 @@ def _duck_type(t: pa.DataType) -> str:
     return "VARCHAR"
 
 
-def scan_sql(lake: LakePaths, name: str) -> str:
+def scan_sql(lake: LakePaths, name: str, version: int | None = None) -> str:
     """SQL for a lake table: its Parquet files, or an empty relation of its schema.
 
-    Files are found at any depth (hive folders ``key=value/`` read as string columns).
+    A research table reads the files of one Delta version (the latest, or ``version``), listed
+    when this is called: a query sees that version whole, whatever commits meanwhile.
+    Restricted tables' files are found at any depth. Hive folders ``key=value/`` read as
+    string columns.
     """
+    from pipeline.lake import delta
+
     folder = lake.table(name)  # KeyError for a name that is not a lake table
-    if folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None:
-        return (
-            f"read_parquet({parquet_glob(folder)}, union_by_name = true, "
-            "hive_partitioning = true, hive_types_autocast = false)"
-        )
+    opts = "union_by_name = true, hive_partitioning = true, hive_types_autocast = false"
+    if delta.is_versioned(name):
+        files = delta.data_files(lake, name, version)
+        if files:
+            return f"read_parquet([{', '.join(sql_path(f) for f in files)}], {opts})"
+    elif folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None:
+        return f"read_parquet({parquet_glob(folder)}, {opts})"
+    return empty_sql(name)
+
+
+def version_sql(lake: LakePaths, name: str, versions: Mapping[str, int] | None) -> str:
+    """:func:`scan_sql` of research table ``name`` at the version ``versions`` names (what a run
+    manifest recorded); the latest with ``versions`` None, an empty relation when the mapping
+    does not name the table (it had no rows by then)."""
+    if versions is None:
+        return scan_sql(lake, name)
+    if name in versions:
+        return scan_sql(lake, name, int(versions[name]))
+    return empty_sql(name)
+
+
+def empty_sql(name: str) -> str:
+    """An empty relation with the declared columns of table ``name``."""
     cols = ", ".join(
         f"NULL::{_duck_type(f.type)} AS {identifier(f.name, [f.name])}" for f in schema_for(name)
     )
@@ -270,7 +295,13 @@ def lineage_sql(lake: LakePaths) -> str:
 
 def create_scan_view(lake: LakePaths, view: str, allowed: Iterable[str]) -> str:
     """``CREATE VIEW <view>`` over a lake table (``view`` one of ``allowed``)."""
-    return f"CREATE VIEW {identifier(view, allowed)} AS SELECT * FROM {scan_sql(lake, view)}"
+    return create_view(view, allowed, scan_sql(lake, view))
+
+
+def create_view(view: str, allowed: Iterable[str], relation: str) -> str:
+    """``CREATE VIEW <view>`` over ``relation`` (one of this module's relations; ``view`` one
+    of ``allowed``)."""
+    return f"CREATE VIEW {identifier(view, allowed)} AS SELECT * FROM {relation}"
 
 
 def create_lineage_table(lake: LakePaths) -> str:
@@ -332,11 +363,13 @@ def object_states(lake: LakePaths) -> Query:
     """)
 
 
-def volume_verdicts(lake: LakePaths) -> Query:
-    """The tensors stage's verdict per series: ``(SeriesInstanceUID, min status, min reason)``."""
+def volume_verdicts(lake: LakePaths, tensors: str | None = None) -> Query:
+    """The tensors stage's verdict per series: ``(SeriesInstanceUID, min status, min reason)``
+    over ``tensors`` (a :func:`scan_sql` of the table already taken: one version), or the
+    latest version."""
     return Query(
         f"""SELECT SeriesInstanceUID, min(status), min(reason)
-            FROM {scan_sql(lake, "tensors")} GROUP BY 1"""
+            FROM {tensors or scan_sql(lake, "tensors")} GROUP BY 1"""
     )
 
 
@@ -609,23 +642,9 @@ def deid_export_todo(lake: LakePaths) -> Query:
     """)
 
 
-def deid_superseded(lake: LakePaths) -> Query:
-    """Per ``instances`` part file, the row numbers a later row of the same SOP UID replaces."""
-    return Query(f"""
-        WITH r AS (
-            SELECT SOPInstanceUID, filename, file_row_number,
-                   row_number() OVER (PARTITION BY SOPInstanceUID
-                        ORDER BY parse_filename(filename) DESC, filename DESC,
-                                 file_row_number DESC) AS rank
-            FROM read_parquet({parquet_glob(lake.table("instances"))}, filename = true,
-                              file_row_number = true, union_by_name = true)
-        )
-        SELECT filename, list(file_row_number) AS rows FROM r WHERE rank > 1 GROUP BY filename
-    """)
-
-
-def deid_series_instances(lake: LakePaths) -> Query:
-    """The ``instances`` columns a ``series`` row is built from, in series order."""
+def deid_series_instances(lake: LakePaths, version: int | None = None) -> Query:
+    """The ``instances`` columns a ``series`` row is built from, in series order (of the
+    table's ``version``: None, the latest)."""
     cols = (
         "SeriesInstanceUID, StudyInstanceUID, patient_token, Modality, BodyPartExamined, "
         "Manufacturer, ManufacturerModelName, SeriesNumber, SeriesDate, ContentDate, Rows, "
@@ -633,31 +652,32 @@ def deid_series_instances(lake: LakePaths) -> Query:
         "KVP, MagneticFieldStrength, NumberOfFrames"
     )
     return Query(
-        f"SELECT {cols} FROM {scan_sql(lake, 'instances')} "
+        f"SELECT {cols} FROM {scan_sql(lake, 'instances', version)} "
         "ORDER BY SeriesInstanceUID, SOPInstanceUID"
     )
 
 
-def deid_studies(lake: LakePaths) -> Query:
-    """The ``studies`` aggregate of ``instances``."""
+def deid_studies(lake: LakePaths, version: int | None = None) -> Query:
+    """The ``studies`` aggregate of ``instances`` (at ``version``)."""
     return Query(
         f"""SELECT StudyInstanceUID, any_value(patient_token) AS patient_token,
                    min(coalesce(StudyDate, ContentDate)) AS StudyDate,
                    any_value(PatientAge) AS PatientAge,
                    list_sort(list_distinct(list(Modality))) AS ModalitiesInStudy,
                    count(DISTINCT SeriesInstanceUID) AS n_series, count(*) AS n_instances
-            FROM {scan_sql(lake, "instances")}
+            FROM {scan_sql(lake, "instances", version)}
             GROUP BY StudyInstanceUID ORDER BY StudyInstanceUID"""
     )
 
 
-def deid_patients(lake: LakePaths) -> Query:
-    """The ``patients`` aggregate of ``instances``."""
+def deid_patients(lake: LakePaths, version: int | None = None) -> Query:
+    """The ``patients`` aggregate of ``instances`` (at ``version``)."""
     return Query(
         f"""SELECT patient_token, any_value(PatientSex) AS PatientSex,
                    count(DISTINCT StudyInstanceUID) AS n_studies,
                    count(DISTINCT SeriesInstanceUID) AS n_series, count(*) AS n_instances
-            FROM {scan_sql(lake, "instances")} GROUP BY patient_token ORDER BY patient_token"""
+            FROM {scan_sql(lake, "instances", version)}
+            GROUP BY patient_token ORDER BY patient_token"""
     )
 
 
@@ -700,18 +720,23 @@ def tensors_todo(lake: LakePaths, preprocessing_hash: str) -> Query:
 
 
 def cohort_base(
-    lake: LakePaths, series_columns: Sequence[str], preprocessing_hash: str | None
+    lake: LakePaths,
+    series_columns: Sequence[str],
+    preprocessing_hash: str | None,
+    versions: Mapping[str, int] | None = None,
 ) -> Query:
     """The ``ok`` tensors rows of each series' latest de-identification version, with the
-    ``series_columns`` of their series (and of one preprocessing when given)."""
+    ``series_columns`` of their series (and of one preprocessing when given), at the table
+    ``versions`` a run recorded (None: the latest)."""
     allowed = schema_for("series").names
     cols = ", ".join(f"s.{identifier(c, allowed)}" for c in series_columns)
     prep = "AND t.preprocessing_hash = $prep" if preprocessing_hash is not None else ""
     return Query(
         f"""
         SELECT t.*, {cols}
-        FROM {scan_sql(lake, "tensors")} t
-        LEFT JOIN {scan_sql(lake, "series")} s ON s.SeriesInstanceUID = t.SeriesInstanceUID
+        FROM {version_sql(lake, "tensors", versions)} t
+        LEFT JOIN {version_sql(lake, "series", versions)} s
+               ON s.SeriesInstanceUID = t.SeriesInstanceUID
         WHERE t.status = 'ok' {prep}
         QUALIFY t.deid_version = max(t.deid_version) OVER (PARTITION BY t.SeriesInstanceUID)
         """,

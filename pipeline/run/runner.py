@@ -213,15 +213,15 @@ def run_stages(
             cancel.recorder = rec
             summary = RunSummary(rec.run_id, str(rec.path), abandoned=abandoned)
             try:
-                with cancel.interruptible(), client(cfg) as dask_client:
+                with cancel.interruptible(), contextlib.ExitStack() as clients:
                     ctx = StageContext(
                         cfg=cfg,
                         keys=keys,
                         lake=rec.lake,
                         recorder=rec,
-                        client=dask_client,
                         progress=progress or _no_progress,
                         options=dict(options or {}),
+                        open_client=lambda: clients.enter_context(client(cfg)),
                     )
                     for stage in stages:
                         _run_one(stage, ctx, summary, cancel)

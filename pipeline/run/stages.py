@@ -53,7 +53,7 @@ class StageContext:
         keys: the lake's keys (pseudonyms, vault, sealed columns, audit MAC).
         lake: the lake's paths, carrying ``keys`` (a lake sealed at rest needs them).
         recorder: the run's manifest and audit log (entered).
-        client: the Dask client, or None to run in-process.
+        client: the Dask client, or None to run in-process (started on first use).
         progress: stage name -> progress context (totals, rates, ETA).
         options: per-command choices that are not config: ``model`` (infer, write-back),
             ``dest`` (write-back), ``source`` (crawl).
@@ -63,9 +63,20 @@ class StageContext:
     keys: LakeKeys
     lake: LakePaths
     recorder: RunRecorder
-    client: Any = None
     progress: ProgressFactory = _no_progress
     options: dict[str, Any] = field(default_factory=dict)
+    open_client: Callable[[], Any] = lambda: None
+    _client: Any = field(default=None, repr=False)
+    _client_opened: bool = field(default=False, repr=False)
+
+    @property
+    def client(self) -> Any:
+        """The run's Dask client (None: in-process), started when a stage first asks for it:
+        a run whose stages fail early, or need no Dask (verify, write-back), starts none."""
+        if not self._client_opened:
+            self._client = self.open_client()
+            self._client_opened = True
+        return self._client
 
     @property
     def run_id(self) -> str:

@@ -48,7 +48,7 @@ import numpy as np
 from pipeline.errors import LakeError
 from pipeline.lake import LakePaths
 from pipeline.lake.duck import arrow_table, connect
-from pipeline.lake.queries import cohort_base, cohort_join, create_scan_view
+from pipeline.lake.queries import cohort_base, cohort_join, create_view, version_sql
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,6 +60,7 @@ __all__ = [
     "cohort",
     "monai_affine",
     "monai_dataset",
+    "pinned",
 ]
 
 #: The research tables a cohort query can name, plus the view ``cohort`` (tensors x series).
@@ -101,6 +102,7 @@ def cohort(
     where: str | None = None,
     *,
     preprocessing_hash: str | None = None,
+    as_of: str | Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
     """The stored volumes of a cohort, one row per volume, as a pandas DataFrame.
 
@@ -119,6 +121,11 @@ def cohort(
         SliceThickness <= 2.5"``). Not with ``sql``.
     preprocessing_hash
         Keep the volumes of this preprocessing only (a lake may hold several).
+    as_of
+        Read the tables as a run left them: a run id (or a unique prefix of one), or
+        ``{table: version}``. The latest versions when None. Pinning a training run's cohort
+        this way gives the same rows whatever ran since (until ``pacsflow vacuum`` removes a
+        version no run manifest keeps).
 
     Returns
     -------
@@ -132,14 +139,17 @@ def cohort(
     ------
     ValueError
         Both ``sql`` and ``where`` given, or a query result without a key column.
+    LakeError
+        ``as_of`` names no run, or a run without recorded table versions.
     """
     if sql is not None and where is not None:
         raise ValueError("give sql or where, not both")
+    versions = pinned(lake, as_of)
     con = connect()
     try:
         for view in COHORT_VIEWS:
-            con.execute(create_scan_view(lake, view, COHORT_VIEWS))
-        base = cohort_base(lake, _SERIES_COLUMNS, preprocessing_hash)
+            con.execute(create_view(view, COHORT_VIEWS, version_sql(lake, view, versions)))
+        base = cohort_base(lake, _SERIES_COLUMNS, preprocessing_hash, versions)
         if base.params:  # views cannot take parameters: materialise the (small) cohort
             con.execute(f"CREATE TEMP TABLE cohort AS {base.sql}", base.params)
         else:
@@ -163,6 +173,18 @@ def cohort(
         return arrow_table(con, query).to_pandas()
     finally:
         con.close()
+
+
+def pinned(lake: LakePaths, as_of: str | Mapping[str, int] | None) -> dict[str, int] | None:
+    """The table versions ``as_of`` names: a run id (its manifest's ``table_versions``), a
+    mapping as it is, or None (the latest)."""
+    if as_of is None:
+        return None
+    if isinstance(as_of, str):
+        from pipeline.lake.manifest import versions_of_run
+
+        return versions_of_run(lake, as_of)[1]
+    return {str(k): int(v) for k, v in as_of.items()}
 
 
 def monai_affine(stored_affine: Sequence[float] | Any, space: Literal["RAS", "LPS"] = "RAS") -> Any:
@@ -309,17 +331,26 @@ class TensorDataset:
 
 def monai_dataset(
     lake: LakePaths,
-    cohort_df: pd.DataFrame,
+    cohort_df: pd.DataFrame | None = None,
     transform: Callable[[dict[str, Any]], Any] | None = None,
+    *,
+    where: str | None = None,
+    as_of: str | Mapping[str, int] | None = None,
     **kwargs: Any,
 ) -> Any:
     """A :class:`monai.data.Dataset` of the cohort's items (a ``torch.utils.data.Dataset``).
 
     ``kwargs`` go to :class:`TensorDataset`; ``transform`` is MONAI's (applied by the
-    returned dataset, so MONAI's ``CacheDataset``-style wrappers can be swapped in).
+    returned dataset, so MONAI's ``CacheDataset``-style wrappers can be swapped in). Without
+    ``cohort_df`` the cohort is ``cohort(lake, where=where, as_of=as_of)``: the volumes as the
+    run ``as_of`` left the tables (pinned versions), or the latest.
     """
     from monai.data import Dataset
 
+    if cohort_df is None:
+        cohort_df = cohort(lake, where=where, as_of=as_of)
+    elif where is not None or as_of is not None:
+        raise ValueError("give cohort_df, or where/as_of to select one, not both")
     inner = TensorDataset(lake, cohort_df, **kwargs)
     return Dataset(data=_Items(inner), transform=transform)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -37,13 +36,15 @@ from pipeline.errors import GeometryError, InputError, SourceError, UnreadableDi
 from pipeline.lake import (
     LakePaths,
     StageCounts,
-    atomic_write_bytes,
+    delta,
     load_tensor,
+    read_table,
     sync_filesystem,
     write_npy,
     write_partition,
 )
 from pipeline.lake.duck import arrow_reader, connect, volume_verdicts
+from pipeline.lake.io import conform
 from pipeline.lake.queries import tensors_todo
 
 logger = logging.getLogger(__name__)
@@ -238,27 +239,25 @@ def _todo(
 
 
 def _apply_verdicts(con: Any, lake: LakePaths) -> None:
-    """Set ``series.volume_ok``/``volume_reason`` from the verdicts taken on the pixels."""
-    import pyarrow.parquet as pq
-
+    """Set ``series.volume_ok``/``volume_reason`` from the verdicts taken on the pixels: the
+    changed series rows in one commit (a MERGE), which keeps the ``instances`` version the
+    table was built from."""
     verdicts = volume_verdicts(con, lake)
     if not verdicts:
         return
-    for path in lake.table("series").rglob("*.parquet"):
-        table = pq.read_table(path)
-        rows = table.to_pylist()
-        changed = False
-        for row in rows:
-            verdict = verdicts.get(row["SeriesInstanceUID"])
-            if verdict and (row["volume_ok"], row["volume_reason"]) != verdict:
-                row["volume_ok"], row["volume_reason"] = verdict
-                changed = True
-        if changed:
-            buf = io.BytesIO()
-            pq.write_table(
-                type(table).from_pylist(rows, schema=table.schema), buf, compression="zstd"
-            )
-            atomic_write_bytes(path, buf.getvalue())
+    changed = []
+    for row in read_table(lake, "series").to_pylist():
+        verdict = verdicts.get(row["SeriesInstanceUID"])
+        if verdict and (row["volume_ok"], row["volume_reason"]) != verdict:
+            row["volume_ok"], row["volume_reason"] = verdict
+            changed.append(row)
+    if changed:
+        built = {
+            k: str(v)
+            for k, v in delta.last_commit_metadata(lake, "series").items()
+            if k.startswith("pacsflow.")
+        }
+        delta.commit(lake, "series", conform(changed, "series"), metadata=built)
 
 
 def run(

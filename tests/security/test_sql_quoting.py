@@ -1,5 +1,6 @@
-"""SQL over the lake binds values and quotes paths: a lake folder with a quote, a glob
-character and a space works, and config values shaped like SQL inject nothing."""
+"""SQL over the lake binds values and quotes paths: a lake folder with a quote, glob
+characters and a space works, and config values shaped like SQL inject nothing. A folder with
+square brackets, which the Delta Lake library cannot open, is refused in one line."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ SERIES = "1.2.826.0.1.3680043.8.498.4243"
 EVIL = "x'; CREATE TABLE pwned AS SELECT 42; --"
 
 
-def _lake(tmp_path: Path, name: str = "o'brien [1] lake") -> LakePaths:
+def _lake(tmp_path: Path, name: str = "o'brien *1? lake") -> LakePaths:
     archive = tmp_path / "archive"
     for i in range(3):
         write(make_ct(number=i + 1, series_uid=SERIES), archive / f"ct{i}.dcm")
@@ -43,7 +44,7 @@ def _tables(con: object) -> set[str]:
 def test_a_lake_under_a_quoted_path_works_end_to_end(tmp_path: Path) -> None:
     """Crawl (listing, spill folder), deid (superseded rows, aggregates), the index, the
     object states, the sandbox views and the audit subject all read the lake at a path holding
-    a single quote, a glob bracket and a space."""
+    a single quote, glob characters and a space."""
     lake = _lake(tmp_path)
     assert current_index(lake).num_rows == 3
     assert set(object_states(lake).column("state").to_pylist()) == {"deidentified"}
@@ -54,6 +55,21 @@ def test_a_lake_under_a_quoted_path_works_end_to_end(tmp_path: Path) -> None:
     finally:
         con.close()
     assert resolve_subject(lake, series=series).series == frozenset({series})
+
+
+def test_a_lake_under_square_brackets_is_refused_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli.main import app
+
+    archive = tmp_path / "archive"
+    write(make_ct(number=1, series_uid=SERIES), archive / "ct.dcm")
+    lake = tmp_path / "o'brien [1] lake"
+    done = CliRunner().invoke(app, ["crawl", "--source", str(archive), "--lake", str(lake)])
+    assert done.exit_code == 2, done.output
+    assert "choose a folder without square brackets" in done.output
+    assert len(done.output.strip().splitlines()) == 1
+    assert not lake.exists()  # nothing made
 
 
 def test_values_shaped_like_sql_are_bound(tmp_path: Path) -> None:

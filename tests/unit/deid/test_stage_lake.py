@@ -4,6 +4,7 @@ the burned-in allow-list, the encrypted vault, bounded verify, stale aggregates.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +20,9 @@ from pipeline.deid.vault import ENCRYPTED_COLUMNS, VaultCipher, is_encrypted
 from pipeline.deid.verify import iter_needles, verify
 from pipeline.errors import LakeError
 from pipeline.lake import LakePaths, read_table
+from pipeline.lake.delta import current_version, data_files
 from pipeline.lake.duck import arrow_table, connect, scan_sql
+from pipeline.lake.io import commit_rows
 
 KEY = b"k" * 32
 SERIES = "1.2.826.0.1.3680043.8.498.4242"
@@ -49,20 +52,23 @@ def test_research_tables_are_hive_partitioned_and_read_everywhere(tmp_path: Path
     lake = LakePaths(tmp_path / "lake")
     _run(_cfg(), archive, lake, "20260101T000000Z-aaaaaa")
     inst = lake.table("instances")
-    assert sorted(p.name for p in inst.iterdir()) == ["Modality=CT", "Modality=MR"]
-    assert sorted(p.name for p in lake.table("series").iterdir()) == ["Modality=CT", "Modality=MR"]
+    folders = ["Modality=CT", "Modality=MR", "_delta_log"]  # a Delta table
+    assert sorted(p.name for p in inst.iterdir()) == folders
+    assert sorted(p.name for p in lake.table("series").iterdir()) == folders
     # the partition column lives in the folder name only (the hive convention)
     one = next(inst.glob("Modality=CT/*.parquet"))
     assert "Modality" not in pq.read_schema(one).names
-    # pyarrow with the declared schema, pandas, Dask and DuckDB all read it as it is
+    # pyarrow with the declared schema, pandas, Dask and DuckDB all read the files of the
+    # latest version (listed by the Delta log) as they are
     assert sorted(read_table(lake, "instances").column("Modality").to_pylist()) == ["CT"] * 4 + [
         "MR"
     ]
-    df = pd.read_parquet(inst)
-    assert sorted(df["Modality"].astype(str)) == ["CT"] * 4 + ["MR"]
+    files = data_files(lake, "instances")
+    df = pd.read_parquet(files, partitioning="hive")
+    assert len(df) == 5
     import dask.dataframe as dd
 
-    assert len(dd.read_parquet(str(inst)).compute()) == 5
+    assert len(dd.read_parquet(files).compute()) == 5
     con = connect()
     rows = con.execute(
         f"SELECT Modality, count(*) FROM {scan_sql(lake, 'instances')} GROUP BY 1 ORDER BY 1"
@@ -179,14 +185,27 @@ def test_aggregates_are_rebuilt_after_a_run_killed_before_them(tmp_path: Path) -
     archive = _archive(tmp_path / "a")
     lake = LakePaths(tmp_path / "lake")
     _run(_cfg(), archive, lake, "r1")
-    for name in ("series", "studies", "patients"):
-        for p in lake.table(name).rglob("*.parquet"):
-            p.unlink()
+    for name in ("series", "studies", "patients"):  # killed before their first commit
+        shutil.rmtree(lake.table(name))
     again = deid_run(_cfg(), lake, key=KEY, run_id="r2")  # type: ignore[arg-type]
     assert again.counts.seen == 0
     con = connect()
     n = arrow_table(con, f"SELECT sum(n_instances) AS n FROM {scan_sql(lake, 'series')}")
     assert n.column("n").to_pylist() == [5]
+    # killed between a batch's instances commit and the aggregates' commit: the aggregates
+    # name an older instances version, and the next run rebuilds them
+    rows = read_table(lake, "instances").to_pylist()
+    rows[0]["SeriesInstanceUID"] = "2.25.1234"
+    commit_rows(lake, "instances", rows[:1])
+    before = current_version(lake, "series")
+    third = deid_run(_cfg(), lake, key=KEY, run_id="r3")  # type: ignore[arg-type]
+    assert third.counts.seen == 0
+    assert current_version(lake, "series") == before + 1  # type: ignore[operator]
+    uids = read_table(lake, "series", columns=["SeriesInstanceUID"]).column(0).to_pylist()
+    assert "2.25.1234" in uids
+    # and nothing when they are current
+    deid_run(_cfg(), lake, key=KEY, run_id="r4")  # type: ignore[arg-type]
+    assert current_version(lake, "series") == before + 1  # type: ignore[operator]
 
 
 @pytest.mark.shared_data

@@ -185,3 +185,27 @@ def test_checksum_catches_a_corrupted_file(built: tuple[Path, LakePaths], tmp_pa
     assert TensorDataset(copy, df)[0]["image"].shape[0] == 1  # unverified: loads silently
     with pytest.raises(ChecksumMismatch, match="sha256"):
         ds[0]
+
+
+def test_a_cohort_and_a_monai_dataset_pin_the_versions_a_run_recorded(
+    built: tuple[Path, LakePaths], tmp_path: Path
+) -> None:
+    """Issue #19 §4: training reads the cohort as it was, whatever was committed since."""
+    from pipeline.lake.delta import table_versions
+    from pipeline.lake.io import commit_rows, read_table
+
+    _archive, built_lake = built
+    shutil.copytree(built_lake.root, tmp_path / "lake")
+    lake = LakePaths(tmp_path / "lake")
+    pinned = table_versions(lake)  # what a run manifest records
+    before = cohort(lake)
+    assert len(before) >= 1
+    row = read_table(lake, "tensors").to_pylist()[0]
+    commit_rows(lake, "tensors", [{**row, "status": "refused", "reason": "re-read"}])
+    assert len(cohort(lake)) == len(before) - 1
+    again = cohort(lake, as_of=pinned)
+    assert list(again["tensor_key"]) == list(before["tensor_key"])
+    assert len(monai_dataset(lake, as_of=pinned)) == len(before)
+    assert len(monai_dataset(lake)) == len(before) - 1
+    with pytest.raises(ValueError, match="not both"):
+        monai_dataset(lake, before, as_of=pinned)
