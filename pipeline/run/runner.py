@@ -241,10 +241,18 @@ def _run_one(stage: Stage, ctx: StageContext, summary: RunSummary, cancel: _Canc
     t0 = time.perf_counter()
     try:
         outcome = stage.run(ctx)
-    except RunFailed:
+    except Cancelled:
         raise
-    except PacsflowError as exc:
-        raise RunFailed(f"{stage.name}: {type(exc).__name__}: {exc}", summary) from exc
+    except BaseException as exc:
+        if cancel.signum is not None:
+            # the signal's Cancelled surfaced as a library's own error (DuckDB turns an
+            # exception raised in a signal handler during a query into its InterruptException)
+            raise Cancelled(cancel.signum) from exc
+        if isinstance(exc, RunFailed):
+            raise
+        if isinstance(exc, PacsflowError):
+            raise RunFailed(f"{stage.name}: {type(exc).__name__}: {exc}", summary) from exc
+        raise
     # the bookkeeping below is not interrupted half way: a signal now waits for check()
     cancel._interruptible = False
     c = outcome.counts

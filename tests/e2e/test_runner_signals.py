@@ -25,6 +25,7 @@ import yaml
 from bundle_factory import make_bundle, write_registry
 
 from pipeline.lake import LakePaths, list_manifests, read_table
+from pipeline.lake.audit import read_records
 from pipeline.lake.keys import LakeKeys, generate_key_file, load_key
 
 pytestmark = pytest.mark.slow
@@ -105,7 +106,7 @@ class _Stopped:
         self._reader = threading.Thread(target=read, daemon=True)
         self._reader.start()
         if not self._seen.wait(300):
-            self.proc.kill()
+            self.close()
             raise AssertionError(f"{args[1]} never said {trigger!r}: {''.join(self.err)[-2000:]}")
 
     def signal(self, *signums: int, gap: float = 0.0) -> tuple[int, float]:
@@ -119,7 +120,18 @@ class _Stopped:
         code = self.proc.wait(60)
         seconds = time.monotonic() - t0
         self._reader.join(10)
+        self.close()
         return code, seconds
+
+    def close(self) -> None:
+        """Close the pipes (and end the process when it is still there)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._reader.join(10)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
     @property
     def stderr(self) -> str:
@@ -268,7 +280,7 @@ def test_a_killed_run_is_shown_and_marked_abandoned(world: Path, reference: Path
     lake = world / "killed"
     stopped = _Stopped([str(EXE), "run", str(config)], "deid: ")
     stopped.proc.kill()  # SIGKILL: nothing of the process runs any more
-    stopped.proc.wait(30)
+    stopped.close()
     dead = _last_manifest(lake)
     assert dead["status"] == "running"  # as the dead process left it
 
@@ -288,7 +300,7 @@ def test_a_killed_run_is_shown_and_marked_abandoned(world: Path, reference: Path
     assert f"run {dead['run_id']} did not finish" in rerun.stderr
     marked = json.loads((lake / "runs" / f"{dead['run_id']}.json").read_text())
     assert marked["status"] == "abandoned"
-    audit = [json.loads(x) for x in (lake / "audit.jsonl").read_text().splitlines() if x]
+    audit = read_records(LakePaths(lake))
     assert any(
         r.get("event") == "run_abandoned" and r.get("run_id") == dead["run_id"] for r in audit
     )
