@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal
 
 from pipeline.config.models import DimseTlsConfig, SourceConfig
 from pipeline.connectors.base import RawObject, StoreResult, Unit
+from pipeline.dicom.atomic import atomic_write_bytes
 from pipeline.enums import QuarantineReason, SourceKind
 from pipeline.errors import ConfigError, InputError, SourceError
 
@@ -378,16 +379,9 @@ class _Sink:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a hidden temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` through a hidden temporary file and a rename (the cache is
+    rebuilt from the PACS when lost: no fsync)."""
+    atomic_write_bytes(path, data, durable=False)
 
 
 def _no_delay(event: Event) -> None:
