@@ -25,6 +25,7 @@ from typing import Final
 __all__ = [
     "ITEM",
     "ITEM_END",
+    "KNOWN_VRS",
     "LONG_VRS",
     "PIXEL_DATA",
     "SEQUENCE_DELIMITER",
@@ -42,6 +43,15 @@ LONG_VRS: Final = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 )
 _LONG_VRS_BYTES: Final = frozenset(vr.encode("ascii") for vr in LONG_VRS)
+#: every VR of PS3.5 Table 6.2-1
+KNOWN_VRS: Final = frozenset(
+    {
+        *LONG_VRS,
+        *("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN"),
+        *("SH", "SL", "SS", "ST", "TM", "UI", "UL", "US"),
+    }
+)
+_KNOWN_VRS_BYTES: Final = frozenset(vr.encode("ascii") for vr in KNOWN_VRS)
 #: Item, Item Delimitation Item and Sequence Delimitation Item tags
 ITEM: Final = 0xFFFEE000
 ITEM_END: Final = 0xFFFEE00D
@@ -108,8 +118,13 @@ def read_header(
     return tag, vr, _u16(buf, pos + 6)[0], pos + 8
 
 
-def skip_undefined(buf: bytes | memoryview, pos: int, implicit: bool, depth: int = 1) -> int:
+def skip_undefined(
+    buf: bytes | memoryview, pos: int, implicit: bool, depth: int = 1, *, strict: bool = False
+) -> int:
     """Step over the items of an undefined-length sequence whose first item starts at ``pos``.
+
+    With ``strict``, an explicit VR inside an item that is not one of :data:`KNOWN_VRS` (an
+    item switched to implicit VR, a damaged header) is malformed too.
 
     Returns
     -------
@@ -139,8 +154,12 @@ def skip_undefined(buf: bytes | memoryview, pos: int, implicit: bool, depth: int
             tag, vr, length, pos = read_header(buf, pos, implicit)
             if tag == ITEM_END:
                 break
+            if strict and vr is not None and vr not in _KNOWN_VRS_BYTES:
+                raise MalformedElement
             if length == UNDEFINED:
-                pos = skip_undefined(buf, pos, implicit or vr == b"UN", depth + 1)
+                if strict and vr not in (None, b"SQ", b"UN"):
+                    raise MalformedElement  # pydicom reads it to the delimiter's bytes
+                pos = skip_undefined(buf, pos, implicit or vr == b"UN", depth + 1, strict=strict)
             else:
                 pos += length
             if pos > len(buf):
