@@ -23,20 +23,23 @@ to pydicom on every file of ``../shared/data/dicom`` and on the synthetic archiv
 
 from __future__ import annotations
 
+import io
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 from pipeline.dicom.elements import (
     KNOWN_VRS,
+    LONG_VRS,
     UNDEFINED,
     MalformedElement,
     read_header,
     skip_undefined,
 )
 
-__all__ = ["HeaderScan", "scan_header"]
+__all__ = ["HeaderScan", "read_part10_header", "scan_header"]
 
 _KNOWN_VR_BYTES: Final = frozenset(vr.encode("ascii") for vr in KNOWN_VRS)
 #: the VRs a kept element may have, and how its value is decoded
@@ -58,6 +61,11 @@ _PRINTABLE: Final = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but
 _INTEGER: Final = re.compile(r"[+-]?[0-9]{1,9}")
 _UID: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _FIRST_READ: Final = 1 << 16
+_IMPLICIT_HEAD: Final = struct.Struct("<HHL")
+_EXPLICIT_HEAD: Final = struct.Struct("<HH2sH")
+_U32: Final = struct.Struct("<L")
+_VR_NAMES: Final = {vr.encode("ascii"): vr for vr in KNOWN_VRS}
+_LONG_VR_BYTES: Final = frozenset(vr.encode("ascii") for vr in LONG_VRS)
 
 
 class _Unusual(Exception):
@@ -281,3 +289,200 @@ def scan_header(
             if not more:
                 return None
             buf += more
+
+
+class _NeedMore(Exception):
+    """The header runs past the bytes read so far."""
+
+
+def _part10(fp: BinaryIO, buf: bytes, size: int) -> tuple[Any, int]:
+    """``(FileDataset, header end)`` as ``dcmread(fp, stop_before_pixels=True, force=True)``
+    builds it from ``buf`` (the head of a file of ``size`` bytes); :class:`_Unusual` or
+    :class:`_NeedMore` otherwise."""
+    from pydicom import config
+    from pydicom.charset import convert_encodings, default_encoding
+    from pydicom.datadict import _dictionary_vr_fast
+    from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.filereader import read_sequence
+    from pydicom.tag import BaseTag
+    from pydicom.uid import PrivateTransferSyntaxes
+    from pydicom.values import convert_string
+
+    complete = len(buf) >= size
+
+    def short() -> Exception:
+        return _Unusual() if complete else _NeedMore()
+
+    if len(buf) < 132 or buf[128:132] != b"DICM":
+        raise _Unusual
+    walker = _Walker(buf, size)
+    pos = 132
+    meta_elements: dict[BaseTag, Any] = {}
+    while True:
+        if pos + 8 > len(buf):
+            raise short()
+        if buf[pos : pos + 2] != b"\x02\x00":
+            break
+        try:
+            tag, vr, length, at = walker.element(pos, False)
+        except EOFError:
+            raise short() from None
+        if vr is None or length == UNDEFINED:
+            raise _Unusual
+        if at + length > len(buf):
+            raise short()
+        btag = BaseTag(tag)
+        value: Any = buf[at : at + length] if length else empty_value_for_VR(vr, raw=True)
+        meta_elements[btag] = RawDataElement(btag, vr, length, value, at, False, True)
+        pos = at + length
+    syntax_elem = meta_elements.get(BaseTag(_TRANSFER_SYNTAX))
+    if syntax_elem is None or not isinstance(syntax_elem.value, bytes):
+        raise _Unusual
+    syntax = _decode("UI", syntax_elem.value)
+    if not isinstance(syntax, str) or not _UID.fullmatch(syntax):
+        raise _Unusual
+    if syntax == _IMPLICIT_LE:
+        implicit = True
+    elif syntax == _EXPLICIT_LE:
+        implicit = False
+    elif syntax in ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"):
+        raise _Unusual  # big endian, deflated
+    elif syntax in PrivateTransferSyntaxes:
+        raise _Unusual
+    else:
+        implicit = False  # pydicom: every other syntax is explicit VR little endian
+    if pos + 6 > len(buf):
+        raise short()
+    if buf[pos : pos + 2] == b"\x00\x00":
+        raise _Unusual  # a command set
+    vr0 = buf[pos + 4 : pos + 6]
+    if (not (0x40 < vr0[0] < 0x5B and 0x40 < vr0[1] < 0x5B)) != implicit:
+        raise _Unusual
+    if not config.settings.infer_sq_for_un_vr:
+        raise _Unusual
+    encoding: Any = default_encoding
+    elements: dict[BaseTag, Any] = {}
+    stream: io.BytesIO | None = None
+    # the hot loop (a few hundred elements a file): element headers unpacked inline, raw
+    # elements made as the named tuples they are, without their constructor's overhead
+    n = len(buf)
+    unpack_implicit, unpack_explicit = _IMPLICIT_HEAD.unpack_from, _EXPLICIT_HEAD.unpack_from
+    u32 = _U32.unpack_from
+    vr_names, long_vrs = _VR_NAMES, _LONG_VR_BYTES
+    new_raw = tuple.__new__
+    while True:
+        if pos + 8 > n:
+            if pos >= n and complete:
+                break
+            raise short()
+        if implicit:
+            group, elem, length = unpack_implicit(buf, pos)
+            vr = None
+            at = pos + 8
+        else:
+            group, elem, raw_vr, length = unpack_explicit(buf, pos)
+            vr = vr_names.get(raw_vr)
+            if group == 0xFFFE or vr is None:
+                raise _Unusual  # an item at the top level, an unknown VR
+            if raw_vr in long_vrs:
+                if pos + 12 > n:
+                    raise short()
+                length = u32(buf, pos + 8)[0]
+                at = pos + 12
+            else:
+                at = pos + 8
+        tag = group << 16 | elem
+        if tag in _PIXEL_TAGS:
+            break
+        if group == 0xFFFE:
+            raise _Unusual
+        btag = BaseTag(tag)
+        if length != UNDEFINED:
+            end = at + length
+            if end > n:
+                raise short()
+            value = buf[at:end] if length else empty_value_for_VR(vr, raw=True)
+            elements[btag] = new_raw(RawDataElement, (btag, vr, length, value, at, implicit, True))
+            if tag == _SPECIFIC_CHARACTER_SET:
+                encoding = convert_encodings(convert_string(value or b"", True))
+            pos = end
+            continue
+        if vr == "UN" or vr == "SQ":
+            vr = "SQ"
+        elif vr is None:
+            try:
+                vr = _dictionary_vr_fast(tag)
+            except KeyError:
+                vr = "SQ" if buf[at : at + 4] == b"\xfe\xff\x00\xe0" else None
+            if vr != "SQ":
+                raise _Unusual  # pydicom reads it to the delimiter's bytes
+        else:
+            raise _Unusual
+        if stream is None:
+            stream = io.BytesIO(buf)
+        stream.seek(at)
+        try:
+            seq = read_sequence(stream, implicit, True, UNDEFINED, encoding)
+        except Exception:
+            raise short() from None
+        pos = stream.tell()
+        if pos >= len(buf) and not complete:
+            raise _NeedMore  # it may have read short at the end of what was read
+        elements[btag] = DataElement(btag, vr, seq, at, is_undefined_length=True)
+    dataset = Dataset(elements, parent_encoding=default_encoding)
+    charset = elements.get(BaseTag(_SPECIFIC_CHARACTER_SET))
+    if charset is not None:
+        from pydicom.dataelem import convert_raw_data_element
+
+        dataset_encoding: Any = convert_encodings(convert_raw_data_element(charset).value)
+    else:
+        dataset_encoding = default_encoding
+    dataset.set_original_encoding(implicit, True, dataset_encoding)
+    file_meta = FileMetaDataset(Dataset(meta_elements))
+    file_meta.set_original_encoding(
+        is_implicit_vr=False, is_little_endian=True, character_encoding=default_encoding
+    )
+    if file_meta._dict:
+        file_meta[next(iter(file_meta.elements())).tag]  # converted, as pydicom's check does
+    file_meta.get("TransferSyntaxUID")  # converted, as read_partial does
+    ds = FileDataset(fp, dataset, buf[:128], file_meta, implicit, True)
+    ds.set_original_encoding(implicit, True, dataset._character_set)
+    return ds, pos
+
+
+def read_part10_header(fp: BinaryIO) -> Any | None:
+    """The header of the Part 10 object in ``fp`` (read from its start) as the same
+    ``pydicom.FileDataset`` that ``dcmread(fp, stop_before_pixels=True, force=True)`` gives --
+    the same raw elements, offsets, sequences, file meta, preamble and encodings -- with
+    ``fp`` left, as there, at the Pixel Data element (or the end); None (``fp`` at an
+    unspecified position) for anything unusual, which the caller reads with pydicom.
+
+    Each top-level element's header is walked by :mod:`pipeline.dicom.elements` from one read
+    of the file's head, without pydicom's per-element file reads; undefined-length sequences
+    are still parsed by pydicom's own ``read_sequence``. Warnings (pydicom's, which may quote
+    values) are the caller's to silence, as for ``dcmread``.
+    """
+    if not fp.seekable():
+        return None
+    start = fp.tell()
+    size = fp.seek(0, io.SEEK_END) - start
+    fp.seek(start)
+    if start != 0:
+        return None
+    buf = fp.read(min(size, _FIRST_READ))
+    while True:
+        try:
+            ds, end = _part10(fp, buf, size)
+        except _Unusual:
+            return None
+        except _NeedMore:
+            more = fp.read(min(size - len(buf), max(len(buf), _FIRST_READ)))
+            if not more:
+                return None
+            buf += more
+            continue
+        except Exception:  # anything pydicom itself would raise on: let it
+            return None
+        fp.seek(end)
+        return ds
