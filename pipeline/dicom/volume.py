@@ -119,7 +119,9 @@ class Volume:
         ----------
         row:
             ``affine`` (16 numbers, row-major), ``spacing``, ``sop_instance_uids``,
-            ``frame_numbers``, ``rescaled`` and ``preprocessing`` (canonical JSON) of the row.
+            ``frame_numbers``, ``rescaled`` and ``preprocessing`` (canonical JSON) of the row;
+            the slice UIDs and frame numbers are those of the raw grid (as many as the
+            array's slices when the grid is native).
         array:
             Voxels shaped like the row's ``shape``.
 
@@ -137,7 +139,9 @@ class Volume:
             raise ValueError("the tensors row has no usable affine and spacing") from None
         if len(spacing) != 3:
             raise ValueError(f"spacing needs 3 values, the row has {len(spacing)}")
-        if sops and (len(sops) != array.shape[0] or len(frames) != len(sops)):
+        grid = VolumeGrid.from_preprocessing(row.get("preprocessing"))
+        native = grid is VolumeGrid.NATIVE  # reoriented/resampled: slices are not the frames
+        if sops and (len(frames) != len(sops) or (native and len(sops) != array.shape[0])):
             raise ValueError(
                 f"{len(sops)} slice UID(s) and {len(frames)} frame number(s) for "
                 f"{array.shape[0]} slices"
@@ -159,5 +163,5 @@ class Volume:
             sop_instance_uids=sops,
             frame_numbers=frames,
             rescaled=bool(row.get("rescaled")),
-            grid=VolumeGrid.from_preprocessing(row.get("preprocessing")),
+            grid=grid,
         )

@@ -78,3 +78,12 @@ def test_package_imports_no_torch() -> None:
         "sys.exit(any(m in sys.modules for m in ('torch', 'monai')))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_from_tensor_row_off_grid_keeps_the_raw_slice_list() -> None:
+    """A reoriented tensor has other slices than its raw grid's UIDs: still a Volume (infer
+    reads it), not one write-back maps onto the frames."""
+    vol = Volume.from_tensor_row(_row(orientation="RAS"), np.zeros((5, 4, 3), np.int16))
+    assert vol.grid is VolumeGrid.REORIENTED
+    assert not vol.on_source_grid
+    assert len(vol.sop_instance_uids) == 3
