@@ -19,6 +19,13 @@ the end of the file, a kept element that is repeated, of another VR than the dic
 multi-valued, not plain printable ASCII (or, for text, under a character set that is not
 ASCII-compatible), or an integer string that is not plainly an integer. A test checks it equal
 to pydicom on every file of ``../shared/data/dicom`` and on the synthetic archives.
+
+:func:`read_part10_header` is the same walk for a reader that needs the whole header as a
+``pydicom.FileDataset`` (the de-identification export): it builds exactly the dataset
+``dcmread(fp, stop_before_pixels=True, force=True)`` builds -- raw elements, value offsets,
+file meta, encodings -- without pydicom's per-element file reads, and declines (None) on the
+same kinds of oddities. Used by ``pipeline.crawl.core`` (``scan_header``) and
+``pipeline.deid.stage.read_object`` (``read_part10_header``).
 """
 
 from __future__ import annotations
