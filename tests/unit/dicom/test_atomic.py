@@ -67,3 +67,19 @@ def test_lake_names_are_the_same_writer() -> None:
     assert lake.atomic_write_bytes is atomic.atomic_write_bytes
     assert lake_io.atomic_write_text is atomic.atomic_write_text
     assert lake_io.sync_filesystem is atomic.sync_filesystem
+
+
+def test_one_temp_and_rename_writer_in_the_package() -> None:
+    """Issue #19: the six temp-file-and-rename writers became this one. The only other rename
+    left is infer/bundle.py's, of an unpacked bundle *folder* into the cache."""
+    import re
+
+    import pipeline
+
+    root = Path(pipeline.__file__).parent
+    users = sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if re.search(r"os\.replace\(|\.rename\(|mkstemp\(", p.read_text(encoding="utf-8"))
+    )
+    assert users == ["dicom/atomic.py", "infer/bundle.py"]
