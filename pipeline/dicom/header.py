@@ -288,6 +288,8 @@ def scan_header(
             return _walk(buf, size, keep, keep_meta or {})
         except _Unusual:
             return None
+        except (MalformedElement, struct.error, IndexError, UnicodeDecodeError):
+            return None  # not expected (the walk checks bounds): pydicom says what it is
         except EOFError:
             if len(buf) >= size:
                 return None
