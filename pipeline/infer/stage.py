@@ -35,6 +35,7 @@ import numpy.typing as npt
 
 from pipeline.compute import map_bounded, set_total
 from pipeline.config import PipelineConfig
+from pipeline.dicom.volume import Volume
 from pipeline.errors import ConfigError, ModelError
 from pipeline.lake import LakePaths, StageCounts, sync_filesystem, write_npy, write_partition
 from pipeline.lake.duck import arrow_reader, connect
@@ -163,13 +164,14 @@ def infer_batch(
     now = dt.datetime.now(dt.UTC)
     label_specs = entry.get("labels", {})
     rows: list[dict[str, Any]] = []
-    arrays: dict[str, npt.NDArray[Any]] = {}
+    volumes: dict[str, Volume] = {}
 
-    def loader(row: dict[str, Any]) -> Callable[[], tuple[npt.NDArray[Any], npt.NDArray[Any]]]:
-        def load() -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    def loader(row: dict[str, Any]) -> Callable[[], Volume]:
+        def load() -> Volume:
             array = np.load(lake.research / row["path"], allow_pickle=False)
-            arrays[row["tensor_key"]] = array
-            return array, np.asarray(row["affine"], dtype=np.float64).reshape(4, 4)
+            volume = Volume.from_tensor_row(row, array)
+            volumes[row["tensor_key"]] = volume
+            return volume
 
         return load
 
@@ -178,8 +180,8 @@ def infer_batch(
     first_free = max(bundle.labels) + 1
     for key, labels in seg.segment((row["tensor_key"], loader(row)) for row in tensors):
         row = by_key[key]
-        values = arrays.pop(key)
-        spacing = (float(row["spacing"][0]), float(row["spacing"][1]), float(row["spacing"][2]))
+        volume = volumes.pop(key)
+        values, spacing = volume.array, volume.spacing
         hounsfield = bool(row.get("rescaled")) and row.get("Modality") == "CT"
         measured = measure(labels, values, spacing, sorted(bundle.labels), hounsfield)
         found: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = [

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import threading
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from pipeline.dicom.atomic import atomic_open
 
 if TYPE_CHECKING:
     from pipeline.lake.paths import LakePaths
@@ -35,15 +35,10 @@ def write_npy(path: Path, array: np.ndarray[Any, Any]) -> str:
     # hashlib releases the GIL on large buffers: hash on a second thread while writing
     hasher = threading.Thread(target=digest.update, args=(data,), name="write_npy-sha256")
     hasher.start()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
     try:
-        with open(tmp, "wb") as fh:
+        with atomic_open(path, durable=False) as fh:
             fh.write(header.getvalue())
             fh.write(data)
-        os.replace(tmp, path)
     finally:
         hasher.join()
-        if tmp.exists():
-            tmp.unlink()
     return "sha256:" + digest.hexdigest()

@@ -9,16 +9,15 @@ A partition is written to a hidden temporary file in its final folder, flushed t
 renamed into place (``os.replace`` is atomic on POSIX within one filesystem). Readers (pyarrow,
 pandas, Dask, DuckDB with ``*.parquet`` globs) never see a half-written file: the temporary name
 starts with ``.`` and does not end in ``.parquet``. A killed writer leaves at most a hidden
-``.*.tmp-*`` file, which :func:`sweep_temporaries` removes.
+``.*.tmp-*`` file, which :func:`sweep_temporaries` removes. The writer is
+:mod:`pipeline.dicom.atomic`'s (``atomic_write_bytes``, ``atomic_write_text`` and
+``sync_filesystem`` are re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,13 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline.dicom.atomic import (
+    TEMPORARY_GLOB,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    sync_filesystem,
+)
 from pipeline.lake import delta
 from pipeline.lake.crypto import SEALED_COLUMNS, VaultCipher
 from pipeline.lake.paths import LakePaths
@@ -50,62 +56,6 @@ __all__ = [
 ]
 
 _SAFE = re.compile(r"^[A-Za-z0-9._=-]+$")
-
-
-@contextlib.contextmanager
-def _atomic_path(final: Path, durable: bool = True) -> Iterator[Path]:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex}"
-    try:
-        yield tmp
-        if durable:
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        if durable:
-            dir_fd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview, *, durable: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename).
-
-    ``durable=False`` skips the two fsyncs (still atomic for readers): for many small files
-    made durable together afterwards with :func:`sync_filesystem`.
-    """
-    with _atomic_path(path, durable) as tmp:
-        tmp.write_bytes(data)
-    return path
-
-
-def sync_filesystem(path: Path) -> None:
-    """Flush everything written to the filesystem holding ``path`` to disk: one ``syncfs``
-    (Linux) for a whole batch of files instead of an fsync each; ``os.sync`` elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    libc_name = ctypes.util.find_library("c")
-    syncfs = getattr(ctypes.CDLL(libc_name, use_errno=True), "syncfs", None) if libc_name else None
-    if syncfs is None:
-        os.sync()
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if syncfs(fd) != 0:
-            raise OSError(ctypes.get_errno(), "syncfs failed", str(path))
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def conform(table: pa.Table | Mapping[str, Any] | list[dict[str, Any]], name: str) -> pa.Table:
@@ -201,7 +151,7 @@ def write_partition(
     drop = [k for k in (partition or {}) if k in conformed.column_names]
     if drop:
         conformed = conformed.drop_columns(drop)
-    with _atomic_path(final) as tmp:
+    with atomic_path(final) as tmp:
         pq.write_table(conformed, tmp, compression="zstd")
     logger.debug("wrote %d rows to %s", conformed.num_rows, final.relative_to(lake.root))
     return final
@@ -364,7 +314,7 @@ def sweep_temporaries(lake: LakePaths) -> int:
     n = 0
     if not lake.root.is_dir():
         return 0
-    for tmp in lake.root.rglob(".*.tmp-*"):
+    for tmp in lake.root.rglob(TEMPORARY_GLOB):
         if tmp.is_file():
             tmp.unlink()
             n += 1

@@ -791,7 +791,8 @@ def infer_todo(
             WHERE {where}
         )
         SELECT t.tensor_key, t.SeriesInstanceUID, t.path, t.shape, t.spacing, t.affine,
-               t.checksum, t.rescaled, t.volume_index, s.Modality
+               t.checksum, t.rescaled, t.volume_index, t.preprocessing, t.sop_instance_uids,
+               t.frame_numbers, s.Modality
         FROM {scan_sql(lake, "tensors")} t
         JOIN s ON s.SeriesInstanceUID = t.SeriesInstanceUID
         WHERE t.status = 'ok' AND t.preprocessing_hash = $h
@@ -822,7 +823,9 @@ def writeback_groups(lake: LakePaths, model: str | None) -> Query:
                any_value(t.frame_numbers) AS frames,
                any_value(t.preprocessing) AS preprocessing,
                any_value(t.volume_index) AS volume_index,
-               any_value(t.shape) AS shape
+               any_value(t.shape) AS shape,
+               any_value(t.affine) AS affine,
+               any_value(t.spacing) AS spacing
         FROM {scan_sql(lake, "findings")} f
         JOIN {scan_sql(lake, "tensors")} t ON t.tensor_key = f.tensor_key
         WHERE {where}

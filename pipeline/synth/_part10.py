@@ -5,7 +5,8 @@ header). A series' instances differ only in a handful of elements, so :class:`In
 encodes the shared elements once, with pydicom, into byte segments between the per-instance
 tags, and then only splices in the per-instance elements and Pixel Data. The result is
 byte-for-byte what ``dcmwrite(..., enforce_file_format=True)`` writes for the full dataset (a
-unit test checks this).
+unit test checks this). Elements are encoded by :mod:`pipeline.dicom.elements`
+(``encode_element`` is re-exported here).
 """
 
 from __future__ import annotations
@@ -22,52 +23,20 @@ from pydicom.filewriter import write_data_element
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from pipeline.dicom.elements import (
+    PIXEL_DATA,
+    SEQUENCE_DELIMITER,
+    UNDEFINED,
+    encode_element,
+    encode_header,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["InstanceEncoder", "encode_element"]
 
-_PIXEL_DATA = 0x7FE00010
+_PIXEL_DATA = PIXEL_DATA
 _MEDIA_SOP_INSTANCE = 0x00020003
-_LONG_VRS = frozenset(
-    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-)
-
-
-def encode_element(tag: int, vr: str, value: bytes, *, implicit: bool) -> bytes:
-    """Encode one little-endian data element of defined length.
-
-    Parameters
-    ----------
-    tag:
-        The element tag as an int, e.g. ``0x00200013``.
-    vr:
-        Its value representation.
-    value:
-        The encoded value; padded here to even length (``\\0`` for UI and binary VRs, a space
-        for text).
-    implicit:
-        Implicit VR (no VR field, 4-byte length) or explicit.
-
-    Returns
-    -------
-    bytes
-        Tag, (VR,) length and value.
-
-    Raises
-    ------
-    ValueError
-        If the value is too long for a 2-byte explicit length.
-    """
-    if len(value) % 2:
-        value += b"\x00" if vr in ("UI", "OB", "UN") else b" "
-    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
-    if implicit:
-        return head + struct.pack("<I", len(value)) + value
-    if vr in _LONG_VRS:
-        return head + vr.encode() + b"\x00\x00" + struct.pack("<I", len(value)) + value
-    if len(value) > 0xFFFF:
-        raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr} value too long")
-    return head + vr.encode() + struct.pack("<H", len(value)) + value
 
 
 class InstanceEncoder:
@@ -217,9 +186,6 @@ class InstanceEncoder:
             )
         frames = [pixel_data] if isinstance(pixel_data, bytes | bytearray) else list(pixel_data)
         value = encapsulate([bytes(f) for f in frames], has_bot=True)
-        head = struct.pack("<HH", 0x7FE0, 0x0010)
-        if self.implicit:  # pragma: no cover - compressed syntaxes are explicit VR
-            head += b"\xff\xff\xff\xff"
-        else:
-            head += b"OB\x00\x00\xff\xff\xff\xff"
-        return head + value + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        head = encode_header(_PIXEL_DATA, "OB", UNDEFINED, implicit=self.implicit)
+        assert head is not None  # OB has a 4-byte length
+        return head + value + SEQUENCE_DELIMITER

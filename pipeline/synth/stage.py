@@ -28,6 +28,7 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from pipeline.compute import set_total
+from pipeline.dicom.atomic import atomic_write_text
 from pipeline.synth._codecs import available_syntaxes, encode_frame, is_encapsulated
 from pipeline.synth._part10 import InstanceEncoder
 from pipeline.synth.core import (
@@ -583,9 +584,7 @@ def synthesize(
     truth = _ground_truth(plan, series_records, bad_records, parameters, unavailable)
     text = json.dumps(truth, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
     gt_path = out / GROUND_TRUTH_NAME
-    tmp = gt_path.with_name(GROUND_TRUTH_NAME + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, gt_path)
+    atomic_write_text(gt_path, text)
     bytes_written += gt_path.stat().st_size
     counts = truth["counts"]
     seconds = time.perf_counter() - started

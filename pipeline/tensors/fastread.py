@@ -6,7 +6,8 @@ looks at; a compiled converter (dcm2niix) does the whole series in that time per
 module walks the element stream of a Part 10 file held in memory with ``struct`` only, keeps
 the few top-level elements :mod:`pipeline.tensors.volume` and :mod:`pipeline.tensors.decode`
 read (:data:`WANTED`, converted by their dictionary VR the way pydicom converts them), and
-views the Pixel Data in place (no copy).
+views the Pixel Data in place (no copy). Elements are parsed by the raw element reader of
+:mod:`pipeline.dicom.elements`.
 
 :func:`read_classic` returns ``None`` -- and the caller falls back to ``dcmread`` and the
 codec plug-ins -- for anything outside the fast path: no ``DICM`` preamble, a transfer syntax
@@ -25,6 +26,14 @@ import warnings
 from typing import Any, Final
 
 import numpy as np
+
+from pipeline.dicom.elements import (
+    PIXEL_DATA,
+    UNDEFINED,
+    MalformedElement,
+    read_header,
+    skip_undefined,
+)
 
 __all__ = ["WANTED", "Header", "read_classic", "read_image"]
 
@@ -57,70 +66,13 @@ WANTED: Final[dict[int, tuple[str, str]]] = {
 
 _IMPLICIT_LE: Final = b"1.2.840.10008.1.2"
 _EXPLICIT_LE: Final = b"1.2.840.10008.1.2.1"
-#: VRs with a 2-byte reserved field and a 4-byte length in explicit VR (PS3.5 Table 7.1-1)
-_LONG_VRS: Final = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-_ITEM: Final = 0xFFFEE000
-_ITEM_END: Final = 0xFFFEE00D
-_SEQ_END: Final = 0xFFFEE0DD
-_UNDEFINED: Final = 0xFFFFFFFF
-_PIXEL_DATA: Final = 0x7FE00010
 #: any of these makes the object enhanced/multi-frame: left to dcmread
 _FUNCTIONAL_GROUPS: Final = frozenset({0x52009229, 0x52009230})
-_MAX_DEPTH: Final = 32
 
 _u16 = struct.Struct("<H").unpack_from
-_u32 = struct.Struct("<I").unpack_from
-_tag = struct.Struct("<HH").unpack_from
 
-
-class _Bad(Exception):
-    """The stream does not parse the way the fast path expects."""
-
-
-def _element(buf: bytes, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
-    """Parse one element header at ``pos``: (tag, VR or None, value length, value offset)."""
-    if pos + 8 > len(buf):
-        raise _Bad
-    group, elem = _tag(buf, pos)
-    tag = (group << 16) | elem
-    if implicit or group == 0xFFFE:
-        return tag, None, _u32(buf, pos + 4)[0], pos + 8
-    vr = buf[pos + 4 : pos + 6]
-    if vr in _LONG_VRS:
-        if pos + 12 > len(buf):
-            raise _Bad
-        return tag, vr, _u32(buf, pos + 8)[0], pos + 12
-    return tag, vr, _u16(buf, pos + 6)[0], pos + 8
-
-
-def _skip_undefined(buf: bytes, pos: int, implicit: bool, depth: int) -> int:
-    """Skip the items of an undefined-length sequence starting at ``pos``; return the offset
-    after its Sequence Delimitation Item."""
-    if depth > _MAX_DEPTH:
-        raise _Bad
-    while True:
-        tag, _vr, length, pos = _element(buf, pos, True)
-        if tag == _SEQ_END:
-            return pos
-        if tag != _ITEM:
-            raise _Bad
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        # an undefined-length item: its elements until the Item Delimitation Item
-        while True:
-            tag, vr, length, pos = _element(buf, pos, implicit)
-            if tag == _ITEM_END:
-                break
-            if length == _UNDEFINED:
-                # explicit UN of undefined length holds implicit VR LE (PS3.5 6.2.2)
-                pos = _skip_undefined(buf, pos, implicit or vr == b"UN", depth + 1)
-            else:
-                pos += length
-            if pos > len(buf):
-                raise _Bad
+#: the raw element reader's error: the stream does not parse the way the fast path expects
+_Bad = MalformedElement
 
 
 def _parse(buf: bytes) -> tuple[bool, dict[int, tuple[bytes | None, int, int]], int, int] | None:
@@ -129,8 +81,8 @@ def _parse(buf: bytes) -> tuple[bool, dict[int, tuple[bytes | None, int, int]], 
         return None
     pos, tsyntax = 132, None
     while pos + 8 <= len(buf) and _u16(buf, pos)[0] == 0x0002:
-        tag, _vr, length, vpos = _element(buf, pos, False)
-        if length == _UNDEFINED:
+        tag, _vr, length, vpos = read_header(buf, pos, False)
+        if length == UNDEFINED:
             return None
         if tag == 0x00020010:
             tsyntax = buf[vpos : vpos + length].rstrip(b"\x00 ")
@@ -140,15 +92,15 @@ def _parse(buf: bytes) -> tuple[bool, dict[int, tuple[bytes | None, int, int]], 
     implicit = tsyntax == _IMPLICIT_LE
     kept: dict[int, tuple[bytes | None, int, int]] = {}
     while pos < len(buf):
-        tag, vr, length, vpos = _element(buf, pos, implicit)
-        if tag == _PIXEL_DATA:
-            if length == _UNDEFINED or vpos + length > len(buf):
+        tag, vr, length, vpos = read_header(buf, pos, implicit)
+        if tag == PIXEL_DATA:
+            if length == UNDEFINED or vpos + length > len(buf):
                 return None  # encapsulated, or truncated: decode.py says which
             return implicit, kept, vpos, length
         if tag in _FUNCTIONAL_GROUPS:
             return None
-        if length == _UNDEFINED:
-            pos = _skip_undefined(buf, vpos, implicit or vr == b"UN", 1)
+        if length == UNDEFINED:
+            pos = skip_undefined(buf, vpos, implicit or vr == b"UN", 1)
             continue
         if tag in WANTED:
             kept[tag] = (vr, length, vpos)

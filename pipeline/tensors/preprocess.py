@@ -16,8 +16,15 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.config import TensorsConfig
+from pipeline.dicom.volume import Volume, VolumeGrid
 
-__all__ = ["Preprocessed", "preprocess", "preprocessing_hash", "preprocessing_json"]
+__all__ = [
+    "Preprocessed",
+    "preprocess",
+    "preprocess_volume",
+    "preprocessing_hash",
+    "preprocessing_json",
+]
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -124,3 +131,25 @@ def preprocess(
     elif cfg.dtype == "int16":
         array = np.clip(np.rint(array), -32768, 32767).astype(np.int16)
     return Preprocessed(np.ascontiguousarray(array), affine, spacing)
+
+
+def preprocess_volume(volume: Volume, cfg: TensorsConfig) -> Volume:
+    """:func:`preprocess` of a :class:`~pipeline.dicom.volume.Volume`: the same volume (its
+    slice UIDs and frame numbers kept) with the preprocessed array, affine and spacing, and
+    its ``grid`` saying whether it still lies on the source frames' grid."""
+    from dataclasses import replace
+
+    out = preprocess(volume.array, volume.affine, volume.spacing, cfg)
+    grid = VolumeGrid.from_preprocessing(cfg.preprocessing_json())
+    if grid is VolumeGrid.NATIVE:
+        return replace(volume, array=out.array, affine=out.affine)
+    cosines = [out.affine[:3, c] / (np.linalg.norm(out.affine[:3, c]) or 1.0) for c in (0, 1)]
+    o = [float(v) for v in np.concatenate(cosines)]
+    return replace(
+        volume,
+        array=out.array,
+        affine=out.affine,
+        spacing=(float(out.spacing[0]), float(out.spacing[1]), float(out.spacing[2])),
+        orientation=(o[0], o[1], o[2], o[3], o[4], o[5]),
+        grid=grid,
+    )

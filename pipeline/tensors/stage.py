@@ -134,7 +134,11 @@ def tensors_batch(
     part: str,
 ) -> dict[str, int]:
     """Build, preprocess and store the volumes of a batch of series; write their table rows."""
-    from pipeline.tensors.preprocess import preprocess, preprocessing_hash, preprocessing_json
+    from pipeline.tensors.preprocess import (
+        preprocess_volume,
+        preprocessing_hash,
+        preprocessing_json,
+    )
     from pipeline.tensors.volume import build_volumes
 
     now = dt.datetime.now(dt.UTC)
@@ -174,7 +178,7 @@ def tensors_batch(
             )
             continue
         for index, vol in enumerate(volumes):
-            out = preprocess(vol.array, vol.affine, vol.spacing, cfg.tensors)
+            out = preprocess_volume(vol, cfg.tensors)
             key = f"{uid}/{prep_hash}-{_short(deid_version)}-{index}"
             rel = f"tensors/{key}.npy"
             checksum = write_npy(lake.research / rel, out.array)

@@ -4,6 +4,9 @@ Pure numpy + pydicom (no torch/monai), so it is cheap to import anywhere.
 
 Conventions
 -----------
+:class:`~pipeline.dicom.volume.Volume` lives in :mod:`pipeline.dicom.volume`, one layer down,
+so that infer and write-back share it; it is re-exported here.
+
 - ``Volume.array`` has shape ``(slices, rows, columns)`` -- array index ``[k, j, i]`` -- or
   ``(slices, rows, columns, samples)`` for colour images (SamplesPerPixel > 1).
 - ``Volume.affine`` (4x4 float64) maps the voxel index ``(i, j, k, 1)`` with ``i`` = column,
@@ -60,6 +63,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset
 
+from pipeline.dicom.volume import Volume, lps_to_ras
 from pipeline.errors import GeometryError
 
 __all__ = [
@@ -84,45 +88,6 @@ SPACING_REL_TOL: Final = 0.01
 SPACING_ABS_TOL: Final = 0.01
 #: largest angle (degrees) between the slice stack direction and the normal that is not a tilt
 TILT_TOL_DEG: Final = 0.05
-
-_LPS_TO_RAS: Final = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def lps_to_ras(affine: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """An LPS affine (DICOM patient coordinates) as a RAS affine (NIfTI / nibabel)."""
-    return np.asarray(_LPS_TO_RAS @ affine, dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Volume:
-    """One 3D volume of a series. See the module docstring for every convention."""
-
-    #: voxel values, shape (slices, rows, columns) or (slices, rows, columns, samples)
-    array: npt.NDArray[Any]
-    #: 4x4 float64: voxel index (i=column, j=row, k=slice, 1) -> LPS mm
-    affine: npt.NDArray[np.float64]
-    #: (slice, row, column) spacing in mm, array axis order
-    spacing: tuple[float, float, float]
-    #: the 6 direction cosines of ImageOrientationPatient (row direction, then column direction)
-    orientation: tuple[float, float, float, float, float, float]
-    #: SOP Instance UID of each slice, in slice (k) order
-    sop_instance_uids: tuple[str, ...]
-    #: 1-based frame number of each slice within its SOP instance (1 for single-frame objects;
-    #: the tile number for a Siemens MOSAIC)
-    frame_numbers: tuple[int, ...]
-    #: True when a Modality LUT (Rescale Slope/Intercept) was applied to the stored values
-    rescaled: bool
-
-    @property
-    def affine_ras(self) -> npt.NDArray[np.float64]:
-        """The affine in RAS mm (nibabel / NIfTI convention)."""
-        return lps_to_ras(self.affine)
-
-    @property
-    def normal(self) -> npt.NDArray[np.float64]:
-        """Unit slice normal (row cosines x column cosines), LPS."""
-        o = np.asarray(self.orientation, dtype=np.float64)
-        return np.asarray(np.cross(o[:3], o[3:]), dtype=np.float64)
 
 
 @dataclass(frozen=True)

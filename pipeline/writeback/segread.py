@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.dicom.volume import Volume
 from pipeline.errors import WritebackError
 
 __all__ = ["POSITION_TOL_MM", "read_seg"]
@@ -24,7 +25,7 @@ __all__ = ["POSITION_TOL_MM", "read_seg"]
 POSITION_TOL_MM = 0.01
 
 
-def read_seg(seg_ds: Any, volume: Any) -> dict[int, tuple[str, npt.NDArray[np.bool_]]]:
+def read_seg(seg_ds: Any, volume: Volume) -> dict[int, tuple[str, npt.NDArray[np.bool_]]]:
     """``{segment number: (label, mask)}`` with masks shaped like ``volume``.
 
     Parameters
@@ -32,10 +33,20 @@ def read_seg(seg_ds: Any, volume: Any) -> dict[int, tuple[str, npt.NDArray[np.bo
     seg_ds:
         The SEG dataset (pydicom, or a highdicom ``Segmentation``).
     volume:
-        The :class:`~pipeline.tensors.volume.Volume` of the source images (its ``affine`` and
+        The :class:`~pipeline.dicom.volume.Volume` of the source images (its ``affine`` and
         array shape; build it with ``pipeline.tensors.volume.build_volume`` from the source
-        headers, or take a stored tensor's geometry).
+        headers, or ``Volume.from_tensor_row`` from a stored tensor's geometry), on the source
+        frames' grid.
+
+    Raises
+    ------
+    WritebackError
+        If ``volume`` is not on the source frames' grid, or the SEG does not fit it.
     """
+    if not volume.on_source_grid:
+        raise WritebackError(
+            f"the volume is {volume.grid.value}: SEG frames map onto native grids only"
+        )
     import highdicom as hd
 
     seg = (

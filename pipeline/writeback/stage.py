@@ -41,6 +41,7 @@ import numpy as np
 from pipeline.compute import set_total
 from pipeline.config import PipelineConfig
 from pipeline.connectors import open_source
+from pipeline.dicom.volume import Volume, VolumeGrid
 from pipeline.errors import InputError, PacsflowError, SourceError, WritebackError
 from pipeline.lake import LakePaths, StageCounts, atomic_write_bytes, load_tensor, write_partition
 from pipeline.lake.crypto import FileCipher, VaultCipher
@@ -54,7 +55,6 @@ __all__ = ["WritebackRunResult", "dciodvfy_errors", "run"]
 
 Progress = Callable[[int], None]
 _DOMAIN: Final = "writeback"
-_RAW_GRID: Final = ('"orientation":"native"', '"spacing":null')
 
 
 @dataclass
@@ -200,7 +200,7 @@ def run(
                 originals = objs[0]["originals"]
                 headers = _read_sources(cfg, lake, originals)
                 reidentified += len(headers)
-                mask = load_tensor(lake, group["mask_path"])
+                mask = _mask_volume(lake, group)
                 specs = [
                     SegmentSpec(
                         label=lab["label"],
@@ -222,8 +222,8 @@ def run(
                 seg_obj, sr_obj = objs
                 seg = build_seg(
                     headers,
-                    group["frames"],
-                    np.asarray(mask),
+                    mask.frame_numbers,
+                    np.asarray(mask.array),
                     specs,
                     model=group["model"],
                     model_version=group["model_version"],
@@ -322,7 +322,11 @@ def _plan(
     con: Any, lake: LakePaths, pseudo: Pseudonymizer, cipher: VaultCipher, group: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """The SEG and SR of one volume: their UIDs and where they come from (re-identified)."""
-    if not all(part in (group["preprocessing"] or "") for part in _RAW_GRID):
+    try:
+        grid = VolumeGrid.from_preprocessing(group["preprocessing"])
+    except ValueError as exc:
+        raise WritebackError(f"the volume's preprocessing is unreadable: {exc}") from None
+    if grid is not VolumeGrid.NATIVE:
         raise WritebackError(
             "the volume was resampled or reoriented (tensors preprocessing): write-back maps "
             "masks onto the original frames from the raw grid only (orientation native, no "
@@ -369,6 +373,32 @@ def _plan(
             }
         )
     return out
+
+
+def _mask_volume(lake: LakePaths, group: dict[str, Any]) -> Volume:
+    """The stored mask of ``group`` as a :class:`Volume` in its tensor's geometry, on the
+    source frames' grid.
+
+    Raises
+    ------
+    WritebackError
+        If the tensors row's geometry does not describe the mask, or is not the source grid.
+    """
+    array = np.asarray(load_tensor(lake, group["mask_path"]))
+    row = {
+        "affine": group["affine"],
+        "spacing": group["spacing"],
+        "sop_instance_uids": group["sops"],
+        "frame_numbers": group["frames"],
+        "preprocessing": group["preprocessing"],
+    }
+    try:
+        volume = Volume.from_tensor_row(row, array)
+    except ValueError as exc:
+        raise WritebackError(f"the mask does not fit its volume: {exc}") from None
+    if not volume.on_source_grid:
+        raise WritebackError("the mask is not on the source frames' grid")
+    return volume
 
 
 @contextlib.contextmanager

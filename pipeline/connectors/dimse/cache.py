@@ -8,17 +8,16 @@ Folder and file names are hashes, never UIDs.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from pipeline.connectors.base import RawObject
+from pipeline.dicom.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +55,9 @@ class Stored:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a hidden temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` through a hidden temporary file and a rename (the cache is
+    rebuilt from the PACS when lost: no fsync)."""
+    atomic_write_bytes(path, data, durable=False)
 
 
 def instance_location(study_uid: str, series_uid: str, sop_uid: str) -> str:

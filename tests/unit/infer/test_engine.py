@@ -195,3 +195,16 @@ def test_transposition_makes_the_labels_follow_a_transpose(bundle2d: Bundle) -> 
     (_, a), (_, t), (_, r) = _run(bundle2d, vols, mirror_axes=["x", "y"], transpose_xy=True)
     np.testing.assert_array_equal(a.transpose(0, 2, 1), t)
     np.testing.assert_array_equal(np.rot90(a, 1, axes=(1, 2)), r)
+
+
+def test_a_volume_loader_gives_the_pair_loaders_answer(bundle2d: Bundle) -> None:
+    """The stage hands the engine the one Volume type (issue #19); bare pairs still work."""
+    from pipeline.dicom.volume import Volume
+
+    vols = _volumes([4])
+    ((key, arr, affine),) = vols
+    volume = Volume(arr, affine, (3.0, 0.8, 0.9), (1, 0, 0, 0, 1, 0), (), (), False)
+    seg = Segmenter(bundle2d, device="cpu")
+    ((_, by_volume),) = list(seg.segment([(key, lambda: volume)]))
+    ((_, by_pair),) = _run(bundle2d, vols)
+    np.testing.assert_array_equal(by_volume, by_pair)

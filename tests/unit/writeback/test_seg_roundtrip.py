@@ -135,3 +135,25 @@ def test_real_seg_lands_on_the_right_slices(shared_data: Path) -> None:
         k = list(vol.sop_instance_uids).index(ref)  # the slice of the image it was made on
         np.testing.assert_array_equal(mask[k], frames[index] > 0)
     assert mask.sum() == int((frames > 0).sum())
+
+
+def test_reader_refuses_a_volume_off_the_source_grid() -> None:
+    """Write-back takes the typed Volume and checks its grid attribute (issue #19): a
+    reoriented or resampled volume is refused, whatever its preprocessing JSON looks like."""
+    import dataclasses
+
+    from pipeline.dicom.volume import VolumeGrid
+
+    sources = _series()
+    vol = build_volume(sources)
+    by_uid = {ds.SOPInstanceUID: ds for ds in sources}
+    ordered = [by_uid[u] for u in vol.sop_instance_uids]
+    seg = build_seg(ordered, vol.frame_numbers, _mask(vol.array.shape), [LUNG, BONE], model="m",
+                    model_version="1", weights_sha256="sha256:00",
+                    series_instance_uid="2.25.1", sop_instance_uid="2.25.2")  # fmt: skip
+    seg = _roundtrip(seg)
+    assert vol.grid is VolumeGrid.NATIVE
+    read_seg(seg, vol)
+    for grid in (VolumeGrid.REORIENTED, VolumeGrid.RESAMPLED):
+        with pytest.raises(WritebackError, match=grid.value):
+            read_seg(seg, dataclasses.replace(vol, grid=grid))
