@@ -46,12 +46,12 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
     """Counts per object state, quarantine by reason, the last run and the audit chain (its
     MACs checked when ``keys`` is given, its end against the ``witness``'s file)."""
     from pipeline.cli._common import EXIT_USAGE, fail
-    from pipeline.crawl import object_states
     from pipeline.lake import LakePaths, list_manifests, verify_chain
     from pipeline.lake.audit import Witness
     from pipeline.lake.delta import table_versions
     from pipeline.lake.identity import LakeIdentityError, open_lake
     from pipeline.lake.lock import lock_holder
+    from pipeline.run import object_states
 
     lake = LakePaths(root)
     try:

@@ -7,7 +7,7 @@ are re-exported here).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,19 +65,21 @@ def arrow_reader(
     return fetch(rows)
 
 
-def object_states(lake: LakePaths) -> pa.Table:
+def object_states(lake: LakePaths, events: Iterable[str] | None = None) -> pa.Table:
     """One row per object ever seen: key, source, location, ``state`` and quarantine ``reason``.
 
     The state is the latest event of the object across the index, the quarantine and the
     vault (``indexed``, ``quarantined``, ``gone``, ``deidentified``, ``tensorised``: part of
     a stored volume; ``inferred``: part of a volume a model has findings for;
-    ``written_back``: part of a volume whose SEG a destination confirmed).
+    ``written_back``: part of a volume whose SEG a destination confirmed). ``events``: the
+    events to take (:data:`pipeline.lake.queries.OBJECT_EVENTS` names; None: all), as the
+    stages declare them (:func:`pipeline.run.object_states`).
     """
     import duckdb
 
     con = duckdb.connect()
     try:
-        q = queries.object_states(lake)
+        q = queries.object_states(lake, events)
         table = arrow_table(con, q.sql, q.params)
     finally:
         con.close()

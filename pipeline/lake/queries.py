@@ -25,7 +25,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -37,6 +37,7 @@ from pipeline.lake.paths import LakePaths
 from pipeline.lake.schemas import schema_for
 
 __all__ = [
+    "OBJECT_EVENTS",
     "OWN_UIDS",
     "CrawlQueries",
     "Query",
@@ -314,50 +315,70 @@ def create_lineage_table(lake: LakePaths) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def object_states(lake: LakePaths) -> Query:
-    """One row per object ever seen with its latest state (see ``duck.object_states``)."""
+def _index_event(lake: LakePaths, index_latest: str) -> str:
+    return f"""SELECT object_key, source, location, state, NULL AS reason, crawled_at AS event_at
+        FROM {scan_sql(lake, "index")}"""
+
+
+def _quarantine_event(lake: LakePaths, index_latest: str) -> str:
+    return f"""SELECT object_key, source, location, 'quarantined', reason, quarantined_at
+        FROM {scan_sql(lake, "quarantine")}"""
+
+
+def _deid_event(lake: LakePaths, index_latest: str) -> str:
+    return f"""SELECT v.object_key, i.source, i.location, 'deidentified', NULL, v.deidentified_at
+        FROM {scan_sql(lake, "vault")} v
+        JOIN {index_latest} i ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint"""
+
+
+def _volume_event(state: str, offset: int, tensor_keys: Callable[[LakePaths], str] | None) -> Any:
+    """The event of the objects of the stored volumes (``tensor_keys``: only those volumes),
+    ``offset`` microseconds after their de-identification (the stages' order)."""
+
+    def event(lake: LakePaths, index_latest: str) -> str:
+        which = f"AND t.tensor_key IN ({tensor_keys(lake)})" if tensor_keys else ""
+        return f"""SELECT v.object_key, i.source, i.location, '{state}', NULL,
+                   v.deidentified_at + INTERVAL {offset} MICROSECOND
+            FROM (SELECT DISTINCT unnest(t.sop_instance_uids) AS sop
+                  FROM {scan_sql(lake, "tensors")} t WHERE t.status = 'ok' {which}) e
+            JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = e.sop
+            JOIN {index_latest} i
+              ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint"""
+
+    return event
+
+
+#: The events of an object, each the SELECT of (object_key, source, location, state, reason,
+#: event_at) it adds to :func:`object_states`. Each stage declares the events it produces
+#: (:attr:`pipeline.run.Stage.events`); ``pacsflow status`` unions the pipeline's.
+OBJECT_EVENTS: Final[dict[str, Callable[[LakePaths, str], str]]] = {
+    "index": _index_event,  # indexed | gone
+    "quarantine": _quarantine_event,
+    "deidentified": _deid_event,
+    "tensorised": _volume_event("tensorised", 1, None),
+    "inferred": _volume_event(
+        "inferred", 2, lambda lake: f"SELECT tensor_key FROM {scan_sql(lake, 'findings')}"
+    ),
+    "written_back": _volume_event(
+        "written_back",
+        3,
+        lambda lake: (
+            f"SELECT tensor_key FROM {scan_sql(lake, 'outbox')} "
+            "WHERE kind = 'SEG' AND status = 'confirmed'"
+        ),
+    ),
+}
+
+
+def object_states(lake: LakePaths, events: Iterable[str] | None = None) -> Query:
+    """One row per object ever seen with its latest state (see ``duck.object_states``): the
+    latest of the ``events`` (names of :data:`OBJECT_EVENTS`; None: all of them)."""
+    names = list(OBJECT_EVENTS if events is None else dict.fromkeys(events))
     index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
+    union = "\n            UNION ALL\n".join(OBJECT_EVENTS[n](lake, index_latest) for n in names)
     return Query(f"""
         SELECT object_key, source, location, state, reason FROM (
-            SELECT object_key, source, location, state, NULL AS reason, crawled_at AS event_at
-            FROM {scan_sql(lake, "index")}
-            UNION ALL
-            SELECT object_key, source, location, 'quarantined', reason, quarantined_at
-            FROM {scan_sql(lake, "quarantine")}
-            UNION ALL
-            SELECT v.object_key, i.source, i.location, 'deidentified', NULL, v.deidentified_at
-            FROM {scan_sql(lake, "vault")} v
-            JOIN {index_latest} i
-              ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
-            UNION ALL
-            SELECT v.object_key, i.source, i.location, 'tensorised', NULL,
-                   v.deidentified_at + INTERVAL 1 MICROSECOND
-            FROM (SELECT DISTINCT unnest(sop_instance_uids) AS sop
-                  FROM {scan_sql(lake, "tensors")} WHERE status = 'ok') t
-            JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = t.sop
-            JOIN {index_latest} i
-              ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
-            UNION ALL
-            SELECT v.object_key, i.source, i.location, 'inferred', NULL,
-                   v.deidentified_at + INTERVAL 2 MICROSECOND
-            FROM (SELECT DISTINCT unnest(t.sop_instance_uids) AS sop
-                  FROM {scan_sql(lake, "tensors")} t
-                  WHERE t.tensor_key IN (SELECT tensor_key FROM {scan_sql(lake, "findings")})
-                 ) f
-            JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = f.sop
-            JOIN {index_latest} i
-              ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
-            UNION ALL
-            SELECT v.object_key, i.source, i.location, 'written_back', NULL,
-                   v.deidentified_at + INTERVAL 3 MICROSECOND
-            FROM (SELECT DISTINCT unnest(t.sop_instance_uids) AS sop
-                  FROM {scan_sql(lake, "tensors")} t
-                  WHERE t.tensor_key IN (SELECT tensor_key FROM {scan_sql(lake, "outbox")}
-                                         WHERE kind = 'SEG' AND status = 'confirmed')
-                 ) w
-            JOIN {scan_sql(lake, "vault")} v ON v.sop_pseudonym = w.sop
-            JOIN {index_latest} i
-              ON i.object_key = v.object_key AND i.fingerprint = v.fingerprint
+            {union}
         ) QUALIFY row_number() OVER (PARTITION BY object_key ORDER BY event_at DESC) = 1
         ORDER BY source, location
     """)

@@ -15,6 +15,7 @@ from pipeline.run.stages import (
     StageContext,
     StageOutcome,
     enabled_stages,
+    object_states,
     stage_named,
 )
 
@@ -26,6 +27,7 @@ __all__ = [
     "StageContext",
     "StageOutcome",
     "enabled_stages",
+    "object_states",
     "run_stages",
     "stage_named",
 ]

@@ -1,7 +1,8 @@
 """The stages of the pipeline, declared once: what each reads and writes, how it runs.
 
 A :class:`Stage` is a small object: its ``name``, whether it reads the identified
-(``restricted``) zone, the lake tables it ``reads`` and ``writes``, ``skip(ctx)`` (why it
+(``restricted``) zone, the lake tables it ``reads`` and ``writes``, the object ``events`` it
+produces (what ``pacsflow status`` counts objects by), ``skip(ctx)`` (why it
 does not run under this config, or None) and ``run(ctx) -> StageOutcome``. The stages'
 functions (``pipeline.<stage>.stage.run``) keep their own signatures; a stage object adapts
 them to the one :class:`StageContext` the runner builds, and words the one summary line.
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.lake import LakePaths, StageCounts
+from pipeline.lake import RESEARCH_TABLES, LakePaths, StageCounts
 
 if TYPE_CHECKING:
     from pipeline.lake import RunRecorder
@@ -33,6 +34,7 @@ __all__ = [
     "StageContext",
     "StageOutcome",
     "enabled_stages",
+    "object_states",
     "stage_named",
 ]
 
@@ -107,6 +109,7 @@ class Stage(Protocol):
     restricted: ClassVar[bool]
     reads: ClassVar[tuple[str, ...]]
     writes: ClassVar[tuple[str, ...]]
+    events: ClassVar[tuple[str, ...]]  # the object events it produces (queries.OBJECT_EVENTS)
 
     def skip(self, ctx: StageContext) -> str | None:
         """Why this stage does nothing under ``ctx`` (a line to print), or None to run it."""
@@ -137,6 +140,7 @@ class CrawlStage:
     restricted: ClassVar[bool] = True
     reads: ClassVar[tuple[str, ...]] = ("index", "units", "quarantine")
     writes: ClassVar[tuple[str, ...]] = ("index", "units", "quarantine")
+    events: ClassVar[tuple[str, ...]] = ("index", "quarantine")
 
     def skip(self, ctx: StageContext) -> str | None:
         return None
@@ -175,6 +179,7 @@ class DeidStage:
         "studies",
         "patients",
     )
+    events: ClassVar[tuple[str, ...]] = ("deidentified",)
 
     def skip(self, ctx: StageContext) -> str | None:
         return None
@@ -206,8 +211,9 @@ class VerifyStage:
 
     name: ClassVar[str] = "verify"
     restricted: ClassVar[bool] = True  # it reads the identifiers it looks for
-    reads: ClassVar[tuple[str, ...]] = ("index", "vault", "research")
+    reads: ClassVar[tuple[str, ...]] = ("index", "vault", *RESEARCH_TABLES)
     writes: ClassVar[tuple[str, ...]] = ()
+    events: ClassVar[tuple[str, ...]] = ()
 
     def skip(self, ctx: StageContext) -> str | None:
         return None
@@ -264,6 +270,7 @@ class TensorsStage:
     restricted: ClassVar[bool] = True  # reads the archive's objects (pixels and geometry)
     reads: ClassVar[tuple[str, ...]] = ("index", "vault", "tensors")
     writes: ClassVar[tuple[str, ...]] = ("tensors", "quarantine", "series")
+    events: ClassVar[tuple[str, ...]] = ("tensorised",)
 
     def skip(self, ctx: StageContext) -> str | None:
         return None
@@ -289,7 +296,8 @@ class InferStage:
     name: ClassVar[str] = "infer"
     restricted: ClassVar[bool] = False
     reads: ClassVar[tuple[str, ...]] = ("tensors", "findings")
-    writes: ClassVar[tuple[str, ...]] = ("findings", "masks")
+    writes: ClassVar[tuple[str, ...]] = ("findings",)  # and the masks beside it
+    events: ClassVar[tuple[str, ...]] = ("inferred",)
 
     def skip(self, ctx: StageContext) -> str | None:
         if not any(ctx.lake.table("tensors").rglob("*.parquet")):
@@ -324,6 +332,7 @@ class WritebackStage:
     restricted: ClassVar[bool] = True  # re-identifies: reads the vault and the archive
     reads: ClassVar[tuple[str, ...]] = ("findings", "tensors", "vault", "index", "outbox")
     writes: ClassVar[tuple[str, ...]] = ("outbox",)
+    events: ClassVar[tuple[str, ...]] = ("written_back",)
 
     def skip(self, ctx: StageContext) -> str | None:
         if not (ctx.options.get("dest") or ctx.cfg.writeback.dest):
@@ -389,6 +398,14 @@ def stage_named(name: str) -> Stage:
 def enabled_stages(cfg: PipelineConfig) -> list[Stage]:
     """The stages ``cfg.run`` switches on, in order."""
     return [s for s in PIPELINE if getattr(cfg.run, s.name)]
+
+
+def object_states(lake: LakePaths) -> Any:
+    """Every object's latest state, from the events the stages of :data:`PIPELINE` declare
+    (an Arrow table; see :func:`pipeline.lake.duck.object_states`)."""
+    from pipeline.lake.duck import object_states as states
+
+    return states(lake, [e for stage in PIPELINE for e in stage.events])
 
 
 def tables_written(stages: Iterator[Stage] | tuple[Stage, ...]) -> set[str]:
