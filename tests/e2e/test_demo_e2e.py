@@ -63,8 +63,8 @@ def test_demo_rerun_reads_nothing_new(small_demo: tuple[Path, str]) -> None:
     done = _pacsflow("demo", "--out", str(out), "--config", str(cfg))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reusing the archive" in done.stdout
-    assert " 0 indexed, 0 quarantined" in done.stdout
-    assert "deid: 0 objects" in done.stdout
+    assert ", indexed 0, quarantined 0, unchanged " in done.stdout
+    assert "deid: seen 0, de-identified 0," in done.stdout
     assert "0 objects built" in done.stdout
 
 
