@@ -41,11 +41,11 @@ import copy
 import datetime as dt
 import functools
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 
 from pydicom import Dataset
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
@@ -80,6 +80,9 @@ _D_ONLY_DUMMY: dict[str, str | bytes] = {
     **dict.fromkeys(("OB", "OD", "OF", "OL", "OV", "OW", "UN"), b"\x00" * 8),
 }
 _PATIENT_ID, _PATIENT_NAME, _ACCESSION = 0x00100020, 0x00100010, 0x00080050
+_SOP_CLASS = 0x00080016
+#: De-identification Method Code Sequence
+_METHOD_CODES = BaseTag(0x00120064)
 _DICOM_ROOT = "1.2.840.10008."
 _OVERLAY_GROUPS = frozenset(range(0x6000, 0x6020, 2))
 
@@ -270,6 +273,9 @@ class Deidentifier:
                 "retain_long_full_dates and retain_long_modified_dates exclude each other"
             )
         self._codes: dict[int, str | None] = {}
+        self._uid_cache: dict[str, str] = {}
+        self._code_elements: dict[bool, RawDataElement] = {}
+        self._days = 0
         self._code_items: list[tuple[str, str]] | None = None
 
     # ------------------------------------------------------------------ the method markers
@@ -280,8 +286,27 @@ class Deidentifier:
         return f"PS3.15 {EDITION} Basic Profile ({opts}); pacsflow {__version__}"[:64]
 
     def _markers(self, ds: Dataset) -> None:
+        implicit, little = ds.original_encoding
+        if little is True and implicit is not None:
+            _set_text(ds, 0x00120062, "CS", "YES")  # Patient Identity Removed
+            _set_text(ds, 0x00120063, "LO", self.method_description())
+            ds._dict[_METHOD_CODES] = self._method_code_element(implicit)
+            _set_text(ds, 0x00280303, "CS", self._longitudinal())
+            return
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = self.method_description()
+        ds.add_new(_METHOD_CODES, "SQ", self._method_code_sequence())
+        ds.LongitudinalTemporalInformationModified = self._longitudinal()
+
+    def _longitudinal(self) -> str:
+        if Option.RETAIN_LONG_FULL_DATES in self.options:
+            return "UNMODIFIED"
+        if Option.RETAIN_LONG_MODIFIED_DATES in self.options:
+            return "MODIFIED"
+        return "REMOVED"
+
+    def _method_code_sequence(self) -> Sequence:
+        """The De-identification Method Code Sequence: one item per code."""
         if self._code_items is None:
             self._code_items = self._method_codes()
         items = []
@@ -291,13 +316,22 @@ class Deidentifier:
             item.add_new(0x00080102, "SH", "DCM")  # Coding Scheme Designator
             item.add_new(0x00080104, "LO", meaning)  # Code Meaning
             items.append(item)
-        ds.add_new(0x00120064, "SQ", Sequence(items))  # De-identification Method Code Sequence
-        if Option.RETAIN_LONG_FULL_DATES in self.options:
-            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
-        elif Option.RETAIN_LONG_MODIFIED_DATES in self.options:
-            ds.LongitudinalTemporalInformationModified = "MODIFIED"
-        else:
-            ds.LongitudinalTemporalInformationModified = "REMOVED"
+        return Sequence(items)
+
+    def _method_code_element(self, implicit: bool) -> RawDataElement:
+        """The sequence as a raw element: the bytes pydicom writes for it, encoded once."""
+        elem = self._code_elements.get(implicit)
+        if elem is None:
+            from pydicom.filebase import DicomBytesIO
+            from pydicom.filewriter import write_data_element
+
+            fp = DicomBytesIO()
+            fp.is_implicit_VR, fp.is_little_endian = implicit, True
+            write_data_element(fp, DataElement(_METHOD_CODES, "SQ", self._method_code_sequence()))
+            value = bytes(fp.getvalue())[8 if implicit else 12 :]
+            elem = RawDataElement(_METHOD_CODES, "SQ", len(value), value, 0, implicit, True)
+            self._code_elements[implicit] = elem
+        return elem
 
     def _method_codes(self) -> list[tuple[str, str]]:
         """(code value, meaning): the Basic Profile (113100), then each option's code."""
@@ -347,14 +381,14 @@ class Deidentifier:
         header with many elements); read what you need of the original first.
         """
         out = ds if in_place else copy.deepcopy(ds)
-        patient_id = str(ds.get("PatientID", "") or "")
-        had_patient_id, had_name = "PatientID" in ds, "PatientName" in ds
-        accession = str(ds.get("AccessionNumber", "") or "")
+        patient_id = str(_peek(ds, _PATIENT_ID) or "")
+        had_patient_id, had_name = _PATIENT_ID in ds._dict, _PATIENT_NAME in ds._dict
+        accession = str(_peek(ds, _ACCESSION) or "")
         source_meta = getattr(ds, "file_meta", None)
         original_encoding = ds.original_encoding
         self._days = self.pseudo.date_offset_days(patient_id)
         self._counts = {"removed": 0, "replaced": 0, "remapped": 0, "shifted": 0}
-        sop_class = str(ds.get("SOPClassUID", "") or "") or str(
+        sop_class = str(_peek(ds, _SOP_CLASS) or "") or str(
             (source_meta or {}).get("MediaStorageSOPClassUID", "")
         )
         types = _present_module_types(ds, sop_class, _iod_types(sop_class))
@@ -370,11 +404,11 @@ class Deidentifier:
                 out[_DIRECTORY_RECORDS] = records
         # identifiers pseudonymised, not just emptied, so that research data still links
         if had_patient_id:
-            out.PatientID = self.pseudo.token(patient_id)
+            _set_text(out, _PATIENT_ID, "LO", self.pseudo.token(patient_id))
         if had_name:
-            out.PatientName = self.pseudo.token(patient_id)
+            _set_text(out, _PATIENT_NAME, "PN", self.pseudo.token(patient_id))
         if accession:
-            out.AccessionNumber = self.pseudo.token(accession, domain="accession")
+            _set_text(out, _ACCESSION, "SH", self.pseudo.token(accession, domain="accession"))
         self._markers(out)
         from pydicom.dataset import FileMetaDataset
 
@@ -439,26 +473,31 @@ class Deidentifier:
         # Elements are looked at by tag and raw VR first: one kept or removed as it is is
         # never converted to a Python value (pydicom then writes its raw bytes back), which is
         # most of an engine's time on headers with hundreds of elements.
-        tags = list(ds.keys())
-        refs_listed = not path and (0x00081115 in ds or 0x00081200 in ds)
+        d = ds._dict
+        tags = list(d)
+        refs_listed = not path and (0x00081115 in d or 0x00081200 in d)
         creators: dict[tuple[int, int], str] = {}
-        for tag in tags:
-            if tag.is_private and 0x0010 <= tag.element <= 0x00FF:
-                creators[(tag.group, tag.element)] = str(ds[tag].value)
+        if Option.RETAIN_SAFE_PRIVATE in self.options:  # only that option keeps any
+            for tag in tags:
+                if tag.is_private and 0x0010 <= tag.element <= 0x00FF:
+                    creators[(tag.group, tag.element)] = str(ds[tag].value)
         overlays = {  # groups 6000-601E (even) holding Overlay Data
-            t.group for t in tags if t.element == 0x3000 and t.group in _OVERLAY_GROUPS
+            t >> 16 for t in tags if t & 0xFFFF == 0x3000 and t >> 16 in _OVERLAY_GROUPS
         }
+        counts = self._counts
+        code_for = self._code_for
         for tag in tags:
-            if tag.is_private:
+            group = tag >> 16
+            if group & 1:
                 self._private(ds, tag, creators, path, types, known_iod)
                 continue
-            if tag.group == 0x0002:
+            if group == 0x0002:
                 continue  # file meta inside a dataset: rebuilt from scratch
-            keyword = _keyword(int(tag))
-            code = self._code_for(int(tag))
-            vr = _vr_of(ds, tag)
+            code = code_for(tag)
+            elem = d[tag]
+            vr = _elem_vr(elem, tag)
             if code is not None:
-                typ = _type_at(types, (*path, keyword)) if known_iod else None
+                typ = _type_at(types, (*path, _keyword(tag))) if known_iod else None
                 action = _resolve(code, typ)
                 if action == "X" and code.startswith("X/Z/U") and refs_listed:
                     # the Common Instance Reference module (kept: no rule) lists the series
@@ -466,23 +505,25 @@ class Deidentifier:
                     # condition, so they stay, remapped (the U of X/Z/U*)
                     action = "U"
             elif vr == "UI":
-                action = self._by_vr(ds[tag])
+                action = self._by_vr_raw(d, tag, elem) or self._by_vr(ds[tag])
             else:
-                action = _by_vr_name(vr, int(tag))
+                action = _by_vr_name(vr, tag)
                 if action == "X" and known_iod:  # free text the IOD requires stays, emptied
-                    action = _resolve("X/Z/D", _type_at(types, (*path, keyword)))
+                    action = _resolve("X/Z/D", _type_at(types, (*path, _keyword(tag))))
             if action == "X":
-                del ds[tag]
-                self._counts["removed"] += 1
+                del d[tag]  # public, not Pixel Data: nothing else of the Dataset to reset
+                counts["removed"] += 1
                 continue
             if action == "K" and vr != "SQ":
                 continue  # kept as it is, never converted
-            self._apply(ds, ds[tag], action, (*path, keyword), types, known_iod)
+            if vr != "SQ" and self._apply_raw(d, tag, elem, vr, action):
+                continue
+            self._apply(ds, ds[tag], action, (*path, _keyword(tag)), types, known_iod)
         # an Overlay Plane module whose Overlay Data (Type 1) the profile removed is invalid:
         # the rest of that overlay group goes too
         for group in overlays:
-            if (group << 16 | 0x3000) not in ds:
-                for tag in [e.tag for e in ds if e.tag.group == group]:
+            if (group << 16 | 0x3000) not in d:
+                for tag in [t for t in d if t >> 16 == group]:
                     del ds[tag]
                     self._counts["removed"] += 1
 
@@ -523,6 +564,85 @@ class Deidentifier:
             )
             return "K" if registered else "U"
         return "K"
+
+    def _by_vr_raw(
+        self, d: MutableMapping[BaseTag, DataElement | RawDataElement], tag: BaseTag, elem: object
+    ) -> str | None:
+        """:meth:`_by_vr` for a raw UI element, decided on its bytes; the element is left as
+        pydicom would write it once converted. None: decide by :meth:`_by_vr`."""
+        raw = _raw_text(elem, "UI")  # type: ignore[arg-type]
+        if raw is None:
+            return None
+        values = _items(raw)
+        data = _encoded(values, "UI")
+        if data is None:
+            return None
+        if data != raw:  # the converted value is what the encoder would write
+            d[tag] = _with_value(elem, "UI", data)  # type: ignore[arg-type]
+        return "K" if all(v and _registered_uid(v) for v in values) else "U"
+
+    def _uid(self, value: str) -> str:
+        """The keyed UID of ``value``, remembered (a series repeats its study's UIDs)."""
+        cache = self._uid_cache
+        mapped = cache.get(value)
+        if mapped is None:
+            if len(cache) > 65536:
+                cache.clear()
+            mapped = cache[value] = self.pseudo.uid(value)
+        return mapped
+
+    def _apply_raw(
+        self,
+        d: MutableMapping[BaseTag, DataElement | RawDataElement],
+        tag: BaseTag,
+        elem: DataElement | RawDataElement,
+        vr: str,
+        action: str,
+    ) -> bool:
+        """:meth:`_apply` on the bytes of a raw element, for what it does most (remap UIDs,
+        shift dates, empty or dummy text): the element stays a raw one holding the bytes the
+        converted and changed element would be written with. False (nothing done) where
+        :meth:`_apply` must convert it."""
+        raw = _raw_text(elem, vr)
+        if raw is None:
+            return False
+        counts = self._counts
+        if vr == "UI" and action in ("U", "D", "C"):
+            values = _items(raw)
+            if len(values) > 1:
+                values = [self._uid(v) for v in values]
+            elif values[0]:
+                values = [self._uid(values[0])]
+            key = "remapped"
+        elif vr in ("DA", "DT") and action in ("C", "D"):
+            values = _items(raw)
+            days = self._days
+            if len(values) > 1:
+                values = [self._shift(vr, v, days) for v in values]
+            elif values[0]:
+                values = [self._shift(vr, values[0], days)]
+            key = "shifted"
+        elif action == "U" or vr not in _BYTE_TEXT_VRS:
+            return False
+        elif vr == "TM" and action == "C":
+            values = _items(raw)  # kept, as the converted element is written
+            key = ""
+        elif action == "Z" or (action == "C" and vr in _TEXT_VRS):
+            values = [""]
+            key = "replaced"
+        else:
+            dummy = _DUMMY.get(vr, _D_ONLY_DUMMY.get(vr) if action == "D" else None)
+            if not isinstance(dummy, str):
+                return False
+            values = [dummy]
+            key = "replaced"
+        data = _encoded(values, vr)
+        if data is None:
+            return False
+        d[tag] = _with_value(elem, vr, data)  # type: ignore[arg-type]
+        if key:
+            counts[key] += 1
+        return True
 
     def _apply(
         self,
@@ -582,6 +702,12 @@ def _by_vr_name(vr: str, tag: int) -> str:
 
 
 @functools.cache
+def _registered_uid(value: str) -> bool:
+    """A UID of the Standard: under its root, or one pydicom's dictionary names."""
+    return value.startswith(_DICOM_ROOT) or UID(value).name != value
+
+
+@functools.cache
 def _keyword(tag: int) -> str:
     from pydicom.datadict import keyword_for_tag
 
@@ -589,19 +715,74 @@ def _keyword(tag: int) -> str:
 
 
 def _vr_of(ds: Dataset, tag: BaseTag) -> str:
+    """The VR of an element of ``ds`` without converting its value (see :func:`_elem_vr`)."""
+    return _elem_vr(ds.get_item(tag), tag)
+
+
+def _elem_vr(elem: DataElement | RawDataElement, tag: int) -> str:
     """The VR of an element without converting its value: the VR it was encoded with, or the
     dictionary's where that is missing (implicit VR) or UN (a known attribute sent as UN must
     not escape the rules of its real VR)."""
-    vr = ds.get_item(tag).VR
+    vr = elem.VR
     if vr and vr != "UN":
         return str(vr)
+    return _dictionary_vr(tag, str(vr or "UN"))
+
+
+@functools.cache
+def _dictionary_vr(tag: int, fallback: str) -> str:
     from pydicom.datadict import dictionary_VR
 
     try:
         known = dictionary_VR(tag)
     except KeyError:
-        return str(vr or "UN")
-    return known if " or " not in known else str(vr or "UN")
+        return fallback
+    return known if " or " not in known else fallback
+
+
+def _raw_text(elem: DataElement | RawDataElement, vr: str) -> bytes | None:
+    """The raw value bytes of ``elem`` when it can be edited as bytes: still raw, encoded
+    with ``vr`` itself (or implicitly, ``vr`` from the dictionary), of defined length; None
+    where the element must go through pydicom (converted already, sent as UN, deferred)."""
+    if not isinstance(elem, RawDataElement):
+        return None
+    value = elem.value
+    if not isinstance(value, bytes) or elem.length == 0xFFFFFFFF:
+        return None
+    if vr != elem.VR and not (elem.VR is None and elem.is_implicit_VR):
+        return None
+    return value
+
+
+def _with_value(elem: RawDataElement, vr: str, data: bytes) -> RawDataElement:
+    """``elem`` holding ``data`` (of defined length) with ``vr``."""
+    return RawDataElement(
+        elem.tag, vr, len(data), data, elem.value_tell, elem.is_implicit_VR, elem.is_little_endian
+    )
+
+
+def _items(value: bytes) -> list[str]:
+    """A text value's values as pydicom decodes a raw AE/AS/CS/DA/DT/TM/UI value (latin-1,
+    trailing spaces and NULs dropped, split at backslashes)."""
+    return value.decode("latin-1").rstrip(" \x00").split("\\")
+
+
+def _encoded(values: list[str], vr: str) -> bytes | None:
+    """The bytes the encoder writes for a text value set to ``values`` (one or several), None
+    where it is not ASCII (pydicom would encode it by the character set)."""
+    text = "\\".join(values)
+    if not text.isascii():
+        return None
+    data = text.encode("ascii")
+    if len(data) % 2:
+        data += b"\x00" if vr == "UI" else b" "
+    return data
+
+
+#: VRs whose empty or dummy value the engine writes as bytes (ASCII in every character set)
+_BYTE_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"}
+)
 
 
 @functools.cache
@@ -609,3 +790,32 @@ def _safe_creators() -> frozenset[tuple[int, str, int]]:
     from pipeline.deid import _profile
 
     return frozenset(_profile.SAFE_PRIVATE)
+
+
+def _peek(ds: Dataset, tag: int) -> object:
+    """The value of ``ds[tag]`` (None if absent) without converting the element in ``ds``:
+    it stays raw, so the engine can still edit it as bytes."""
+    elem = ds._dict.get(tag)  # type: ignore[call-overload]
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        charset = ds.original_character_set or ds._character_set
+        return convert_raw_data_element(elem, encoding=charset, ds=ds).value
+    return ds[tag].value
+
+
+def _set_text(ds: Dataset, tag: int, vr: str, text: str) -> None:
+    """``ds[tag] = text`` (the attribute's dictionary VR is ``vr``) as a raw element holding
+    the bytes the encoder would write for it, where ``ds`` was read little endian and the
+    element is absent or raw with that VR; by pydicom otherwise."""
+    implicit, little = ds.original_encoding
+    elem = ds._dict.get(tag)  # type: ignore[call-overload]
+    raw = elem is None or _raw_text(elem, vr) is not None
+    data = _encoded([text], vr) if raw and little is True else None
+    if data is not None and implicit is not None:
+        key = BaseTag(tag)
+        ds._dict[key] = RawDataElement(key, vr, len(data), data, 0, implicit, True)
+    elif tag in ds._dict:
+        ds[tag].value = text
+    else:
+        ds.add_new(tag, vr, text)
