@@ -20,12 +20,14 @@ to pydicom.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from pydicom import Dataset
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
@@ -36,6 +38,8 @@ from pydicom.uid import UID
 from pipeline.dicom.atomic import atomic_open
 from pipeline.dicom.elements import (
     ITEM,
+    KNOWN_VRS,
+    LONG_VRS,
     PIXEL_DATA,
     SEQ_END,
     SEQUENCE_DELIMITER,
@@ -51,9 +55,26 @@ _FAST_SYNTAXES_IMPLICIT = "1.2.840.10008.1.2"
 _SLOW_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"})  # deflate, BE
 
 
+_implicit_head = struct.Struct("<HHL").pack
+_short_head = struct.Struct("<HH2sH").pack
+_long_head = struct.Struct("<HH2sHL").pack
+_SHORT_VR_BYTES = {vr: vr.encode("ascii") for vr in KNOWN_VRS - LONG_VRS}
+_LONG_VR_BYTES = {vr: vr.encode("ascii") for vr in LONG_VRS}
+
+
 def _raw(elem: RawDataElement, implicit: bool) -> bytes | None:
     """The bytes pydicom writes for a raw element, or None where it would do more."""
     value = elem.value
+    if type(value) is bytes and elem.length != UNDEFINED:  # the common case, inline
+        t, n = int(elem.tag), len(value)
+        if implicit:
+            return _implicit_head(t >> 16, t & 0xFFFF, n) + value
+        short = _SHORT_VR_BYTES.get(elem.VR)  # type: ignore[arg-type]
+        if short is not None:
+            return _short_head(t >> 16, t & 0xFFFF, short, n) + value if n <= 0xFFFF else None
+        long = _LONG_VR_BYTES.get(elem.VR)  # type: ignore[arg-type]
+        if long is not None:
+            return _long_head(t >> 16, t & 0xFFFF, long, 0, n) + value
     if not isinstance(value, bytes):
         return None
     tag = int(elem.tag)
@@ -104,6 +125,73 @@ def _element(elem: DataElement, implicit: bool) -> bytes | None:
     return None if head is None else head + data
 
 
+_ITEM_UNDEFINED = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+_ITEM_DELIMITER = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+_pack_item = struct.Struct("<HHL").pack
+
+
+def _dataset(ds: Dataset, implicit: bool, parent_encoding: str | list[str]) -> bytes:
+    """The elements of ``ds`` as pydicom's ``write_dataset`` writes them when ``ds`` is in the
+    encoding it was read with: raw elements as they are, ASCII text and sequences here, the
+    rest by pydicom's ``write_data_element``."""
+    encodings = ds.get("SpecificCharacterSet", parent_encoding)
+    d = ds._dict
+    parts = []
+    for tag in sorted(d, key=int):
+        if not tag & 0xFFFF and tag >> 16 > 6:
+            continue  # retired group lengths are not written (PS3.5 7.2)
+        item = d[tag]
+        if type(item) is RawDataElement:
+            data = _raw(item, implicit) if item.value is not None else None
+            if data is None:
+                item = ds.get_item(tag)  # a deferred value read, as pydicom writes it
+        elif item.VR == "SQ":
+            data = _sequence(cast(DataElement, item), implicit, encodings)
+        else:  # ASCII text: alike in every DICOM charset
+            data = _element(cast(DataElement, item), implicit)
+        if data is None:
+            fp = DicomBytesIO()
+            fp.is_implicit_VR, fp.is_little_endian = implicit, True
+            write_data_element(fp, item, encodings)
+            data = bytes(fp.getvalue())
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _sequence(elem: DataElement, implicit: bool, encodings: str | list[str]) -> bytes | None:
+    """A sequence element as pydicom's ``write_sequence`` writes it; None where an item is not
+    in the encoding and character set it was read with (pydicom would re-encode it)."""
+    parent = _convert_encodings(encodings)  # as write_data_element passes them on
+    parts = []
+    for item in elem.value:
+        if item.original_encoding != (implicit, True) or (
+            item.original_character_set != item._character_set
+        ):
+            return None
+        body = _dataset(item, implicit, parent)
+        if getattr(item, "is_undefined_length_sequence_item", False):
+            parts.append(_ITEM_UNDEFINED + body + _ITEM_DELIMITER)
+        else:
+            parts.append(_pack_item(0xFFFE, 0xE000, len(body)) + body)
+    value = b"".join(parts)
+    if elem.is_undefined_length:
+        head = encode_header(int(elem.tag), "SQ", UNDEFINED, implicit=implicit)
+        return None if head is None else head + value + SEQUENCE_DELIMITER
+    head = encode_header(int(elem.tag), "SQ", len(value), implicit=implicit)
+    return None if head is None else head + value
+
+
+def _convert_encodings(encodings: str | list[str] | None) -> list[str]:
+    if isinstance(encodings, str):
+        return list(_converted(encodings))
+    return convert_encodings(encodings or [default_encoding])
+
+
+@functools.cache
+def _converted(encoding: str) -> tuple[str, ...]:
+    return tuple(convert_encodings(encoding))
+
+
 def _file_meta(meta: FileMetaDataset) -> bytes | None:
     """The file meta group as ``write_file_meta_info(enforce_standard=True)`` writes it."""
     validate_file_meta(meta, enforce_standard=True)  # adds version and implementation UID
@@ -150,20 +238,8 @@ def encode_part10(ds: Dataset) -> bytes:
     else:
         fp.write(meta_bytes)
     fp.is_implicit_VR, fp.is_little_endian = implicit, True
-    encodings = ds.get("SpecificCharacterSet", "iso8859")
-    get_item = ds.get_item
-    for tag in sorted(ds.keys()):
-        if tag.element == 0 and tag.group > 6:
-            continue  # retired group lengths are not written (PS3.5 7.2)
-        item = get_item(tag)
-        if isinstance(item, RawDataElement):
-            data = _raw(item, implicit)
-        else:
-            data = _element(item, implicit)  # ASCII text: alike in every DICOM charset
-        if data is not None:
-            fp.write(data)
-        else:
-            write_data_element(fp, item, encodings)
+    body = _dataset(ds, implicit, "iso8859")
+    fp.write(body)
     return bytes(fp.getvalue())
 
 
