@@ -43,6 +43,7 @@ import functools
 import warnings
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import Dataset
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
@@ -198,18 +199,34 @@ def _present_module_types(
 ) -> dict[tuple[str, ...], str]:
     """``types`` with the Types of the U modules ``ds`` carries (a module is there when one
     of its Type 1 attributes that the profile leaves alone is)."""
-    from pydicom.datadict import tag_for_keyword
-
     extra: dict[tuple[str, ...], str] = {}
-    for _keywords, required in _optional_modules(sop_class_uid):
-        anchors = [tag_for_keyword(k) for k, t in required if t == "1"]
-        # an anchor stays whatever the profile does (no rule of its own): a module whose only
-        # Type 1 attribute has a conditional code of its own is not held in place by it
-        if any(tag is not None and rule_for(tag) is None and tag in ds for tag in anchors):
+    present = ds._dict
+    for anchors, required in _module_anchors(sop_class_uid):
+        if any(tag in present for tag in anchors):
             for keyword, typ in required:
                 if types.get((keyword,), "3") == "3":
                     extra[(keyword,)] = typ
     return {**types, **extra} if extra else types
+
+
+@functools.cache
+def _module_anchors(
+    sop_class_uid: str,
+) -> tuple[tuple[tuple[int, ...], tuple[tuple[str, str], ...]], ...]:
+    """The IOD's U modules: (the tags of their anchors, their required (keyword, Type)).
+
+    An anchor is a Type 1 attribute that stays whatever the profile does (no rule of its
+    own): a module whose only Type 1 attribute has a conditional code of its own is not held
+    in place by it.
+    """
+    from pydicom.datadict import tag_for_keyword
+
+    out = []
+    for _keywords, required in _optional_modules(sop_class_uid):
+        tags = [tag_for_keyword(k) for k, t in required if t == "1"]
+        anchors = tuple(int(t) for t in tags if t is not None and rule_for(t) is None)
+        out.append((anchors, required))
+    return tuple(out)
 
 
 def _type_at(types: dict[tuple[str, ...], str], key: tuple[str, ...]) -> str | None:
@@ -274,6 +291,7 @@ class Deidentifier:
             )
         self._codes: dict[int, str | None] = {}
         self._uid_cache: dict[str, str] = {}
+        self._shift_cache: dict[tuple[str, str, int], str] = {}
         self._code_elements: dict[bool, RawDataElement] = {}
         self._days = 0
         self._code_items: list[tuple[str, str]] | None = None
@@ -352,6 +370,15 @@ class Deidentifier:
     # ------------------------------------------------------------------ values
 
     def _shift(self, vr: str, value: str, days: int) -> str:
+        key = (vr, value, days)
+        shifted = self._shift_cache.get(key)
+        if shifted is None:
+            if len(self._shift_cache) > 65536:
+                self._shift_cache.clear()
+            shifted = self._shift_cache[key] = self._shift_value(vr, value, days)
+        return shifted
+
+    def _shift_value(self, vr: str, value: str, days: int) -> str:
         value = value.strip()
         try:
             if vr == "DA" and len(value) >= 8:
@@ -414,14 +441,16 @@ class Deidentifier:
 
         source_meta = source_meta or FileMetaDataset()
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = source_meta.get(
-            "MediaStorageSOPClassUID", ds.get("SOPClassUID", "")
-        )
-        media_uid = str(source_meta.get("MediaStorageSOPInstanceUID", "") or "")
+        # the two UIDs are written as their converted values (as when this read them through
+        # pydicom), whatever the profile did to them
+        _canonical_uid(ds, _SOP_CLASS)
+        _canonical_uid(out, 0x00080018)
+        meta.MediaStorageSOPClassUID = _get(source_meta, 0x00020002, _get(ds, _SOP_CLASS, ""))
+        media_uid = str(_get(source_meta, 0x00020003, "") or "")
         meta.MediaStorageSOPInstanceUID = UID(
-            out.get("SOPInstanceUID") or (self.pseudo.uid(media_uid) if media_uid else "")
+            _get(out, 0x00080018, None) or (self.pseudo.uid(media_uid) if media_uid else "")
         )
-        syntax = source_meta.get("TransferSyntaxUID")
+        syntax = _get(source_meta, 0x00020010, None)
         if syntax is None:  # a bare dataset: the syntax it was read with
             implicit, little = original_encoding
             syntax = (
@@ -487,17 +516,18 @@ class Deidentifier:
         counts = self._counts
         code_for = self._code_for
         for tag in tags:
-            group = tag >> 16
+            t = int(tag)  # int keys: a BaseTag compares by a Python __eq__ in int-keyed dicts
+            group = t >> 16
             if group & 1:
                 self._private(ds, tag, creators, path, types, known_iod)
                 continue
             if group == 0x0002:
                 continue  # file meta inside a dataset: rebuilt from scratch
-            code = code_for(tag)
+            code = code_for(t)
             elem = d[tag]
-            vr = _elem_vr(elem, tag)
+            vr = _elem_vr(elem, t)
             if code is not None:
-                typ = _type_at(types, (*path, _keyword(tag))) if known_iod else None
+                typ = _type_at(types, (*path, _keyword(t))) if known_iod else None
                 action = _resolve(code, typ)
                 if action == "X" and code.startswith("X/Z/U") and refs_listed:
                     # the Common Instance Reference module (kept: no rule) lists the series
@@ -507,9 +537,9 @@ class Deidentifier:
             elif vr == "UI":
                 action = self._by_vr_raw(d, tag, elem) or self._by_vr(ds[tag])
             else:
-                action = _by_vr_name(vr, tag)
+                action = _by_vr_name(vr, t)
                 if action == "X" and known_iod:  # free text the IOD requires stays, emptied
-                    action = _resolve("X/Z/D", _type_at(types, (*path, _keyword(tag))))
+                    action = _resolve("X/Z/D", _type_at(types, (*path, _keyword(t))))
             if action == "X":
                 del d[tag]  # public, not Pixel Data: nothing else of the Dataset to reset
                 counts["removed"] += 1
@@ -518,7 +548,7 @@ class Deidentifier:
                 continue  # kept as it is, never converted
             if vr != "SQ" and self._apply_raw(d, tag, elem, vr, action):
                 continue
-            self._apply(ds, ds[tag], action, (*path, _keyword(tag)), types, known_iod)
+            self._apply(ds, ds[tag], action, (*path, _keyword(t)), types, known_iod)
         # an Overlay Plane module whose Overlay Data (Type 1) the profile removed is invalid:
         # the rest of that overlay group goes too
         for group in overlays:
@@ -792,13 +822,36 @@ def _safe_creators() -> frozenset[tuple[int, str, int]]:
     return frozenset(_profile.SAFE_PRIVATE)
 
 
-def _peek(ds: Dataset, tag: int) -> object:
+def _canonical_uid(ds: Dataset, tag: int) -> None:
+    """Leave ``ds[tag]`` (a UID) as the encoder writes it once pydicom has converted it."""
+    elem = ds._dict.get(tag)  # type: ignore[call-overload]
+    if elem is None or not isinstance(elem, RawDataElement):
+        return
+    raw = _raw_text(elem, "UI")
+    data = None if raw is None else _encoded(_items(raw), "UI")
+    if data is None:
+        ds[tag]  # converted by pydicom, as before
+    elif data != raw:
+        ds._dict[elem.tag] = _with_value(elem, "UI", data)
+
+
+def _get(ds: Dataset, tag: int, default: object) -> Any:
+    """``ds.get(keyword, default)`` by tag, without converting the element (:func:`_peek`)."""
+    return _peek(ds, tag) if tag in ds._dict else default
+
+
+def _peek(ds: Dataset, tag: int) -> Any:
     """The value of ``ds[tag]`` (None if absent) without converting the element in ``ds``:
-    it stays raw, so the engine can still edit it as bytes."""
+    it stays raw, so the engine can still edit it as bytes. A single ASCII UID comes as
+    ``str`` (equal to the ``UID`` pydicom gives)."""
     elem = ds._dict.get(tag)  # type: ignore[call-overload]
     if elem is None:
         return None
     if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        if elem.VR == "UI" or (elem.VR is None and _dictionary_vr(tag, "") == "UI"):
+            values = _items(elem.value)
+            if len(values) == 1 and values[0].isascii():
+                return values[0]
         charset = ds.original_character_set or ds._character_set
         return convert_raw_data_element(elem, encoding=charset, ds=ds).value
     return ds[tag].value
