@@ -12,6 +12,8 @@ uses these, so the rules live once.
 Neither torch nor monai is imported here (import-linter checks it).
 """
 
+from pydicom._uid_dict import UID_dictionary
+
 from pipeline.dicom.atomic import (
     atomic_open,
     atomic_path,
@@ -20,6 +22,24 @@ from pipeline.dicom.atomic import (
     sync_filesystem,
 )
 from pipeline.dicom.volume import Volume, VolumeGrid, lps_to_ras
+
+# Transfer syntaxes newer than pydicom 3.0's dictionary (PS3.5 2024+), as pynetdicom adds them
+# on import: registered here too, so whether a file with one of them can be written does not
+# depend on whether pynetdicom happens to be imported (it is only for DIMSE sources); a
+# Deflated Image Frame Compression object failed to export without it.
+_TS = "Transfer Syntax"
+UID_dictionary.update(
+    {
+        "1.2.840.10008.1.2.4.110": ("JPEG XL Lossless", _TS, "", "", "JPEGXLLossless"),
+        "1.2.840.10008.1.2.4.111": (
+            "JPEG XL JPEG Recompression", _TS, "", "", "JPEGXLJPEGRecompression",
+        ),
+        "1.2.840.10008.1.2.4.112": ("JPEG XL", _TS, "", "", "JPEGXL"),
+        "1.2.840.10008.1.2.8.1": (
+            "Deflated Image Frame Compression", _TS, "", "", "DeflatedImageFrameCompression",
+        ),
+    }
+)  # fmt: skip
 
 __all__ = [
     "Volume",
