@@ -3,11 +3,11 @@
 Every write to a research table is one Delta transaction: readers see the version before it or
 the version after it, never part of a batch. Objects that come again (a corrected header, the
 same instance stored twice) replace their row by key in the same transaction as the batch
-(MERGE), so no version ever holds two rows of one object. Each run manifest records the version
-of every research table it left (:attr:`pipeline.lake.manifest.RunManifest.table_versions`), so
-a cohort can be read as it was after that run (``pacsflow sql --as-of RUN``, ``cohort(...,
-as_of=RUN)``); :func:`vacuum` removes the files no version still needs, keeping every version
-that a manifest pins.
+(Delta's replaceWhere), so no version ever holds two rows of one object. Each run manifest
+records the version of every research table it left
+(:attr:`pipeline.lake.manifest.RunManifest.table_versions`), so a cohort can be read as it was
+after that run (``pacsflow sql --as-of RUN``, ``cohort(..., as_of=RUN)``); :func:`vacuum`
+removes the files no version still needs, keeping every version that a manifest pins.
 
 delta-rs does the log: commits, conflict checks, checkpoints, vacuum. Reads take the data
 files of one version from the log (:func:`data_files`) and hand them to pyarrow or DuckDB as
@@ -243,6 +243,27 @@ def _existing_keys(lake: LakePaths, name: str, table: pa.Table) -> pa.Table:
     return dataset.to_table(columns=keys, filter=expr)
 
 
+def _sql_literal(value: object) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"key values are text or integers, not {type(value).__name__}")
+    return str(value)
+
+
+def _keys_predicate(name: str, table: pa.Table) -> str:
+    """A Delta predicate matching exactly the keys of ``table``'s rows (every row matches:
+    delta-rs refuses a replaceWhere whose data falls outside its predicate)."""
+    keys = KEYS[name]
+    if len(keys) == 1:
+        values = table.column(keys[0]).to_pylist()
+        return f'"{keys[0]}" IN (' + ", ".join(_sql_literal(v) for v in values) + ")"
+    rows = table.select(list(keys)).to_pylist()
+    return " OR ".join(
+        "(" + " AND ".join(f'"{k}" = {_sql_literal(row[k])}' for k in keys) + ")" for row in rows
+    )
+
+
 def _last_per_key(name: str, table: pa.Table) -> pa.Table:
     """``table`` with one row per key: the last one (a batch holding one object twice)."""
     keys = list(KEYS[name])
@@ -279,8 +300,8 @@ def commit(
     mode
         ``upsert``: rows whose key (:data:`KEYS`) the table holds replace those rows, the others
         are appended, all in one transaction (a plain append when no key is held, the common
-        case; a MERGE otherwise); ``append``: add the rows; ``overwrite``: the rows become the
-        whole table.
+        case; otherwise an overwrite of exactly those keys, Delta's replaceWhere); ``append``:
+        add the rows; ``overwrite``: the rows become the whole table.
     metadata
         Recorded with the commit (``history()``), e.g. the version of the table it was built
         from.
@@ -311,22 +332,19 @@ def commit(
                 held = _existing_keys(lake, name, data)
                 replaced = held.num_rows
             if mode == "upsert" and replaced:
-                table = _open(lake, name)
-                assert table is not None
-                on = " AND ".join(f"t.{k} = s.{k}" for k in KEYS[name])
-                (
-                    table.merge(
-                        data,
-                        predicate=on,
-                        source_alias="s",
-                        target_alias="t",
-                        writer_properties=_writer(),
-                        commit_properties=props,
-                        post_commithook_properties=_hooks(),
-                    )
-                    .when_matched_update_all()
-                    .when_not_matched_insert_all()
-                    .execute()
+                # replaceWhere, not MERGE: one transaction that drops the rows holding these
+                # keys and adds the batch; MERGE (DataFusion) writes string_view columns, on
+                # which pyarrow's filtered dataset reads then fail
+                write_deltalake(
+                    _uri(lake, name),
+                    data,
+                    partition_by=[by] if by else None,
+                    mode="overwrite",
+                    predicate=_keys_predicate(name, data),
+                    schema_mode="merge",
+                    writer_properties=_writer(),
+                    commit_properties=props,
+                    post_commithook_properties=_hooks(),
                 )
             else:
                 write_deltalake(
@@ -341,7 +359,7 @@ def commit(
                 )
             break
         except CommitFailedError:
-            # another writer's MERGE touched the same files: start again from its version
+            # another writer's replacement touched the same files: start again from its version
             if attempt + 1 == _RETRIES or not isinstance(data, pa.Table):
                 raise
             time.sleep(0.05 * (attempt + 1))

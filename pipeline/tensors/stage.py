@@ -244,7 +244,7 @@ def _todo(
 
 def _apply_verdicts(con: Any, lake: LakePaths) -> None:
     """Set ``series.volume_ok``/``volume_reason`` from the verdicts taken on the pixels: the
-    changed series rows in one commit (a MERGE), which keeps the ``instances`` version the
+    changed series rows in one commit (an upsert), which keeps the ``instances`` version the
     table was built from."""
     verdicts = volume_verdicts(con, lake)
     if not verdicts:

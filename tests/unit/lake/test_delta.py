@@ -82,6 +82,40 @@ def test_a_batch_is_one_version_and_an_object_that_comes_again_replaces_its_row(
         read_table(lake, "instances", version=99)
 
 
+def test_replacing_rows_keeps_plain_string_files_that_filtered_reads_can_prune(
+    tmp_path: Path,
+) -> None:
+    """Seen in CI: a MERGE (DataFusion) wrote its files with string_view columns; the next
+    upsert's key check, a filtered pyarrow read, then failed on every batch with "Function
+    'greater_equal' has no kernel matching input types (string, string_view)" (row-group
+    statistics of two different values in one file)."""
+    import pyarrow.compute as pc
+
+    lake = LakePaths(tmp_path / "lake").create()
+    commit_rows(lake, "instances", [_inst(1), _inst(2)])
+    replaced = commit_rows(lake, "instances", [_inst(2, batch="b1"), _inst(3, batch="b1")])
+    assert (replaced.added, replaced.replaced) == (1, 1)
+    for path in delta.data_files(lake, "instances"):
+        types = {str(field.type) for field in pq.read_schema(path)}
+        assert not any("view" in t for t in types), (path, types)
+    again = commit_rows(lake, "instances", [_inst(3, batch="b2"), _inst(4, batch="b2")])
+    assert (again.added, again.replaced) == (1, 1)
+    got = read_table(
+        lake, "instances", filter=pc.field("SOPInstanceUID") >= "2.25.2", columns=["SOPInstanceUID"]
+    )
+    assert sorted(got.column(0).to_pylist()) == ["2.25.2", "2.25.3", "2.25.4"]
+    rows = {
+        r["SOPInstanceUID"]: r["BodyPartExamined"]
+        for r in read_table(lake, "instances").to_pylist()
+    }
+    assert rows == {"2.25.1": "b0", "2.25.2": "b1", "2.25.3": "b2", "2.25.4": "b2"}
+    # a key holding a quote is matched exactly, not read as SQL
+    odd = _inst(5) | {"SOPInstanceUID": "2.25.5') OR (1=1"}
+    commit_rows(lake, "instances", [odd])
+    commit_rows(lake, "instances", [odd | {"BodyPartExamined": "b3"}])
+    assert read_table(lake, "instances").num_rows == 5
+
+
 def test_rows_two_concurrent_batches_both_added_are_deduplicated_in_one_commit(
     tmp_path: Path,
 ) -> None:
