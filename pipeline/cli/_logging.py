@@ -41,6 +41,23 @@ class _QuietThirdParty(logging.Filter):
         return not any(record.name == q or record.name.startswith(q + ".") for q in _QUIET)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes, not the stream of the moment
+    the handler was made: a caller that swaps stderr (a test runner capturing a command's
+    output) and closes it afterwards must not leave a handler writing to a closed file."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     """Route pacsflow's log records to stderr as text or JSON lines.
 
@@ -51,7 +68,7 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     for handler in list(root.handlers):
         if getattr(handler, "_pacsflow", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler._pacsflow = True  # type: ignore[attr-defined]
     if json_lines:
         handler.setFormatter(JsonFormatter())
