@@ -141,7 +141,7 @@ class RunRecorder:
         self.manifest = RunManifest(
             run_id=new_run_id(),
             command=command,
-            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            started_at=datetime.now(UTC).isoformat(timespec="microseconds"),
             config_hash=config_hash,
             config=config,
             versions=library_versions(),
@@ -280,10 +280,22 @@ def mark_abandoned(lake: LakePaths, audit: AuditLog | None = None) -> list[str]:
 
 
 def list_manifests(lake: LakePaths) -> list[RunManifest]:
-    """Every run manifest of the lake, oldest first."""
+    """Every run manifest of the lake, oldest first (by start time: run ids sort by the second
+    only, and two runs may start in one second)."""
     if not lake.runs.is_dir():
         return []
-    return [RunManifest.from_file(p) for p in sorted(lake.runs.glob("*.json"))]
+    manifests = [RunManifest.from_file(p) for p in lake.runs.glob("*.json")]
+    return sorted(manifests, key=_start_order)
+
+
+def _start_order(manifest: RunManifest) -> tuple[datetime, str]:
+    try:
+        started = datetime.fromisoformat(manifest.started_at)
+    except (TypeError, ValueError):
+        started = datetime.min.replace(tzinfo=UTC)
+    if started.tzinfo is None:
+        started = started.replace(tzinfo=UTC)
+    return started, manifest.run_id
 
 
 def versions_of_run(lake: LakePaths, run: str) -> tuple[str, dict[str, int]]:

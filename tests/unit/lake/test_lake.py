@@ -213,3 +213,23 @@ def test_run_manifest_flags_unreconciled_and_failed_runs(tmp_path: Path) -> None
     failed = [m for m in list_manifests(lake) if m.status == "failed"]
     assert len(failed) == 1
     assert failed[0].error == "RuntimeError"
+
+
+def test_runs_started_in_one_second_are_listed_in_start_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in CI: run ids sort by the second only (``...T183000Z-<random>``), so two runs of
+    one second were listed by their random suffix and the "last run" was sometimes the first."""
+    import pipeline.lake.manifest as manifest
+
+    # one second, each suffix sorting before the one before it
+    ids = iter(f"20261207T090000Z-{s}" for s in ("ffffff", "aaaaaa", "000000"))
+    monkeypatch.setattr(manifest, "new_run_id", lambda now=None: next(ids))
+    lake = _lake(tmp_path)
+    made = []
+    for command in ("crawl", "deid", "tensors"):
+        with RunRecorder(lake, command, keys=KEYS, witness="none") as rec:
+            made.append(rec.run_id)
+    assert sorted(made) == made[::-1]
+    assert [m.run_id for m in list_manifests(lake)] == made
+    assert list_manifests(lake)[-1].command == "tensors"
