@@ -312,7 +312,7 @@ def _part10(fp: BinaryIO, buf: bytes, size: int) -> tuple[Any, int]:
     from pydicom.charset import convert_encodings, default_encoding
     from pydicom.datadict import _dictionary_vr_fast
     from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.filereader import read_sequence
     from pydicom.tag import BaseTag
     from pydicom.uid import PrivateTransferSyntaxes
@@ -439,24 +439,17 @@ def _part10(fp: BinaryIO, buf: bytes, size: int) -> tuple[Any, int]:
         if pos >= len(buf) and not complete:
             raise _NeedMore  # it may have read short at the end of what was read
         elements[btag] = DataElement(btag, vr, seq, at, is_undefined_length=True)
-    dataset = Dataset(elements, parent_encoding=default_encoding)
-    charset = elements.get(BaseTag(_SPECIFIC_CHARACTER_SET))
-    if charset is not None:
-        from pydicom.dataelem import convert_raw_data_element
-
-        dataset_encoding: Any = convert_encodings(convert_raw_data_element(charset).value)
-    else:
-        dataset_encoding = default_encoding
-    dataset.set_original_encoding(implicit, True, dataset_encoding)
-    file_meta = FileMetaDataset(Dataset(meta_elements))
+    # the FileDataset over the elements as they are (pydicom's read goes through a Dataset
+    # first, whose only lasting part is this same dict: one Dataset less a file)
+    file_meta = FileMetaDataset(meta_elements)
     file_meta.set_original_encoding(
         is_implicit_vr=False, is_little_endian=True, character_encoding=default_encoding
     )
     if file_meta._dict:
         file_meta[next(iter(file_meta.elements())).tag]  # converted, as pydicom's check does
     file_meta.get("TransferSyntaxUID")  # converted, as read_partial does
-    ds = FileDataset(fp, dataset, buf[:128], file_meta, implicit, True)
-    ds.set_original_encoding(implicit, True, dataset._character_set)
+    ds = FileDataset(fp, elements, buf[:128], file_meta, implicit, True)
+    ds.set_original_encoding(implicit, True, ds._character_set)
     return ds, pos
 
 
