@@ -72,6 +72,8 @@ def encode_location(raw: bytes) -> str:
     'a\\\\b'
     """
     text = raw.decode("utf-8", "surrogateescape")
+    if text.isprintable() and "\\" not in text:  # the common case, at C speed
+        return text
     return _TO_ESCAPE.sub(_escape, text)
 
 
@@ -161,11 +163,14 @@ class FolderSource:
             for entry in entries:
                 name = entry.name
                 rel_e = rel + b"/" + name if rel else name
-                if fnmatch.fnmatchcase(name, _TEMPORARY):
+                if name[:1] == b"." and fnmatch.fnmatchcase(name, _TEMPORARY):
                     yield self._skip(rel_e, SkipReason.PACSFLOW_TEMPORARY)
                     continue
                 try:
-                    est = self._stat(entry, root)
+                    if entry.is_symlink():
+                        est = self._link_target(entry, root)
+                    else:
+                        est = entry.stat(follow_symlinks=False)
                 except _Skip as skip:
                     yield self._skip(rel_e, skip.reason, skip.detail)
                     continue
@@ -190,10 +195,9 @@ class FolderSource:
                     yield self._skip(rel_e, SkipReason.NOT_REGULAR_FILE)
             stack.extend(reversed(subdirs))
 
-    def _stat(self, entry: os.DirEntry[bytes], root: bytes) -> os.stat_result:
-        """The stat of what the walk takes ``entry`` for, or :class:`_Skip` with why not."""
-        if not entry.is_symlink():
-            return entry.stat(follow_symlinks=False)
+    def _link_target(self, entry: os.DirEntry[bytes], root: bytes) -> os.stat_result:
+        """The stat of the target of the symlink ``entry`` when the walk follows it, or
+        :class:`_Skip` with why not."""
         if not self.follow_symlinks:
             raise _Skip(SkipReason.SYMLINK_NOT_FOLLOWED)
         try:
