@@ -217,13 +217,24 @@ class FolderSource:
         return Skipped(location, reason)
 
     def read_unit(self, unit: Unit) -> Iterator[RawObject]:
-        """A file is one object: hand its path to the parser (header only)."""
+        """A file is one object: hand its path to the parser (header only), or, when the
+        file was swapped for a link out of the root since the listing, an error that
+        quarantines it."""
+        path = self.path_of(unit.key)
+        # the listing never makes a unit of a link unless links may leave the root: one lstat
+        # here (a realpath per object would cost more than reading a small header)
+        if not self.follow_symlinks_outside_root and os.path.islink(path):
+            real = os.path.realpath(os.fsencode(path))
+            if not _inside(real, os.fsencode(self.root)):
+                error = self._outside(unit.key)
+                yield RawObject(unit.key, unit.key, unit.size_bytes, unit.mtime_ns, error=error)
+                return
         yield RawObject(
             location=unit.key,
             unit_key=unit.key,
             size_bytes=unit.size_bytes,
             mtime_ns=unit.mtime_ns,
-            path=self.path_of(unit.key),
+            path=path,
         )
 
     def path_of(self, location: str) -> Path:
@@ -239,19 +250,30 @@ class FolderSource:
         Raises
         ------
         InputError
-            When the location now leads out of the archive root through a symlink (and
-            ``follow_symlinks_outside_root`` is false): it is not opened.
+            When the file opened lies outside the archive root (a symlink on the way) and
+            ``follow_symlinks_outside_root`` is false: it is closed unread.
         """
         path = self.path_of(location)
-        if not self.follow_symlinks_outside_root and not _inside(
-            os.path.realpath(os.fsencode(path)), os.fsencode(self.root)
-        ):
-            raise InputError(
-                f"{location} leads out of the archive root through a symlink; not read "
-                "(source.follow_symlinks_outside_root allows it)",
-                reason=QuarantineReason.UNREADABLE,
-            )
-        return open(path, "rb")
+        fp = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+        if self.follow_symlinks_outside_root:
+            return fp
+        try:
+            # the file actually opened (no window between a check and the open), by its fd
+            real = os.readlink(f"/proc/self/fd/{fp.fileno()}".encode())
+        except OSError:  # no /proc: resolve the path instead
+            real = os.path.realpath(os.fsencode(path))
+        if not _inside(real, os.fsencode(self.root)):
+            fp.close()
+            raise self._outside(location)
+        return fp
+
+    @staticmethod
+    def _outside(location: str) -> InputError:
+        return InputError(
+            f"{location} leads out of the archive root through a symlink; not read "
+            "(source.follow_symlinks_outside_root allows it)",
+            reason=QuarantineReason.UNREADABLE,
+        )
 
     # ---------------------------------------------------------------- as a write-back destination
 

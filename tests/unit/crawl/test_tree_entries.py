@@ -15,10 +15,17 @@ from typer.testing import CliRunner
 
 from pipeline.cli.main import app
 from pipeline.config import PipelineConfig, load_config
-from pipeline.connectors import FolderSource, decode_location, encode_location, open_source
+from pipeline.connectors import (
+    FolderSource,
+    Unit,
+    decode_location,
+    encode_location,
+    open_source,
+)
 from pipeline.crawl import current_index
 from pipeline.crawl import run as crawl_run
 from pipeline.deid.stage import run as deid_run
+from pipeline.errors import InputError
 from pipeline.lake import LakePaths, read_table
 
 KEY = b"k" * 32
@@ -213,6 +220,23 @@ def test_a_location_swapped_for_a_link_out_of_the_root_is_not_read(tmp_path: Pat
     q = read_table(lake, "quarantine").to_pylist()
     assert [(r["location"], r["stage"], r["reason"]) for r in q] == [("IM2", "deid", "unreadable")]
     assert "leads out of the archive root" in q[0]["message"]
+
+
+def test_a_file_swapped_for_a_link_after_the_listing_is_quarantined_by_the_crawl(
+    tmp_path: Path,
+) -> None:
+    archive = tmp_path / "archive"
+    write(make_ct(number=1), archive / "IM1")
+    write(make_ct(number=90), tmp_path / "elsewhere" / "secret.dcm")
+    source = FolderSource(archive)
+    (unit,) = source.list_units()
+    assert isinstance(unit, Unit)
+    (archive / "IM1").unlink()
+    (archive / "IM1").symlink_to(tmp_path / "elsewhere" / "secret.dcm")
+    (raw,) = source.read_unit(unit)
+    assert raw.path is None
+    assert isinstance(raw.error, InputError)
+    assert raw.error.reason == "unreadable"
 
 
 def test_every_entry_is_counted_once_in_the_summary_and_the_manifest(tmp_path: Path) -> None:
