@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["ObjectState", "QuarantineReason", "SourceKind", "Stage", "Zone"]
+__all__ = ["ObjectState", "QuarantineReason", "SkipReason", "SourceKind", "Stage", "Zone"]
 
 
 class Stage(StrEnum):
@@ -44,6 +44,28 @@ class QuarantineReason(StrEnum):
     UNRETRIEVABLE = "unretrievable"
     BURNED_IN_PHI = "burned_in_phi"
     INVALID = "invalid"
+
+
+class SkipReason(StrEnum):
+    """Why the crawl skipped an entry of a folder archive without reading it (counted per
+    reason in the run manifest; an entry is a file, a link or a folder, never both)."""
+
+    #: pacsflow's own temporary file (``.*.tmp-*``, an atomic write in progress): skipped by design
+    PACSFLOW_TEMPORARY = "pacsflow_temporary"
+    #: a symlink whose target is inside the archive root: the walk reaches it at its own path
+    SYMLINK_INSIDE_ROOT = "symlink_inside_root"
+    #: a symlink whose target is outside the archive root (``source.follow_symlinks_outside_root``)
+    SYMLINK_OUTSIDE_ROOT = "symlink_outside_root"
+    #: any symlink, when ``crawl.follow_symlinks`` is false
+    SYMLINK_NOT_FOLLOWED = "symlink_not_followed"
+    #: a symlink to nothing, or a link loop
+    BROKEN_SYMLINK = "broken_symlink"
+    #: a folder already walked under another path (reached again through followed links)
+    FOLDER_REPEAT = "folder_repeat"
+    #: a FIFO, socket or device
+    NOT_REGULAR_FILE = "not_regular_file"
+    #: a folder that cannot be listed, or an entry that cannot be stat-ed (e.g. permissions)
+    UNREADABLE = "unreadable"
 
 
 class SourceKind(StrEnum):

@@ -164,6 +164,13 @@ class SourceConfig(_Section):
     dimse: DimseConfig = Field(
         default_factory=DimseConfig, description="DIMSE (C-FIND/C-GET/C-MOVE) settings."
     )
+    follow_symlinks_outside_root: bool = Field(
+        False,
+        description="Folder sources: follow symlinks whose target lies outside the archive root "
+        "(folders entered once, so loops end). False: such links are skipped and counted "
+        "(symlink_outside_root), and every stage refuses to read a location that leads out of "
+        "the root.",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -186,7 +193,12 @@ class CrawlConfig(_Section):
         description="What an unusable object does: a quarantine row (production) or an "
         "exception (development).",
     )
-    follow_symlinks: bool = Field(True, description="Follow symlinks (loops are guarded).")
+    follow_symlinks: bool = Field(
+        True,
+        description="Folder sources: follow symlinks that leave the archive root when "
+        "source.follow_symlinks_outside_root allows it (a link inside the root is skipped: its "
+        "target is crawled at its own path). False: every link is skipped and counted.",
+    )
     incremental: bool = Field(
         True, description="Skip objects whose path, size and mtime are unchanged since last crawl."
     )

@@ -5,15 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.connectors.base import RawObject, Source, Unit
-from pipeline.connectors.folder import FolderSource
+from pipeline.connectors.base import RawObject, Skipped, Source, Unit
+from pipeline.connectors.folder import FolderSource, decode_location, encode_location
 from pipeline.enums import SourceKind
 
 if TYPE_CHECKING:
     from pipeline.config import SourceConfig
 from pipeline.errors import ConfigError
 
-__all__ = ["FolderSource", "RawObject", "Source", "Unit", "open_source", "source_kind"]
+__all__ = [
+    "FolderSource",
+    "RawObject",
+    "Skipped",
+    "Source",
+    "Unit",
+    "decode_location",
+    "encode_location",
+    "open_source",
+    "source_kind",
+]
 
 
 def source_kind(uri: str) -> SourceKind:
@@ -45,9 +55,12 @@ def open_source(
     uri:
         A folder, ``dicomweb+http(s)://host:port/root`` or ``dimse://AET@host:port``.
     cfg:
-        The ``source`` section (credentials by reference, CA bundle, timeouts, DIMSE settings).
+        The ``source`` section (credentials by reference, CA bundle, timeouts, DIMSE settings,
+        and for a folder whether symlinks may lead out of it).
     follow_symlinks:
-        Folder sources: follow directory symlinks (loops are guarded).
+        Folder sources: follow symlinks at all (``crawl.follow_symlinks``); a link inside the
+        root is never followed (its target is walked at its own path), one leaving it only
+        with ``cfg.follow_symlinks_outside_root``.
     cache_dir:
         DIMSE sources: where retrieved studies are cached (in the lake's restricted zone).
 
@@ -63,7 +76,11 @@ def open_source(
     cfg = cfg or SourceConfig()
     kind = source_kind(uri)
     if kind is SourceKind.FOLDER:
-        folder = FolderSource(Path(uri), follow_symlinks=follow_symlinks)
+        folder = FolderSource(
+            Path(uri),
+            follow_symlinks=follow_symlinks,
+            follow_symlinks_outside_root=cfg.follow_symlinks_outside_root,
+        )
         folder.check()
         return folder
     if kind is SourceKind.DICOMWEB:

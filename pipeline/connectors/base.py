@@ -15,12 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
-from pipeline.enums import SourceKind
+from pipeline.enums import SkipReason, SourceKind
 
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-__all__ = ["Destination", "RawObject", "Source", "StoreResult", "Unit", "result_path"]
+__all__ = [
+    "Destination",
+    "RawObject",
+    "Skipped",
+    "Source",
+    "StoreResult",
+    "Unit",
+    "result_path",
+]
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,19 @@ class Unit:
     watermark: str
     size_bytes: int | None = None
     mtime_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An entry of the archive that the listing passed over without making it a unit.
+
+    ``location`` is archive-relative as for a unit (a folder's entry: a file, a link or a
+    folder whose contents were not walked); ``reason`` says why. The crawl counts these per
+    reason, so that every entry is accounted for once; PACS sources list none.
+    """
+
+    location: str
+    reason: SkipReason
 
 
 @dataclass(frozen=True)
@@ -82,8 +103,9 @@ class Source(Protocol):
         """Raise :class:`pipeline.errors.SourceError` when the archive cannot be reached."""
         ...
 
-    def list_units(self) -> Iterator[Unit]:
-        """Yield every unit of the archive, streaming (never all at once)."""
+    def list_units(self) -> Iterator[Unit | Skipped]:
+        """Yield every unit of the archive, streaming (never all at once), and a
+        :class:`Skipped` for each entry passed over on purpose (with its reason)."""
         ...
 
     def read_unit(self, unit: Unit) -> Iterator[RawObject]:

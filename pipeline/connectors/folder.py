@@ -1,41 +1,123 @@
-"""A folder tree of DICOM files as an archive (any file names, nested to any depth)."""
+"""A folder tree of DICOM files as an archive (any file names, nested to any depth).
+
+**Locations.** A POSIX file name is bytes, not text: it need not be UTF-8 and may hold a
+newline. The index stores a location as text (Parquet strings are UTF-8), so a file's path
+relative to the root is written in one lossless, printable form (:func:`encode_location`):
+bytes that are not UTF-8 and control characters (C0, DEL, C1) become ``\\xHH`` (one per
+byte), and a backslash is doubled only where it would otherwise read as such an escape (before
+``\\``, ``x`` or an escaped character). Every other name, e.g. ``P1/ST1/IM_0001`` or
+``DICOM\\IM1``, is its own location, as it always was. :func:`decode_location` gives the bytes
+back, and every read goes through them, whatever the locale.
+
+**What the walk counts.** Every entry below the root is one of: a regular file (a unit), or
+skipped with a :class:`~pipeline.enums.SkipReason`: pacsflow's own temporary files
+(``.*.tmp-*``, by design), symlinks (by default none is followed: a link whose target is inside
+the root names what the walk reaches at its own path, so following it would index one object
+twice; one that leaves the root is followed only when configured), broken links and link
+loops, folders reached a second time, FIFOs, sockets and devices, and what cannot be read.
+Names starting with a dot are entries like any other.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.connectors.base import RawObject, StoreResult, Unit, result_path
-from pipeline.dicom.atomic import atomic_write_bytes
-from pipeline.enums import SourceKind
-from pipeline.errors import SourceError
+from pipeline.connectors.base import RawObject, Skipped, StoreResult, Unit, result_path
+from pipeline.dicom.atomic import TEMPORARY_GLOB, atomic_write_bytes
+from pipeline.enums import QuarantineReason, SkipReason, SourceKind
+from pipeline.errors import InputError, SourceError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FolderSource"]
+__all__ = ["FolderSource", "decode_location", "encode_location"]
+
+#: characters a location never shows as they are: control characters and undecodable bytes
+_HIDDEN = "\x00-\x1f\x7f-\x9f\udc80-\udcff"
+_TO_ESCAPE = re.compile(f"\\\\(?=[\\\\x{_HIDDEN}])|[{_HIDDEN}]")
+_ESCAPED = re.compile(r"\\(\\|x[0-9a-f]{2})")
+_TEMPORARY = os.fsencode(TEMPORARY_GLOB)
+
+
+def _escape(match: re.Match[str]) -> str:
+    ch = match.group()
+    if ch == "\\":
+        return "\\\\"
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return "".join(f"\\x{b:02x}" for b in ch.encode())
+
+
+def encode_location(raw: bytes) -> str:
+    """The location (printable UTF-8 text, one line) of a root-relative path given as bytes.
+
+    Lossless: ``decode_location(encode_location(raw)) == raw`` for any bytes.
+
+    Examples
+    --------
+    >>> encode_location(b"P1/IM_0001")
+    'P1/IM_0001'
+    >>> encode_location(b"bad\\xff\\nname.dcm")
+    'bad\\\\xff\\\\x0aname.dcm'
+    >>> encode_location(b"a\\\\b")
+    'a\\\\b'
+    """
+    text = raw.decode("utf-8", "surrogateescape")
+    if text.isprintable() and "\\" not in text:  # the common case, at C speed
+        return text
+    return _TO_ESCAPE.sub(_escape, text)
+
+
+def decode_location(location: str) -> bytes:
+    """The root-relative path (bytes) that :func:`encode_location` wrote as ``location``."""
+    if "\\" not in location:
+        return location.encode("utf-8", "surrogateescape")
+    out = bytearray()
+    pos = 0
+    for m in _ESCAPED.finditer(location):
+        out += location[pos : m.start()].encode("utf-8", "surrogateescape")
+        code = m.group(1)
+        out += b"\\" if code == "\\" else bytes((int(code[1:], 16),))
+        pos = m.end()
+    out += location[pos:].encode("utf-8", "surrogateescape")
+    return bytes(out)
 
 
 @dataclass(frozen=True)
 class FolderSource:
-    """Every regular file below ``root`` is an object; ``location`` is its path relative to root.
+    """Every regular file below ``root`` is an object; ``location`` is its path relative to
+    root (see :func:`encode_location`).
 
-    Directory symlinks are followed when ``follow_symlinks`` is true, and each directory is
-    entered once (by device and inode), so symlink loops end. Hidden files and folders (names
-    starting with ``.``) are skipped.
+    Symlinks: one whose target lies inside the root is skipped (its target is walked at its
+    own path); one that leaves the root is followed only with ``follow_symlinks_outside_root``
+    (each folder is then entered once, by device and inode, so loops end), and reads refuse a
+    location that leads out of the root otherwise. With ``follow_symlinks`` false no link is
+    followed. Every entry passed over is a :class:`~pipeline.connectors.base.Skipped`.
     """
 
     root: Path
     follow_symlinks: bool = True
+    follow_symlinks_outside_root: bool = False
     kind: SourceKind = SourceKind.FOLDER
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root).resolve())
+        root = Path(self.root).resolve()
+        if encode_location(os.fsencode(root)) != str(root):
+            raise SourceError(
+                f"the archive root {encode_location(os.fsencode(root))} is not plain UTF-8 text "
+                "(it holds bytes that are not UTF-8, a control character or a backslash escape): "
+                "rename the folder or crawl its subfolders"
+            )
+        object.__setattr__(self, "root", root)
 
     @property
     def source_id(self) -> str:
@@ -51,8 +133,9 @@ class FolderSource:
         if not self.is_available():
             raise SourceError(f"archive folder not found or not readable: {self.root}")
 
-    def list_units(self) -> Iterator[Unit]:
-        """Walk the tree depth-first in sorted order (deterministic), yielding regular files.
+    def list_units(self) -> Iterator[Unit | Skipped]:
+        """Walk the tree depth-first in sorted order (deterministic), yielding regular files
+        and, for every other entry, why it was skipped.
 
         Each file is a unit whose watermark is its size and mtime.
 
@@ -62,66 +145,135 @@ class FolderSource:
             When the root folder does not exist or cannot be read.
         """
         self.check()
-        seen_dirs: set[tuple[int, int]] = set()
-        stack = [self.root]
-        root_len = len(str(self.root)) + 1
+        root = os.fsencode(self.root)
+        st = os.stat(root)
+        seen_dirs: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
+        stack: list[tuple[bytes, bytes]] = [(root, b"")]
         while stack:
-            folder = stack.pop()
+            folder, rel = stack.pop()
             try:
-                st = folder.stat()
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
             except OSError as exc:
-                logger.warning("cannot stat folder %s: %s", str(folder)[root_len:], exc.strerror)
+                if not rel:
+                    raise SourceError(f"cannot list the archive folder: {exc.strerror}") from None
+                yield self._skip(rel, SkipReason.UNREADABLE, exc.strerror)
                 continue
-            key = (st.st_dev, st.st_ino)
-            if key in seen_dirs:
-                logger.debug("symlink loop or repeat skipped at %s", str(folder)[root_len:])
-                continue
-            seen_dirs.add(key)
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError as exc:
-                logger.warning("cannot list folder %s: %s", str(folder)[root_len:], exc.strerror)
-                continue
-            subdirs = []
+            subdirs: list[tuple[bytes, bytes]] = []
             for entry in entries:
-                if entry.name.startswith("."):
+                name = entry.name
+                rel_e = rel + b"/" + name if rel else name
+                if name[:1] == b"." and fnmatch.fnmatchcase(name, _TEMPORARY):
+                    yield self._skip(rel_e, SkipReason.PACSFLOW_TEMPORARY)
                     continue
                 try:
-                    if entry.is_dir(follow_symlinks=self.follow_symlinks):
-                        subdirs.append(Path(entry.path))
-                        continue
-                    est = entry.stat(follow_symlinks=self.follow_symlinks)
-                except OSError:
-                    logger.debug("dangling entry skipped: %s", entry.path[root_len:])
+                    if entry.is_symlink():
+                        est = self._link_target(entry, root)
+                    else:
+                        est = entry.stat(follow_symlinks=False)
+                except _Skip as skip:
+                    yield self._skip(rel_e, skip.reason, skip.detail)
                     continue
-                if stat.S_ISREG(est.st_mode):
+                except OSError as exc:
+                    yield self._skip(rel_e, SkipReason.UNREADABLE, exc.strerror)
+                    continue
+                if stat.S_ISDIR(est.st_mode):
+                    key = (est.st_dev, est.st_ino)
+                    if key in seen_dirs:
+                        yield self._skip(rel_e, SkipReason.FOLDER_REPEAT)
+                        continue
+                    seen_dirs.add(key)
+                    subdirs.append((entry.path, rel_e))
+                elif stat.S_ISREG(est.st_mode):
                     yield Unit(
-                        entry.path[root_len:],
+                        encode_location(rel_e),
                         f"{est.st_size}:{est.st_mtime_ns}",
                         est.st_size,
                         est.st_mtime_ns,
                     )
+                else:
+                    yield self._skip(rel_e, SkipReason.NOT_REGULAR_FILE)
             stack.extend(reversed(subdirs))
 
+    def _link_target(self, entry: os.DirEntry[bytes], root: bytes) -> os.stat_result:
+        """The stat of the target of the symlink ``entry`` when the walk follows it, or
+        :class:`_Skip` with why not."""
+        if not self.follow_symlinks:
+            raise _Skip(SkipReason.SYMLINK_NOT_FOLLOWED)
+        try:
+            target = os.stat(entry.path)
+        except OSError as exc:  # dangling, or a loop (ELOOP)
+            raise _Skip(SkipReason.BROKEN_SYMLINK, exc.strerror) from None
+        if _inside(os.path.realpath(entry.path), root):
+            raise _Skip(SkipReason.SYMLINK_INSIDE_ROOT)
+        if not self.follow_symlinks_outside_root:
+            raise _Skip(SkipReason.SYMLINK_OUTSIDE_ROOT)
+        return target
+
+    @staticmethod
+    def _skip(rel: bytes, reason: SkipReason, detail: str | None = None) -> Skipped:
+        location = encode_location(rel)
+        logger.debug("skipped %s: %s%s", location, reason.value, f" ({detail})" if detail else "")
+        return Skipped(location, reason)
+
     def read_unit(self, unit: Unit) -> Iterator[RawObject]:
-        """A file is one object: hand its path to the parser (header only)."""
+        """A file is one object: hand its path to the parser (header only), or, when the
+        file was swapped for a link out of the root since the listing, an error that
+        quarantines it."""
+        path = self.path_of(unit.key)
+        # the listing never makes a unit of a link unless links may leave the root: one lstat
+        # here (a realpath per object would cost more than reading a small header)
+        if not self.follow_symlinks_outside_root and os.path.islink(path):
+            real = os.path.realpath(os.fsencode(path))
+            if not _inside(real, os.fsencode(self.root)):
+                error = self._outside(unit.key)
+                yield RawObject(unit.key, unit.key, unit.size_bytes, unit.mtime_ns, error=error)
+                return
         yield RawObject(
             location=unit.key,
             unit_key=unit.key,
             size_bytes=unit.size_bytes,
             mtime_ns=unit.mtime_ns,
-            path=self.path_of(unit.key),
+            path=path,
         )
 
     def path_of(self, location: str) -> Path:
         """The absolute path of an object, refusing locations that escape the root."""
-        if ".." in Path(location).parts or Path(location).is_absolute():
+        raw = decode_location(location)
+        if raw.startswith(b"/") or b".." in raw.split(b"/"):
             raise SourceError(f"location escapes the archive root: {location}")
-        return self.root / location
+        return Path(os.fsdecode(os.path.join(os.fsencode(self.root), raw)))
 
     def open(self, location: str) -> BinaryIO:
-        """Open an object for binary reading."""
-        return open(self.path_of(location), "rb")
+        """Open an object for binary reading.
+
+        Raises
+        ------
+        InputError
+            When the file opened lies outside the archive root (a symlink on the way) and
+            ``follow_symlinks_outside_root`` is false: it is closed unread.
+        """
+        path = self.path_of(location)
+        fp = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+        if self.follow_symlinks_outside_root:
+            return fp
+        try:
+            # the file actually opened (no window between a check and the open), by its fd
+            real = os.readlink(f"/proc/self/fd/{fp.fileno()}".encode())
+        except OSError:  # no /proc: resolve the path instead
+            real = os.path.realpath(os.fsencode(path))
+        if not _inside(real, os.fsencode(self.root)):
+            fp.close()
+            raise self._outside(location)
+        return fp
+
+    @staticmethod
+    def _outside(location: str) -> InputError:
+        return InputError(
+            f"{location} leads out of the archive root through a symlink; not read "
+            "(source.follow_symlinks_outside_root allows it)",
+            reason=QuarantineReason.UNREADABLE,
+        )
 
     # ---------------------------------------------------------------- as a write-back destination
 
@@ -153,6 +305,20 @@ class FolderSource:
         except (OSError, ValueError, EOFError):
             return False
         return str(ds.get("SOPInstanceUID", "")) == sop_uid
+
+
+class _Skip(Exception):
+    """An entry the walk passes over (internal: becomes a :class:`Skipped`)."""
+
+    def __init__(self, reason: SkipReason, detail: str | None = None) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+def _inside(real: bytes, root: bytes) -> bool:
+    """Whether the resolved path ``real`` is ``root`` or below it."""
+    return real == root or real.startswith(root.rstrip(b"/") + b"/")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -8,6 +8,7 @@ from pipeline.crawl.stage import (
     object_key,
     object_states,
     run,
+    skipped_text,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "read_header",
     "record_from_metadata",
     "run",
+    "skipped_text",
 ]

@@ -16,7 +16,9 @@ How a crawl runs, with the driver's memory bounded by the batch size, not the ar
 
 A crawl killed at any point leaves whole part files only; the rerun skips what was committed,
 re-reads the rest, and deduplicates by fingerprint: the current index equals an uninterrupted
-crawl's. Every object seen ends as exactly one of: indexed, quarantined, unchanged.
+crawl's. Every entry seen ends as exactly one of: indexed, quarantined, unchanged, or skipped
+by the listing with a reason (a folder's links, temporary files, FIFOs...: see
+:class:`~pipeline.enums.SkipReason`), counted per reason in ``counts.extra``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import pyarrow.parquet as pq
 
 from pipeline.compute import map_bounded, set_total
 from pipeline.config import PipelineConfig
-from pipeline.connectors import Source, Unit
+from pipeline.connectors import Skipped, Source, Unit
 from pipeline.crawl.core import parse_raw
 from pipeline.enums import ObjectState, Stage
 from pipeline.errors import InputError
@@ -55,7 +57,15 @@ from pipeline.lake.queries import current_index as current_index_query
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CrawlResult", "crawl_batch", "current_index", "object_key", "object_states", "run"]
+__all__ = [
+    "CrawlResult",
+    "crawl_batch",
+    "current_index",
+    "object_key",
+    "object_states",
+    "run",
+    "skipped_text",
+]
 
 Progress = Callable[[int], None]
 _LISTING_CHUNK = 50_000
@@ -64,6 +74,13 @@ _LISTING_CHUNK = 50_000
 def object_key(source_id: str, location: str) -> str:
     """Stable key of an object: SHA-256 of its source id and location (no PHI in it)."""
     return hashlib.sha256(f"{source_id}\x00{location}".encode()).hexdigest()
+
+
+def skipped_text(skipped: Mapping[str, int]) -> str:
+    """`` (reason n, ...)`` for a summary line; empty when nothing was skipped."""
+    if not skipped:
+        return ""
+    return " (" + ", ".join(f"{reason} {n}" for reason, n in skipped.items()) + ")"
 
 
 @dataclass(frozen=True)
@@ -207,9 +224,12 @@ def crawl_batch(
 # --------------------------------------------------------------------------------------------
 
 
-def _write_listing(source: Source, folder: Path, sealer: Sealer | None = None) -> int:
-    """Stream the source's units into Parquet chunks; return how many there are. Unit keys
-    are sealed as the units table holds them (a lake encrypted at rest), so the diff joins."""
+def _write_listing(
+    source: Source, folder: Path, sealer: Sealer | None = None
+) -> tuple[int, dict[str, int]]:
+    """Stream the source's units into Parquet chunks; return how many there are, and how many
+    entries the source skipped, per reason. Unit keys are sealed as the units table holds them
+    (a lake encrypted at rest), so the diff joins."""
     folder.mkdir(parents=True, exist_ok=True)
     schema = pa.schema(
         [
@@ -222,6 +242,7 @@ def _write_listing(source: Source, folder: Path, sealer: Sealer | None = None) -
     )
     n = 0
     chunk: list[Unit] = []
+    skipped: dict[str, int] = {}
 
     def flush() -> None:
         if not chunk:
@@ -237,6 +258,9 @@ def _write_listing(source: Source, folder: Path, sealer: Sealer | None = None) -
         chunk.clear()
 
     for unit in source.list_units():
+        if isinstance(unit, Skipped):
+            skipped[unit.reason.value] = skipped.get(unit.reason.value, 0) + 1
+            continue
         chunk.append(unit)
         n += 1
         if len(chunk) >= _LISTING_CHUNK:
@@ -244,7 +268,7 @@ def _write_listing(source: Source, folder: Path, sealer: Sealer | None = None) -
     flush()
     if n == 0:
         pq.write_table(schema.empty_table(), folder / "empty.parquet")
-    return n
+    return n, dict(sorted(skipped.items()))
 
 
 def _batches(
@@ -366,7 +390,7 @@ def run(
     (tmp / "pid").write_text(f"{socket.gethostname()} {os.getpid()}")
     src = source.source_id
     try:
-        n_units = _write_listing(source, tmp / "listing", lake.sealer())
+        n_units, skipped = _write_listing(source, tmp / "listing", lake.sealer())
         con = connect(tmp)
         crawl_q = CrawlQueries.at_start(
             lake, tmp / "listing", source=src, incremental=cfg.crawl.incremental
@@ -378,10 +402,11 @@ def run(
         if progress and units_unchanged:
             progress(int(units_unchanged))
         logger.info(
-            "crawl: %d units listed, %d unchanged, %d to read",
+            "crawl: %d units listed, %d unchanged, %d to read, %d entries skipped",
             n_units,
             units_unchanged,
             n_units - units_unchanged,
+            sum(skipped.values()),
         )
         totals = {"indexed": 0, "quarantined": 0, "unchanged": 0, "units": 0}
         on_invalid = cfg.crawl.on_invalid
@@ -444,28 +469,32 @@ def run(
         con.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    unchanged = totals["unchanged"] + int(objects_unchanged)
+    n_skipped = sum(skipped.values())
     counts = StageCounts(
-        seen=totals["indexed"]
-        + totals["quarantined"]
-        + totals["unchanged"]
-        + int(objects_unchanged),
+        seen=totals["indexed"] + totals["quarantined"] + unchanged + n_skipped,
         out=totals["indexed"],
         quarantined=totals["quarantined"],
-        skipped=totals["unchanged"] + int(objects_unchanged),
+        skipped=unchanged + n_skipped,
         seconds=round(time.perf_counter() - t0, 3),
         extra={
             "gone": gone,
+            "unchanged": unchanged,
+            "skipped_by_reason": skipped,
             "units_listed": n_units,
             "units_read": totals["units"],
             "units_unchanged": int(units_unchanged),
         },
     )
     logger.info(
-        "crawl: seen %d = indexed %d + quarantined %d + unchanged %d; gone %d; in %.1f s",
+        "crawl: seen %d = indexed %d + quarantined %d + unchanged %d + skipped %d%s; gone %d; "
+        "in %.1f s",
         counts.seen,
         counts.out,
         counts.quarantined,
-        counts.skipped,
+        unchanged,
+        n_skipped,
+        skipped_text(skipped),
         gone,
         counts.seconds,
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pipeline.config import PipelineConfig
@@ -148,6 +148,7 @@ class CrawlStage:
     def run(self, ctx: StageContext) -> StageOutcome:
         from pipeline.connectors import open_source
         from pipeline.crawl import run as crawl_run
+        from pipeline.crawl import skipped_text
 
         uri = ctx.options.get("source") or ctx.cfg.source.uri
         if not uri:
@@ -162,7 +163,11 @@ class CrawlStage:
             r = crawl_run(
                 ctx.cfg, ctx.lake, source, run_id=ctx.run_id, client=ctx.client, progress=progress
             )
-        return StageOutcome(r.counts, _line(self.name, r.counts, "indexed", "unchanged"))
+        c = r.counts
+        skipped = c.extra.get("skipped_by_reason", {})
+        unchanged = replace(c, skipped=c.extra.get("unchanged", c.skipped))
+        details = f"skipped {sum(skipped.values())}{skipped_text(skipped)}"
+        return StageOutcome(c, _line(self.name, unchanged, "indexed", "unchanged", details))
 
 
 class DeidStage:

@@ -11,7 +11,7 @@ from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
 @pytest.fixture
 def archive(tmp_path: Path) -> Path:
-    """Five good objects (odd names, nested, no-preamble, RLE) and five bad ones."""
+    """Five good objects (odd names, nested, no-preamble, RLE), six bad ones, one link."""
     root = tmp_path / "archive"
     write(make_ct(number=1), root / "P1" / "ST1" / "SE1" / "IM_0001")
     write(make_ct(number=2), root / "P1" / "ST1" / "SE1" / "i123.MRDC.4")
@@ -31,7 +31,8 @@ def archive(tmp_path: Path) -> Path:
     no_uid = make_ct(number=8)
     del no_uid.SeriesInstanceUID
     write(no_uid, root / "bad" / "no_series_uid.dcm")
-    # ignored: hidden files, and a symlink loop that must not hang the walk
+    # a dot name is an entry like any other (here not DICOM), and a symlink loop that must not
+    # hang the walk (a link inside the root: skipped and counted)
     (root / ".hidden").write_text("x")
     (root / "P1" / "loop").symlink_to(root)
     return root

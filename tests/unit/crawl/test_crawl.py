@@ -11,13 +11,15 @@ from dicom_factory import make_ct, write
 from pydicom.uid import RLELossless
 
 from pipeline.config import load_config
-from pipeline.connectors import FolderSource, open_source, source_kind
+from pipeline.connectors import FolderSource, Skipped, Unit, open_source, source_kind
 from pipeline.crawl import current_index, object_states, read_header
 from pipeline.crawl import run as crawl_run
+from pipeline.enums import SkipReason
 from pipeline.errors import ConfigError, MissingAttribute, NotDicom
 from pipeline.lake import LakePaths, read_table
 
 EXPECTED_BAD = {
+    ".hidden": "not_dicom",
     "bad/notes.txt": "not_dicom",
     "bad/empty": "not_dicom",
     "bad/truncated.dcm": "truncated",
@@ -32,17 +34,21 @@ def _crawl(root: Path, lake: LakePaths, run_id: str, **cfg: object):  # type: ig
 
 
 def test_walk_finds_every_file_once_and_survives_a_symlink_loop(archive: Path) -> None:
-    locations = [r.key for r in FolderSource(archive).list_units()]
-    assert len(locations) == len(set(locations)) == 10
+    entries = list(FolderSource(archive).list_units())
+    locations = [r.key for r in entries if isinstance(r, Unit)]
+    assert len(locations) == len(set(locations)) == 11
     assert "P1/ST1/SE1/i123.MRDC.4" in locations
-    assert not any(loc.startswith(".") for loc in locations)
+    assert ".hidden" in locations
+    assert [r for r in entries if isinstance(r, Skipped)] == [
+        Skipped("P1/loop", SkipReason.SYMLINK_INSIDE_ROOT)
+    ]
 
 
 def test_crawl_indexes_good_and_quarantines_bad_with_reasons(archive: Path, tmp_path: Path) -> None:
     lake = LakePaths(tmp_path / "lake")
     result = _crawl(archive, lake, "r1")
     c = result.counts
-    assert (c.seen, c.out, c.quarantined, c.skipped) == (10, 5, 5, 0)
+    assert (c.seen, c.out, c.quarantined, c.skipped) == (12, 5, 6, 1)
     assert c.reconciles
     index = read_table(lake, "index")
     assert sorted(index.column("InstanceNumber").to_pylist()) == [1, 2, 3, 4, 5]
@@ -68,7 +74,7 @@ def test_rerun_is_incremental_and_picks_up_changes(archive: Path, tmp_path: Path
     lake = LakePaths(tmp_path / "lake")
     _crawl(archive, lake, "r1")
     again = _crawl(archive, lake, "r2").counts
-    assert (again.seen, again.out, again.quarantined, again.skipped) == (10, 0, 0, 10)
+    assert (again.seen, again.out, again.quarantined, again.skipped) == (12, 0, 0, 12)
     # a new object, a changed object, and a bad object fixed at the source
     write(make_ct(number=9), archive / "P3" / "new.dcm")
     changed = archive / "P1" / "ST1" / "SE1" / "x.img"
@@ -76,7 +82,7 @@ def test_rerun_is_incremental_and_picks_up_changes(archive: Path, tmp_path: Path
     os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
     write(make_ct(number=8), archive / "bad" / "no_series_uid.dcm")
     third = _crawl(archive, lake, "r3").counts
-    assert (third.seen, third.out, third.quarantined, third.skipped) == (11, 3, 0, 8)
+    assert (third.seen, third.out, third.quarantined, third.skipped) == (13, 3, 0, 10)
     index = current_index(lake)
     assert index.num_rows == 7  # 5 + new + fixed; the changed one is updated, not duplicated
     numbers = dict(
@@ -143,7 +149,7 @@ def test_objects_gone_from_the_source_are_marked(archive: Path, tmp_path: Path) 
     (archive / "bad" / "notes.txt").unlink()
     counts = _crawl(archive, lake, "r2").counts
     assert counts.extra["gone"] == 2
-    assert counts.seen == 8
+    assert counts.seen == 10
     states = {r["location"]: r["state"] for r in object_states(lake).to_pylist()}
     assert states["P2/rle.dcm"] == "gone"
     assert states["bad/notes.txt"] == "gone"
