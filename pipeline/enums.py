@@ -44,6 +44,11 @@ class QuarantineReason(StrEnum):
     UNRETRIEVABLE = "unretrievable"
     BURNED_IN_PHI = "burned_in_phi"
     INVALID = "invalid"
+    #: a declared size (header, frame, pixel data, inflated stream) beyond the configured
+    #: ``limits``: refused before anything of that size is allocated or inflated
+    TOO_LARGE = "too_large"
+    #: a header value its VR does not allow (e.g. Number of Frames ``1A``)
+    MALFORMED_VALUE = "malformed_value"
 
 
 class SkipReason(StrEnum):

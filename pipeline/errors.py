@@ -19,12 +19,14 @@ __all__ = [
     "GeometryError",
     "InputError",
     "LakeError",
+    "MalformedValue",
     "MissingAttribute",
     "ModelError",
     "NotDicom",
     "NotImplementedStage",
     "PacsflowError",
     "SourceError",
+    "TooLarge",
     "UndecodablePixelData",
     "UnreadableDicom",
     "WritebackError",
@@ -95,6 +97,20 @@ class UndecodablePixelData(UnreadableDicom):
     """The object parses, but no installed codec decodes its pixel data."""
 
     reason = QuarantineReason.UNDECODABLE
+
+
+class TooLarge(InputError):
+    """A declared size (inflated header, frame, pixel data) is beyond the configured
+    ``limits``; refused before it is allocated or inflated."""
+
+    reason = QuarantineReason.TOO_LARGE
+
+
+class MalformedValue(InputError):
+    """A header value cannot be read as its VR says (the message names the attribute, never
+    the value)."""
+
+    reason = QuarantineReason.MALFORMED_VALUE
 
 
 class MissingAttribute(InputError):

@@ -24,6 +24,7 @@ __all__ = [
     "DimseConfig",
     "DimseTlsConfig",
     "InferConfig",
+    "LimitsConfig",
     "LoggingConfig",
     "PipelineConfig",
     "ReviewConfig",
@@ -183,6 +184,34 @@ class SourceConfig(_Section):
                     "source.auth.password_env instead"
                 )
         return v
+
+
+_MiB = 1 << 20
+
+
+class LimitsConfig(_Section):
+    """Bounds on what an object may declare, checked before anything is allocated or
+    inflated: an object beyond one is quarantined (reason ``too_large``) by every stage."""
+
+    max_header_bytes: int = Field(
+        64 * _MiB,
+        ge=1 << 16,
+        description="Largest header (everything before the Pixel Data element, after inflating "
+        "a deflated transfer syntax) read into memory.",
+    )
+    max_frame_bytes: int = Field(
+        256 * _MiB,
+        ge=1 << 16,
+        description="Largest decoded frame: Rows x Columns x Samples per Pixel x Bits "
+        "Allocated / 8.",
+    )
+    max_pixel_bytes: int = Field(
+        1024 * _MiB,
+        ge=1 << 16,
+        description="Largest decoded pixel data of one object (every frame); also bounds the "
+        "declared length of its Pixel Data element and, with max_header_bytes, the bytes a "
+        "deflated object inflates to and the bytes read of one object.",
+    )
 
 
 class CrawlConfig(_Section):
@@ -532,6 +561,10 @@ class PipelineConfig(_Section):
         "created (recorded in its marker); later values are ignored.",
     )
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Compute settings.")
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig,
+        description="Bounds on declared sizes (header, frame, pixel data), per object.",
+    )
     source: SourceConfig = Field(default_factory=SourceConfig, description="Archive to crawl.")
     crawl: CrawlConfig = Field(default_factory=CrawlConfig, description="Crawl stage.")
     deid: DeidConfig = Field(default_factory=DeidConfig, description="De-identification stage.")

@@ -24,8 +24,10 @@ from pydicom.datadict import dictionary_has_tag
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
 
+from pipeline.config import LimitsConfig
 from pipeline.connectors.base import RawObject
 from pipeline.dicom.header import HeaderScan, scan_header
+from pipeline.dicom.limits import check_pixels, deflated_header
 from pipeline.enums import QuarantineReason
 from pipeline.errors import InputError, MissingAttribute, NotDicom, UnreadableDicom
 
@@ -135,7 +137,9 @@ def _walk_fragments(fp: BinaryIO, pos: int, size: int, order: str) -> None:
             )
 
 
-def read_header(fp: BinaryIO, size: int, *, fast: bool = True) -> IndexRecord:
+def read_header(
+    fp: BinaryIO, size: int, *, fast: bool = True, limits: LimitsConfig | None = None
+) -> IndexRecord:
     """Parse the header of one DICOM object from an open binary file.
 
     Accepts files with or without the 128-byte preamble and file meta (as long as what follows
@@ -152,6 +156,10 @@ def read_header(fp: BinaryIO, size: int, *, fast: bool = True) -> IndexRecord:
         Try the byte-level header walker first (:func:`pipeline.dicom.header.scan_header`;
         it leaves anything unusual to pydicom). False: pydicom only, the reference the walker
         is tested against.
+    limits:
+        Bounds on declared sizes (defaults: :class:`~pipeline.config.LimitsConfig`'s): a
+        header past ``max_header_bytes`` is never read, a deflated one never inflated past it,
+        and declared pixel data beyond ``max_frame_bytes``/``max_pixel_bytes`` is refused.
 
     Returns
     -------
@@ -165,15 +173,18 @@ def read_header(fp: BinaryIO, size: int, *, fast: bool = True) -> IndexRecord:
         Truncated or corrupt.
     MissingAttribute
         A required UID is absent (the keyword is named; the value never is).
+    TooLarge
+        A declared size is beyond ``limits``.
     """
+    limits = limits or LimitsConfig()
     if size == 0:
         raise NotDicom("empty file (0 bytes)")
     if fast:
-        scan = scan_header(fp, size, _KEEP, keep_meta=_KEEP_META)
+        scan = scan_header(fp, size, _KEEP, keep_meta=_KEEP_META, max_bytes=limits.max_header_bytes)
         if scan is not None:
-            return _record_from_scan(fp, scan, size)
+            return _record_from_scan(fp, scan, size, limits)
         fp.seek(0)
-    return _read_header_pydicom(fp, size)
+    return _read_header_pydicom(fp, size, limits)
 
 
 #: what the index keeps, by tag and dictionary VR (the byte-level walker's fast path)
@@ -185,11 +196,26 @@ _KEEP: Final = {
     0x0020000D: "UI",  # StudyInstanceUID
     0x0020000E: "UI",  # SeriesInstanceUID
     0x00200013: "IS",  # InstanceNumber
+    # the declared pixel data size, checked against the limits
+    0x00280002: "US",  # SamplesPerPixel
+    0x00280008: "IS",  # NumberOfFrames
+    0x00280010: "US",  # Rows
+    0x00280011: "US",  # Columns
+    0x00280100: "US",  # BitsAllocated
+}
+_SIZE_KEYWORDS: Final = {
+    0x00280002: "SamplesPerPixel",
+    0x00280008: "NumberOfFrames",
+    0x00280010: "Rows",
+    0x00280011: "Columns",
+    0x00280100: "BitsAllocated",
 }
 _KEEP_META: Final = {0x00020002: "UI"}  # MediaStorageSOPClassUID
 
 
-def _record_from_scan(fp: BinaryIO, scan: HeaderScan, size: int) -> IndexRecord:
+def _record_from_scan(
+    fp: BinaryIO, scan: HeaderScan, size: int, limits: LimitsConfig
+) -> IndexRecord:
     """The record :func:`_read_header_pydicom` gives, from the walker's scan."""
     values = scan.values
 
@@ -208,6 +234,7 @@ def _record_from_scan(fp: BinaryIO, scan: HeaderScan, size: int) -> IndexRecord:
     missing = [kw for kw, tag in required.items() if text(tag) is None]
     if missing:
         raise MissingAttribute(f"required attribute(s) missing or empty: {', '.join(missing)}")
+    check_pixels({kw: values.get(tag) for tag, kw in _SIZE_KEYWORDS.items()}, limits)
     has_pixels = _check_pixel_data_complete(fp, scan.header_end, size, True, scan.implicit)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(scan.head[: min(scan.header_end, _FINGERPRINT_BYTES)])
@@ -227,14 +254,23 @@ def _record_from_scan(fp: BinaryIO, scan: HeaderScan, size: int) -> IndexRecord:
     )
 
 
-def _read_header_pydicom(fp: BinaryIO, size: int) -> IndexRecord:
-    """:func:`read_header` by pydicom: every object the byte-level walker leaves to it."""
+def _read_header_pydicom(fp: BinaryIO, size: int, limits: LimitsConfig) -> IndexRecord:
+    """:func:`read_header` by pydicom: every object the byte-level walker leaves to it.
+
+    A deflated object's header is inflated only as far as the pixel data, within the limits
+    (:func:`pipeline.dicom.limits.deflated_header`), and read from that.
+    """
     with warnings.catch_warnings():
         # pydicom's warnings quote header values (identifiers), and values are converted lazily
         # on access: silence them for the whole read so none can reach a log
         warnings.simplefilter("ignore")
-        ds, forced = _parse(fp)
-        header_end = fp.tell()
+        deflated = deflated_header(fp, limits)
+        if deflated is not None:
+            ds, forced = _parse(deflated.stream)
+            header_end = size  # the whole (deflated) file is the header's, as pydicom reads it
+        else:
+            ds, forced = _parse(fp)
+            header_end = fp.tell()
         try:
             elements = list(ds.keys())
         except Exception as exc:
@@ -242,7 +278,14 @@ def _read_header_pydicom(fp: BinaryIO, size: int) -> IndexRecord:
         if forced and not _recognisable(elements):
             raise NotDicom("not DICOM: no DICM prefix and no recognisable dataset")
         try:
-            return _record(fp, ds, size, header_end)
+            return _record(
+                fp,
+                ds,
+                size,
+                header_end,
+                limits,
+                has_pixels=None if deflated is None else deflated.pixel_length is not None,
+            )
         except InputError:
             raise
         except Exception as exc:  # a value that cannot be converted, deep in a bad header
@@ -289,7 +332,15 @@ def _syntax_as_read(implicit: bool, little: bool) -> str:
     return "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"
 
 
-def _record(fp: BinaryIO, ds: pydicom.Dataset, size: int, header_end: int) -> IndexRecord:
+def _record(
+    fp: BinaryIO,
+    ds: pydicom.Dataset,
+    size: int,
+    header_end: int,
+    limits: LimitsConfig,
+    *,
+    has_pixels: bool | None = None,
+) -> IndexRecord:
     sop_class = _text(ds, "SOPClassUID")
     if sop_class == _DICOMDIR_CLASS or (
         ds.file_meta and ds.file_meta.get("MediaStorageSOPClassUID") == _DICOMDIR_CLASS
@@ -301,10 +352,12 @@ def _record(fp: BinaryIO, ds: pydicom.Dataset, size: int, header_end: int) -> In
     missing = [kw for kw in REQUIRED_KEYWORDS if _text(ds, kw) is None]
     if missing:
         raise MissingAttribute(f"required attribute(s) missing or empty: {', '.join(missing)}")
+    check_pixels(ds, limits)
     implicit_vr, little_endian = ds.original_encoding
     little = little_endian is not False
     implicit = implicit_vr is True
-    has_pixels = _check_pixel_data_complete(fp, header_end, size, little, implicit)
+    if has_pixels is None:
+        has_pixels = _check_pixel_data_complete(fp, header_end, size, little, implicit)
     fp.seek(0)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(fp.read(min(header_end, _FINGERPRINT_BYTES)))
@@ -317,8 +370,10 @@ def _build(ds: pydicom.Dataset, syntax: str | None, has_pixels: bool, digest: An
     """The index record of a dataset whose required UIDs were checked."""
     try:
         number = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = None
+    if number is not None and not -(2**31) <= number < 2**31:
+        number = None  # beyond what an IS may hold (PS3.5 6.2): as malformed as "1A"
     return IndexRecord(
         PatientID=_text(ds, "PatientID"),
         StudyInstanceUID=str(ds.StudyInstanceUID),
@@ -333,7 +388,7 @@ def _build(ds: pydicom.Dataset, syntax: str | None, has_pixels: bool, digest: An
     )
 
 
-def record_from_metadata(ds: pydicom.Dataset) -> IndexRecord:
+def record_from_metadata(ds: pydicom.Dataset, limits: LimitsConfig | None = None) -> IndexRecord:
     """Build the index record of an object from its header alone (e.g. WADO-RS metadata).
 
     The fingerprint is a BLAKE2b of the canonical DICOM JSON of the header (bulk data by
@@ -367,11 +422,13 @@ def record_from_metadata(ds: pydicom.Dataset) -> IndexRecord:
         has_pixels = any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009)) or (
             "Rows" in ds and "Columns" in ds
         )
+        check_pixels(ds, limits or LimitsConfig())
         return _build(ds, syntax, has_pixels, hashlib.blake2b(blob.encode(), digest_size=16))
 
 
-def parse_raw(raw: RawObject) -> IndexRecord:
-    """Parse what a connector delivered: a local file (header only) or a header dataset.
+def parse_raw(raw: RawObject, limits: LimitsConfig | None = None) -> IndexRecord:
+    """Parse what a connector delivered: a local file (header only) or a header dataset,
+    within ``limits`` (see :func:`read_header`).
 
     Raises
     ------
@@ -386,9 +443,9 @@ def parse_raw(raw: RawObject) -> IndexRecord:
         try:
             with open(raw.path, "rb") as fp:
                 size = os.fstat(fp.fileno()).st_size
-                return read_header(fp, size)
+                return read_header(fp, size, limits=limits)
         except OSError as exc:
             raise UnreadableDicom(f"cannot read the file: {exc.strerror}") from None
     if raw.dataset is not None:
-        return record_from_metadata(raw.dataset)
+        return record_from_metadata(raw.dataset, limits)
     raise UnreadableDicom("the connector delivered nothing for this object")

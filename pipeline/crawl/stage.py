@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.compute import map_bounded, set_total
-from pipeline.config import PipelineConfig
+from pipeline.config import LimitsConfig, PipelineConfig
 from pipeline.connectors import Skipped, Source, Unit
 from pipeline.crawl.core import parse_raw
 from pipeline.enums import ObjectState, Stage
@@ -127,6 +127,7 @@ def crawl_batch(
     run_id: str,
     part: str,
     on_invalid: str = "quarantine",
+    limits: LimitsConfig | None = None,
 ) -> dict[str, int]:
     """Read a batch of units and write its index, quarantine and units part files.
 
@@ -153,7 +154,7 @@ def crawl_batch(
             key = object_key(source.source_id, raw.location)
             keys.append(key)
             try:
-                record = parse_raw(raw)
+                record = parse_raw(raw, limits)
             except InputError as exc:
                 if on_invalid == "raise":
                     raise
@@ -426,6 +427,7 @@ def run(
                     "run_id": run_id,
                     "part": f"{run_id}-{i:05d}",
                     "on_invalid": on_invalid,
+                    "limits": cfg.limits,
                 },
             )
             for i, (units, known) in enumerate(batches)

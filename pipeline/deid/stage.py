@@ -32,14 +32,21 @@ import pyarrow as pa
 
 from pipeline._version import __version__
 from pipeline.compute import map_bounded, set_total
-from pipeline.config import PipelineConfig
+from pipeline.config import LimitsConfig, PipelineConfig
 from pipeline.connectors import Source, open_source
 from pipeline.deid.core import Deidentifier
 from pipeline.deid.encode import encode_part10, pixel_tail, tail_encoding, write_with_tail
 from pipeline.deid.vault import ORIGINAL_COLUMNS, VaultCipher
 from pipeline.dicom.header import read_part10_header
+from pipeline.dicom.limits import check_inflated_size, check_pixels, deflated_header, read_capped
 from pipeline.enums import QuarantineReason, Stage
-from pipeline.errors import InputError, MissingAttribute, SourceError, UnreadableDicom
+from pipeline.errors import (
+    InputError,
+    MalformedValue,
+    MissingAttribute,
+    SourceError,
+    UnreadableDicom,
+)
 from pipeline.lake import (
     LakePaths,
     StageCounts,
@@ -129,9 +136,12 @@ def _float(value: Any) -> float | None:
 
 def _int(value: Any) -> int | None:
     try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        number = int(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
         return None
+    if number is not None and not -(2**63) <= number < 2**63:
+        return None  # beyond the column's int64: as malformed as a non-number
+    return number
 
 
 def _date(value: Any) -> dt.date | None:
@@ -194,13 +204,46 @@ def _instance_row(out: Any, token: str) -> dict[str, Any]:
     return row
 
 
+def _bad_value(ds: Any, depth: int = 0) -> MalformedValue | None:
+    """The first element of ``ds`` (at any sequence depth) whose value pydicom cannot convert
+    as its VR says, as an error naming the attribute (never the value); None when every
+    value converts (or there is no dataset)."""
+    if ds is None or depth > 32:
+        return None
+    try:
+        tags = list(ds.keys())
+    except Exception:
+        return None
+    for tag in tags:
+        try:
+            elem = ds[tag]
+            value = elem.value
+            if elem.VR == "SQ":
+                for item in value:
+                    found = _bad_value(item, depth + 1)
+                    if found is not None:
+                        return found
+                continue
+            # what building header_json does with it (numbers are converted only there)
+            elem.to_json_dict(bulk_data_element_handler=lambda _e: "", bulk_data_threshold=1024)
+        except Exception:
+            from pydicom.datadict import keyword_for_tag
+
+            name = keyword_for_tag(tag) or "a private attribute"
+            return MalformedValue(
+                f"{name} ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds a value its VR does not "
+                "allow; fix it at the source to de-identify the object"
+            )
+    return None
+
+
 def _source_for(cfg: PipelineConfig, lake: LakePaths, source_id: str) -> Source:
     """Reopen the connector that crawled an object: a source id is a valid source URI."""
     return open_source(source_id, cfg.source, cache_dir=lake.restricted / "cache")
 
 
 def read_object(
-    fp: Any, export: bool, *, fast: bool = True
+    fp: Any, export: bool, *, fast: bool = True, limits: LimitsConfig | None = None
 ) -> tuple[Any, Any, tuple[int, int] | None]:
     """Read an object for de-identification: (dataset, file, pixel tail).
 
@@ -209,23 +252,42 @@ def read_object(
     header is read by :func:`pipeline.dicom.header.read_part10_header` (the same dataset as
     pydicom's, about 1.7x faster) and by ``pydicom.dcmread`` where it declines (or with
     ``fast=False``, the reference the tests compare against).
+
+    Declared sizes are bounded by ``limits`` before anything is allocated or inflated: a
+    deflated object's header is inflated only as far as its pixel data
+    (:func:`pipeline.dicom.limits.deflated_header`), declared pixel data beyond the limits is
+    refused, and an object read whole for the export may hold (or inflate to) no more than a
+    header and pixel data within them.
+
+    Raises
+    ------
+    TooLarge
+        A declared size is beyond ``limits``.
     """
     import pydicom
 
-    if export and not fp.seekable():
-        fp = io.BytesIO(fp.read())  # a stream: the export needs to go back
-    ds = read_part10_header(fp) if fast and fp.seekable() else None
+    limits = limits or LimitsConfig()
+    if not fp.seekable():  # a stream: read it (within the bound) to go back
+        fp = io.BytesIO(read_capped(fp, limits))
+    ds = read_part10_header(fp) if fast else None
+    deflated = None
     if ds is None:
-        if fast and fp.seekable():
-            fp.seek(0)
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        fp.seek(0)
+        deflated = deflated_header(fp, limits)
+        ds = pydicom.dcmread(
+            fp if deflated is None else deflated.stream, stop_before_pixels=True, force=True
+        )
+    check_pixels(ds, limits)
     tail = None
     if export:
-        enc = tail_encoding(ds)
+        enc = tail_encoding(ds) if deflated is None else None
         tail = pixel_tail(fp, *enc) if enc is not None else None
         if tail is None:  # pixel data not last, or re-encoded: read it all
             fp.seek(0)
-            ds = pydicom.dcmread(fp, force=True)
+            data = read_capped(fp, limits)
+            if deflated is not None:
+                check_inflated_size(memoryview(data)[deflated.dataset_offset :], limits)
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
     return ds, fp, tail
 
 
@@ -297,14 +359,16 @@ def deid_batch(
     export = cfg.deid.export_dicom
     sources: dict[str, Source] = {}
     instances, vault, quarantine = [], [], []
+    ds: Any = None
     exported = 0
     for row in rows:
+        ds = None
         try:
             source = sources.get(row["source"]) or _source_for(cfg, lake, row["source"])
             sources[row["source"]] = source
             with source.open(row["location"]) as fp, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pydicom's warnings quote header values
-                ds, fp, tail = read_object(fp, export is not None)
+                ds, fp, tail = read_object(fp, export is not None, limits=cfg.limits)
                 risk = _burned_in_risk(ds, allowed)
                 if risk:
                     raise InputError(
@@ -316,6 +380,9 @@ def deid_batch(
                 if missing:
                     raise MissingAttribute(f"no {', '.join(missing)}: cannot be de-identified")
                 out = deid.deidentify(ds, in_place=True).dataset  # ds is ours: no copy
+                token = str(out.get("PatientID", "")) or pseudo.token(row.get("PatientID") or "")
+                # before the export: an object whose header cannot be written is neither
+                instance = _instance_row(out, token)
                 if export is not None:
                     _export(out, export, fp, tail)
                     exported += 1
@@ -328,8 +395,11 @@ def deid_batch(
                 _quarantine_row(row, reason, type(exc).__name__, message, run_id, now)
             )
             continue
-        except Exception as exc:  # pydicom on a corrupt header
-            err = UnreadableDicom(f"header cannot be de-identified ({type(exc).__name__})")
+        except Exception as exc:  # pydicom on a corrupt header, or a value it cannot convert
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom's warnings quote header values
+                bad = _bad_value(ds)
+            err = bad or UnreadableDicom(f"header cannot be de-identified ({type(exc).__name__})")
             if cfg.deid.on_invalid == "raise":
                 raise err from exc
             quarantine.append(
@@ -338,8 +408,7 @@ def deid_batch(
             continue
         if export_only:
             continue
-        token = str(out.get("PatientID", "")) or pseudo.token(row.get("PatientID") or "")
-        instances.append(_instance_row(out, token))
+        instances.append(instance)
         entry = {
             "object_key": row["object_key"],
             "fingerprint": row["fingerprint"],

@@ -80,7 +80,7 @@ class MalformedElement(Exception):
 
 
 def read_header(
-    buf: bytes | memoryview, pos: int, implicit: bool
+    buf: bytes | bytearray | memoryview, pos: int, implicit: bool
 ) -> tuple[int, bytes | None, int, int]:
     """Parse one element header at ``pos`` of ``buf``.
 
@@ -119,7 +119,12 @@ def read_header(
 
 
 def skip_undefined(
-    buf: bytes | memoryview, pos: int, implicit: bool, depth: int = 1, *, strict: bool = False
+    buf: bytes | bytearray | memoryview,
+    pos: int,
+    implicit: bool,
+    depth: int = 1,
+    *,
+    strict: bool = False,
 ) -> int:
     """Step over the items of an undefined-length sequence whose first item starts at ``pos``.
 

@@ -45,13 +45,14 @@ from pipeline.dicom.elements import (
     read_header,
     skip_undefined,
 )
+from pipeline.errors import TooLarge
 
 __all__ = ["HeaderScan", "read_part10_header", "scan_header"]
 
 _KNOWN_VR_BYTES: Final = frozenset(vr.encode("ascii") for vr in KNOWN_VRS)
 #: the VRs a kept element may have, and how its value is decoded
 _TEXT_VRS: Final = frozenset({"AE", "CS", "LO", "SH", "UI"})
-_DECODED_VRS: Final = _TEXT_VRS | {"IS"}
+_DECODED_VRS: Final = _TEXT_VRS | {"IS", "US"}
 #: where dcmread(stop_before_pixels=True) stops (pydicom's _at_pixel_data)
 _PIXEL_TAGS: Final = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
 _SPECIFIC_CHARACTER_SET: Final = 0x00080005
@@ -99,6 +100,10 @@ class HeaderScan:
 
 
 def _decode(vr: str, raw: bytes) -> str | int | None:
+    if vr == "US":
+        if len(raw) != 2:
+            raise _Unusual  # empty or multi-valued: pydicom's reading
+        return int.from_bytes(raw, "little")
     stripped = raw.rstrip(b"\x00 ")
     if not _PRINTABLE.fullmatch(stripped) or b"\x00" in stripped:
         raise _Unusual
@@ -252,6 +257,7 @@ def scan_header(
     keep: Mapping[int, str],
     *,
     keep_meta: Mapping[int, str] | None = None,
+    max_bytes: int | None = None,
 ) -> HeaderScan | None:
     """Walk the header of the Part 10 object in ``fp`` and decode the elements of ``keep``.
 
@@ -263,9 +269,11 @@ def scan_header(
         Its size in bytes.
     keep:
         ``{tag: VR}`` of the top-level dataset elements to decode; VR one of AE, CS, LO, SH,
-        UI (text) or IS (integer). Elements inside sequences are never kept.
+        UI (text), IS or US (integer). Elements inside sequences are never kept.
     keep_meta:
         The same for file meta elements (group 0002); the Transfer Syntax UID is always read.
+    max_bytes:
+        The most bytes of the file read to find the end of the header (None: no bound).
 
     Returns
     -------
@@ -277,6 +285,8 @@ def scan_header(
     ------
     ValueError
         If ``keep`` asks for a VR the walker does not decode.
+    TooLarge
+        The header runs past ``max_bytes``.
     """
     for vr in (*keep.values(), *(keep_meta or {}).values()):
         if vr not in _DECODED_VRS:
@@ -293,8 +303,16 @@ def scan_header(
         except EOFError:
             if len(buf) >= size:
                 return None
+            if max_bytes is not None and len(buf) >= max_bytes:
+                raise TooLarge(
+                    f"its header runs past limits.max_header_bytes ({max_bytes} bytes) "
+                    "before the pixel data"
+                ) from None
             # a long header: read as much again (or the rest) and walk again
-            more = fp.read(min(size - len(buf), len(buf)))
+            grow = min(size - len(buf), len(buf))
+            if max_bytes is not None:
+                grow = max(1, min(grow, max_bytes - len(buf)))
+            more = fp.read(grow)
             if not more:
                 return None
             buf += more

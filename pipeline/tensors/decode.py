@@ -194,11 +194,19 @@ def _native_frame(buf: bytes, ds: Dataset, shape: tuple[int, ...]) -> np.ndarray
 def _decode_deflated_frames(ds: Dataset, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
     """Deflated Image Frame Compression: raw DEFLATE per frame (zlib-wrapped accepted too)."""
     out = []
+    # a frame inflates to at most its declared size (checked against the limits before
+    # decoding): never further, whatever its ratio
+    size = int(np.prod(shape[1:])) * max(_int_attr(ds, "BitsAllocated"), 1)
+    cap = (size + 7) // 8
     for buf in _frames(ds, shape[0]):
         try:
-            raw = zlib.decompress(buf, -zlib.MAX_WBITS)
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            raw = inflater.decompress(buf, cap)
         except zlib.error:
-            raw = zlib.decompress(buf)
+            inflater = zlib.decompressobj()
+            raw = inflater.decompress(buf, cap)
+        if inflater.unconsumed_tail:
+            raise ValueError("a frame inflates past its declared size")
         out.append(_native_frame(raw, ds, shape))
     return np.stack(out)
 

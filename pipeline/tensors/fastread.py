@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from pipeline.config import LimitsConfig
 from pipeline.dicom.elements import (
     PIXEL_DATA,
     UNDEFINED,
@@ -34,6 +35,7 @@ from pipeline.dicom.elements import (
     read_header,
     skip_undefined,
 )
+from pipeline.dicom.limits import check_inflated_size, check_pixels, deflated_header
 
 __all__ = ["WANTED", "Header", "read_classic", "read_image"]
 
@@ -219,16 +221,22 @@ def read_classic(buf: bytes) -> tuple[Header, np.ndarray[Any, Any]] | None:
         return None
 
 
-def read_image(buf: bytes) -> tuple[Any, np.ndarray[Any, Any]]:
+def read_image(buf: bytes, limits: LimitsConfig | None = None) -> tuple[Any, np.ndarray[Any, Any]]:
     """``(header, frames)`` of one Part 10 object held in ``buf``: :func:`read_classic` when it
     takes it, else ``pydicom.dcmread`` and :func:`~pipeline.tensors.decode.decode_frames`
     (every codec; the header is then a full :class:`pydicom.Dataset`).
 
+    Declared sizes are checked against ``limits`` before pixels are decoded, and a deflated
+    object's header is read, and its size counted, in bounded steps before it is inflated.
+
     Raises:
         InputError: the object cannot be parsed or its pixels decoded (see ``decode_frames``).
+        TooLarge: a declared size is beyond ``limits``.
     """
-    fast = read_classic(buf)
+    limits = limits or LimitsConfig()
+    fast = read_classic(buf)  # a view of ``buf`` (bounded by it), or a copy of that size
     if fast is not None:
+        check_pixels(fast[0], limits)
         return fast
     import pydicom
 
@@ -236,5 +244,11 @@ def read_image(buf: bytes) -> tuple[Any, np.ndarray[Any, Any]]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warnings quote header values
+        deflated = deflated_header(io.BytesIO(buf), limits)
+        if deflated is not None:  # dcmread inflates the whole dataset at once: bound it first
+            header = pydicom.dcmread(deflated.stream, stop_before_pixels=True, force=True)
+            check_pixels(header, limits)
+            check_inflated_size(memoryview(buf)[deflated.dataset_offset :], limits)
         ds = pydicom.dcmread(io.BytesIO(buf), force=True)
+        check_pixels(ds, limits)
         return ds, decode_frames(ds)

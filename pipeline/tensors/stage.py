@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 from pipeline.compute import map_bounded, set_total
 from pipeline.config import PipelineConfig
 from pipeline.connectors import Source, open_source
+from pipeline.dicom.limits import read_capped
 from pipeline.enums import Stage
 from pipeline.errors import GeometryError, InputError, SourceError, UnreadableDicom
 from pipeline.lake import (
@@ -111,9 +113,14 @@ def _series_datasets(
             )
             sources[obj["source"]] = source
             with source.open(obj["location"]) as fp:
-                data = fp.read()
-            ds, frames = read_image(data)  # fails here, per object, not for the series
-            pseudonyms[str(ds.get("SOPInstanceUID", ""))] = obj["sop_pseudonym"]
+                data = read_capped(fp, cfg.limits)
+            with warnings.catch_warnings():
+                # pydicom's warnings quote header values (here an original UID): values are
+                # converted lazily, on access, so they are silenced where they are read too
+                warnings.simplefilter("ignore")
+                # fails here, per object, not for the series
+                ds, frames = read_image(data, cfg.limits)
+                pseudonyms[str(ds.get("SOPInstanceUID", ""))] = obj["sop_pseudonym"]
             datasets.append(ds)
             pixels.append(frames)
         except InputError as exc:
@@ -165,7 +172,9 @@ def tensors_batch(
         try:
             if failed:
                 raise GeometryError(f"{len(failed)} object(s) of the series cannot be decoded")
-            volumes = build_volumes(datasets, pixels)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # as above: lazily converted header values
+                volumes = build_volumes(datasets, pixels)
         except GeometryError as exc:
             counts["refused"] += 1
             rows.append(
