@@ -52,11 +52,30 @@ def _mib(n: int) -> str:
     return f"{n / _MiB:.0f} MiB" if n >= _MiB else f"{n} bytes"
 
 
+def _value(ds: Any, keyword: str) -> Any:
+    """``ds.get(keyword)``, but a still-raw element of a pydicom ``Dataset`` is converted on
+    the side and left raw in ``ds``: the export encoder writes raw elements as their bytes,
+    and a converted one through pydicom (four such elements made the export's encoding of a
+    CT slice 40% slower)."""
+    from pydicom import Dataset
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+    from pydicom.tag import BaseTag
+
+    if not isinstance(ds, Dataset):
+        return ds.get(keyword, None)
+    tag = tag_for_keyword(keyword)
+    elem = ds._dict.get(BaseTag(tag)) if tag is not None else None
+    if isinstance(elem, RawDataElement):
+        return convert_raw_data_element(elem, ds=ds).value
+    return None if elem is None else elem.value
+
+
 def _int(ds: Any, keyword: str, default: int) -> int | None:
     """An integer attribute; ``default`` when absent or empty, None when not an integer (the
     readers that need it say so; a size check has nothing to check then)."""
     try:
-        value = ds.get(keyword, None)
+        value = _value(ds, keyword)
     except Exception:  # a value pydicom cannot convert
         return None
     if value is None or value == "":
