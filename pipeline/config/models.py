@@ -213,6 +213,13 @@ class DeidConfig(_Section):
         ("retain_long_modified_dates", "retain_patient_characteristics"),
         description="Profile options on top of the Basic Profile (PS3.15 E.3).",
     )
+    retain_ethnic_group: bool = Field(
+        False,
+        description="Keep Ethnic Group, Ethnic Group Code Sequence and Ethnic Groups under "
+        "retain_patient_characteristics. Off: they are removed whatever the options say "
+        "(ethnic origin is special-category data, GDPR Art. 9); the option's age, sex, size "
+        "and weight stay.",
+    )
     on_invalid: Literal["quarantine", "raise"] = Field(
         "quarantine", description="An object that cannot be de-identified: quarantine or raise."
     )

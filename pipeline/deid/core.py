@@ -52,6 +52,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from pipeline._version import __version__
+from pipeline.config import DeidConfig
 from pipeline.deid.keys import Pseudonymizer
 from pipeline.deid.profile import EDITION, Option, rule_for, safe_private_vr
 
@@ -85,6 +86,10 @@ _SOP_CLASS = 0x00080016
 #: De-identification Method Code Sequence
 _METHOD_CODES = BaseTag(0x00120064)
 _DICOM_ROOT = "1.2.840.10008."
+#: Ethnic Group, Ethnic Group Code Sequence, Ethnic Groups: Retain Patient Characteristics keeps
+#: them in PS3.15, but ethnic origin is special-category data (GDPR Art. 9): kept only where
+#: the configuration names it (``retain_ethnic_group``), removed by the Basic Profile otherwise
+_ETHNIC_GROUP = frozenset({0x00102160, 0x00102161, 0x00102162})
 _OVERLAY_GROUPS = frozenset(range(0x6000, 0x6020, 2))
 
 _DIRECTORY_RECORDS = 0x00041220
@@ -280,11 +285,22 @@ class Deidentifier:
         The keyed HMAC mapper (UIDs, IDs, date offsets).
     options:
         Profile options (:class:`~pipeline.deid.profile.Option` or their values).
+    retain_ethnic_group:
+        Keep Ethnic Group (0010,2160), its Code Sequence (0010,2161) and Ethnic Groups
+        (0010,2162) under Retain Patient Characteristics. Off: the Basic Profile removes them
+        whatever the options say (special-category data, GDPR Art. 9).
     """
 
-    def __init__(self, pseudonymizer: Pseudonymizer, options: Iterable[Option | str] = ()):
+    def __init__(
+        self,
+        pseudonymizer: Pseudonymizer,
+        options: Iterable[Option | str] = (),
+        *,
+        retain_ethnic_group: bool = False,
+    ):
         self.pseudo = pseudonymizer
         self.options = frozenset(Option(o) for o in options)
+        self.retain_ethnic_group = retain_ethnic_group
         if {Option.RETAIN_LONG_FULL_DATES, Option.RETAIN_LONG_MODIFIED_DATES} <= self.options:
             raise ValueError(
                 "retain_long_full_dates and retain_long_modified_dates exclude each other"
@@ -295,6 +311,11 @@ class Deidentifier:
         self._code_elements: dict[bool, RawDataElement] = {}
         self._days = 0
         self._code_items: list[tuple[str, str]] | None = None
+
+    @classmethod
+    def from_config(cls, pseudonymizer: Pseudonymizer, cfg: DeidConfig) -> Deidentifier:
+        """The engine the ``deid`` section of a configuration describes."""
+        return cls(pseudonymizer, cfg.options, retain_ethnic_group=cfg.retain_ethnic_group)
 
     # ------------------------------------------------------------------ the method markers
 
@@ -363,7 +384,10 @@ class Deidentifier:
             return self._codes[tag]
         except KeyError:
             rule = rule_for(tag)
-            code = rule.action(self.options) if rule is not None else None
+            code = None
+            if rule is not None:
+                keep_all = tag not in _ETHNIC_GROUP or self.retain_ethnic_group
+                code = rule.action(self.options) if keep_all else rule.basic
             self._codes[tag] = code
             return code
 

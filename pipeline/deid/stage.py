@@ -289,7 +289,7 @@ def deid_batch(
 
     now = dt.datetime.now(dt.UTC)
     pseudo = LakeKeys(secret_key).pseudonymizer()
-    deid = Deidentifier(pseudo, cfg.deid.options)
+    deid = Deidentifier.from_config(pseudo, cfg.deid)
     # a lake encrypted at rest always encrypts its vault
     sealed = cfg.deid.encrypt_vault or lake.encrypted_at_rest
     cipher = VaultCipher(secret_key) if sealed else None
