@@ -11,8 +11,13 @@ same decision:
 3. other public elements, by VR: free text (LO, LT, SH, ST, UT, UC, PN) removed (emptied or
    dummied where the IOD requires it, like X/Z/D), except a short list of vendor and coded
    technical terms (``_TECHNICAL_TEXT``: Manufacturer, model, kernel, code values and
-   meanings, ...); dates and date-times shifted; UIDs outside the Standard's root remapped; the
-   rest kept; sequences are always cleaned item by item.
+   schemes, ...); dates and date-times shifted; UIDs outside the Standard's root remapped; the
+   rest kept; sequences are always cleaned item by item;
+4. Code Meaning (0008,0104), free text a RIS may type anything into: a meaning the code's
+   scheme dictionary gives it stays, a known code gets its canonical meaning, an unknown UCUM
+   unit its code, any other a dummy unless ``keep_code_meanings`` names the scheme
+   (:mod:`pipeline.deid._codes`). Ethnic Group and its code sequence go unless
+   ``retain_ethnic_group`` (GDPR Art. 9), whatever Retain Patient Characteristics says.
 
 Conditional codes take the Type of the attribute in the IOD of the SOP class, from highdicom's
 tables of the Standard (``highdicom/_standard``: SOP class -> IOD -> modules -> attributes with
