@@ -6,8 +6,8 @@ folder under ``bench/out/`` (git-ignored):
 - **copy** (the baseline, 1.0x): ``pydicom.dcmread(path).save_as(out)``, project .venv;
 - **pacsflow export**: the export branch of ``pipeline.deid.stage.deid_batch``, file by file:
   ``stage.read_object`` (the header without pixels; the Pixel Data element's offset when it
-  ends the file, else a full read) -> ``Deidentifier(Pseudonymizer(key), <config default
-  options>).deidentify(ds, in_place=True)`` -> ``stage._export`` (the header by
+  ends the file, else a full read) -> ``Deidentifier.from_config(Pseudonymizer(key),
+  <config default deid section>).deidentify(ds, in_place=True)`` -> ``stage._export`` (the header by
   ``pipeline.deid.encode.encode_part10``, the pixel data copied from the source by
   ``copy_file_range``; temporary file and rename, named
   ``<study>/<series>/<sop>.dcm`` by pseudonyms), then one ``sync_filesystem``
@@ -141,7 +141,7 @@ def _setup(name: str) -> tuple[str, Callable[..., Any], Callable[[Path], None] |
         from pipeline.lake import LakePaths, sync_filesystem
 
         cfg = load_config(environ={})
-        deid = Deidentifier(Pseudonymizer(KEY), cfg.deid.options)
+        deid = Deidentifier.from_config(Pseudonymizer(KEY), cfg.deid)
         if name.startswith("pacsflow-export"):
             # deid_batch's export branch, file by file: read (force), de-identify in place
             # (the dataset is ours), _export (atomic, not yet durable); then one
@@ -747,7 +747,7 @@ def profile(args: argparse.Namespace) -> None:
     from pipeline.deid.core import Deidentifier
     from pipeline.deid.keys import Pseudonymizer
 
-    deid = Deidentifier(Pseudonymizer(KEY), load_config(environ={}).deid.options)
+    deid = Deidentifier.from_config(Pseudonymizer(KEY), load_config(environ={}).deid)
     warnings.simplefilter("ignore")
     for dname in args.datasets:
         listing = prepare(dname, args)

@@ -254,6 +254,21 @@ class DeidConfig(_Section):
         ("retain_long_modified_dates", "retain_patient_characteristics"),
         description="Profile options on top of the Basic Profile (PS3.15 E.3).",
     )
+    retain_ethnic_group: bool = Field(
+        False,
+        description="Keep Ethnic Group, Ethnic Group Code Sequence and Ethnic Groups under "
+        "retain_patient_characteristics. Off: they are removed whatever the options say "
+        "(ethnic origin is special-category data, GDPR Art. 9); the option's age, sex, size "
+        "and weight stay.",
+    )
+    keep_code_meanings: tuple[str, ...] = Field(
+        (),
+        description="Coding Scheme Designators (e.g. 99MYHOSP) whose Code Meanings are kept as "
+        "they are where the code is local or unknown to the dictionaries (PS3.16 schemes "
+        "shipped by pydicom: SCT, SRT, DCM, LN, UCUM, ...); '*' keeps every such meaning. A "
+        "known code always gets its scheme's canonical meaning; any other meaning becomes "
+        "ANONYMOUS (free text typed into a meaning would otherwise reach the research zone).",
+    )
     on_invalid: Literal["quarantine", "raise"] = Field(
         "quarantine", description="An object that cannot be de-identified: quarantine or raise."
     )
@@ -275,6 +290,17 @@ class DeidConfig(_Section):
         "a key derived from the secret key; new rows). A lake encrypted at rest "
         "(encrypt_at_rest) does so whatever this says.",
     )
+
+    @field_validator("keep_code_meanings")
+    @classmethod
+    def _schemes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for scheme in value:
+            if not scheme.strip() or scheme != scheme.strip():
+                raise ValueError(
+                    f"keep_code_meanings: {scheme!r} is not a Coding Scheme Designator "
+                    "(blank, or with surrounding spaces)"
+                )
+        return value
 
 
 class TensorsConfig(_Section):

@@ -11,8 +11,13 @@ same decision:
 3. other public elements, by VR: free text (LO, LT, SH, ST, UT, UC, PN) removed (emptied or
    dummied where the IOD requires it, like X/Z/D), except a short list of vendor and coded
    technical terms (``_TECHNICAL_TEXT``: Manufacturer, model, kernel, code values and
-   meanings, ...); dates and date-times shifted; UIDs outside the Standard's root remapped; the
-   rest kept; sequences are always cleaned item by item.
+   schemes, ...); dates and date-times shifted; UIDs outside the Standard's root remapped; the
+   rest kept; sequences are always cleaned item by item;
+4. Code Meaning (0008,0104), free text a RIS may type anything into: a meaning the code's
+   scheme dictionary gives it stays, a known code gets its canonical meaning, an unknown UCUM
+   unit its code, any other a dummy unless ``keep_code_meanings`` names the scheme
+   (:mod:`pipeline.deid._codes`). Ethnic Group and its code sequence go unless
+   ``retain_ethnic_group`` (GDPR Art. 9), whatever Retain Patient Characteristics says.
 
 Conditional codes take the Type of the attribute in the IOD of the SOP class, from highdicom's
 tables of the Standard (``highdicom/_standard``: SOP class -> IOD -> modules -> attributes with
@@ -52,6 +57,8 @@ from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from pipeline._version import __version__
+from pipeline.config import DeidConfig
+from pipeline.deid._codes import canonical_meaning, fold
 from pipeline.deid.keys import Pseudonymizer
 from pipeline.deid.profile import EDITION, Option, rule_for, safe_private_vr
 
@@ -83,9 +90,16 @@ _D_ONLY_DUMMY: dict[str, str | bytes] = {
 _PATIENT_ID, _PATIENT_NAME, _ACCESSION = 0x00100020, 0x00100010, 0x00080050
 _NO_CHECK = config.IGNORE
 _SOP_CLASS = 0x00080016
+_CODE_VALUE, _SCHEME, _CODE_MEANING = 0x00080100, 0x00080102, 0x00080104
+#: Long Code Value, URN Code Value: a code's value where Code Value is absent
+_OTHER_CODE_VALUES = (0x00080119, 0x00080120)
 #: De-identification Method Code Sequence
 _METHOD_CODES = BaseTag(0x00120064)
 _DICOM_ROOT = "1.2.840.10008."
+#: Ethnic Group, Ethnic Group Code Sequence, Ethnic Groups: Retain Patient Characteristics keeps
+#: them in PS3.15, but ethnic origin is special-category data (GDPR Art. 9): kept only where
+#: the configuration names it (``retain_ethnic_group``), removed by the Basic Profile otherwise
+_ETHNIC_GROUP = frozenset({0x00102160, 0x00102161, 0x00102162})
 _OVERLAY_GROUPS = frozenset(range(0x6000, 0x6020, 2))
 
 _DIRECTORY_RECORDS = 0x00041220
@@ -128,7 +142,6 @@ _TECHNICAL_TEXT = frozenset(
         0x00080100,  # Code Value
         0x00080102,  # Coding Scheme Designator
         0x00080103,  # Coding Scheme Version
-        0x00080104,  # Code Meaning
         0x00080119,  # Long Code Value
         0x00080120,  # URN Code Value
         0x00201040,  # Position Reference Indicator (SLIDE_CORNER for slides)
@@ -281,11 +294,28 @@ class Deidentifier:
         The keyed HMAC mapper (UIDs, IDs, date offsets).
     options:
         Profile options (:class:`~pipeline.deid.profile.Option` or their values).
+    retain_ethnic_group:
+        Keep Ethnic Group (0010,2160), its Code Sequence (0010,2161) and Ethnic Groups
+        (0010,2162) under Retain Patient Characteristics. Off: the Basic Profile removes them
+        whatever the options say (special-category data, GDPR Art. 9).
+    keep_code_meanings:
+        Coding Scheme Designators whose Code Meanings stay as they are where the code is
+        local or unknown (``"*"``: every scheme). Otherwise such a meaning becomes a dummy; a
+        known code always gets its scheme's canonical meaning (:mod:`pipeline.deid._codes`).
     """
 
-    def __init__(self, pseudonymizer: Pseudonymizer, options: Iterable[Option | str] = ()):
+    def __init__(
+        self,
+        pseudonymizer: Pseudonymizer,
+        options: Iterable[Option | str] = (),
+        *,
+        retain_ethnic_group: bool = False,
+        keep_code_meanings: Iterable[str] = (),
+    ):
         self.pseudo = pseudonymizer
         self.options = frozenset(Option(o) for o in options)
+        self.retain_ethnic_group = retain_ethnic_group
+        self.keep_code_meanings = frozenset(keep_code_meanings)
         if {Option.RETAIN_LONG_FULL_DATES, Option.RETAIN_LONG_MODIFIED_DATES} <= self.options:
             raise ValueError(
                 "retain_long_full_dates and retain_long_modified_dates exclude each other"
@@ -296,6 +326,16 @@ class Deidentifier:
         self._code_elements: dict[bool, RawDataElement] = {}
         self._days = 0
         self._code_items: list[tuple[str, str]] | None = None
+
+    @classmethod
+    def from_config(cls, pseudonymizer: Pseudonymizer, cfg: DeidConfig) -> Deidentifier:
+        """The engine the ``deid`` section of a configuration describes."""
+        return cls(
+            pseudonymizer,
+            cfg.options,
+            retain_ethnic_group=cfg.retain_ethnic_group,
+            keep_code_meanings=cfg.keep_code_meanings,
+        )
 
     # ------------------------------------------------------------------ the method markers
 
@@ -364,7 +404,10 @@ class Deidentifier:
             return self._codes[tag]
         except KeyError:
             rule = rule_for(tag)
-            code = rule.action(self.options) if rule is not None else None
+            code = None
+            if rule is not None:
+                keep_all = tag not in _ETHNIC_GROUP or self.retain_ethnic_group
+                code = rule.action(self.options) if keep_all else rule.basic
             self._codes[tag] = code
             return code
 
@@ -535,6 +578,9 @@ class Deidentifier:
                 continue  # file meta inside a dataset: rebuilt from scratch
             code = code_for(t)
             elem = d[tag]
+            if t == _CODE_MEANING and code is None:
+                self._code_meaning(ds, tag, elem)
+                continue
             vr = _elem_vr(elem, t)
             if code is not None:
                 typ = _type_at(types, (*path, _keyword(t))) if known_iod else None
@@ -566,6 +612,43 @@ class Deidentifier:
                 for tag in [t for t in d if t >> 16 == group]:
                     del ds[tag]
                     self._counts["removed"] += 1
+
+    def _code_meaning(self, ds: Dataset, tag: BaseTag, elem: DataElement | RawDataElement) -> None:
+        """The Code Meaning of the code item ``ds``: kept where it is one the scheme's
+        dictionary gives the code; else the canonical meaning of a known code, the code itself
+        for a UCUM unit, or a dummy (kept where ``keep_code_meanings`` names the scheme).
+        Edited as bytes where the element is raw, like the rest of the walk."""
+        raw = _raw_text(elem, "LO")
+        current = (
+            raw.decode("latin-1").strip(" \x00")
+            if raw is not None
+            else str(ds[tag].value or "").strip()
+        )
+        if not current:
+            return  # nothing written into it
+        scheme = str(_peek(ds, _SCHEME) or "").strip()
+        value = str(_peek(ds, _CODE_VALUE) or "").strip()
+        for other in _OTHER_CODE_VALUES:
+            value = value or str(_peek(ds, other) or "").strip()
+        known = canonical_meaning(scheme, value) if value else None
+        if known is not None:
+            if current.casefold() in known[1]:
+                return
+            text = known[0]
+        elif scheme == "UCUM" and value and fold(value) == value:
+            text = value  # a UCUM code is the unit's own name (mm, cm3, [hnsf'U])
+        elif "*" in self.keep_code_meanings or scheme in self.keep_code_meanings:
+            return
+        else:
+            text = _DUMMY["LO"]
+        if text == current:
+            return
+        data = _encoded([text], "LO") if raw is not None else None
+        if data is not None:
+            ds._dict[tag] = _with_value(elem, "LO", data)  # type: ignore[arg-type]
+        else:
+            ds[tag] = DataElement(tag, "LO", text)
+        self._counts["replaced"] += 1
 
     def _private(
         self,

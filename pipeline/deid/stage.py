@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydicom.multival import MultiValue
 
 from pipeline._version import __version__
 from pipeline.compute import map_bounded, set_total
@@ -153,6 +154,39 @@ def _date(value: Any) -> dt.date | None:
 
 def _text(value: Any) -> str | None:
     return str(value) if value not in (None, "") else None
+
+
+#: the original UIDs without which an object cannot be de-identified (nor found again)
+_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def _originals(ds: Any) -> dict[str, str | None]:
+    """The vault's original identifiers of ``ds`` (:data:`ORIGINAL_COLUMNS`): several values
+    joined by backslashes; Other Patient IDs with the Patient IDs of Other Patient IDs
+    Sequence (what `pacsflow verify` searches the research zone for)."""
+    out: dict[str, str | None] = {}
+    for key in ORIGINAL_COLUMNS:
+        if key not in _MULTI_VALUED:
+            out[key] = _text(ds.get(key))
+            continue
+        values = _values(ds.get(key))
+        if key == "OtherPatientIDs":
+            for item in ds.get("OtherPatientIDsSequence") or ():
+                values += _values(item.get("PatientID"))
+        out[key] = "\\".join(v for v in values if v.strip()) or None
+    return out
+
+
+_MULTI_VALUED = frozenset({"OtherPatientIDs", "OtherPatientNames", "PatientTelephoneNumbers"})
+
+
+def _values(value: Any) -> list[str]:
+    """The values of a text element (VM 1-n) as strings."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v) for v in value]
+    return [str(value)]
 
 
 def _texts(value: Any) -> list[str] | None:
@@ -351,7 +385,7 @@ def deid_batch(
 
     now = dt.datetime.now(dt.UTC)
     pseudo = LakeKeys(secret_key).pseudonymizer()
-    deid = Deidentifier(pseudo, cfg.deid.options)
+    deid = Deidentifier.from_config(pseudo, cfg.deid)
     # a lake encrypted at rest always encrypts its vault
     sealed = cfg.deid.encrypt_vault or lake.encrypted_at_rest
     cipher = VaultCipher(secret_key) if sealed else None
@@ -375,8 +409,8 @@ def deid_batch(
                         f"may carry burned-in PHI ({risk}); quarantined until a rule clears it",
                         reason=QuarantineReason.BURNED_IN_PHI,
                     )
-                original = {k: _text(ds.get(k)) for k in ORIGINAL_COLUMNS}
-                missing = [k for k in ORIGINAL_COLUMNS[4:] if not original[k]]
+                original = _originals(ds)
+                missing = [k for k in _REQUIRED_UIDS if not original[k]]
                 if missing:
                     raise MissingAttribute(f"no {', '.join(missing)}: cannot be de-identified")
                 out = deid.deidentify(ds, in_place=True).dataset  # ds is ours: no copy

@@ -1,10 +1,22 @@
 """Scan everything under ``research/`` for identifying values of the restricted zone.
 
-The needles come from the restricted vault and index: patient names (DICOM ``FAMILY^GIVEN``
-and plain ``Given Family`` / ``FAMILY GIVEN`` forms), patient IDs, accession numbers, birth dates
-(``YYYYMMDD``, ``YYYY-MM-DD``, ``DD.MM.YYYY``, ``MM/DD/YYYY``) and original Study, Series and
-SOP Instance UIDs. Every Parquet column (strings, lists, nested, JSON) and every other file's
-bytes are searched. The report names table, column and row number, never the value.
+The needles come from the restricted vault and index: patient names and other patient names
+(DICOM ``FAMILY^GIVEN`` and plain ``Given Family`` / ``FAMILY GIVEN`` forms, and name parts of
+5 or more letters), patient IDs and other patient IDs (Other Patient IDs and Other Patient IDs
+Sequence), accession numbers, birth dates (``YYYYMMDD``, ``YYYY-MM-DD``, ``DD.MM.YYYY``,
+``MM/DD/YYYY``), addresses (the whole, and each line of 8 or more characters holding a letter
+and a digit: a street, not a city alone), telephone numbers (as written, and their digits
+where 8 or more) and original Study, Series and SOP Instance UIDs. Every Parquet column
+(strings, lists, nested, JSON) and every other file's bytes are searched. The report names
+table, column and row number, never the value.
+
+Matches are whole tokens (a needle inside a longer word is no match), at least 4 characters
+long. A name part alone (a family name without its given name) counts only outside the
+Standard's own vocabulary: "Patient" inside "Retain Patient Characteristics Option" (the
+De-identification Method Code Sequence pacsflow writes) or a code meaning such as
+"Parkinson's disease" is a word of DICOM, not the patient (the vocabulary: the meanings of
+pydicom's PS3.16 code dictionaries, PS3.6 attribute names and the PS3.15 option names, each
+of two or more words); the whole name is found anywhere.
 
 Memory is bounded: needles are streamed from the restricted tables and gathered in chunks of at
 most ``max_needles``; the research zone is scanned once per chunk (one pass for archives up to
@@ -15,6 +27,7 @@ a few hundred thousand patients' worth of identifiers). An encrypted vault
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,13 +82,41 @@ _UID_KINDS = (
 )
 
 
+def _address_forms(address: str) -> set[str]:
+    forms = {address.strip()}
+    for line in re.split(r"[\^,;\n\r]+", address):
+        line = line.strip()
+        if len(line) >= 8 and re.search(r"[A-Za-z]", line) and re.search(r"\d", line):
+            forms.add(line)
+    return forms
+
+
+def _phone_forms(number: str) -> set[str]:
+    digits = re.sub(r"\D", "", number)
+    forms = {number.strip()} if len(digits) >= 7 else set()
+    if len(digits) >= 8:
+        forms.add(digits)
+    return forms
+
+
 def _row_needles(row: dict[str, object]) -> Iterator[tuple[str, str]]:
     for key, kind in _UID_KINDS:
         if row.get(key):
             yield str(row[key]).strip(), kind
-    if row.get("PatientName"):
-        for form in _name_forms(str(row["PatientName"])):
-            yield form, "patient name"
+    for key in ("PatientName", "OtherPatientNames"):
+        for name in str(row.get(key) or "").split("\\"):
+            if name.strip():
+                for form in _name_forms(name):
+                    yield form, "patient name"
+    for other in str(row.get("OtherPatientIDs") or "").split("\\"):
+        if other.strip():
+            yield other.strip(), "other patient ID"
+    if row.get("PatientAddress"):
+        for form in _address_forms(str(row["PatientAddress"])):
+            yield form, "address"
+    for number in str(row.get("PatientTelephoneNumbers") or "").split("\\"):
+        for form in _phone_forms(number):
+            yield form, "telephone number"
     if row.get("PatientBirthDate"):
         for form in _date_forms(str(row["PatientBirthDate"])):
             yield form, "birth date"
@@ -121,18 +162,81 @@ def iter_needles(
 
 
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*[A-Za-z0-9]|[A-Za-z0-9]")
+_WORD = re.compile(r"[A-Za-z0-9]+")
+_NAME = "patient name"
+
+
+@functools.cache
+def _vocabulary() -> dict[str, tuple[str, ...]]:
+    """Word (case-folded) -> the phrases of the Standard's vocabulary holding it (case-folded,
+    two or more words): PS3.16 code meanings (pydicom's dictionaries), PS3.6 attribute names,
+    the PS3.15 options (their code meanings and pacsflow's names for them)."""
+    from pydicom.datadict import DicomDictionary
+    from pydicom.sr._concepts_dict import concepts
+
+    from pipeline.deid import _profile
+
+    phrases: set[str] = {name for name in _profile.OPTION_CODES}
+    phrases |= {meaning for _code, meaning in _profile.OPTION_CODES.values()}
+    phrases |= {entry[2] for entry in DicomDictionary.values()}
+    schemes: dict[str, dict[str, dict[str, tuple[str, list[int]]]]] = concepts  # type: ignore[assignment]
+    for names in schemes.values():
+        for codes in names.values():
+            phrases |= {meaning for meaning, _cids in codes.values()}
+    index: dict[str, set[str]] = {}
+    for phrase in phrases:
+        words = _WORD.findall(phrase)
+        if len(words) >= 2:
+            for word in words:
+                index.setdefault(word.casefold(), set()).add(phrase.casefold())
+    return {word: tuple(sorted(found, key=len, reverse=True)) for word, found in index.items()}
+
+
+def _outside_vocabulary(text: str, word: str) -> bool:
+    """True when ``word`` stands in ``text`` as a whole token at least once outside the
+    phrases of the Standard's vocabulary that hold it (each occurrence is judged on a window
+    around it, the width of the longest such phrase; windows repeat from row to row, so
+    their verdicts are cached)."""
+    folded_word = word.casefold()
+    phrases = _vocabulary().get(folded_word, ())
+    if not phrases:
+        return True
+    span = len(phrases[0])  # longest first
+    folded = text.casefold()
+    pattern = rf"(?<![a-z0-9]){re.escape(folded_word)}(?![a-z0-9])"
+    for m in re.finditer(pattern, folded):
+        start = max(0, m.start() - span)
+        if not _covered(folded_word, folded[start : m.end() + span], m.start() - start):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _covered(word: str, window: str, at: int) -> bool:
+    """True when a vocabulary phrase holding ``word`` covers ``window[at:at + len(word)]``."""
+    for phrase in _vocabulary()[word]:
+        i = window.find(phrase, max(0, at + len(word) - len(phrase)))
+        while i != -1 and i <= at:
+            if i + len(phrase) >= at + len(word):
+                return True
+            i = window.find(phrase, i + 1)
+    return False
 
 
 class _Matcher:
     """Finds needles fast: single-token needles by set lookup over the text's tokens (UIDs,
-    IDs, dates, name parts), multi-word needles (names) by one small regex."""
+    IDs, dates, name parts), multi-word needles (names, addresses) by one small regex of whole
+    words. A name part alone counts outside the Standard's vocabulary only (module text)."""
 
     def __init__(self, found: dict[str, str]) -> None:
         self.tokens = {k.lower(): v for k, v in found.items() if _TOKEN.fullmatch(k)}
         phrases = sorted((k for k in found if not _TOKEN.fullmatch(k)), key=len, reverse=True)
         self.phrase_kind = {k.lower(): found[k] for k in phrases}
+        alternatives = "|".join(re.escape(p) for p in phrases)
         self.phrases = (
-            re.compile("|".join(re.escape(p) for p in phrases), re.IGNORECASE) if phrases else None
+            re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])", re.IGNORECASE)
+            if phrases
+            else None
         )
 
     def search(self, text: str) -> str | None:
@@ -142,15 +246,21 @@ class _Matcher:
             if m:
                 return self.phrase_kind.get(m.group(0).lower(), "identifier")
         for token in _TOKEN.findall(text):
-            kind = self.tokens.get(token.lower())
+            kind = self._kind(token, text)
             if kind:
                 return kind
             if "." in token or "-" in token or "/" in token:  # e.g. a UID inside a URL path
                 for part in re.split(r"[/]", token):
-                    kind = self.tokens.get(part.lower())
+                    kind = self._kind(part, text)
                     if kind:
                         return kind
         return None
+
+    def _kind(self, token: str, text: str) -> str | None:
+        kind = self.tokens.get(token.lower())
+        if kind == _NAME and token.isalpha() and not _outside_vocabulary(text, token):
+            return None  # a word of DICOM that is also this patient's name part
+        return kind
 
 
 def _strings(column: pa.ChunkedArray) -> Iterator[tuple[int, str]]:

@@ -66,6 +66,10 @@ ORIGINAL_COLUMNS = (
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "SOPInstanceUID",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
 )
 ENCRYPTED_COLUMNS = ORIGINAL_COLUMNS
 

@@ -102,6 +102,11 @@ VAULT = _schema(
         _f("PatientName", _S),  # original, for `pacsflow verify`
         _f("PatientBirthDate", _S),  # original, for `pacsflow verify`
         _f("AccessionNumber", _S),  # original, for `pacsflow verify`
+        # originals, for `pacsflow verify` (several values joined by backslashes, as DICOM)
+        _f("OtherPatientIDs", _S),  # Other Patient IDs and Other Patient IDs Sequence
+        _f("OtherPatientNames", _S),
+        _f("PatientAddress", _S),
+        _f("PatientTelephoneNumbers", _S),
         _f("StudyInstanceUID", _S, False),  # original
         _f("SeriesInstanceUID", _S, False),  # original
         _f("SOPInstanceUID", _S, False),  # original

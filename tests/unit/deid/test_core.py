@@ -155,3 +155,35 @@ def test_real_phi_files_come_out_clean(shared_data: Path, deid: Deidentifier) ->
                 assert value not in text, (path.name, value)
         checked += 1
     assert checked >= 5
+
+
+def test_patient_characteristics_keep_age_sex_size_weight_but_not_ethnic_group() -> None:
+    """Issue #20 §3: ethnic origin is special-category data (GDPR Art. 9); Retain Patient
+    Characteristics keeps it only where the configuration names it."""
+    ds = _planted()
+    ds.PatientAge, ds.PatientSex, ds.PatientSize, ds.PatientWeight = "056Y", "F", 1.68, 61
+    ds.EthnicGroup = "CANARY-ETHNIC"
+    ds.add_new(0x00102162, "UC", "CANARY-ETHNICS")  # Ethnic Groups (2026d)
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "CANARY1", "99LOCAL"
+    code.CodeMeaning = "CANARY-ETHNIC-CODE"
+    ds.add_new(0x00102161, "SQ", Sequence([code]))  # Ethnic Group Code Sequence
+    options = [Option.RETAIN_PATIENT_CHARACTERISTICS, Option.RETAIN_LONG_MODIFIED_DATES]
+    out = Deidentifier(Pseudonymizer(b"k" * 32), options).deidentify(ds).dataset
+    assert (out.PatientAge, out.PatientSex, out.PatientSize, out.PatientWeight) == (
+        "056Y",
+        "F",
+        1.68,
+        61,
+    )
+    for tag in (0x00102160, 0x00102161, 0x00102162):
+        assert tag not in out, hex(tag)
+    assert "CANARY" not in _values(out)
+    named = Deidentifier(Pseudonymizer(b"k" * 32), options, retain_ethnic_group=True)
+    kept = named.deidentify(ds).dataset
+    assert kept.EthnicGroup == "CANARY-ETHNIC"
+    assert 0x00102162 in kept
+    assert 0x00102161 in kept
+    # without the option, naming it keeps nothing (it only narrows what the option keeps)
+    basic = Deidentifier(Pseudonymizer(b"k" * 32), retain_ethnic_group=True).deidentify(ds)
+    assert 0x00102160 not in basic.dataset

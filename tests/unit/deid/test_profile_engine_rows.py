@@ -215,12 +215,21 @@ class Case:
         return f"{self.label}-{self.option}{sop}"
 
 
+#: Stricter than the table: Retain Patient Characteristics keeps Ethnic Group, its Code
+#: Sequence and Ethnic Groups (K), but ethnic origin is special-category data (GDPR Art. 9):
+#: the engine keeps them only with ``retain_ethnic_group`` (test_core.py checks that), so
+#: under the option alone they take the Basic Profile's action (issue #20 §3)
+_ETHNIC_GROUP = frozenset({0x00102160, 0x00102161, 0x00102162})
+
+
 def _cases() -> list[Case]:
     cases = []
     for label, tag, basic, opts in _rows():
         cases.append(Case(label, tag, "basic", basic))
         for option in Option:
             action = opts.get(option.value)
+            if tag in _ETHNIC_GROUP and option is Option.RETAIN_PATIENT_CHARACTERISTICS:
+                action = basic
             if action and action != basic:
                 cases.append(Case(label, tag, option.value, action))
     return cases
