@@ -67,6 +67,7 @@ from pipeline.lake.queries import (
     deid_studies,
 )
 from pipeline.lake.schemas import INSTANCES, schema_for
+from pipeline.lake.space import no_space_in
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +321,8 @@ def deid_batch(
                     _export(out, export, fp, tail)
                     exported += 1
         except (InputError, SourceError, OSError) as exc:
+            if no_space_in(exc) is not None:  # a full disk is not the object's fault
+                raise
             if cfg.deid.on_invalid == "raise":
                 raise
             reason = exc.reason if isinstance(exc, InputError) else QuarantineReason.UNREADABLE

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -42,6 +43,7 @@ from pipeline.lake.audit import AuditLog
 from pipeline.lake.identity import open_lake
 from pipeline.lake.keys import LakeKeys
 from pipeline.lake.lock import lake_lock
+from pipeline.lake.space import free_by_mount, no_space_error, no_space_in
 from pipeline.run.stages import (
     ProgressFactory,
     Stage,
@@ -239,6 +241,8 @@ def _run_one(stage: Stage, ctx: StageContext, summary: RunSummary, cancel: _Canc
         summary.lines.append(reason)
         return
     t0 = time.perf_counter()
+    writes_to = [ctx.lake.root, *(Path(p) for p in (ctx.cfg.deid.export_dicom,) if p)]
+    free_before = free_by_mount(writes_to)
     try:
         outcome = stage.run(ctx)
     except Cancelled:
@@ -250,6 +254,9 @@ def _run_one(stage: Stage, ctx: StageContext, summary: RunSummary, cancel: _Canc
             raise Cancelled(cancel.signum) from exc
         if isinstance(exc, RunFailed):
             raise
+        full = no_space_in(exc)
+        if full is not None:  # not a bug: say which disk, and that a rerun resumes
+            raise no_space_error(full, *writes_to, free_before=free_before) from exc
         if isinstance(exc, PacsflowError):
             raise RunFailed(f"{stage.name}: {type(exc).__name__}: {exc}", summary) from exc
         raise
