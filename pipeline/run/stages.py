@@ -314,12 +314,15 @@ class InferStage:
     def run(self, ctx: StageContext) -> StageOutcome:
         from pipeline.infer.stage import run as infer_run
 
+        # one machine with a GPU: the model runs in this process, on the GPU (local worker
+        # processes would each load it there); on a cluster GPU workers declare the resource
+        local_gpu = ctx.cfg.compute.device == "cuda" and not ctx.cfg.compute.scheduler
         with ctx.progress(self.name) as progress:
             r = infer_run(
                 ctx.cfg,
                 ctx.lake,
                 run_id=ctx.run_id,
-                client=ctx.client,
+                client=None if local_gpu else ctx.client,
                 progress=progress,
                 model=ctx.options.get("model"),
             )
