@@ -153,6 +153,9 @@ def write_partition(
         conformed = conformed.drop_columns(drop)
     with atomic_path(final) as tmp:
         pq.write_table(conformed, tmp, compression="zstd")
+    from pipeline.lake.integrity import record_files
+
+    record_files(lake, name, [final])  # checked before later stages read it
     logger.debug("wrote %d rows to %s", conformed.num_rows, final.relative_to(lake.root))
     return final
 

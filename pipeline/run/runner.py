@@ -41,6 +41,8 @@ from pipeline.errors import Cancelled, PacsflowError
 from pipeline.lake import LakePaths, RunRecorder, StageCounts, mark_abandoned
 from pipeline.lake.audit import AuditLog
 from pipeline.lake.identity import open_lake
+from pipeline.lake.integrity import check as check_files
+from pipeline.lake.integrity import damage_line
 from pipeline.lake.keys import LakeKeys
 from pipeline.lake.lock import lake_lock
 from pipeline.lake.space import free_by_mount, no_space_error, no_space_in
@@ -240,6 +242,9 @@ def _run_one(stage: Stage, ctx: StageContext, summary: RunSummary, cancel: _Canc
     if reason is not None:
         summary.lines.append(reason)
         return
+    damaged = check_files(ctx.lake, [*stage.reads, *stage.writes])
+    if damaged:  # before the stage reads a file that is not what was committed
+        raise RunFailed(f"{stage.name}: {damage_line(damaged)}", summary)
     t0 = time.perf_counter()
     writes_to = [ctx.lake.root, *(Path(p) for p in (ctx.cfg.deid.export_dicom,) if p)]
     free_before = free_by_mount(writes_to)
