@@ -11,8 +11,8 @@ line is ignored, and its file counts as unrecorded.
 the restricted table's visible ``*.parquet``) with their records. ``full=False`` (before every
 stage) costs one ``stat`` per file: a size that differs is damage, and a file whose
 modification time changed is hashed again (an overwrite in place changes it). ``full=True``
-(``status --check``) hashes every recorded file, which also catches bit rot, and reads the
-footer of files that have no record (written before checksums were recorded).
+(``status --check``) hashes every recorded file, which also catches bit rot, and decodes
+every page of files that have no record (written before checksums were recorded).
 """
 
 from __future__ import annotations
@@ -146,9 +146,10 @@ def check(lake: LakePaths, names: list[str] | None = None, *, full: bool = False
                 damaged.append(Damage(name, where, "missing"))
                 continue
             if rec is None:
-                if full:
+                if full:  # no checksum to compare with: every page must decode
                     try:
-                        pq.read_metadata(path)
+                        for _ in pq.ParquetFile(path).iter_batches(batch_size=65_536):
+                            pass
                     except Exception as exc:
                         damaged.append(Damage(name, where, f"unreadable ({type(exc).__name__})"))
                 continue
