@@ -68,8 +68,14 @@ def test_status_verify_and_deid_name_the_damaged_file(
     damaged: tuple[Path, str, int], session_key_file: Path
 ) -> None:
     lake, victim, _ = damaged
+    config = lake.parent / "run.yaml"
+    config.write_text(
+        f"lake: {lake}\nsource: {{uri: {lake.parent / 'archive'}}}\n"
+        "compute: {workers: 1}\nrun: {tensors: false, infer: false}\n"
+    )
     for args in (
         ("status", "--lake", str(lake)),
+        ("run", str(config)),
         ("status", "--lake", str(lake), "--check"),
         ("verify", "--lake", str(lake)),
         ("deid", "--lake", str(lake), "--workers", "1"),
