@@ -58,17 +58,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def record_files(lake: LakePaths, name: str, files: list[Path]) -> None:
-    """Append the checksum records of ``files`` (just committed to table ``name``)."""
+def record_files(
+    lake: LakePaths, name: str, files: list[Path], *, as_names: list[Path] | None = None
+) -> None:
+    """Append the checksum records of ``files`` (committed to table ``name``).
+
+    ``as_names``: the final paths the files will have (a temporary file recorded before its
+    rename: a crash in between leaves a record that matches no file, never a file whose
+    record is missing; a path may have several records, any of them vouches for it).
+    """
     folder = lake.table(name)
     lines = []
-    for path in files:
+    for path, final in zip(files, as_names or files, strict=True):
         try:
             st = path.stat()
             sha = _sha256(path)
         except FileNotFoundError:  # replaced or vacuumed meanwhile: nothing to vouch for
             continue
-        rel = path.relative_to(folder).as_posix()
+        rel = final.relative_to(folder).as_posix()
         lines.append(
             json.dumps(
                 {"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha},
@@ -85,8 +92,8 @@ def record_files(lake: LakePaths, name: str, files: list[Path]) -> None:
         os.close(fd)
 
 
-def _records(folder: Path) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+def _records(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
     try:
         text = (folder / CHECKSUMS).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -94,7 +101,7 @@ def _records(folder: Path) -> dict[str, dict[str, Any]]:
     for line in text.splitlines():
         try:
             rec = json.loads(line)
-            out[str(rec["path"])] = rec
+            out.setdefault(str(rec["path"]), []).append(rec)
         except (ValueError, KeyError, TypeError):
             continue  # a torn last line: that file is unrecorded
     return out
@@ -139,13 +146,13 @@ def check(lake: LakePaths, names: list[str] | None = None, *, full: bool = False
         for path in _current_files(lake, name):
             rel = path.relative_to(folder).as_posix()
             where = path.relative_to(lake.root).as_posix()
-            rec = records.get(rel)
+            recs = records.get(rel)
             try:
                 st = path.stat()
             except FileNotFoundError:
                 damaged.append(Damage(name, where, "missing"))
                 continue
-            if rec is None:
+            if not recs:
                 if full:  # no checksum to compare with: every page must decode
                     try:
                         for _ in pq.ParquetFile(path).iter_batches(batch_size=65_536):
@@ -153,12 +160,15 @@ def check(lake: LakePaths, names: list[str] | None = None, *, full: bool = False
                     except Exception as exc:
                         damaged.append(Damage(name, where, f"unreadable ({type(exc).__name__})"))
                 continue
-            if st.st_size != rec["size"]:
+            sized = [r for r in recs if r["size"] == st.st_size]
+            if not sized:
                 damaged.append(
-                    Damage(name, where, f"size {st.st_size} bytes, committed {rec['size']}")
+                    Damage(name, where, f"size {st.st_size} bytes, committed {recs[-1]['size']}")
                 )
                 continue
-            if (full or st.st_mtime_ns != rec["mtime_ns"]) and _sha256(path) != rec["sha256"]:
+            if not full and any(r["mtime_ns"] == st.st_mtime_ns for r in sized):
+                continue
+            if _sha256(path) not in {r["sha256"] for r in sized}:
                 damaged.append(Damage(name, where, "checksum differs from the committed one"))
     return damaged
 

@@ -77,3 +77,20 @@ def test_vacuum_keeps_the_record(tmp_path: Path) -> None:
     delta.vacuum(lake, retention_hours=0)
     assert (lake.table("instances") / CHECKSUMS).is_file()
     assert check(lake, full=True) == []
+
+
+def test_a_partition_rewritten_under_its_name_is_vouched_for(tmp_path: Path) -> None:
+    """A retried task rewrites a restricted partition of the same name: its new record is
+    written before the rename, and any record of the path vouches for the file."""
+    lake = LakePaths(tmp_path / "lake").create()
+    import datetime as dt
+
+    row = {
+        **dict.fromkeys(("object_key", "source", "location", "unit_key", "stage"), "x"),
+        **dict.fromkeys(("reason", "error_class", "message", "run_id"), "x"),
+        "quarantined_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    }
+    write_partition(lake, "quarantine", [row], part="q-0")
+    write_partition(lake, "quarantine", [row, {**row, "object_key": "k2"}], part="q-0")
+    assert len((lake.table("quarantine") / CHECKSUMS).read_text().splitlines()) == 2
+    assert check(lake, full=True) == []
