@@ -22,6 +22,7 @@ __all__ = [
     "MalformedValue",
     "MissingAttribute",
     "ModelError",
+    "NoSpace",
     "NotDicom",
     "NotImplementedStage",
     "PacsflowError",
@@ -135,3 +136,31 @@ class ModelError(PacsflowError):
 
 class WritebackError(PacsflowError):
     """A result object cannot be built, validated or delivered."""
+
+
+class NoSpace(PacsflowError):
+    """A disk the run writes to is full (ENOSPC, or a quota: EDQUOT).
+
+    Not a bug and not an object's fault: nothing is quarantined for it. The stage stops,
+    what finished is kept, and the same command rerun once space is freed resumes.
+
+    Attributes:
+        device: the filesystem's device (e.g. ``/dev/sda1``, ``tmpfs``).
+        mount: where it is mounted.
+        needed: bytes the stage needed at least: all that was free when it started
+            (0: unknown).
+        free: bytes free there now.
+    """
+
+    def __init__(self, device: str, mount: str, *, needed: int = 0, free: int = 0) -> None:
+        self.device, self.mount, self.needed, self.free = device, mount, needed, free
+        at = f"{device} (mounted at {mount})" if device != mount else device
+        need = f"needed more than ~{_mb(needed)} MB, " if needed else ""
+        super().__init__(
+            f"no space left on {at} ({need}{_mb(free)} MB free now): free space there and "
+            "rerun the same command (finished batches are kept)"
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}" if n < 1e6 else f"{n / 1e6:.1f}" if n < 100e6 else f"{n / 1e6:.0f}"

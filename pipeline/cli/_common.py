@@ -13,7 +13,7 @@ import typer
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.config.env import debug_enabled
-from pipeline.errors import Cancelled, ConfigError, NotImplementedStage, PacsflowError
+from pipeline.errors import Cancelled, ConfigError, NoSpace, NotImplementedStage, PacsflowError
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,13 @@ SchedulerOpt = Annotated[
     typer.Option("--scheduler", help="Dask distributed scheduler address, e.g. tcp://host:8786."),
 ]
 
-#: Exit codes: 0 success, 1 the stage failed, 2 usage/config error or not implemented.
+#: Exit codes: 0 success, 1 the stage failed (or left work failed or pending), 2 usage/config
+#: error or not implemented, 3 a resource is unavailable (the review app's port is taken),
+#: 4 no space left on a device (free space and rerun), 130/143 cancelled by SIGINT/SIGTERM.
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NO_SPACE = 4
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -310,6 +314,13 @@ def run_command(
     return summary
 
 
+def _no_space(exc: BaseException) -> NoSpace:
+    """The :class:`NoSpace` that ``exc`` (from :func:`no_space_in`) stands for."""
+    from pipeline.lake.space import no_space_error
+
+    return no_space_error(exc, Path.cwd())
+
+
 def guarded(func: Callable[[], None], *, resume_hint: str | None = None) -> None:
     """Run a command body, turning pacsflow errors into one-line messages and exit codes.
 
@@ -326,7 +337,14 @@ def guarded(func: Callable[[], None], *, resume_hint: str | None = None) -> None
         fail(str(exc), EXIT_USAGE)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
+    except NoSpace as exc:
+        fail(str(exc), EXIT_NO_SPACE)
     except PacsflowError as exc:
+        from pipeline.lake.space import no_space_in
+
+        full = no_space_in(exc)
+        if full is not None:
+            fail(str(_no_space(full)), EXIT_NO_SPACE)
         fail(f"{type(exc).__name__}: {exc}")
     except Cancelled as exc:
         run_id = getattr(exc, "run_id", None)
@@ -339,6 +357,11 @@ def guarded(func: Callable[[], None], *, resume_hint: str | None = None) -> None
     except KeyboardInterrupt:
         fail("interrupted; rerun the same command to resume (finished batches are kept)", 130)
     except Exception as exc:
+        from pipeline.lake.space import no_space_in
+
+        full = no_space_in(exc)  # also when recording the failure filled the disk again
+        if full is not None:
+            fail(str(_no_space(full)), EXIT_NO_SPACE)
         hint = f"; {resume_hint}" if resume_hint else ""
         logger.debug("unexpected error", exc_info=True)
         fail(

@@ -17,6 +17,7 @@ from pipeline.cli import (
     deid,
     demo,
     infer,
+    repair,
     review,
     run,
     status,
@@ -72,6 +73,7 @@ writeback.register(app)
 run.register(app)
 review.register(app)
 vacuum.register(app)
+repair.register(app)
 app.command("demo")(demo.demo)
 app.command("status")(status.status)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -11,6 +12,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cli._common import (
+    EXIT_UNAVAILABLE,
     EXIT_USAGE,
     ConfigOpt,
     KeyFileOpt,
@@ -39,6 +41,26 @@ def is_loopback(host: str) -> bool:
     return bool(addresses) and all(
         ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses
     )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` for the app (uvicorn serves on it).
+
+    Raises:
+        OSError: the address cannot be bound (``errno.EADDRINUSE``: the port is taken).
+    """
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def register(app: typer.Typer) -> None:
@@ -167,10 +189,23 @@ def register(app: typer.Typer) -> None:
                 tls=cert is not None,
                 cipher=VaultCipher(keys.secret),
             )
+            try:
+                sock = listen(where_host, where_port)
+            except OSError as exc:
+                why = (
+                    "the port is in use (another `pacsflow review`, or another server?): "
+                    "pick another with --port or review.port"
+                    if exc.errno == errno.EADDRINUSE
+                    else exc.strerror or type(exc).__name__
+                )
+                fail(f"cannot serve on {where_host}:{where_port}: {why}", EXIT_UNAVAILABLE)
             scheme = "https" if cert is not None else "http"
             typer.echo(f"review: serving {scheme}://{where_host}:{where_port}/ (Ctrl-C stops)")
-            uvicorn.Server(
-                server_config(app_, host=where_host, port=where_port, certfile=cert, keyfile=key)
-            ).run()
+            with sock:
+                uvicorn.Server(
+                    server_config(
+                        app_, host=where_host, port=where_port, certfile=cert, keyfile=key
+                    )
+                ).run(sockets=[sock])
 
         guarded(body)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pipeline.cli._common import ConfigOpt, KeyFileOpt, LakeOpt, build_config, guarded
+from pipeline.cli._common import ConfigOpt, KeyFileOpt, LakeOpt, build_config, fail, guarded
 
 
 def environment_report() -> dict[str, Any]:
@@ -219,6 +219,8 @@ def _print_lake(rep: dict[str, Any]) -> None:
             f"  abandoned: {len(rep['abandoned'])} run(s) whose process died ({shown}); "
             "finished batches are kept, the next run resumes"
         )
+    if not rep.get("damaged_files"):
+        typer.echo(f"  table files: intact ({rep.get('files_checked')} checked)")
     a = rep["audit"]
     if a["ok"]:
         verdict = "intact" + ("" if a["macs_checked"] else " (links only: MACs need the key)")
@@ -236,9 +238,18 @@ def status(
     key_file: KeyFileOpt = None,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
+    full_check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Hash every table file against the checksum recorded at its commit (without "
+            "it: sizes and modification times only).",
+        ),
+    ] = False,
 ) -> None:
     """Versions, pixel codecs, compute devices; with --lake: the lake's key fingerprint,
-    counts per state, last run, and the audit chain (MACs checked when the key is given)."""
+    counts per state, last run, the audit chain (MACs checked when the key is given) and the
+    table files against their recorded checksums (exit 1 on damage)."""
     cfg = build_config(config, lake=lake)
 
     def body() -> None:
@@ -248,12 +259,28 @@ def status(
 
             keys = lake_keys(cfg, key_file, required=False)
             report["lake"] = lake_report(cfg.lake, keys, cfg.audit.witness)
+            from dataclasses import asdict
+
+            from pipeline.lake import LakePaths
+            from pipeline.lake.integrity import check
+
+            damaged = check(LakePaths(cfg.lake), full=full_check)
+            report["lake"]["damaged_files"] = [asdict(d) for d in damaged]
+            report["lake"]["files_checked"] = "checksums" if full_check else "sizes and times"
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:
             _print_env(report["environment"])
             if "lake" in report:
                 _print_lake(report["lake"])
+        if "lake" in report and report["lake"]["damaged_files"]:
+            from pipeline.lake.integrity import Damage, damage_line
+
+            damaged = [Damage(**d) for d in report["lake"]["damaged_files"]]
+            if not as_json:
+                for d in damaged:
+                    typer.echo(f"  DAMAGED: {d.path} (table {d.table}): {d.why}")
+            fail(damage_line(damaged))
         if "lake" in report and not report["lake"]["audit"]["ok"]:
             raise typer.Exit(1)
 

@@ -75,6 +75,7 @@ from pipeline.lake.queries import (
     deid_studies,
 )
 from pipeline.lake.schemas import INSTANCES, schema_for
+from pipeline.lake.space import no_space_in
 
 logger = logging.getLogger(__name__)
 
@@ -375,12 +376,14 @@ def deid_batch(
     run_id: str,
     part: str,
     export_only: bool = False,
+    instances_only: bool = False,
 ) -> dict[str, int]:
     """De-identify a batch of index rows; write instances, vault and quarantine part files.
 
     With ``export_only`` the rows are objects the vault already holds whose de-identified DICOM
     export is missing: the same engine runs again (deterministic, so the same output) and only
-    the export is written.
+    the export is written. With ``instances_only`` (``pacsflow repair``) only their
+    ``instances`` rows are committed again: the vault holds them already.
     """
 
     now = dt.datetime.now(dt.UTC)
@@ -417,10 +420,12 @@ def deid_batch(
                 token = str(out.get("PatientID", "")) or pseudo.token(row.get("PatientID") or "")
                 # before the export: an object whose header cannot be written is neither
                 instance = _instance_row(out, token)
-                if export is not None:
+                if export is not None and not instances_only:
                     _export(out, export, fp, tail)
                     exported += 1
         except (InputError, SourceError, OSError) as exc:
+            if no_space_in(exc) is not None:  # a full disk is not the object's fault
+                raise
             if cfg.deid.on_invalid == "raise":
                 raise
             reason = exc.reason if isinstance(exc, InputError) else QuarantineReason.UNREADABLE
@@ -469,6 +474,14 @@ def deid_batch(
     superseded = 0
     if instances:  # one commit; rows of objects the table holds are replaced in it
         superseded = commit_rows(lake, "instances", instances).replaced
+    if instances_only:
+        return {
+            "out": len(instances),
+            "quarantined": len(quarantine),
+            "exported": 0,
+            "export_failed": 0,
+            "superseded": superseded,
+        }
     if quarantine:
         write_partition(lake, "quarantine", quarantine, part=f"deid-{part}")
     if vault:  # last: it commits the batch (a rerun skips what the vault holds)
@@ -695,6 +708,84 @@ def _rebuild_aggregates(con: Any, lake: LakePaths) -> None:
     delta.commit(
         lake, "patients", conform(patients, "patients"), mode="overwrite", metadata=built_from
     )
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    """What :func:`rebuild_instances` did."""
+
+    rows_kept: int  # rows of the files that were intact
+    rebuilt: int  # objects de-identified again from the restricted zone
+    failed: int  # objects that could not be (their source is gone or unreadable)
+
+
+def rebuild_instances(
+    cfg: PipelineConfig, lake: LakePaths, *, key: bytes, run_id: str, damaged: list[Path]
+) -> RebuildResult:
+    """Rebuild ``instances`` without the ``damaged`` files of its current version: one
+    overwrite commit of the rows of the other files, then every object the vault holds that
+    has no row is de-identified again from its source (deterministic: the same row), and the
+    aggregates are rebuilt. The vault is not touched."""
+    import duckdb
+
+    gone = {str(p) for p in damaged}
+    files = [f for f in delta.data_files(lake, "instances") if f not in gone]
+    schema = schema_for("instances")
+    if files:
+        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        con = duckdb.connect()
+        try:
+            kept = arrow_table(
+                con,
+                f"SELECT * FROM read_parquet([{listed}], union_by_name = true, "
+                "hive_partitioning = true, hive_types_autocast = false)",
+            )
+        finally:
+            con.close()
+        kept = pa.Table.from_arrays(
+            [kept.column(f.name).cast(f.type) if f.name in kept.column_names
+             else pa.nulls(kept.num_rows, f.type) for f in schema],
+            schema=schema,
+        )  # fmt: skip
+    else:
+        kept = schema.empty_table()
+    delta.commit(lake, "instances", kept, mode="overwrite")
+    held = set(kept.column("SOPInstanceUID").to_pylist())
+    con = connect()
+    q = deid_export_todo(lake)
+    opened = lake.opener("index")
+    todo = [
+        opened(r)
+        for rb in arrow_reader(con, q.sql, q.params, 10_000)
+        for r in rb.to_pylist()
+        if r["sop_pseudonym"] not in held
+    ]
+    done = {"out": 0, "quarantined": 0}
+    size = cfg.compute.partition_size
+    for i in range(0, len(todo), size):
+        result = deid_batch(
+            cfg,
+            todo[i : i + size],
+            secret_key=key,
+            lake=lake,
+            run_id=run_id,
+            part=f"{run_id}-r{i // size:05d}",
+            instances_only=True,
+        )
+        done["out"] += result["out"]
+        done["quarantined"] += result["quarantined"]
+    _rebuild_aggregates(con, lake)
+    con.close()
+    return RebuildResult(kept.num_rows, done["out"], done["quarantined"])
+
+
+def rebuild_aggregates(lake: LakePaths) -> None:
+    """Rebuild ``series``, ``studies`` and ``patients`` from ``instances`` (``repair``)."""
+    con = connect()
+    try:
+        _rebuild_aggregates(con, lake)
+    finally:
+        con.close()
 
 
 def run(

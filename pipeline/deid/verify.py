@@ -283,22 +283,29 @@ def _scan(
             continue
         rel = str(path.relative_to(lake.root))
         if path.suffix == ".parquet":
-            pf = pq.ParquetFile(path)
-            offset = 0
-            for batch in pf.iter_batches(batch_size=10_000):
-                for name in batch.schema.names:
-                    col = batch.column(name)
-                    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-                        continue
-                    for i, text in _strings(pa.chunked_array([col])):
-                        kind = matcher.search(text)
-                        if kind:
-                            yield Leak(rel, name, offset + i, kind)
-                offset += batch.num_rows
+            try:
+                yield from _scan_parquet(path, rel, matcher)
+            except OSError:  # damaged: what it holds cannot be vouched for (fail closed)
+                yield Leak(rel, None, None, "unreadable Parquet file (cannot be scanned)")
         else:
             kind = matcher.search(_text_of(path))
             if kind:
                 yield Leak(rel, None, None, kind)
+
+
+def _scan_parquet(path: Path, rel: str, matcher: _Matcher) -> Iterator[Leak]:
+    pf = pq.ParquetFile(path)
+    offset = 0
+    for batch in pf.iter_batches(batch_size=10_000):
+        for name in batch.schema.names:
+            col = batch.column(name)
+            if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+                continue
+            for i, text in _strings(pa.chunked_array([col])):
+                kind = matcher.search(text)
+                if kind:
+                    yield Leak(rel, name, offset + i, kind)
+        offset += batch.num_rows
 
 
 def _text_of(path: Path) -> str:

@@ -79,14 +79,45 @@ def augmentation_views(
     return [(f, t) for t in ((False, True) if transpose_xy else (False,)) for f in flips]
 
 
+#: How to get a torch that computes on CUDA (README, "Installing").
+CUDA_TORCH_HINT = (
+    "install a CUDA build of torch, e.g. `pip install torch=={version} --index-url "
+    "https://download.pytorch.org/whl/cu126` (or `make setup TORCH_SPEC=...`, README "
+    "'Installing')"
+)
+
+
+def cuda_problem() -> str | None:
+    """Why torch cannot compute on CUDA in this process (None: it can): a torch built
+    without CUDA (the CPU wheel), or no device it can see."""
+    import torch
+
+    version = str(torch.__version__)
+    if torch.version.cuda is None or not torch.backends.cuda.is_built():
+        hint = CUDA_TORCH_HINT.format(version=version.split("+")[0])
+        return f"this torch build ({version}) has no CUDA: {hint}"
+    if not torch.cuda.is_available():
+        return (
+            f"torch {version} (CUDA {torch.version.cuda}) sees no CUDA device: check the "
+            "NVIDIA driver (`nvidia-smi`) and CUDA_VISIBLE_DEVICES"
+        )
+    return None
+
+
 def pick_device(device: str = "auto") -> str:
-    """``"cuda"`` when asked for or (``auto``) available, else ``"cpu"``."""
+    """``"cuda"`` when asked for or (``auto``) available, else ``"cpu"``.
+
+    Raises:
+        ModelError: ``cuda`` asked for where torch cannot use it (:func:`cuda_problem`).
+    """
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device cuda asked for, but torch sees no CUDA device")
+    if device == "cuda":
+        problem = cuda_problem()
+        if problem:
+            raise ModelError(f"device cuda asked for, but {problem}")
     return device
 
 

@@ -14,8 +14,10 @@
 4. the rows commit the batch (written last); objects of a volume with findings reach the state
    ``inferred``.
 
-On a Dask cluster with ``compute.device: cuda`` the tasks ask for the worker resource
-``infer.gpu_resource`` (start GPU workers with ``--resources GPU=1``).
+On a Dask cluster (``compute.scheduler``) with ``compute.device: cuda`` the tasks ask for the
+worker resource ``infer.gpu_resource`` (start GPU workers with ``--resources GPU=1``). On one
+machine (no scheduler) inference runs in-process on its GPU: no cluster needed; a torch without
+CUDA, or no device, is said before any work.
 """
 
 from __future__ import annotations
@@ -357,8 +359,9 @@ def _todo(
 
 
 def _gpu_resources(cfg: PipelineConfig, client: Any) -> dict[str, float] | None:
-    """Dask resources the tasks ask for: the GPU resource when the device is cuda."""
-    if client is None or cfg.compute.device != "cuda":
+    """Dask resources the tasks ask for: the GPU resource when the device is cuda on a
+    cluster (``compute.scheduler``); on one machine inference runs in-process instead."""
+    if client is None or cfg.compute.device != "cuda" or not cfg.compute.scheduler:
         return None
     name = cfg.infer.gpu_resource
     workers = client.scheduler_info().get("workers", {})
@@ -389,6 +392,12 @@ def run(
         raise ModelError(
             f"no tensors in {lake.root}: run `pacsflow tensors --lake {lake.root}` first"
         )
+    if cfg.compute.device == "cuda" and not cfg.compute.scheduler:
+        from pipeline.infer.engine import cuda_problem
+
+        problem = cuda_problem()  # this machine's GPU: checked here, before any work
+        if problem:
+            raise ModelError(f"compute.device is cuda, but {problem}")
     registry = load_registry(cfg.infer.registry)
     entry = registry.entry(model or cfg.infer.model)
     bundle = load_bundle(

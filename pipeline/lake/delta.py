@@ -365,8 +365,30 @@ def commit(
             time.sleep(0.05 * (attempt + 1))
     version = current_version(lake, name)
     assert version is not None
+    _record_added(lake, name, version)
     logger.debug("%s: version %d (%d rows, %d replaced)", name, version, rows, replaced)
     return CommitResult(version=version, added=max(rows, 0) - replaced, replaced=replaced)
+
+
+def _record_added(lake: LakePaths, name: str, version: int) -> None:
+    """Record the checksums of the files version ``version`` of ``name`` added
+    (:mod:`pipeline.lake.integrity`)."""
+    import json
+    from urllib.parse import unquote
+
+    from pipeline.lake.integrity import record_files
+
+    log = _log(lake, name) / f"{version:020d}.json"
+    added = []
+    try:
+        for line in log.read_text(encoding="utf-8").splitlines():
+            action = json.loads(line) if line.strip() else {}
+            if "add" in action:
+                added.append(lake.table(name) / unquote(action["add"]["path"]))
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("%s: version %d not checksummed (%s)", name, version, exc)
+        return
+    record_files(lake, name, added)
 
 
 def last_commit_metadata(lake: LakePaths, name: str) -> dict[str, Any]:
@@ -462,6 +484,9 @@ def dedupe(lake: LakePaths, name: str) -> int:
         writer_properties=_writer(),
         post_commithook_properties=_hooks(),
     )
+    version = current_version(lake, name)
+    if version is not None:
+        _record_added(lake, name, version)
     dropped = int(dropped_row[0]) if dropped_row else 0
     logger.info("%s: %d row(s) of objects committed twice dropped", name, dropped)
     return dropped

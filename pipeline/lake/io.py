@@ -151,8 +151,12 @@ def write_partition(
     drop = [k for k in (partition or {}) if k in conformed.column_names]
     if drop:
         conformed = conformed.drop_columns(drop)
+    from pipeline.lake.integrity import record_files
+
     with atomic_path(final) as tmp:
         pq.write_table(conformed, tmp, compression="zstd")
+        # recorded before the rename (which keeps its times): checked before stages read it
+        record_files(lake, name, [tmp], as_names=[final])
     logger.debug("wrote %d rows to %s", conformed.num_rows, final.relative_to(lake.root))
     return final
 

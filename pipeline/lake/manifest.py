@@ -42,6 +42,7 @@ __all__ = [
     "mark_abandoned",
     "new_run_id",
     "pinned_versions",
+    "resolve_run",
     "versions_of_run",
 ]
 
@@ -298,6 +299,33 @@ def _start_order(manifest: RunManifest) -> tuple[datetime, str]:
     return started, manifest.run_id
 
 
+def _manifest_of(lake: LakePaths, run: str) -> Path:
+    from pipeline.errors import LakeError
+
+    if not run or "/" in run or run.startswith("."):
+        raise LakeError(f"no run {run!r} in this lake")
+    matches = sorted(lake.runs.glob(f"{run}*.json")) if lake.runs.is_dir() else []
+    exact = [p for p in matches if p.stem == run]
+    if exact:
+        matches = exact
+    if not matches:
+        raise LakeError(f"no run {run!r} in this lake (see `pacsflow status` for its runs)")
+    if len(matches) > 1:
+        raise LakeError(f"{run!r} names {len(matches)} runs: give more of the run id")
+    return matches[0]
+
+
+def resolve_run(lake: LakePaths, run: str) -> str:
+    """The id of the run ``run`` names: a run id, or a prefix of exactly one.
+
+    Raises
+    ------
+    LakeError
+        No run, or several.
+    """
+    return _manifest_of(lake, run).stem
+
+
 def versions_of_run(lake: LakePaths, run: str) -> tuple[str, dict[str, int]]:
     """The research table versions a run recorded: ``(run id, {table: version})``.
 
@@ -311,17 +339,7 @@ def versions_of_run(lake: LakePaths, run: str) -> tuple[str, dict[str, int]]:
     """
     from pipeline.errors import LakeError
 
-    if not run or "/" in run or run.startswith("."):
-        raise LakeError(f"no run {run!r} in this lake")
-    matches = sorted(lake.runs.glob(f"{run}*.json")) if lake.runs.is_dir() else []
-    exact = [p for p in matches if p.stem == run]
-    if exact:
-        matches = exact
-    if not matches:
-        raise LakeError(f"no run {run!r} in this lake (see `pacsflow status` for its runs)")
-    if len(matches) > 1:
-        raise LakeError(f"{run!r} names {len(matches)} runs: give more of the run id")
-    manifest = RunManifest.from_file(matches[0])
+    manifest = RunManifest.from_file(_manifest_of(lake, run))
     if not manifest.table_versions:
         raise LakeError(f"run {manifest.run_id} recorded no research table versions")
     return manifest.run_id, dict(manifest.table_versions)

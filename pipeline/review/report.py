@@ -33,7 +33,9 @@ def build_report(
     from pipeline.review.app import data_uri, render_finding_png, templates
 
     catalog = Catalog(lake)
-    findings = [f for f in catalog.findings() if run_id is None or f.get("run_id") == run_id]
+    findings = catalog.findings()
+    if run_id is not None:
+        findings = [f for f in findings if f.get("run_id") == _run_of(lake, run_id, findings)]
     latest = catalog.latest()
     volumes = VolumeCache(lake, size=4)
     rows: list[dict[str, Any]] = []
@@ -121,6 +123,31 @@ def _thumbnail(png: bytes, side: int = 192) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _run_of(lake: LakePaths, run: str, findings: list[dict[str, Any]]) -> str:
+    """The id of the infer run ``run`` names (an id or a unique prefix of a run manifest's).
+
+    Raises:
+        ConfigError: no such run, several, or a run that wrote no findings (an empty report
+            would look like a run without findings).
+    """
+    from pipeline.errors import ConfigError, LakeError
+    from pipeline.lake.manifest import resolve_run
+
+    wrote = {str(f.get("run_id")) for f in findings}
+    if run in wrote:
+        return run
+    try:
+        run_id = resolve_run(lake, run)
+    except LakeError as exc:
+        raise ConfigError(f"--run: {exc}") from None
+    if run_id not in wrote:
+        raise ConfigError(
+            f"--run: run {run_id} wrote no findings (give an infer run: `pacsflow status` "
+            "lists the runs); no report written"
+        )
+    return run_id
 
 
 def write_report(

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -40,8 +41,11 @@ from pipeline.errors import Cancelled, PacsflowError
 from pipeline.lake import LakePaths, RunRecorder, StageCounts, mark_abandoned
 from pipeline.lake.audit import AuditLog
 from pipeline.lake.identity import open_lake
+from pipeline.lake.integrity import check as check_files
+from pipeline.lake.integrity import damage_line
 from pipeline.lake.keys import LakeKeys
 from pipeline.lake.lock import lake_lock
+from pipeline.lake.space import free_by_mount, no_space_error, no_space_in
 from pipeline.run.stages import (
     ProgressFactory,
     Stage,
@@ -238,7 +242,12 @@ def _run_one(stage: Stage, ctx: StageContext, summary: RunSummary, cancel: _Canc
     if reason is not None:
         summary.lines.append(reason)
         return
+    damaged = check_files(ctx.lake, [*stage.reads, *stage.writes])
+    if damaged:  # before the stage reads a file that is not what was committed
+        raise RunFailed(f"{stage.name}: {damage_line(damaged)}", summary)
     t0 = time.perf_counter()
+    writes_to = [ctx.lake.root, *(Path(p) for p in (ctx.cfg.deid.export_dicom,) if p)]
+    free_before = free_by_mount(writes_to)
     try:
         outcome = stage.run(ctx)
     except Cancelled:
@@ -250,6 +259,9 @@ def _run_one(stage: Stage, ctx: StageContext, summary: RunSummary, cancel: _Canc
             raise Cancelled(cancel.signum) from exc
         if isinstance(exc, RunFailed):
             raise
+        full = no_space_in(exc)
+        if full is not None:  # not a bug: say which disk, and that a rerun resumes
+            raise no_space_error(full, *writes_to, free_before=free_before) from exc
         if isinstance(exc, PacsflowError):
             raise RunFailed(f"{stage.name}: {type(exc).__name__}: {exc}", summary) from exc
         raise

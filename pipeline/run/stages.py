@@ -208,7 +208,14 @@ class DeidStage:
         if c.extra.get("export_failed"):
             details.append(f"{c.extra['export_failed']} exports failed (see the log)")
         line = _line(self.name, c, "de-identified", "own results skipped", ", ".join(details))
-        return StageOutcome(c, line)
+        failed = int(c.extra.get("export_failed", 0))
+        problem = (
+            f"deid: {failed} de-identified DICOM export(s) failed (the log says why); rerun "
+            "to write them"
+            if failed
+            else None
+        )
+        return StageOutcome(c, line, problem)
 
 
 class VerifyStage:
@@ -312,12 +319,15 @@ class InferStage:
     def run(self, ctx: StageContext) -> StageOutcome:
         from pipeline.infer.stage import run as infer_run
 
+        # one machine with a GPU: the model runs in this process, on the GPU (local worker
+        # processes would each load it there); on a cluster GPU workers declare the resource
+        local_gpu = ctx.cfg.compute.device == "cuda" and not ctx.cfg.compute.scheduler
         with ctx.progress(self.name) as progress:
             r = infer_run(
                 ctx.cfg,
                 ctx.lake,
                 run_id=ctx.run_id,
-                client=ctx.client,
+                client=None if local_gpu else ctx.client,
                 progress=progress,
                 model=ctx.options.get("model"),
             )
@@ -365,20 +375,33 @@ class WritebackStage:
                 audit=audit,
             )
         c, e = r.counts, r.counts.extra
+        refused = int(e.get("refused_volumes", 0))
         details = (
             f"{e.get('built', 0)} objects built, {e.get('confirmed', 0)} confirmed, "
-            f"{e.get('skipped', 0)} already there, {e.get('failed', 0)} volumes refused "
-            f"(see the log), {len(r.pending)} pending"
-        )
-        problem = (
-            f"writeback: {len(r.pending)} object(s) not confirmed at the destination; "
-            "rerun to send them"
-            if r.pending
-            else None
+            f"{e.get('skipped', 0)} already there, {refused} volumes refused "
+            f"(see the log), {len(r.pending)} objects pending"
         )
         return StageOutcome(
-            c, _line(self.name, c, "written", "skipped", details, "volumes"), problem
+            c,
+            _line(self.name, c, "written", "skipped", details, "volumes"),
+            _writeback_problem(c.seen, refused, len(r.pending)),
         )
+
+
+def _writeback_problem(volumes: int, refused: int, pending: int) -> str | None:
+    """The one line that fails a run whose write-back left work undone (None: all done).
+
+    Args:
+        volumes: the volumes write-back looked at.
+        refused: volumes it cannot write back (e.g. resampled tensors, missing vault rows).
+        pending: objects built but not confirmed at the destination.
+    """
+    parts = []
+    if pending:
+        parts.append(f"{pending} object(s) not confirmed at the destination (rerun to send them)")
+    if refused:
+        parts.append(f"{refused} of {volumes} volume(s) refused (the log says why)")
+    return "writeback: " + "; ".join(parts) if parts else None
 
 
 #: The pipeline, in order.

@@ -48,6 +48,7 @@ from pipeline.lake import (
 from pipeline.lake.duck import arrow_reader, connect, volume_verdicts
 from pipeline.lake.io import conform
 from pipeline.lake.queries import tensors_todo
+from pipeline.lake.space import no_space_in
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ def _series_datasets(
         except InputError as exc:
             failed.append((obj, exc))
         except (SourceError, OSError) as exc:
+            if no_space_in(exc) is not None:  # a full disk (the cache) is not the object's
+                raise
             failed.append((obj, UnreadableDicom(f"cannot be read ({type(exc).__name__})")))
         except Exception as exc:  # pydicom on a corrupt object
             failed.append((obj, UnreadableDicom(f"cannot be parsed ({type(exc).__name__})")))

@@ -159,6 +159,8 @@ def run(
     con = connect()
     rows: list[dict[str, Any]] = []
     counts = {"groups": 0, "built": 0, "sent": 0, "confirmed": 0, "skipped": 0, "failed": 0}
+    refused = 0  # volumes write-back cannot map onto the original frames (WritebackError)
+    unfinished: set[str] = set()  # volumes with an object not confirmed at the destination
     reidentified = 0
     pending: list[str] = []
     objects_dir = lake.restricted / "results"  # built SEG/SR (identified: original UIDs)
@@ -188,7 +190,8 @@ def run(
                 objs = _plan(con, lake, pseudo, cipher, group)
             except WritebackError as exc:
                 counts["failed"] += 1
-                logger.warning("write-back of %s skipped: %s", group["tensor_key"], exc)
+                refused += 1
+                logger.warning("write-back of %s refused: %s", group["tensor_key"], exc)
                 continue
             todo = [o for o in objs if status_at_dest.get(o["result_uid"]) != "confirmed"]
             if not todo:
@@ -265,6 +268,7 @@ def run(
                             counts["failed"] += 1
                             row(obj, "invalid", errors[0][:500])
                             pending.append(obj["result_uid"])
+                            unfinished.add(group["tensor_key"])
                             continue
                     ready.append((obj, path))
                 for obj, path in ready:
@@ -277,6 +281,7 @@ def run(
                     else:
                         counts["failed"] += 1
                         pending.append(obj["result_uid"])
+                        unfinished.add(group["tensor_key"])
     finally:
         if rows:
             write_partition(lake, "outbox", rows, part=f"{run_id}-{len(rows):06d}")
@@ -284,12 +289,19 @@ def run(
     if audit is not None:
         audit(objects=reidentified, groups=counts["groups"])
     seconds = round(time.perf_counter() - t0, 3)
-    stage_counts = StageCounts(  # a volume refused (WritebackError) is counted, never silent
+    failed_volumes = refused + len(unfinished)
+    stage_counts = StageCounts(  # a volume refused or not delivered is counted, never silent
         seen=counts["groups"],
-        out=counts["groups"] - counts["failed"],
-        quarantined=counts["failed"],
+        out=counts["groups"] - failed_volumes,
+        quarantined=failed_volumes,
         seconds=seconds,
-        extra={**counts, "reidentified_objects": reidentified, "pending": len(pending)},
+        extra={
+            **counts,
+            "refused_volumes": refused,
+            "undelivered_volumes": len(unfinished),
+            "reidentified_objects": reidentified,
+            "pending": len(pending),
+        },
     )
     logger.info(
         "writeback: %d volumes, %d objects built, %d confirmed at %s, %d pending, %.1f s",

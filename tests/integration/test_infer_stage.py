@@ -215,12 +215,57 @@ def test_cuda_without_gpu_workers_is_explained(
 ) -> None:
     root, base = built
     lake = _copy_lake(base, tmp_path / "lake")
-    cfg = _cfg(root).model_copy(
-        update={"compute": _cfg(root).compute.model_copy(update={"device": "cuda"})}
-    )
+    address = dask_client.scheduler.address  # a cluster: GPU workers declare the resource
+    compute = _cfg(root).compute.model_copy(update={"device": "cuda", "scheduler": address})
+    cfg = _cfg(root).model_copy(update={"compute": compute})
     with pytest.raises(ModelError, match="--resources GPU=1"):
         infer_stage._gpu_resources(cfg, dask_client)
     del lake
+
+
+def test_cuda_on_a_torch_without_cuda_says_so_before_any_work(
+    built: tuple[Path, LakePaths], tmp_path: Path
+) -> None:
+    """Issue #20 §2: one machine, no cluster, `--device cuda` with the CPU wheel of torch:
+    the error names the torch build and how to install one with CUDA (it said that no Dask
+    worker declares the GPU resource)."""
+    import torch
+
+    if torch.version.cuda is not None:
+        pytest.skip("this torch is built with CUDA")
+    root, base = built
+    lake = _copy_lake(base, tmp_path / "lake")
+    cfg = _cfg(root).model_copy(
+        update={"compute": _cfg(root).compute.model_copy(update={"device": "cuda"})}
+    )
+    with pytest.raises(ModelError) as err:
+        infer_stage.run(cfg, lake, run_id="i")
+    message = str(err.value)
+    assert f"this torch build ({torch.__version__}) has no CUDA" in message
+    assert "--index-url https://download.pytorch.org/whl/cu126" in message
+    assert "\n" not in message
+    assert not lake.table("findings").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_on_one_machine_needs_no_cluster(
+    built: tuple[Path, LakePaths], tmp_path: Path
+) -> None:
+    """One GPU on one machine: `compute.device: cuda` with no scheduler and no declared
+    resources; the stage runs the model in-process (what `pacsflow infer --device cuda`
+    does with local workers) on the GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    root, base = built
+    lake = _copy_lake(base, tmp_path / "lake")
+    compute = _cfg(root).compute.model_copy(update={"device": "cuda", "workers": 2})
+    cfg = _cfg(root).model_copy(update={"compute": compute})
+    result = infer_stage.run(cfg, lake, run_id="i")
+    assert result.counts.out > 0
+    devices = {r["device"] for r in read_table(lake, "findings").to_pylist() if "device" in r}
+    assert all(d.startswith("cuda") for d in devices), devices
 
 
 def test_cli_without_tensors_says_what_to_run(tmp_path: Path) -> None:

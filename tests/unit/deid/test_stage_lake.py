@@ -52,7 +52,8 @@ def test_research_tables_are_hive_partitioned_and_read_everywhere(tmp_path: Path
     lake = LakePaths(tmp_path / "lake")
     _run(_cfg(), archive, lake, "20260101T000000Z-aaaaaa")
     inst = lake.table("instances")
-    folders = ["Modality=CT", "Modality=MR", "_delta_log"]  # a Delta table
+    # a Delta table, and each file's checksum (pipeline.lake.integrity)
+    folders = ["Modality=CT", "Modality=MR", "_delta_log", "_pacsflow_checksums.jsonl"]
     assert sorted(p.name for p in inst.iterdir()) == folders
     assert sorted(p.name for p in lake.table("series").iterdir()) == folders
     # the partition column lives in the folder name only (the hive convention)

@@ -61,6 +61,7 @@ def test_a_batch_is_one_version_and_an_object_that_comes_again_replaces_its_row(
         "Modality=MR",
         "Modality=UNKNOWN",
         "_delta_log",
+        "_pacsflow_checksums.jsonl",  # each added file's SHA-256 (pipeline.lake.integrity)
     ]
     # the same objects again, one of them changed, plus a new one: one commit, no duplicate
     again = commit_rows(lake, "instances", [_inst(2, "MR", "b1"), _inst(4, "CT", "b1")])
