@@ -7,21 +7,17 @@ half-written file; a failed write removes its temporary file; a killed writer le
 hidden ``.*.tmp-*`` file (:data:`TEMPORARY_GLOB`), which the lake sweeps.
 
 ``durable=False`` skips both fsyncs (still atomic for readers): for many small files made
-durable together afterwards with :func:`sync_filesystem`, one ``syncfs`` per batch; the files
-written through :func:`atomic_open` start their way to disk at once (:func:`start_writeback`),
-so that the flush does not wait for all of them at the end.
+durable together afterwards with :func:`sync_filesystem`, one ``syncfs`` per batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Final, cast
+from typing import BinaryIO, Final
 
 __all__ = [
     "TEMPORARY_GLOB",
@@ -29,7 +25,6 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
-    "start_writeback",
     "sync_filesystem",
     "temporary_path",
 ]
@@ -78,9 +73,7 @@ def atomic_open(final: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
     """A binary file open for writing; it becomes ``final`` when the block ends without error.
 
     For writers that stream (a header, then bytes copied from another file). The parent
-    folders are made when missing. With ``durable=False`` the disk write of the file is started
-    (not awaited) before the rename, so that the caller's later :func:`sync_filesystem` waits
-    for less: the writing overlaps the caller's next files instead of piling up for the flush.
+    folders are made when missing (tried only when the open fails for want of them).
     """
     tmp = temporary_path(final)
     try:
@@ -95,8 +88,6 @@ def atomic_open(final: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
-            else:
-                start_writeback(fh.fileno())
         os.replace(tmp, final)
         renamed = True
         if durable:
@@ -121,36 +112,6 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview, *, durable: bool = 
 def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
-
-
-_SYNC_FILE_RANGE_WRITE: Final = 2  # <linux/fs.h>: start writeback of the range, do not wait
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range`` (Linux), or None where there is none."""
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return None
-    libc_name = ctypes.util.find_library("c")
-    function = getattr(ctypes.CDLL(libc_name), "sync_file_range", None) if libc_name else None
-    if function is None:
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], function)
-
-
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing the dirty pages of ``fd`` to disk now, without waiting
-    (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` on Linux; nothing elsewhere). Not a durability
-    guarantee: :func:`sync_filesystem` or ``fsync`` still follows; it only lets the disk work
-    while the caller goes on, instead of all at once at the flush."""
-    function = _sync_file_range()
-    if function is not None:
-        function(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a failure only means no head start
 
 
 def sync_filesystem(path: Path) -> None:
