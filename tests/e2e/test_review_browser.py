@@ -255,8 +255,10 @@ def test_review_in_a_real_browser(
     result = runner.invoke(
         app, ["review", "--lake", str(lake.root), "--report", str(other), "--run", "nope"]
     )
-    assert result.exit_code == 0, result.output
-    assert "(0 findings)" in result.output
+    # issue #20: an unknown run is an error in one line (it wrote an empty report, exit 0)
+    assert result.exit_code == 2, result.output
+    assert "no run 'nope'" in result.output
+    assert not other.exists()
     html = out.read_text()
     assert "http://" not in html
     assert "https://" not in html

@@ -19,7 +19,7 @@ import pytest
 pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-MUTANTS = 2000
+MUTANTS = 3000
 RSS_BOUND_MB = 800  # the interpreter with pyarrow, DuckDB and deltalake is about 200 MB
 
 
