@@ -57,3 +57,23 @@ def test_the_synthetic_archive_is_fuzzed_where_shared_data_is_absent(tmp_path: P
     assert result["mutants"] == 200
     assert result["crashes"] == 0, result["crash_detail"]
     assert result["problems"] == []
+
+
+def test_peak_memory_is_the_child_own_not_its_parent() -> None:
+    """Seen in CI: every bounded-memory check read 1011 MB, the test session's own peak:
+    Linux carries ``ru_maxrss`` over fork and exec. The child's ``VmHWM`` is its own."""
+    ballast = bytearray(600 << 20)
+    ballast[:: 1 << 12] = b"\x01" * len(range(0, len(ballast), 1 << 12))  # resident
+    script = str(REPO / "bench" / "fuzz.py")
+    code = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('fuzz', {script!r}); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(m.peak_rss_mb())"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert int(out.stdout.split()[-1]) < 500, out.stdout
+    del ballast
