@@ -749,3 +749,33 @@ def _key_and_witness_env(session_key_file: Path, monkeypatch: pytest.MonkeyPatch
     no-key case removes the variable itself."""
     monkeypatch.setenv("PACSFLOW_KEY_FILE", str(session_key_file))
     monkeypatch.setenv("PACSFLOW__AUDIT__WITNESS", "none")
+
+
+@dataclass(frozen=True)
+class PrivateTmpfs:
+    """Where a test may mount a small tmpfs in a private mount namespace: run commands through
+    ``unshare`` (``[unshare, "-m", ...]``) and mount on ``mount_point``."""
+
+    unshare: str
+    mount_point: Path
+
+
+@pytest.fixture
+def private_tmpfs(tmp_path: Path) -> PrivateTmpfs:
+    """A private tmpfs is possible here (root, util-linux's ``unshare``, ``mount`` allowed),
+    checked by mounting a 1 MiB one once; the test skips with the reason otherwise."""
+    import shutil
+
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        pytest.skip("a private tmpfs needs root and unshare (util-linux)")
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    probe = subprocess.run(
+        [unshare, "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount_point}"],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()[:200]}")
+    return PrivateTmpfs(unshare, mount_point)

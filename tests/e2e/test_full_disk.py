@@ -12,16 +12,19 @@ de-identified once, none lost, none twice.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.compute as pc
 import pytest
 
 from pipeline.lake import LakePaths, read_table
 from pipeline.lake.keys import LakeKeys, load_key
+
+if TYPE_CHECKING:
+    from conftest import PrivateTmpfs
 
 pytestmark = pytest.mark.slow
 
@@ -48,21 +51,10 @@ if [ "$where" = lake ]; then cp -a "$lake" "$out/lake"; fi
 """
 
 
-def _run(tmp_path: Path, where: str, key_file: Path) -> dict[str, str]:
-    unshare = shutil.which("unshare")
-    if os.geteuid() != 0 or unshare is None:
-        pytest.skip("a private tmpfs needs root and unshare (util-linux)")
+def _run(tmp_path: Path, disk: PrivateTmpfs, where: str, key_file: Path) -> dict[str, str]:
     if not EXE.exists():
         pytest.skip("the pacsflow console script is not installed (pip install -e .)")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    probe = subprocess.run(
-        [unshare, "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mnt}"],
-        capture_output=True,
-        check=False,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()[:200]}")
+    unshare, mnt = disk.unshare, disk.mount_point
     from pipeline.synth import synthesize
 
     archive = tmp_path / "archive"
@@ -92,9 +84,9 @@ def _error_line(err: str) -> str:
 
 
 def test_deid_on_a_full_lake_disk_says_so_and_resumes(
-    tmp_path: Path, session_key_file: Path
+    tmp_path: Path, private_tmpfs: PrivateTmpfs, session_key_file: Path
 ) -> None:
-    got = _run(tmp_path, "lake", session_key_file)
+    got = _run(tmp_path, private_tmpfs, "lake", session_key_file)
     assert got["full.rc"].strip() == "4", got["full.err"][-2000:]
     line = _error_line(got["full.err"])
     assert "no space left on tmpfs (mounted at " in line, line
@@ -114,9 +106,9 @@ def test_deid_on_a_full_lake_disk_says_so_and_resumes(
 
 
 def test_deid_export_to_a_full_disk_quarantines_nothing_and_resumes(
-    tmp_path: Path, session_key_file: Path
+    tmp_path: Path, private_tmpfs: PrivateTmpfs, session_key_file: Path
 ) -> None:
-    got = _run(tmp_path, "export", session_key_file)
+    got = _run(tmp_path, private_tmpfs, "export", session_key_file)
     assert got["full.rc"].strip() == "4", got["full.err"][-2000:]
     line = _error_line(got["full.err"])
     assert "no space left on tmpfs (mounted at " in line, line

@@ -10,13 +10,13 @@ cuts the torn bytes, records itself, and the chain is intact again."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytest
+if TYPE_CHECKING:
+    from conftest import PrivateTmpfs
 
 SCRIPT = r"""
 import json, os, sys
@@ -65,19 +65,10 @@ print(json.dumps(out))
 """
 
 
-def test_a_full_disk_tears_the_last_record_and_repair_mends_it(tmp_path: Path) -> None:
-    unshare = shutil.which("unshare")
-    if os.geteuid() != 0 or unshare is None:
-        pytest.skip("a private tmpfs needs root and unshare (util-linux)")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    probe = subprocess.run(
-        [unshare, "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount}"],
-        capture_output=True,
-        check=False,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()[:200]}")
+def test_a_full_disk_tears_the_last_record_and_repair_mends_it(
+    tmp_path: Path, private_tmpfs: PrivateTmpfs
+) -> None:
+    unshare, mount = private_tmpfs.unshare, private_tmpfs.mount_point
     script = tmp_path / "fill.py"
     script.write_text(SCRIPT)
     done = subprocess.run(
