@@ -129,7 +129,7 @@ def make_bundle(
     (root / "LICENSE").write_text("test\n")
     if weights:
         torch.manual_seed(seed)
-        net = ConfigParser({"network_def": cfg["network_def"]}).get_parsed_content("network_def")
+        net = ConfigParser(dict(cfg)).get_parsed_content("network_def")
         torch.save(net.state_dict(), root / "models" / "model.pt")
     return root
 
@@ -150,3 +150,43 @@ def write_registry(path: Path, bundle: Path) -> Path:
     """A model registry naming ``bundle`` "tiny", for CT volumes, with the default model's codes."""
     path.write_text(REGISTRY.format(bundle=bundle))
     return path
+
+
+#: the model-zoo bundles as published (configs only), beside the checkout
+ZOO = Path(__file__).resolve().parents[1].parent / "shared" / "bundles" / "model-zoo"
+
+
+def zoo_bundle(
+    name: str,
+    root: Path,
+    *,
+    weights: str = "model.pt",
+    network_overrides: dict[str, Any] | None = None,
+    drop: tuple[str, ...] = (),
+    seed: int = 0,
+) -> Path:
+    """Copy the shared model-zoo bundle ``name`` under ``root`` (never into the repository)
+    and give it random weights built from its own ``network_def`` (the hubs are unreachable):
+    ``network_overrides``/``drop`` change keys of network_def for building only (e.g. a
+    keyword the installed MONAI no longer takes). Skips when ../shared is absent."""
+    import shutil
+
+    import pytest
+    import torch
+    from monai.bundle import ConfigParser
+
+    src = ZOO / name
+    if not src.is_dir():
+        pytest.skip(f"../shared/bundles/model-zoo/{name} not found: model-zoo tests skipped")
+    dst = root / name
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "configs" / "inference.json").read_text())
+    network = dict(cfg["network_def"])
+    for key in drop:
+        network.pop(key, None)
+    network.update(network_overrides or {})
+    torch.manual_seed(seed)
+    net = ConfigParser({"network_def": network}, globals=False).get_parsed_content("network_def")
+    (dst / "models").mkdir(exist_ok=True)
+    torch.save(net.state_dict(), dst / "models" / weights)
+    return dst

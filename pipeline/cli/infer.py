@@ -48,12 +48,7 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option("--device", help="auto, cpu or cuda (compute.device).")
         ] = None,
         trust_bundle_code: Annotated[
-            bool,
-            typer.Option(
-                "--trust-bundle-code",
-                help="Run the bundle's config as MONAI does: it executes code. Default: build "
-                "only allow-listed networks and transforms, evaluating nothing.",
-            ),
+            bool, typer.Option("--trust-bundle-code", hidden=True, help="Removed.")
         ] = False,
         batch_size: Annotated[
             int | None, typer.Option("--batch-size", help="Slices per forward pass.")
@@ -70,7 +65,12 @@ def register(app: typer.Typer) -> None:
         extra: dict[str, Any] = {}
         infer_section: dict[str, Any] = {}
         if trust_bundle_code:
-            infer_section["bundle_code"] = "trusted"
+            fail(
+                "--trust-bundle-code was removed: a bundle runs its config code only when the "
+                "model registry pins its content hash (bundle_sha256) and it was approved with "
+                "`pacsflow models trust PATH`",
+                EXIT_USAGE,
+            )
         if batch_size is not None:
             infer_section["batch_size"] = batch_size
         if infer_section:

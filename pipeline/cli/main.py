@@ -17,6 +17,7 @@ from pipeline.cli import (
     deid,
     demo,
     infer,
+    models,
     repair,
     review,
     run,
@@ -69,6 +70,7 @@ app.command("crawl")(crawl.crawl)
 deid.register(app)
 tensors.register(app)
 infer.register(app)
+models.register(app)
 writeback.register(app)
 run.register(app)
 review.register(app)

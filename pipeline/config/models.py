@@ -349,6 +349,17 @@ class TensorsConfig(_Section):
 class InferConfig(_Section):
     """The infer stage: which model, how it is loaded, how big the batches are."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: object) -> object:
+        if isinstance(data, dict) and "bundle_code" in data:
+            raise ValueError(
+                "infer.bundle_code was removed: a bundle runs its config code only when the "
+                "model registry pins its content hash (bundle_sha256) and it was approved with "
+                "`pacsflow models trust PATH`; delete the key"
+            )
+        return data
+
     model: str = Field(
         "ct_body_composition",
         description="Model name in the registry (configs/models.yaml), or a bundle folder/zip.",
@@ -361,10 +372,11 @@ class InferConfig(_Section):
     models_dir: Path | None = Field(
         None, description="Where named bundles live; unset: models/ of the pacsflow checkout."
     )
-    bundle_code: Literal["allow-list", "trusted"] = Field(
-        "allow-list",
-        description="allow-list: build the bundle's network and transforms from an allow-list, "
-        "evaluating nothing; trusted: run its config as MONAI does (it executes code).",
+    trust_store: Path | None = Field(
+        None,
+        description="Where approvals of pinned bundles are recorded (`pacsflow models trust`); "
+        "unset: $XDG_DATA_HOME/pacsflow/trusted-bundles.json. A bundle's config code runs only "
+        "when the registry pins its content hash and that hash is approved here.",
     )
     batch_size: int = Field(64, ge=1, le=65536, description="Slices per forward pass (2D models).")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(

@@ -16,13 +16,18 @@ needed, and ``monai.bundle.download`` is never called: a bundle whose weights ar
 model zoo lists them as a download) fails with :class:`BundleError` saying where to put them.
 
 Bundle configs execute code: ``"$..."`` expressions are Python, ``_target_`` names any
-importable class, and TorchScript weights are programs. Two modes:
+importable class, ``scripts/`` is imported, and TorchScript weights are programs. A model-zoo
+bundle runs as shipped (only its weights supplied): :mod:`pipeline.infer.bundle_config` removes
+its loader, savers and device placement and keeps every other transform. Two modes, decided by
+:func:`pipeline.infer.trust.decide` (trust by pin, never by a flag):
 
-- ``"allow-list"`` (the default): nothing of the config is evaluated. Every ``_target_`` must be
-  one of :data:`ALLOWED_TARGETS` (MONAI networks, transforms and inferers), every argument a
-  plain JSON value (no ``$`` expressions, no ``%`` macros; the one reference allowed is
-  ``"@preprocessing"``, for ``Invertd``), ``imports`` is ignored and TorchScript is refused;
-- ``"trusted"``: the config as MONAI runs it, for bundles whose code you have read.
+- ``"allow-list"`` (any bundle not pinned and approved): nothing of the config runs. Every
+  ``_target_`` must be one of :data:`ALLOWED_TARGETS` (MONAI networks, transforms and
+  inferers); ``@`` references and ``$`` expressions that only combine data are resolved
+  without evaluating code, anything else is refused naming its place; ``imports`` is ignored,
+  ``scripts/`` is not importable and TorchScript is refused;
+- ``"trusted"`` (the registry pins the bundle's content hash and a person approved it with
+  ``pacsflow models trust PATH``): the config as MONAI runs it, ``scripts/`` importable.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
+import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +46,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from pipeline.errors import ModelError
+from pipeline.infer.bundle_config import BundleConfigError, content_hash, prepare, weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +101,6 @@ ALLOWED_TARGETS: Final[frozenset[str]] = frozenset(
         "SlidingWindowInferer",
     }
 )
-_CONFIG_KEYS: Final = ("network_def", "preprocessing", "inferer", "postprocessing")
-_WEIGHTS: Final = ("models/model.pt", "models/model.ts")
 _SCHEMA: Final = Path(__file__).with_name("bundle_metadata.schema.json")
 
 
@@ -125,6 +132,10 @@ class Bundle:
     preprocessing: Callable[[dict[str, Any]], dict[str, Any]] | None = field(repr=False)
     inferer: Callable[..., Any] = field(repr=False)
     postprocessing: Callable[[dict[str, Any]], dict[str, Any]] | None = field(repr=False)
+    #: the key the bundle's transforms read the image under (its loader's keys)
+    image_key: str = "image"
+    #: ``"sha256:<hex>"`` of configs/ and scripts/ (what a trust pin approves)
+    content_sha256: str = ""
 
     @property
     def ref(self) -> str:
@@ -227,33 +238,64 @@ def _labels(metadata: Mapping[str, Any]) -> dict[int, str]:
     return labels
 
 
-def _check_allowed(node: Any, where: str) -> None:
-    """Allow-list mode: refuse anything in ``node`` that would run code."""
-    if isinstance(node, dict):
-        target = node.get("_target_")
-        if target is not None:
-            name = str(target).rsplit(".", 1)[-1]
-            if name not in ALLOWED_TARGETS or (
-                "." in str(target) and not str(target).startswith("monai.")
-            ):
-                raise BundleError(
-                    f"{where}: _target_ {target!r} is not on the allow-list; load the bundle "
-                    "in trusted mode (`--trust-bundle-code`) if you have read its code"
-                )
-        for key, value in node.items():
-            if key in ("_mode_", "_requires_") or (key == "_disabled_" and value not in (False,)):
-                raise BundleError(f"{where}: {key} is not allowed in allow-list mode")
-            if key == "transform" and value == "@preprocessing":
-                continue
-            _check_allowed(value, f"{where}.{key}")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            _check_allowed(value, f"{where}[{i}]")
-    elif isinstance(node, str) and node[:1] in ("$", "@", "%"):
+def _check_target(target: Any, where: str) -> None:
+    """Allow-list mode: refuse a ``_target_`` that is not on :data:`ALLOWED_TARGETS`."""
+    name = str(target).rsplit(".", 1)[-1]
+    if name not in ALLOWED_TARGETS or ("." in str(target) and not str(target).startswith("monai.")):
         raise BundleError(
-            f"{where}: {node[:1]!r} expressions and references run code or pull config; not "
-            "allowed in allow-list mode (`--trust-bundle-code` loads the bundle as MONAI would)"
+            f"{where}: _target_ {target!r} is not on the allow-list; pin the bundle in the "
+            "registry and approve it (`pacsflow models trust PATH`) if you have read its code"
         )
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause of ``exc`` (MONAI wraps a failure in its config expression as
+    "Failed to evaluate ConfigExpression", the real error being its cause)."""
+    seen = {id(exc)}
+    while True:
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None or id(nxt) in seen:
+            return exc
+        seen.add(id(nxt))
+        exc = nxt
+
+
+def explain_build_error(exc: BaseException, where: str, metadata: Mapping[str, Any]) -> BundleError:
+    """A :class:`BundleError` naming the component, the cause and the fix."""
+    import monai
+
+    cause = _root_cause(exc)
+    made_for = str(metadata.get("monai_version") or "?")
+    installed = str(monai.__version__)
+    optional = metadata.get("optional_packages_version") or {}
+    text = str(cause).splitlines()[0][:200] if str(cause) else ""
+    missing = None
+    if isinstance(cause, ModuleNotFoundError):
+        missing = (cause.name or text).split(".")[0]
+    else:
+        found = re.search(r"(?:No module named|requires|install) '?([A-Za-z0-9_\-]+)'?", text)
+        if type(cause).__name__ == "OptionalImportError" and found:
+            missing = found.group(1).split(".")[0]
+    if missing:
+        pinned = optional.get(missing)
+        spec = f"{missing}=={pinned}" if pinned else missing
+        return BundleError(
+            f"{where}: needs the package {missing!r}, which is not installed "
+            f"(the bundle's metadata lists {spec if pinned else 'no version'}): "
+            f"`pip install {spec}`"
+        )
+    keyword = re.search(r"unexpected keyword argument '(\w+)'", text)
+    if isinstance(cause, TypeError) and keyword:
+        return BundleError(
+            f"{where}: MONAI {installed} rejects the keyword {keyword.group(1)!r} "
+            f"({text}); the bundle was made for MONAI {made_for}. Fix: add "
+            f'`drop: ["{where}#{keyword.group(1)}"]` to the model\'s registry entry if the '
+            f"keyword is obsolete, or install monai=={made_for}"
+        )
+    return BundleError(
+        f"{where} cannot be built ({type(cause).__name__}: {text}; bundle made for MONAI "
+        f"{made_for}, installed {installed})"
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -270,21 +312,21 @@ def _load_weights(network: Any, weights: Path, mode: BundleMode) -> Any:
     if weights.suffix == ".ts":
         if mode != "trusted":
             raise BundleError(
-                "models/model.ts is TorchScript, a program: load the bundle in trusted mode "
-                "(`--trust-bundle-code`), or ship models/model.pt (a state dict)"
+                f"{weights.name} is TorchScript, a program: pin and approve the bundle "
+                "(`pacsflow models trust PATH`), or ship a state dict (.pt)"
             )
         return torch.jit.load(str(weights), map_location="cpu")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BundleError(
-            f"models/model.pt cannot be loaded with weights_only=True ({type(exc).__name__}): "
+            f"{weights.name} cannot be loaded with weights_only=True ({type(exc).__name__}): "
             "it must be a state dict of tensors"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # the model zoo's checkpoint layout
     if not isinstance(state, dict):
-        raise BundleError("models/model.pt does not hold a state dict")
+        raise BundleError(f"{weights.name} does not hold a state dict")
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -293,12 +335,85 @@ def _load_weights(network: Any, weights: Path, mode: BundleMode) -> Any:
     return network
 
 
+def _check_monai(metadata: Mapping[str, Any]) -> None:
+    """Refuse a bundle made for a newer MONAI than the installed one (its transforms or
+    networks may not exist here); an older one is tried (build errors then name both)."""
+    import monai
+
+    def major_minor(text: str) -> tuple[int, int] | None:
+        found = re.match(r"(\d+)\.(\d+)", text)
+        return (int(found.group(1)), int(found.group(2))) if found else None
+
+    wanted = major_minor(str(metadata.get("monai_version") or ""))
+    have = major_minor(str(monai.__version__))
+    if wanted and have and wanted > have:
+        raise BundleError(
+            f"the bundle was made for MONAI {metadata['monai_version']}, newer than the "
+            f"installed {monai.__version__}: `pip install monai=={metadata['monai_version']}`"
+        )
+
+
+#: packages model-zoo metadata lists for MONAI's own training/evaluation loop, which pacsflow
+#: does not run (its loop reads no files, writes no logs, computes no metrics)
+_LOOP_ONLY: Final = frozenset(
+    {
+        "pytorch-ignite",
+        "ignite",
+        "tensorboard",
+        "tensorboardx",
+        "mlflow",
+        "nibabel",
+        "scikit-learn",
+        "scikit-image",
+        "fire",
+        "pyyaml",
+        "tqdm",
+        "pandas",
+        "matplotlib",
+        "itk",
+        "pillow",
+        "psutil",
+    }
+)
+#: distribution name -> import name, where they differ
+_IMPORT_NAME: Final = {"pytorch-ignite": "ignite", "scikit-learn": "sklearn", "pillow": "PIL"}
+
+
+def _check_packages(metadata: Mapping[str, Any]) -> None:
+    """Refuse a bundle whose network or transforms need a package that is not installed
+    (metadata ``optional_packages_version``; those only MONAI's own loop uses are skipped):
+    otherwise the network would build and fail on its first forward pass (SwinUNETR without
+    einops), after volumes were read."""
+    import importlib.util
+
+    listed = metadata.get("optional_packages_version") or {}
+    missing = []
+    for dist, version in sorted(listed.items()):
+        if str(dist).lower() in _LOOP_ONLY:
+            continue
+        module = _IMPORT_NAME.get(str(dist).lower(), str(dist).replace("-", "_"))
+        if importlib.util.find_spec(module) is None:
+            missing.append(f"{dist}=={version}" if version else str(dist))
+    if missing:
+        raise BundleError(
+            f"the bundle needs {', '.join(missing)} (metadata optional_packages_version), not "
+            f"installed: `pip install {' '.join(missing)}`"
+            + (
+                " (torchvision: the build matching the installed torch, README 'Installing')"
+                if any(m.startswith("torchvision") for m in missing)
+                else ""
+            )
+        )
+
+
 def load_bundle(
     ref: str | Path,
     *,
     models_dir: Path,
     mode: BundleMode = "allow-list",
     extract_dir: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    drop: tuple[str, ...] = (),
 ) -> Bundle:
     """Load and validate the bundle ``ref`` (a folder, a zip, or a name in ``models_dir``).
 
@@ -309,15 +424,18 @@ def load_bundle(
     models_dir:
         Where named bundles live (the repository's ``models/``).
     mode:
-        ``"allow-list"`` (nothing in the config is evaluated) or ``"trusted"``; see the module
-        docstring.
+        ``"allow-list"`` (no code of the config is evaluated) or ``"trusted"`` (decided by
+        :func:`pipeline.infer.trust.decide`, never by a flag); see the module docstring.
     extract_dir:
         Where a zip is extracted (default: a ``.extracted`` folder beside the zip).
+    overrides, drop:
+        The registry entry's changes to ``inference.json`` (``id#path: value``; ids removed).
 
     Raises
     ------
     BundleError
-        Layout, metadata, config or weights unusable; the message says which and what to do.
+        Layout, metadata, config, packages or weights unusable; the message says which and
+        what to do. Raised before any volume is read.
     """
     path = resolve_bundle_path(ref, models_dir)
     name = path.stem if path.suffix == ".zip" else path.name
@@ -327,52 +445,76 @@ def load_bundle(
         path = _extract_zip(path, extract_dir or path.parent / ".extracted")
     metadata = _read_json(path / "configs" / "metadata.json", "configs/metadata.json")
     validate_metadata(metadata)
+    _check_monai(metadata)
+    _check_packages(metadata)
     config = _read_json(path / "configs" / "inference.json", "configs/inference.json")
-    if "network_def" not in config:
-        raise BundleError("configs/inference.json has no network_def")
-    weights = next((path / w for w in _WEIGHTS if (path / w).is_file()), None)
-    if weights is None:
+    if mode not in ("allow-list", "trusted"):
+        raise BundleError(f"unknown bundle mode {mode!r}")
+    try:
+        prepared = prepare(
+            config,
+            overrides=overrides,
+            drop=drop,
+            check_target=_check_target if mode == "allow-list" else None,
+        )
+        weights, found_by = weights_file(path, config, overrides)
+    except BundleConfigError as exc:
+        raise BundleError(f"configs/inference.json: {exc}") from None
+    if not weights.is_file():
+        rel = weights.relative_to(path) if weights.is_relative_to(path) else weights
         raise BundleError(
-            f"bundle {name!r} has no weights: models/model.pt (or model.ts) is absent. "
+            f"bundle {name!r} has no weights: {rel} is absent (found by {found_by}). "
             "Model-zoo bundles list their weights as a download; pacsflow never downloads. "
-            f"Fetch them on a connected machine and put them at {path / _WEIGHTS[0]}"
+            f"Fetch them on a connected machine and put them at {weights}"
         )
     for optional in ("docs/README.md", "LICENSE"):
         if not (path / optional).is_file():
             logger.warning("bundle %s has no %s", name, optional)
+    for change in prepared.changes:
+        logger.debug("bundle %s: %s", name, change)
 
     import torch
     from monai.bundle import ConfigParser
 
-    parts = {k: config[k] for k in _CONFIG_KEYS if k in config}
+    parts = prepared.config
     if mode == "allow-list":
-        for key, value in parts.items():
-            _check_allowed(value, key)
         parser = ConfigParser(parts, globals=False)
-    elif mode == "trusted":
-        parser = ConfigParser(config)
     else:
-        raise BundleError(f"unknown bundle mode {mode!r}")
+        parts = dict(parts)
+        parts["bundle_root"] = str(path)
+        parser = ConfigParser(parts)
 
     def parsed(key: str) -> Any:
         if key not in parts:
             return None
         try:
-            return parser.get_parsed_content(key, instantiate=True)
+            with warnings.catch_warnings():
+                # MONAI's notes on defaults changing between versions (Orientationd's labels,
+                # ...): about the bundle's MONAI, not actionable here
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return parser.get_parsed_content(key, instantiate=True)
         except BundleError:
             raise
         except Exception as exc:
-            raise BundleError(
-                f"configs/inference.json: {key} cannot be built ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
-            ) from None
+            raise explain_build_error(exc, key, metadata) from None
 
-    network = parsed("network_def")
-    if not isinstance(network, torch.nn.Module):
-        raise BundleError("network_def does not build a torch.nn.Module")
-    network = _load_weights(network, weights, mode)
-    network.eval()
-    inferer = parsed("inferer")
+    # a trusted bundle's scripts/ are importable (as `scripts.<module>`), only while it is built
+    added = mode == "trusted" and (path / "scripts").is_dir() and str(path) not in sys.path
+    if added:
+        sys.path.insert(0, str(path))
+    try:
+        network = parsed("network_def")
+        if not isinstance(network, torch.nn.Module):
+            raise BundleError("network_def does not build a torch.nn.Module")
+        network = _load_weights(network, weights, mode)
+        network.eval()
+        inferer = parsed("inferer")
+        preprocessing = parsed("preprocessing")
+        postprocessing = parsed("postprocessing")
+    finally:
+        if added:
+            sys.path.remove(str(path))
     if inferer is None:
         from monai.inferers import SimpleInferer
 
@@ -389,7 +531,9 @@ def load_bundle(
         weights_sha256=_sha256(weights),
         mode=mode,
         network=network,
-        preprocessing=parsed("preprocessing"),
+        preprocessing=preprocessing,
         inferer=inferer,
-        postprocessing=parsed("postprocessing"),
+        postprocessing=postprocessing,
+        image_key=prepared.image_key,
+        content_sha256=content_hash(path),
     )

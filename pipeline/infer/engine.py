@@ -277,11 +277,21 @@ class Segmenter:
         if array.ndim != 3:
             raise ModelError(f"expected a 3D volume (slices, rows, cols), got shape {array.shape}")
         data = np.ascontiguousarray(array.transpose(2, 1, 0)[None], dtype=np.float32)
-        image = MetaTensor(torch.from_numpy(data), affine=torch.from_numpy(lps_to_ras(affine)))
-        prepared = {"image": image}
+        ras = torch.from_numpy(lps_to_ras(affine))
+        # what LoadImaged + EnsureChannelFirstd would give a bundle (float32, channel first,
+        # RAS affine): its own EnsureChannelFirstd is then a no-op
+        meta = {
+            "original_affine": ras.clone(),
+            "original_channel_dim": 0,
+            "spatial_shape": np.asarray(data.shape[1:]),
+            "space": "RAS",
+        }
+        image = MetaTensor(torch.from_numpy(data), affine=ras, meta=meta)
+        image_key = self.bundle.image_key
+        prepared = {image_key: image}
         if self.bundle.preprocessing is not None:
             prepared = self.bundle.preprocessing(prepared)
-        return _Prepared(key=key, shape=tuple(array.shape), image=prepared["image"])
+        return _Prepared(key=key, shape=tuple(array.shape), image=prepared[image_key])
 
     # ---------------------------------------------------------------- compute (this thread)
 
@@ -324,7 +334,7 @@ class Segmenter:
         if self._fast_argmax == "first":
             out = _argmax(pred)
         if self._post is not None:
-            out = self._post({"pred": out, "image": item.image})["pred"]
+            out = self._post({"pred": out, self.bundle.image_key: item.image})["pred"]
         if self._fast_argmax == "last":
             out = _argmax(out)
         labels = torch.as_tensor(out).detach().cpu()

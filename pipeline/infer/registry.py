@@ -144,6 +144,14 @@ class ModelEntry(_Strict):
     labels: dict[str, LabelSpec] = Field(default_factory=dict)
     measurements: dict[str, MeasurementSpec] = Field(default_factory=dict)
     candidates: dict[str, CandidateSpec] = Field(default_factory=dict)
+    #: the bundle's content hash (configs/ and scripts/) this entry pins: with an approval
+    #: (``pacsflow models trust PATH``) the bundle's config code may run (pipeline.infer.trust)
+    bundle_sha256: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")
+    #: changes to the bundle's inference.json, ``id#path: plain value`` (e.g. a variant:
+    #: ``displayable_configs#highres: false``)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    #: ids removed from inference.json (e.g. a keyword the installed MONAI no longer takes)
+    drop: tuple[str, ...] = ()
 
 
 class Registry(_Strict):

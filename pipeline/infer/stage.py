@@ -60,7 +60,7 @@ class InferRunResult:
 
 
 # one loaded model per worker process, reused by every task that runs there
-_SEGMENTERS: dict[tuple[str, str, str, tuple[str, ...], bool], Any] = {}
+_SEGMENTERS: dict[tuple[str, str, str, str, tuple[str, ...], bool], Any] = {}
 _SEGMENTERS_LOCK = threading.Lock()
 
 
@@ -72,23 +72,42 @@ def _models_dir(cfg: PipelineConfig) -> Path:
 
 def _segmenter(
     cfg: PipelineConfig,
-    bundle_ref: str,
+    entry: dict[str, Any],
     extract_dir: Path,
-    mirror_axes: tuple[str, ...] = (),
-    transpose_xy: bool = False,
 ) -> Any:
-    from pipeline.infer.bundle import load_bundle
+    from pipeline.infer.bundle import BundleError, load_bundle
+    from pipeline.infer.bundle_config import content_hash
     from pipeline.infer.engine import Segmenter
 
-    key = (bundle_ref, cfg.infer.bundle_code, cfg.compute.device, mirror_axes, transpose_xy)
+    mirror_axes = tuple(entry["test_time"]["mirror_axes"])
+    transpose_xy = bool(entry["test_time"]["transpose_xy"])
+    trust = entry.get("trust", {"mode": "allow-list", "digest": ""})
+    overrides_key = json.dumps([entry.get("overrides", {}), entry.get("drop", [])], sort_keys=True)
+    key = (
+        str(entry["bundle"]),
+        str(trust["mode"]),
+        overrides_key,
+        cfg.compute.device,
+        mirror_axes,
+        transpose_xy,
+    )
     with _SEGMENTERS_LOCK:
         seg = _SEGMENTERS.get(key)
         if seg is None:
+            if (
+                trust["mode"] == "trusted"
+                and content_hash(Path(entry["bundle"])) != trust["digest"]
+            ):
+                raise BundleError(  # changed between the driver's decision and this worker
+                    "the bundle changed after it was approved: its code does not run"
+                )
             bundle = load_bundle(
-                bundle_ref,
+                entry["bundle"],
                 models_dir=_models_dir(cfg),
-                mode=cfg.infer.bundle_code,
+                mode=trust["mode"],
                 extract_dir=extract_dir,
+                overrides=entry.get("overrides"),
+                drop=tuple(entry.get("drop", ())),
             )
             seg = Segmenter(
                 bundle,
@@ -101,6 +120,28 @@ def _segmenter(
             )
             _SEGMENTERS[key] = seg
     return seg
+
+
+def load_entry_bundle(cfg: PipelineConfig, entry: Any, extract_dir: Path) -> tuple[Any, Any]:
+    """Load a registry entry's bundle in the mode its pin decides; returns the bundle and the
+    :class:`~pipeline.infer.trust.TrustDecision` (logged)."""
+    from pipeline.infer.bundle import _extract_zip, load_bundle, resolve_bundle_path
+    from pipeline.infer.trust import TrustStore, decide
+
+    path = resolve_bundle_path(entry.bundle, _models_dir(cfg))
+    if path.is_file() and path.suffix == ".zip":
+        path = _extract_zip(path, extract_dir)
+    decision = decide(path, entry.bundle_sha256, TrustStore(cfg.infer.trust_store))
+    logger.info("model %s: %s mode (%s)", entry.name, decision.mode, decision.reason)
+    bundle = load_bundle(
+        path,
+        models_dir=_models_dir(cfg),
+        mode=decision.mode,
+        extract_dir=extract_dir,
+        overrides=entry.overrides,
+        drop=tuple(entry.drop),
+    )
+    return bundle, decision
 
 
 def measure(
@@ -152,13 +193,7 @@ def infer_batch(
     entry: dict[str, Any],
 ) -> dict[str, Any]:
     """Segment a batch of stored volumes; write their masks and findings rows."""
-    seg = _segmenter(
-        cfg,
-        entry["bundle"],
-        lake.restricted / "cache" / "bundles",
-        tuple(entry["test_time"]["mirror_axes"]),
-        bool(entry["test_time"]["transpose_xy"]),
-    )
+    seg = _segmenter(cfg, entry, lake.restricted / "cache" / "bundles")
     bundle = seg.bundle
     model_ref = bundle.ref
     device = seg.device + (f"+{str(seg.autocast_dtype).removeprefix('torch.')}"
@@ -383,7 +418,6 @@ def run(
     model: str | None = None,
 ) -> InferRunResult:
     """Run ``model`` (default ``infer.model``) over the volumes it applies to."""
-    from pipeline.infer.bundle import load_bundle
     from pipeline.infer.engine import augmentation_views
     from pipeline.infer.registry import TestTime, load_registry
 
@@ -400,12 +434,7 @@ def run(
             raise ModelError(f"compute.device is cuda, but {problem}")
     registry = load_registry(cfg.infer.registry)
     entry = registry.entry(model or cfg.infer.model)
-    bundle = load_bundle(
-        entry.bundle,
-        models_dir=_models_dir(cfg),
-        mode=cfg.infer.bundle_code,
-        extract_dir=lake.restricted / "cache" / "bundles",
-    )
+    bundle, decision = load_entry_bundle(cfg, entry, lake.restricted / "cache" / "bundles")
     test_time = entry.test_time if cfg.infer.test_time_augmentation else TestTime()
     # a clear error before any task
     augmentation_views(test_time.mirror_axes, test_time.transpose_xy, bundle.spatial_dims)
@@ -427,6 +456,9 @@ def run(
         "labels": {k: v.model_dump() for k, v in entry.labels.items()},
         "candidates": candidates,
         "test_time": test_time.model_dump(),
+        "trust": {"mode": decision.mode, "digest": decision.digest},
+        "overrides": dict(entry.overrides),
+        "drop": list(entry.drop),
     }
     con = connect()
     done = {"volumes": 0, "findings": 0}

@@ -117,16 +117,37 @@ def test_metadata_that_is_not_json_is_rejected(tmp_path: Path) -> None:
         load_bundle(path, models_dir=MODELS)
 
 
-def test_allow_list_mode_evaluates_nothing(tmp_path: Path) -> None:
+def test_allow_list_mode_evaluates_no_code(tmp_path: Path) -> None:
     cfg = inference()
-    cfg["network_def"]["channels"] = "$[4, 8]"
+    marker = tmp_path / "ran"
+    # a list, but only after running code: refused in allow-list mode, run when trusted
+    cfg["network_def"]["channels"] = f"$open({str(marker)!r}, 'w').close() or [4, 8]"
     path = make_bundle(tmp_path / "expr", config=cfg, weights=False)
     make_bundle(tmp_path / "plain")  # weights of the same network
     (path / "models" / "model.pt").write_bytes((tmp_path / "plain/models/model.pt").read_bytes())
-    with pytest.raises(BundleError, match="expressions and references run code"):
+    with pytest.raises(
+        BundleError, match=r"network_def\.channels: .*a call \(.*close\(\.\.\.\)\) is code"
+    ):
         load_bundle(path, models_dir=MODELS)
+    assert not marker.exists()
     trusted = load_bundle(path, models_dir=MODELS, mode="trusted")
     assert trusted.mode == "trusted"
+    assert marker.exists()
+
+
+def test_allow_list_resolves_data_references_and_expressions(tmp_path: Path) -> None:
+    """What model-zoo configs use everywhere: `@` references to plain values and `$`
+    expressions that only combine data; resolved without running code."""
+    cfg = inference()
+    cfg["image_key"] = "image"
+    cfg["sizes"] = {"small": [4, 8], "large": [8, 16]}
+    cfg["big"] = False
+    cfg["network_def"]["channels"] = "$@sizes#large if @big else @sizes#small"
+    for t in cfg["preprocessing"]["transforms"]:
+        t["keys"] = "@image_key"
+    path = make_bundle(tmp_path / "refs", config=cfg)
+    bundle = load_bundle(path, models_dir=MODELS)
+    assert bundle.mode == "allow-list"
 
 
 def test_allow_list_refuses_unknown_targets(tmp_path: Path) -> None:
