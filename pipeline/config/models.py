@@ -331,13 +331,27 @@ class TensorsConfig(_Section):
     on_invalid: Literal["quarantine", "raise"] = Field(
         "quarantine", description="An object whose pixels cannot be decoded: quarantine or raise."
     )
+    gantry_tilt: Literal["detilt", "sheared", "refuse"] = Field(
+        "detilt",
+        description="A gantry-tilted CT (slices not stacked along their normal): detilt "
+        "resamples the shear onto an orthogonal grid as dcm2niix's _Tilt_1 output does (rows "
+        "added, linear interpolation along the shear; write-back refuses its masks); sheared "
+        "keeps the frames as stored with their exact, non-orthogonal affine (write-back maps "
+        "masks back); refuse: a refused row.",
+    )
 
     def preprocessing_json(self) -> str:
-        """The preprocessing as canonical JSON (what the hash covers; stored with each tensor)."""
+        """The preprocessing as canonical JSON (what the hash covers; stored with each tensor).
+
+        ``gantry_tilt`` is listed only when it is not the default (``detilt``), so that the
+        hashes of configurations written before it existed stay the same.
+        """
         fields = ("orientation", "spacing", "interpolation", "window", "normalize", "dtype")
         data = self.model_dump(mode="json", include=set(fields))
         if data["spacing"] is None:
             data.pop("interpolation")  # no resampling: the interpolation does not matter
+        if self.gantry_tilt != "detilt":
+            data["gantry_tilt"] = self.gantry_tilt
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def preprocessing_hash(self) -> str:

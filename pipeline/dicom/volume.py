@@ -18,6 +18,9 @@ Conventions
   (:attr:`VolumeGrid.NATIVE`: slice ``k`` is frame ``frame_numbers[k]`` of
   ``sop_instance_uids[k]``, rows and columns as stored) or was reoriented or resampled by the
   tensors preprocessing; only a native volume maps frame by frame back onto the originals.
+  A gantry-tilted stack on its native grid has a non-orthogonal affine: ``affine[:3, 2]`` is
+  the real step from slice to slice (along the normal plus the in-plane shift of the tilt);
+  the de-tilted one (preprocessing ``detilt``) is resampled.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class VolumeGrid(StrEnum):
             raise ValueError("the preprocessing is not JSON") from None
         if not isinstance(data, Mapping) or "orientation" not in data:
             raise ValueError("the preprocessing does not name its orientation")
-        if data.get("spacing") is not None:
+        if data.get("spacing") is not None or data.get("detilt") is not None:
             return cls.RESAMPLED
         return cls.NATIVE if data["orientation"] == "native" else cls.REORIENTED
 
@@ -93,6 +96,9 @@ class Volume:
     rescaled: bool
     #: the grid the array lies on (native: as built from the frames)
     grid: VolumeGrid = VolumeGrid.NATIVE
+    #: Pixel Padding Value (0028,0120) in the array's units (rescaled when ``rescaled``), or
+    #: None: the fill of voxels that resampling brings in from outside the frames
+    padding: float | None = None
 
     @property
     def affine_ras(self) -> npt.NDArray[np.float64]:

@@ -1,7 +1,9 @@
 """Preprocessing of a volume as configured (``tensors:`` in the config), with its affine kept exact.
 
-Steps, in order, each optional: reorientation to the closest RAS or LPS axes (a permutation and
-flips of the array, no interpolation: values unchanged), resampling to a target spacing (torch
+Steps, in order, each optional: de-tilting of a gantry-tilted stack (:func:`detilt`, only in
+:func:`preprocess_volume`, as ``tensors.gantry_tilt: detilt`` says), reorientation to the
+closest RAS or LPS axes (a permutation and flips of the array, no interpolation: values
+unchanged), resampling to a target spacing (torch
 ``interpolate`` with ``align_corners=True``, so the first and last voxel centres stay where they
 were and the affine stays exact; the spacing achieved is recorded), an intensity window
 (clip), a normalisation, a dtype. :func:`preprocessing_hash` names the result: the store keeps
@@ -10,21 +12,33 @@ one file per (series, de-identification version, preprocessing hash).
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import math
+from dataclasses import replace
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from pipeline.config import TensorsConfig
 from pipeline.dicom.volume import Volume, VolumeGrid
+from pipeline.errors import GeometryError
 
 __all__ = [
     "Preprocessed",
+    "Shear",
+    "detilt",
     "preprocess",
     "preprocess_volume",
     "preprocessing_hash",
     "preprocessing_json",
+    "shear_of",
+    "volume_preprocessing_json",
 ]
+
+#: a slice stack whose step leaves the normal by less than this (degrees) is not tilted (the
+#: builder's TILT_TOL_DEG)
+_TILT_TOL_DEG: Final = 0.05
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -133,14 +147,165 @@ def preprocess(
     return Preprocessed(np.ascontiguousarray(array), affine, spacing)
 
 
+class Shear:
+    """The in-plane shift per slice of a volume's affine (a gantry-tilted stack).
+
+    ``along_i`` and ``along_j`` are the shift per slice in voxels along the columns (i) and
+    rows (j) axes, ``step`` the distance between slices along the normal (mm) and ``degrees``
+    the angle between the slice step and the normal.
+    """
+
+    def __init__(self, along_i: float, along_j: float, step: float, degrees: float) -> None:
+        self.along_i = along_i
+        self.along_j = along_j
+        self.step = step
+        self.degrees = degrees
+
+
+def shear_of(affine: npt.NDArray[np.float64]) -> Shear | None:
+    """The shear of ``affine`` (voxel (i, j, k) -> LPS mm), or None when its slice step lies
+    along the slice normal (within the builder's tilt tolerance)."""
+    c0, c1, c2 = affine[:3, 0], affine[:3, 1], affine[:3, 2]
+    normal = np.cross(c0, c1)
+    normal = normal / (np.linalg.norm(normal) or 1.0)
+    a, b, d = np.linalg.solve(np.stack([c0, c1, normal], axis=1), c2)
+    inplane = float(np.linalg.norm(c2 - d * normal))
+    degrees = math.degrees(math.atan2(inplane, abs(float(d))))
+    if degrees <= _TILT_TOL_DEG:
+        return None
+    return Shear(float(a), float(b), float(d), degrees)
+
+
+def _round_half_away(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """C's ``round``: halves away from zero (dcm2niix rounds its interpolated values so)."""
+    return np.asarray(np.sign(values) * np.floor(np.abs(values) + 0.5), dtype=np.float64)
+
+
+def _tilt_axis(shear: Shear) -> tuple[int, float]:
+    """(array axis of the shift: 1 rows / 2 columns, shift per slice in voxels) of a tilt.
+
+    Raises
+    ------
+    GeometryError
+        If the shift lies along both in-plane axes (not a gantry tilt).
+    """
+    if min(abs(shear.along_j), abs(shear.along_i)) > 1e-3:
+        raise GeometryError(
+            f"sheared along both in-plane axes ({shear.degrees:.1f} degrees): not a gantry "
+            "tilt, cannot be de-tilted (tensors.gantry_tilt: sheared keeps it as stored)"
+        )
+    if abs(shear.along_j) >= abs(shear.along_i):
+        return 1, shear.along_j
+    return 2, shear.along_i
+
+
+def detilt(volume: Volume) -> Volume:
+    """A gantry-tilted volume resampled onto an orthogonal grid, as dcm2niix's ``_Tilt_1``.
+
+    Each slice keeps its position along the normal and its in-plane grid; the tilt's shift
+    (a constant number of voxels per slice along one in-plane axis, normally the rows) is
+    undone by linear interpolation along that axis. The axis grows by the shift of the last
+    slice (rounded up) so no voxel is lost, and the voxels it brings in are the Pixel Padding
+    Value, else the volume's minimum; where an interpolated voxel has the padding value as a
+    neighbour, it takes the nearest neighbour's value (dcm2niix, issue 262). Integer arrays
+    are rounded half away from zero and keep their dtype. The result is
+    :attr:`~pipeline.dicom.volume.VolumeGrid.RESAMPLED` (rows shifted by fractions of a voxel:
+    masks on it do not map back onto the frames).
+
+    Raises
+    ------
+    GeometryError
+        If the shift lies along both in-plane axes (not a gantry tilt).
+    """
+    shear = shear_of(volume.affine)
+    if shear is None:
+        return volume
+    axis, per_slice = _tilt_axis(shear)
+    col = 1 if axis == 1 else 0  # the affine column of that array axis
+    array = volume.array
+    n_slices, n_in = array.shape[0], array.shape[axis]
+    shift = per_slice * np.arange(n_slices, dtype=np.float64)  # source = out + low - shift
+    added = math.ceil(abs(float(shift[-1])) - 1e-6)
+    # the grid stays aligned with the first slice's (dcm2niix): whole voxels are added on the
+    # side the stack shifts to
+    low = 0.0 if shift[-1] >= 0 else float(-added)
+    n_out = n_in + added
+    fill = volume.padding if volume.padding is not None else float(array.min())
+    work = np.moveaxis(array, axis, 1)
+    out = np.full((n_slices, n_out, *work.shape[2:]), fill, dtype=np.float64)
+    for k in range(n_slices):
+        # output index j reads the source at j + offset: rows base + j and base + j + 1
+        offset = low - float(shift[k])
+        base = math.floor(offset + 1e-9)
+        frac = max(0.0, offset - base)
+        first = max(0, -base)  # first output index whose source is >= 0
+        last = min(n_out, n_in - base - (1 if frac > 1e-9 else 0))  # source <= n_in - 1
+        if last <= first:
+            continue
+        a = work[k, first + base : last + base].astype(np.float32)
+        if frac > 1e-9:
+            b = work[k, first + base + 1 : last + base + 1].astype(np.float32)
+            value = a * np.float32(1.0 - frac) + b * np.float32(frac)
+            if volume.padding is not None:
+                pad = (a == volume.padding) | (b == volume.padding)
+                value = np.where(pad, b if frac >= 0.5 else a, value)
+        else:
+            value = a
+        out[k, first:last] = value
+    if np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)
+        out = np.clip(_round_half_away(out), info.min, info.max)
+    result = np.ascontiguousarray(np.moveaxis(out, 1, axis).astype(array.dtype))
+    affine = volume.affine.copy()
+    normal = volume.normal
+    affine[:3, 2] = normal * shear.step
+    affine[:3, 3] = affine[:3, 3] + low * volume.affine[:3, col]
+    return replace(volume, array=result, affine=affine, grid=VolumeGrid.RESAMPLED)
+
+
+def volume_preprocessing_json(volume: Volume, cfg: TensorsConfig) -> str:
+    """The preprocessing of one volume as the ``tensors`` table stores it: the configured one
+    (:meth:`~pipeline.config.TensorsConfig.preprocessing_json`), plus, for a gantry-tilted
+    volume that ``gantry_tilt: detilt`` resamples, ``detilt`` (the tilt in degrees and the
+    voxels added along the sheared axis), so that readers (write-back) know its grid is not
+    the frames'.
+
+    Raises
+    ------
+    GeometryError
+        If the volume is tilted, ``detilt`` is configured and it cannot be de-tilted.
+    """
+    text = cfg.preprocessing_json()
+    shear = shear_of(volume.affine) if cfg.gantry_tilt == "detilt" else None
+    if shear is None:
+        return text
+    axis, per_slice = _tilt_axis(shear)
+    data = json.loads(text)
+    data["detilt"] = {
+        "axis": "rows" if axis == 1 else "columns",
+        "degrees": round(shear.degrees, 4),
+        "added": math.ceil(abs(per_slice) * (volume.array.shape[0] - 1) - 1e-6),
+    }
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
 def preprocess_volume(volume: Volume, cfg: TensorsConfig) -> Volume:
     """:func:`preprocess` of a :class:`~pipeline.dicom.volume.Volume`: the same volume (its
     slice UIDs and frame numbers kept) with the preprocessed array, affine and spacing, and
-    its ``grid`` saying whether it still lies on the source frames' grid."""
-    from dataclasses import replace
+    its ``grid`` saying whether it still lies on the source frames' grid. A gantry-tilted
+    volume is de-tilted first (:func:`detilt`) when ``cfg.gantry_tilt`` is ``detilt``.
 
+    Raises
+    ------
+    GeometryError
+        If a tilted volume cannot be de-tilted (see :func:`detilt`).
+    """
+    if cfg.gantry_tilt == "detilt":
+        volume = detilt(volume)
     out = preprocess(volume.array, volume.affine, volume.spacing, cfg)
     grid = VolumeGrid.from_preprocessing(cfg.preprocessing_json())
+    if volume.grid is VolumeGrid.RESAMPLED:
+        grid = VolumeGrid.RESAMPLED
     if grid is VolumeGrid.NATIVE:
         return replace(volume, array=out.array, affine=out.affine)
     cosines = [out.affine[:3, c] / (np.linalg.norm(out.affine[:3, c]) or 1.0) for c in (0, 1)]

@@ -148,6 +148,7 @@ def tensors_batch(
         preprocess_volume,
         preprocessing_hash,
         preprocessing_json,
+        volume_preprocessing_json,
     )
     from pipeline.tensors.volume import build_volumes
 
@@ -177,7 +178,12 @@ def tensors_batch(
                 raise GeometryError(f"{len(failed)} object(s) of the series cannot be decoded")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # as above: lazily converted header values
-                volumes = build_volumes(datasets, pixels)
+                volumes = build_volumes(
+                    datasets, pixels, allow_tilt=cfg.tensors.gantry_tilt != "refuse"
+                )
+            # each volume's preprocessing: refuses here, before any is stored, a tilted
+            # volume that cannot be de-tilted
+            preps = [volume_preprocessing_json(vol, cfg.tensors) for vol in volumes]
         except GeometryError as exc:
             counts["refused"] += 1
             rows.append(
@@ -189,7 +195,7 @@ def tensors_batch(
                 }
             )
             continue
-        for index, vol in enumerate(volumes):
+        for index, (vol, vol_prep) in enumerate(zip(volumes, preps, strict=True)):
             out = preprocess_volume(vol, cfg.tensors)
             key = f"{uid}/{prep_hash}-{_short(deid_version)}-{index}"
             rel = f"tensors/{key}.npy"
@@ -197,6 +203,7 @@ def tensors_batch(
             rows.append(
                 {
                     **base,
+                    "preprocessing": vol_prep,  # the configured one, plus a de-tilt if any
                     "tensor_key": key,
                     "volume_index": index,
                     "n_volumes": len(volumes),

@@ -20,7 +20,8 @@ so that infer and write-back share it; it is re-exported here.
       affine[:3, 3] = ImagePositionPatient of slice k = 0
 
   Slices are ordered by increasing position along the slice normal ``n = row x column``
-  cosines, so ``affine[:3, 2]`` is ``+n * spacing``. For RAS (NIfTI / nibabel / ITK-RAS)
+  cosines, so ``affine[:3, 2]`` is ``+n * spacing`` (plus the in-plane shift per slice of a
+  gantry-tilted stack, see the rules below). For RAS (NIfTI / nibabel / ITK-RAS)
   use :func:`lps_to_ras` (``diag(-1, -1, 1, 1) @ affine``) or :attr:`Volume.affine_ras`.
   A nibabel image of the same data is ``nib.Nifti1Image(vol.array.transpose(2, 1, 0),
   vol.affine_ras)``.
@@ -39,7 +40,11 @@ Rules (each refusal is a :class:`~pipeline.errors.GeometryError`, PHI-free messa
   unless they split into several volumes at the same positions by one of
   :data:`_SPLIT_KEYS` (:func:`build_volumes` returns them; :func:`build_volume` refuses);
 - gantry tilt: a slice stack not along the normal by more than :data:`TILT_TOL_DEG`
-  degrees is refused ("gantry tilt of N degrees"), never silently sheared;
+  degrees is refused ("gantry tilt of N degrees") unless ``allow_tilt``; then the volume keeps
+  the frames as stored with an exact non-orthogonal affine (``affine[:3, 2]`` the real slice
+  step; :func:`pipeline.tensors.preprocess.detilt` resamples it onto an orthogonal grid), and a
+  stack whose in-plane shift is not proportional to its distance along the normal (a tilt
+  that varies) is refused;
 - spacing: every step along the normal must lie within :data:`SPACING_REL_TOL` (relative) or
   :data:`SPACING_ABS_TOL` mm of the mean step (jitter: the mean is used); otherwise the
   series is refused as having a gap (every step near a multiple of the smallest one, and at
@@ -466,7 +471,7 @@ def _distinct(dist: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 
 def _stack_geometry(
-    frames: list[_Frame], normal: npt.NDArray[np.float64]
+    frames: list[_Frame], normal: npt.NDArray[np.float64], allow_tilt: bool = False
 ) -> tuple[list[_Frame], float, npt.NDArray[np.float64]]:
     """Order by position along the normal; check tilt and spacing. Returns (frames, dk, step)."""
     if len(frames) < 2:
@@ -482,13 +487,22 @@ def _stack_geometry(
     inplane = offsets - np.outer(offsets @ normal, normal)
     angles = np.degrees(np.arctan2(np.linalg.norm(inplane, axis=1)[1:], (along - along[0])[1:]))
     tilt = float(np.max(np.abs(angles)))
-    if tilt > TILT_TOL_DEG:
-        raise GeometryError(
-            f"gantry tilt of {tilt:.1f} degrees: slices are not stacked along the slice "
-            "normal (de-tilting is not supported)"
-        )
     mean = float(np.mean(steps))
     tol = max(SPACING_REL_TOL * mean, SPACING_ABS_TOL)
+    if tilt > TILT_TOL_DEG:
+        if not allow_tilt:
+            raise GeometryError(
+                f"gantry tilt of {tilt:.1f} degrees: slices are not stacked along the slice "
+                "normal (tensors.gantry_tilt is refuse)"
+            )
+        # one tilt: the in-plane shift is proportional to the distance along the normal
+        dist = along - along[0]
+        shear = (inplane.T @ dist) / float(dist @ dist)
+        off = float(np.max(np.linalg.norm(inplane - np.outer(dist, shear), axis=1)))
+        if off > tol:
+            raise GeometryError(
+                f"varying gantry tilt: slice positions leave the tilted stack by up to {off:.3g} mm"
+            )
     if np.max(np.abs(steps - mean)) > tol:
         smallest = float(np.min(steps))
         ratios = steps / smallest
@@ -562,8 +576,13 @@ def _pixels(frames: Sequence[_Frame]) -> tuple[npt.NDArray[Any], bool]:
     return out, True
 
 
-def _volume(frames: list[_Frame], normal: npt.NDArray[np.float64]) -> Volume:
-    frames, dk, step = _stack_geometry(frames, normal)
+def _volume(
+    frames: list[_Frame],
+    normal: npt.NDArray[np.float64],
+    allow_tilt: bool = False,
+    padding: float | None = None,
+) -> Volume:
+    frames, dk, step = _stack_geometry(frames, normal, allow_tilt)
     first = frames[0]
     row_sp, col_sp = first.pixel_spacing
     affine = np.eye(4, dtype=np.float64)
@@ -572,6 +591,8 @@ def _volume(frames: list[_Frame], normal: npt.NDArray[np.float64]) -> Volume:
     affine[:3, 2] = step
     affine[:3, 3] = first.position
     array, rescaled = _pixels(frames)
+    if padding is not None and rescaled:  # in the array's units, as the frames' values are
+        padding = padding * (1.0 if first.slope is None else first.slope) + (first.intercept or 0.0)
     o = first.orientation
     return Volume(
         array=array,
@@ -581,16 +602,22 @@ def _volume(frames: list[_Frame], normal: npt.NDArray[np.float64]) -> Volume:
         sop_instance_uids=tuple(fr.sop_uid for fr in frames),
         frame_numbers=tuple(fr.frame_number for fr in frames),
         rescaled=rescaled,
+        padding=padding,
     )
 
 
 def build_volumes(
-    datasets: Sequence[Dataset], pixels: Sequence[npt.NDArray[Any]] | None = None
+    datasets: Sequence[Dataset],
+    pixels: Sequence[npt.NDArray[Any]] | None = None,
+    *,
+    allow_tilt: bool = False,
 ) -> list[Volume]:
     """All volumes of one series: one for a 3D series, one per time point/echo/b-value for 4D.
 
     ``pixels``, when given, holds each dataset's frames already decoded
     (:func:`~pipeline.tensors.decode.decode_frames`), in the same order as ``datasets``.
+    ``allow_tilt``: a gantry-tilted stack is a volume on its native (sheared) grid, with the
+    exact non-orthogonal affine, instead of a refusal.
 
     Raises:
         GeometryError: the series cannot be made into volume(s) without distorting it.
@@ -601,7 +628,8 @@ def build_volumes(
     if len(frames) < 2:
         raise GeometryError("single slice: one frame is not a volume")
     normal = _check_common(frames)
-    return [_volume(group, normal) for group in _split(frames, normal)]
+    padding = _num(datasets[0].get("PixelPaddingValue"))
+    return [_volume(group, normal, allow_tilt, padding) for group in _split(frames, normal)]
 
 
 def build_volume(datasets: Sequence[Dataset]) -> Volume:

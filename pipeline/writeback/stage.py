@@ -339,10 +339,17 @@ def _plan(
     except ValueError as exc:
         raise WritebackError(f"the volume's preprocessing is unreadable: {exc}") from None
     if grid is not VolumeGrid.NATIVE:
+        detilted = "detilt" in str(group["preprocessing"])
         raise WritebackError(
             "the volume was resampled or reoriented (tensors preprocessing): write-back maps "
             "masks onto the original frames from the raw grid only (orientation native, no "
-            "spacing)"
+            "spacing"
+            + (
+                "; this gantry-tilted volume was de-tilted, its rows shifted by fractions of a "
+                "voxel: build it with tensors.gantry_tilt: sheared to write back)"
+                if detilted
+                else ")"
+            )
         )
     originals_map = _originals(con, lake, list(group["sops"]), cipher)
     missing = [s for s in group["sops"] if s not in originals_map]
