@@ -31,6 +31,9 @@ Each item is a MONAI-style dict:
 - ``series_uid``, ``tensor_key`` (strings), ``spacing`` (float64 tensor, mm, array order),
   and any ``columns`` asked for, copied from the cohort row (e.g. a label).
 
+:class:`PlanarDataset` does the same for 2D tensors (``tensor_kind`` ``planar``/``cine``:
+radiographs, mammograms, ultrasound, cine), channel first, with the pixel spacing as affine.
+
 Nothing is opened in ``__init__`` (rows are kept as plain values), so the dataset pickles to
 DataLoader workers. Importing this module does not import torch or MONAI.
 """

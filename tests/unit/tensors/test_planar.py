@@ -245,6 +245,18 @@ def test_stage_stores_radiographs_and_ultrasound_as_2d_tensors(tmp_path: Path) -
     assert dx.SOPInstanceUID not in planar["sop_instance_uids"]  # pseudonyms only
     series = read_table(lake, "series").to_pylist()
     assert all(s["volume_ok"] for s in series)
+    # the 2D dataset: channel first, spacing as the affine; the volumes' refuses them
+    from pipeline.tensors.dataset import PlanarDataset, TensorDataset, cohort
+
+    df = cohort(lake, sql="SELECT tensor_key FROM tensors WHERE tensor_kind = 'planar'")
+    item = PlanarDataset(lake, df, columns=["ViewPosition"])[0]
+    assert tuple(item["image"].shape) == (1, dx.Rows, dx.Columns)
+    assert item["ViewPosition"] == "PA"
+    assert np.array_equal(np.diag(item["image"].affine.numpy()), [0.2, 0.2, 1.0, 1.0])
+    cine_item = PlanarDataset(lake, cohort(lake, where="tensor_kind = 'cine'"))[0]
+    assert tuple(cine_item["image"].shape) == (1, 2, 6, 5)
+    with pytest.raises(ValueError, match="PlanarDataset"):
+        TensorDataset(lake, cohort(lake))
 
 
 # --- the shared corpus -------------------------------------------------------------------------
