@@ -79,3 +79,62 @@ def with_file_meta(ds: Dataset) -> Dataset:
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     return ds
+
+
+def make_projection(
+    *,
+    modality: str = "DX",
+    photometric: str = "MONOCHROME2",
+    pixel_spacing: tuple[float, float] | None = None,
+    imager_spacing: tuple[float, float] | None = None,
+    window: tuple[float, float] | None = None,
+    rescale: tuple[float, float] | None = None,
+    intent: str | None = None,
+    number: int = 1,
+    series: int = 1,
+    samples: int = 1,
+    pixels: np.ndarray | None = None,
+) -> Dataset:
+    """A small projection radiograph (12 bits stored), ultrasound or cine with file meta.
+
+    ``pixels`` replaces the default 8x10 ramp: uint8 or uint16, ``(rows, cols[, samples])``
+    or ``(frames, rows, cols[, samples])`` (several frames: Number of Frames is set).
+    """
+    classes = {
+        "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+        "CR": "1.2.840.10008.5.1.4.1.1.1",
+        "MG": "1.2.840.10008.5.1.4.1.1.1.2",
+        "US": "1.2.840.10008.5.1.4.1.1.6.1",
+        "XA": "1.2.840.10008.5.1.4.1.1.12.1",
+        "CT": CTImageStorage,
+    }
+    ds = make_ct(series_uid=f"1.2.826.0.1.3680043.8.498.7{series}", number=number)
+    ds.SOPClassUID = classes.get(modality, "1.2.840.10008.5.1.4.1.1.7")
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.Modality = modality
+    ds.PhotometricInterpretation = photometric
+    if pixels is None:
+        pixels = ((np.arange(80, dtype=np.uint16) * 97 + number * 13) % 4096).reshape(8, 10)
+        ds.BitsStored, ds.HighBit = 12, 11
+    else:
+        ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+        ds.HighBit = ds.BitsStored - 1
+    ds.SamplesPerPixel = samples
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    spatial = pixels.ndim - (1 if samples > 1 else 0)
+    if spatial == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.Rows, ds.Columns = pixels.shape[spatial - 2], pixels.shape[spatial - 1]
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    if pixel_spacing is not None:
+        ds.PixelSpacing = list(pixel_spacing)
+    if imager_spacing is not None:
+        ds.ImagerPixelSpacing = list(imager_spacing)
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if intent is not None:
+        ds.PresentationIntentType = intent
+    return ds

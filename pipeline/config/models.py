@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "DEFAULT_PLANAR_MODALITIES",
     "AuditConfig",
     "AuthConfig",
     "ComputeConfig",
@@ -303,6 +304,24 @@ class DeidConfig(_Section):
         return value
 
 
+#: Modalities a series of 2D images may have (``tensors.planar_modalities``).
+PlanarModality = Literal[
+    "CR", "DX", "ES", "GM", "IO", "MG", "OT", "PX", "RF", "SC", "SM", "US", "XA", "XC"
+]
+#: The default: projection radiography, mammography, ultrasound, angiography, endoscopy.
+DEFAULT_PLANAR_MODALITIES: tuple[PlanarModality, ...] = (
+    "CR",
+    "DX",
+    "ES",
+    "IO",
+    "MG",
+    "PX",
+    "RF",
+    "US",
+    "XA",
+)
+
+
 class TensorsConfig(_Section):
     """The tensors stage: volumes and their preprocessing (recorded with each tensor)."""
 
@@ -339,19 +358,42 @@ class TensorsConfig(_Section):
         "keeps the frames as stored with their exact, non-orthogonal affine (write-back maps "
         "masks back); refuse: a refused row.",
     )
+    planar_modalities: tuple[PlanarModality, ...] = Field(
+        DEFAULT_PLANAR_MODALITIES,
+        description="Modalities whose series without slice geometry (projection radiographs, "
+        "mammograms, ultrasound, angiography and endoscopy, single frames or cine) become 2D "
+        "tensors, one per object: (rows, columns[, samples]) or (frames, rows, columns"
+        "[, samples]). Secondary captures (SC, OT) only when listed here.",
+    )
+    voi: Literal["none", "window", "voi_lut"] = Field(
+        "none",
+        description="VOI transformation of 2D (planar) tensors: none keeps the values after the "
+        "Modality LUT and records the object's first window; window applies that window (its "
+        "VOI LUT Function); voi_lut applies the object's first VOI LUT, else its window (both "
+        "exactly as pydicom's apply_voi_lut). MONOCHROME1 is inverted after it.",
+    )
+
+    @field_validator("planar_modalities")
+    @classmethod
+    def _sorted_modalities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(sorted(set(value)))
 
     def preprocessing_json(self) -> str:
         """The preprocessing as canonical JSON (what the hash covers; stored with each tensor).
 
-        ``gantry_tilt`` is listed only when it is not the default (``detilt``), so that the
-        hashes of configurations written before it existed stay the same.
-        """
+        ``gantry_tilt``, ``voi`` and ``planar_modalities`` appear only when they differ from
+        their defaults, so that the hash of every preprocessing that existed before them is
+        unchanged."""
         fields = ("orientation", "spacing", "interpolation", "window", "normalize", "dtype")
         data = self.model_dump(mode="json", include=set(fields))
         if data["spacing"] is None:
             data.pop("interpolation")  # no resampling: the interpolation does not matter
         if self.gantry_tilt != "detilt":
             data["gantry_tilt"] = self.gantry_tilt
+        if self.voi != "none":
+            data["voi"] = self.voi
+        if self.planar_modalities != tuple(sorted(DEFAULT_PLANAR_MODALITIES)):
+            data["planar_modalities"] = list(self.planar_modalities)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def preprocessing_hash(self) -> str:

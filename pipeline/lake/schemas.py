@@ -277,8 +277,26 @@ TENSORS = _schema(
         _f("preprocessing", _S),  # JSON
         _f("preprocessing_hash", _S),
         _f("deid_version", _S),
+        # 2D tensors (issue #21: radiographs, mammograms, ultrasound, cine); null for volumes
+        _f("tensor_kind", _S),  # volume (null in rows before it) | planar | cine
+        _f("PhotometricInterpretation", _S),  # of the source object (stored: MONOCHROME2/RGB)
+        _f("monochrome1_inverted", _B),  # MONOCHROME1 inverted to MONOCHROME2
+        _f("pixel_spacing_source", _S),  # PixelSpacing | ImagerPixelSpacing | SequenceOf...
+        _f("PixelSpacingCalibrationType", _S),
+        _f("EstimatedRadiographicMagnificationFactor", _F),
+        _f("voi", _S),  # VOI applied: none | window | voi_lut
+        _f("WindowCenter", _F),  # the object's first window (recorded whether applied or not)
+        _f("WindowWidth", _F),
+        _f("VOILUTFunction", _S),
+        _f("PresentationIntentType", _S),  # FOR PRESENTATION | FOR PROCESSING
+        _f("ViewPosition", _S),
+        _f("ImageLaterality", _S),
+        _f("Laterality", _S),
+        _f("FrameTime", _F),  # ms between frames of a cine
+        _f("FrameTimeVector", pa.list_(_F)),  # ms, per frame (the first 0)
     ],
-    "research: one row per stored volume, or per series that cannot be one (status refused)",
+    "research: one row per stored volume or 2D image, or per series that cannot be one "
+    "(status refused)",
 )
 
 FINDINGS = _schema(

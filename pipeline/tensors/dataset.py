@@ -31,6 +31,9 @@ Each item is a MONAI-style dict:
 - ``series_uid``, ``tensor_key`` (strings), ``spacing`` (float64 tensor, mm, array order),
   and any ``columns`` asked for, copied from the cohort row (e.g. a label).
 
+:class:`PlanarDataset` does the same for 2D tensors (``tensor_kind`` ``planar``/``cine``:
+radiographs, mammograms, ultrasound, cine), channel first, with the pixel spacing as affine.
+
 Nothing is opened in ``__init__`` (rows are kept as plain values), so the dataset pickles to
 DataLoader workers. Importing this module does not import torch or MONAI.
 """
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COHORT_VIEWS",
     "ChecksumMismatch",
+    "PlanarDataset",
     "TensorDataset",
     "cohort",
     "monai_affine",
@@ -250,10 +254,12 @@ class TensorDataset:
     ) -> None:
         if space not in ("RAS", "LPS"):
             raise ValueError(f"space must be RAS or LPS, not {space!r}")
-        missing = [c for c in (*_NEEDED, *columns) if c not in cohort_df.columns]
+        missing = [c for c in (*self._needed, *columns) if c not in cohort_df.columns]
         if missing:
             raise ValueError(f"the cohort lacks column(s) {', '.join(missing)}: use cohort()")
         df = cohort_df
+        if "tensor_kind" in df.columns and df["tensor_kind"].isin(self._refused_kinds).any():
+            raise ValueError(self._refused_message)
         if "status" in df.columns and (df["status"] != "ok").any():
             raise ValueError("the cohort holds rows whose status is not ok (no stored volume)")
         if preprocessing_hash is not None:
@@ -266,7 +272,7 @@ class TensorDataset:
             )
         self.research = Path(lake.research)
         self.rows: list[dict[str, Any]] = [
-            {c: _plain(row[c]) for c in (*_NEEDED, *columns)}
+            {c: _plain(row[c]) for c in (*self._needed, *columns)}
             for row in df.to_dict(orient="records")
         ]
         self.transform = transform
@@ -274,6 +280,15 @@ class TensorDataset:
         self.mmap = mmap
         self.space: Literal["RAS", "LPS"] = space
         self.columns = tuple(columns)
+
+    #: what an item needs of a cohort row
+    _needed: tuple[str, ...] = _NEEDED
+    #: tensor kinds this dataset does not take, and what to use instead
+    _refused_kinds: tuple[str, ...] = ("planar", "cine")
+    _refused_message = (
+        "the cohort holds 2D tensors (tensor_kind planar/cine): use PlanarDataset, or select "
+        "with tensor_kind = 'volume' OR tensor_kind IS NULL"
+    )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -327,6 +342,95 @@ class TensorDataset:
     def __getitem__(self, index: int) -> Any:
         data = self.item(index)
         return self.transform(data) if self.transform is not None else data
+
+
+class PlanarDataset(TensorDataset):
+    """A map-style dataset of the 2D tensors of a cohort: radiographs, mammograms, ultrasound
+    images (``tensor_kind`` planar) and cine loops (``cine``), as the volumes' dataset does.
+
+    Each item is a dict like :class:`TensorDataset`'s with ``image`` a
+    :class:`monai.data.MetaTensor`, channel first: ``(samples, rows, columns)`` for an image,
+    ``(samples, frames, rows, columns)`` for a cine (samples 1, or 3 for RGB). There is no
+    patient frame: its ``affine`` is the pixel spacing, ``diag(row, column[, 1])`` over
+    ``(rows, columns)`` (``(frames, rows, columns)`` for a cine, the frame axis unscaled),
+    1 mm where the object gives no spacing (``meta["spacing_known"]`` False). ``kind`` and
+    the ``columns`` asked for (``ViewPosition``, ``PresentationIntentType``, ``FrameTime``...)
+    are copied from the row. Parameters are :class:`TensorDataset`'s but ``space``.
+    """
+
+    _needed = (
+        "tensor_key",
+        "SeriesInstanceUID",
+        "path",
+        "shape",
+        "spacing",
+        "checksum",
+        "tensor_kind",
+    )
+    _refused_kinds = ("volume",)
+    _refused_message = (
+        "the cohort holds volumes: use TensorDataset, or select with tensor_kind IN "
+        "('planar', 'cine')"
+    )
+
+    def __init__(
+        self,
+        lake: LakePaths,
+        cohort_df: pd.DataFrame,
+        transform: Callable[[dict[str, Any]], Any] | None = None,
+        preprocessing_hash: str | None = None,
+        *,
+        verify_checksum: bool = False,
+        mmap: bool = False,
+        columns: Sequence[str] = (),
+    ) -> None:
+        if "tensor_kind" in cohort_df.columns and cohort_df["tensor_kind"].isna().any():
+            raise ValueError(self._refused_message)
+        super().__init__(
+            lake,
+            cohort_df,
+            transform,
+            preprocessing_hash,
+            verify_checksum=verify_checksum,
+            mmap=mmap,
+            columns=columns,
+        )
+
+    def item(self, index: int) -> dict[str, Any]:
+        """Item ``index`` before the transform."""
+        import torch
+        from monai.data import MetaTensor
+        from monai.utils import MetaKeys
+
+        row = self.rows[index]
+        array = np.ascontiguousarray(self.load_array(index))
+        cine = row["tensor_kind"] == "cine"
+        spatial = 3 if cine else 2
+        channels = array.ndim > spatial  # colour: samples last, as stored
+        image = np.moveaxis(array, -1, 0) if channels else array[None]
+        known = row["spacing"] is not None
+        row_sp, col_sp = (float(s) for s in row["spacing"]) if known else (1.0, 1.0)
+        affine = np.diag([1.0, row_sp, col_sp, 1.0] if cine else [row_sp, col_sp, 1.0, 1.0])
+        tensor = MetaTensor(
+            torch.from_numpy(np.ascontiguousarray(image)),
+            affine=torch.as_tensor(affine, dtype=torch.float64),
+            meta={
+                MetaKeys.ORIGINAL_CHANNEL_DIM: -1 if channels else "no_channel",
+                "filename_or_obj": str(self.research / row["path"]),
+                "tensor_key": row["tensor_key"],
+                "spacing_known": known,
+            },
+        )
+        out: dict[str, Any] = {
+            "image": tensor,
+            "series_uid": row["SeriesInstanceUID"],
+            "tensor_key": row["tensor_key"],
+            "kind": row["tensor_kind"],
+            "spacing": torch.tensor([row_sp, col_sp], dtype=torch.float64),
+        }
+        for column in self.columns:
+            out[column] = row[column]
+        return out
 
 
 def monai_dataset(

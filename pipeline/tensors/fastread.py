@@ -10,10 +10,12 @@ views the Pixel Data in place (no copy). Elements are parsed by the raw element 
 :mod:`pipeline.dicom.elements`.
 
 :func:`read_classic` returns ``None`` -- and the caller falls back to ``dcmread`` and the
-codec plug-ins -- for anything outside the fast path: no ``DICM`` preamble, a transfer syntax
-other than Implicit/Explicit VR Little Endian, multi-frame or enhanced objects (functional
-groups), no or encapsulated Pixel Data, Pixel Data shorter than the header promises, colour or
-1-bit or 64-bit pixels, or any element that does not parse. It never raises on bad input.
+codec plug-ins -- for anything outside the fast path: an object of a modality that may be 2D
+(:mod:`pipeline.tensors.planar` reads attributes this reader does not keep), no ``DICM``
+preamble, a transfer syntax other than Implicit/Explicit VR Little Endian, multi-frame or
+enhanced objects (functional groups), no or encapsulated Pixel Data, Pixel Data shorter than
+the header promises, colour or 1-bit or 64-bit pixels, or any element that does not parse.
+It never raises on bad input.
 The tests check it against ``dcmread`` + :func:`~pipeline.tensors.decode.decode_frames` on
 every file of the shared corpus it accepts.
 """
@@ -23,11 +25,12 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 import numpy as np
 
 from pipeline.config import LimitsConfig
+from pipeline.config.models import PlanarModality
 from pipeline.dicom.elements import (
     PIXEL_DATA,
     UNDEFINED,
@@ -45,6 +48,7 @@ WANTED: Final[dict[int, tuple[str, str]]] = {
     0x00080008: ("ImageType", "CS"),
     0x00080016: ("SOPClassUID", "UI"),
     0x00080018: ("SOPInstanceUID", "UI"),
+    0x00080060: ("Modality", "CS"),
     0x00180086: ("EchoNumbers", "IS"),
     0x00181060: ("TriggerTime", "DS"),
     0x00189087: ("DiffusionBValue", "FD"),
@@ -65,6 +69,10 @@ WANTED: Final[dict[int, tuple[str, str]]] = {
     0x00281052: ("RescaleIntercept", "DS"),
     0x00281053: ("RescaleSlope", "DS"),
 }
+
+#: modalities left to ``dcmread``: their objects may become 2D tensors
+#: (:mod:`pipeline.tensors.planar`), which read attributes this reader does not keep
+_PLANAR: Final = frozenset(get_args(PlanarModality))
 
 _IMPLICIT_LE: Final = b"1.2.840.10008.1.2"
 _EXPLICIT_LE: Final = b"1.2.840.10008.1.2.1"
@@ -203,6 +211,8 @@ def read_classic(buf: bytes) -> tuple[Header, np.ndarray[Any, Any]] | None:
     try:
         if (header.get("NumberOfFrames") or 1) != 1 or is_mosaic(header):  # type: ignore[arg-type]
             return None  # the mosaic's layout is in a private header this reader skips
+        if str(header.get("Modality") or "").strip().upper() in _PLANAR:
+            return None
         shape = expected_shape(header)  # type: ignore[arg-type]  # the Dataset subset it reads
         allocated = int(header.BitsAllocated)
         signed = (header.get("PixelRepresentation") or 0) == 1

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.compute import map_bounded, set_total
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, TensorsConfig
 from pipeline.connectors import Source, open_source
 from pipeline.dicom.limits import read_capped
 from pipeline.enums import Stage
@@ -135,6 +135,46 @@ def _series_datasets(
     return datasets, pixels, pseudonyms, failed
 
 
+def _planar_rows(
+    lake: LakePaths,
+    cfg: TensorsConfig,
+    images: list[Any],
+    base: dict[str, Any],
+    pseudonyms: dict[str, str],
+    deid_version: str,
+) -> list[dict[str, Any]]:
+    """Store the 2D tensors of a planar series (:mod:`pipeline.tensors.planar`: one per
+    object, the intensity steps of the preprocessing applied) and return their rows."""
+    import numpy as np
+
+    from pipeline.tensors.planar import planar_preprocessing
+    from pipeline.tensors.preprocess import preprocess
+
+    prep = planar_preprocessing(cfg)
+    rows = []
+    for index, image in enumerate(images):
+        out = preprocess(image.array, np.eye(4), (1.0, 1.0, 1.0), prep)
+        key = f"{base['SeriesInstanceUID']}/{base['preprocessing_hash']}-{_short(deid_version)}"
+        rel = f"tensors/{key}-{index}.npy"
+        rows.append(
+            {
+                **base,
+                **image.row(),
+                "preprocessing": prep.preprocessing_json(),  # what was applied to it
+                "tensor_key": f"{key}-{index}",
+                "volume_index": index,
+                "n_volumes": len(images),
+                "status": "ok",
+                "path": rel,
+                "shape": list(out.array.shape),
+                "dtype": str(out.array.dtype),
+                "checksum": write_npy(lake.research / rel, out.array),
+                "sop_instance_uids": [pseudonyms[image.sop_uid]],
+            }
+        )
+    return rows
+
+
 def tensors_batch(
     cfg: PipelineConfig,
     series: list[dict[str, Any]],
@@ -144,6 +184,7 @@ def tensors_batch(
     part: str,
 ) -> dict[str, int]:
     """Build, preprocess and store the volumes of a batch of series; write their table rows."""
+    from pipeline.tensors.planar import build_planar, is_planar
     from pipeline.tensors.preprocess import (
         preprocess_volume,
         preprocessing_hash,
@@ -178,6 +219,14 @@ def tensors_batch(
                 raise GeometryError(f"{len(failed)} object(s) of the series cannot be decoded")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # as above: lazily converted header values
+                if is_planar(datasets, cfg.tensors):  # radiographs, ultrasound, cine: 2D
+                    planar = build_planar(datasets, pixels, cfg.tensors)
+                    rows.extend(
+                        _planar_rows(lake, cfg.tensors, planar, base, pseudonyms, deid_version)
+                    )
+                    counts["volumes"] += len(planar)
+                    del datasets, pixels, planar
+                    continue
                 volumes = build_volumes(
                     datasets, pixels, allow_tilt=cfg.tensors.gantry_tilt != "refuse"
                 )
@@ -219,6 +268,7 @@ def tensors_batch(
                     # dataset read above put its own), and would fail loudly here
                     "sop_instance_uids": [pseudonyms[u] for u in vol.sop_instance_uids],
                     "frame_numbers": list(vol.frame_numbers),
+                    "tensor_kind": "volume",
                 }
             )
             counts["volumes"] += 1
