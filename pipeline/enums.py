@@ -45,15 +45,22 @@ class QuarantineReason(StrEnum):
     BURNED_IN_PHI = "burned_in_phi"
     INVALID = "invalid"
     #: a declared size (header, frame, pixel data, inflated stream) beyond the configured
-    #: ``limits``: refused before anything of that size is allocated or inflated
+    #: ``limits``: refused before anything of that size is allocated or inflated; also a
+    #: member decompressing past ``max_decompressed_bytes``, packages nested deeper than
+    #: ``max_archive_depth`` or holding more than ``max_archive_members`` members
     TOO_LARGE = "too_large"
     #: a header value its VR does not allow (e.g. Number of Frames ``1A``)
     MALFORMED_VALUE = "malformed_value"
+    #: a package member that is encrypted (a zip with a password): never guessed at
+    ENCRYPTED = "encrypted"
+    #: a compressed file or package that is corrupt (bad CRC, no central directory, bad data)
+    CORRUPT_ARCHIVE = "corrupt_archive"
 
 
 class SkipReason(StrEnum):
     """Why the crawl skipped an entry of a folder archive without reading it (counted per
-    reason in the run manifest; an entry is a file, a link or a folder, never both)."""
+    reason in the run manifest; an entry is a file, a link or a folder, never both, or a
+    member of a package: a FIFO or device member is ``not_regular_file``)."""
 
     #: pacsflow's own temporary file (``.*.tmp-*``, an atomic write in progress): skipped by design
     PACSFLOW_TEMPORARY = "pacsflow_temporary"
@@ -71,6 +78,10 @@ class SkipReason(StrEnum):
     NOT_REGULAR_FILE = "not_regular_file"
     #: a folder that cannot be listed, or an entry that cannot be stat-ed (e.g. permissions)
     UNREADABLE = "unreadable"
+    #: a member of a package (zip, tar) that is a symbolic or hard link
+    ARCHIVE_LINK = "archive_link"
+    #: a member of a package with the name of an earlier member (the first one is the object)
+    ARCHIVE_DUPLICATE = "archive_duplicate"
 
 
 class SourceKind(StrEnum):

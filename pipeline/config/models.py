@@ -213,6 +213,27 @@ class LimitsConfig(_Section):
         "declared length of its Pixel Data element and, with max_header_bytes, the bytes a "
         "deflated object inflates to and the bytes read of one object.",
     )
+    max_decompressed_bytes: int = Field(
+        1088 * _MiB,
+        ge=1 << 16,
+        description="Largest object inside a compressed file or package (.gz, .bz2, .xz, "
+        ".zip, .tar...): a member is decompressed in steps and refused (too_large) past this, "
+        "whatever it declares.",
+    )
+    max_archive_depth: int = Field(
+        4,
+        ge=0,
+        le=16,
+        description="Most containers (compressed streams and packages, each one) around an "
+        "object, e.g. 3 for a.zip!/b.tar.gz!/c.dcm (zip, gzip, tar). 0: files are read as "
+        "they are, none is opened as a package.",
+    )
+    max_archive_members: int = Field(
+        100_000,
+        ge=1,
+        description="Most members one package (zip, tar) may hold; a package with more is "
+        "quarantined (too_large) from there on.",
+    )
 
 
 class CrawlConfig(_Section):

@@ -6,11 +6,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.connectors.base import RawObject, Skipped, Source, Unit
-from pipeline.connectors.folder import FolderSource, decode_location, encode_location
+from pipeline.connectors.folder import (
+    FolderSource,
+    decode_location,
+    encode_location,
+    member_location,
+    split_location,
+)
 from pipeline.enums import SourceKind
 
 if TYPE_CHECKING:
-    from pipeline.config import SourceConfig
+    from pipeline.config import LimitsConfig, SourceConfig
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -21,8 +27,10 @@ __all__ = [
     "Unit",
     "decode_location",
     "encode_location",
+    "member_location",
     "open_source",
     "source_kind",
+    "split_location",
 ]
 
 
@@ -47,6 +55,7 @@ def open_source(
     *,
     follow_symlinks: bool = True,
     cache_dir: Path | None = None,
+    limits: LimitsConfig | None = None,
 ) -> Source:
     """Build the connector for ``uri``.
 
@@ -63,6 +72,9 @@ def open_source(
         with ``cfg.follow_symlinks_outside_root``.
     cache_dir:
         DIMSE sources: where retrieved studies are cached (in the lake's restricted zone).
+    limits:
+        Folder sources: the bounds on compressed files and packages (the config's
+        ``limits``; default: :class:`~pipeline.config.LimitsConfig`'s).
 
     Raises
     ------
@@ -71,7 +83,7 @@ def open_source(
     SourceError
         When a folder source does not exist or cannot be read.
     """
-    from pipeline.config import SourceConfig
+    from pipeline.config import LimitsConfig, SourceConfig
 
     cfg = cfg or SourceConfig()
     kind = source_kind(uri)
@@ -80,6 +92,7 @@ def open_source(
             Path(uri),
             follow_symlinks=follow_symlinks,
             follow_symlinks_outside_root=cfg.follow_symlinks_outside_root,
+            limits=limits or LimitsConfig(),
         )
         folder.check()
         return folder

@@ -67,9 +67,12 @@ class RawObject:
     ``location`` is the object's archive-relative location (a file path, or
     ``studies/<uid>/series/<uid>/instances/<uid>``); it is what logs and quarantine rows name.
     Exactly one of ``path`` (a local Part 10 file or bare dataset: a folder's file, or a DIMSE
-    retrieval in the cache), ``dataset`` (a header without pixel data, e.g. WADO-RS metadata)
-    and ``error`` (a :class:`pipeline.errors.InputError` saying why the object could not be
-    had) is set. Parsing is the crawl stage's job, not the connector's.
+    retrieval in the cache), ``stream`` (the same, as an open seekable binary file valid until
+    the connector's iteration resumes: a member of a package, decompressed), ``dataset`` (a
+    header without pixel data, e.g. WADO-RS metadata), ``error`` (a
+    :class:`pipeline.errors.InputError` saying why the object could not be had) and ``skip``
+    (a member of a package passed over on purpose, e.g. a link: counted, not an object) is
+    set. Parsing is the crawl stage's job, not the connector's.
     """
 
     location: str
@@ -79,6 +82,8 @@ class RawObject:
     path: Path | None = None
     dataset: Dataset | None = None
     error: Exception | None = None
+    stream: BinaryIO | None = None
+    skip: SkipReason | None = None
 
 
 @runtime_checkable

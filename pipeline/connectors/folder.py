@@ -26,25 +26,38 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from pipeline.config import LimitsConfig
 from pipeline.connectors.base import RawObject, Skipped, StoreResult, Unit, result_path
+from pipeline.connectors.packages import iter_objects, open_member, sniff
 from pipeline.dicom.atomic import TEMPORARY_GLOB, atomic_write_bytes
 from pipeline.enums import QuarantineReason, SkipReason, SourceKind
 from pipeline.errors import InputError, SourceError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FolderSource", "decode_location", "encode_location"]
+__all__ = [
+    "MEMBER_SEPARATOR",
+    "FolderSource",
+    "decode_location",
+    "encode_location",
+    "member_location",
+    "split_location",
+]
 
 #: characters a location never shows as they are: control characters and undecodable bytes
 _HIDDEN = "\x00-\x1f\x7f-\x9f\udc80-\udcff"
-_TO_ESCAPE = re.compile(f"\\\\(?=[\\\\x{_HIDDEN}])|[{_HIDDEN}]")
+#: the text between the levels of a location inside a package (``a.zip!/m.dcm``); a ``!``
+#: right before a ``/`` in any name is written ``\\x21`` so this text never occurs in one
+MEMBER_SEPARATOR = "!/"
+_TO_ESCAPE = re.compile(f"\\\\(?=[\\\\x{_HIDDEN}]|!/)|[{_HIDDEN}]|!(?=/)")
 _ESCAPED = re.compile(r"\\(\\|x[0-9a-f]{2})")
 _TEMPORARY = os.fsencode(TEMPORARY_GLOB)
+_SNIFF = 512  # bytes that tell a compressed file or a package (tar: 262)
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -72,7 +85,7 @@ def encode_location(raw: bytes) -> str:
     'a\\\\b'
     """
     text = raw.decode("utf-8", "surrogateescape")
-    if text.isprintable() and "\\" not in text:  # the common case, at C speed
+    if text.isprintable() and "\\" not in text and "!/" not in text:  # the common case, fast
         return text
     return _TO_ESCAPE.sub(_escape, text)
 
@@ -92,6 +105,26 @@ def decode_location(location: str) -> bytes:
     return bytes(out)
 
 
+def member_location(parts: Sequence[bytes]) -> str:
+    """The location of an object inside packages: the root-relative path of the file, then
+    the member's name in each package, each part encoded by :func:`encode_location` and joined
+    by ``!/`` (which no encoded part holds).
+
+    Examples
+    --------
+    >>> member_location([b"P1/a.zip", b"dir/m.dcm"])
+    'P1/a.zip!/dir/m.dcm'
+    >>> member_location([b"odd!/name.zip", b"x.tar.gz", b"m!"])
+    'odd\\\\x21/name.zip!/x.tar.gz!/m!'
+    """
+    return MEMBER_SEPARATOR.join(encode_location(p) for p in parts)
+
+
+def split_location(location: str) -> list[bytes]:
+    """The parts (bytes) :func:`member_location` joined: one for a file's own location."""
+    return [decode_location(p) for p in location.split(MEMBER_SEPARATOR)]
+
+
 @dataclass(frozen=True)
 class FolderSource:
     """Every regular file below ``root`` is an object; ``location`` is its path relative to
@@ -102,12 +135,19 @@ class FolderSource:
     (each folder is then entered once, by device and inode, so loops end), and reads refuse a
     location that leads out of the root otherwise. With ``follow_symlinks`` false no link is
     followed. Every entry passed over is a :class:`~pipeline.connectors.base.Skipped`.
+
+    Compressed files and packages (:mod:`pipeline.connectors.packages`): a file that is a
+    compressed stream is the object it decompresses to, at its own location; a package (zip,
+    tar, compressed tar) is one unit (its size and mtime the watermark) whose members are
+    objects at locations from :func:`member_location`; :meth:`open` reads them decompressed.
     """
 
     root: Path
     follow_symlinks: bool = True
     follow_symlinks_outside_root: bool = False
     kind: SourceKind = SourceKind.FOLDER
+    #: bounds on compressed files and packages (``max_archive_depth`` 0: none is opened)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self) -> None:
         root = Path(self.root).resolve()
@@ -219,7 +259,8 @@ class FolderSource:
     def read_unit(self, unit: Unit) -> Iterator[RawObject]:
         """A file is one object: hand its path to the parser (header only), or, when the
         file was swapped for a link out of the root since the listing, an error that
-        quarantines it."""
+        quarantines it. A compressed file is the object it decompresses to, and a package
+        one object per member (its stream, decompressed), links and duplicates skipped."""
         path = self.path_of(unit.key)
         # the listing never makes a unit of a link unless links may leave the root: one lstat
         # here (a realpath per object would cost more than reading a small header)
@@ -229,13 +270,44 @@ class FolderSource:
                 error = self._outside(unit.key)
                 yield RawObject(unit.key, unit.key, unit.size_bytes, unit.mtime_ns, error=error)
                 return
-        yield RawObject(
+        plain = RawObject(
             location=unit.key,
             unit_key=unit.key,
             size_bytes=unit.size_bytes,
             mtime_ns=unit.mtime_ns,
             path=path,
         )
+        if self.limits.max_archive_depth == 0:
+            yield plain
+            return
+        try:
+            fp = open(path, "rb")  # noqa: SIM115 (closed below)
+        except OSError:
+            yield plain  # the parser opens it again and says why it cannot
+            return
+        with fp:
+            try:
+                head = fp.read(_SNIFF)
+                fp.seek(0)
+            except OSError:
+                head = b""
+            if sniff(head) is None:
+                yield plain
+                return
+            for m in iter_objects(fp, [decode_location(unit.key)], self.limits):
+                location = member_location(m.parts)
+                if m.stream is None and m.error is None and m.skip is None:
+                    yield plain  # pragma: no cover (sniffed as a package, reads as a file)
+                    continue
+                yield RawObject(
+                    location=location,
+                    unit_key=unit.key,
+                    size_bytes=m.size if m.stream is not None else None,
+                    mtime_ns=unit.mtime_ns,
+                    stream=m.stream,
+                    error=m.error,
+                    skip=m.skip,
+                )
 
     def path_of(self, location: str) -> Path:
         """The absolute path of an object, refusing locations that escape the root."""
@@ -245,27 +317,42 @@ class FolderSource:
         return Path(os.fsdecode(os.path.join(os.fsencode(self.root), raw)))
 
     def open(self, location: str) -> BinaryIO:
-        """Open an object for binary reading.
+        """Open an object for binary reading: a file as it is, or the decompressed bytes of a
+        compressed file or of a package's member (a seekable spooled copy, within the
+        ``limits``).
 
         Raises
         ------
         InputError
             When the file opened lies outside the archive root (a symlink on the way) and
-            ``follow_symlinks_outside_root`` is false: it is closed unread.
+            ``follow_symlinks_outside_root`` is false: it is closed unread. For a member: it
+            cannot be read (``too_large``, ``encrypted``, ``corrupt_archive``, ...) or is not
+            in its package any more.
         """
-        path = self.path_of(location)
+        parts = location.split(MEMBER_SEPARATOR)
+        if len(parts) > 1 and self.limits.max_archive_depth == 0:
+            raise InputError(
+                f"{location} is inside a package and limits.max_archive_depth is 0",
+                reason=QuarantineReason.UNREADABLE,
+            )
+        path = self.path_of(parts[0])
         fp = open(path, "rb")  # noqa: SIM115 (the caller closes it)
-        if self.follow_symlinks_outside_root:
+        if not self.follow_symlinks_outside_root:
+            try:
+                # the file actually opened (no window between a check and the open), by its fd
+                real = os.readlink(f"/proc/self/fd/{fp.fileno()}".encode())
+            except OSError:  # no /proc: resolve the path instead
+                real = os.path.realpath(os.fsencode(path))
+            if not _inside(real, os.fsencode(self.root)):
+                fp.close()
+                raise self._outside(location)
+        if self.limits.max_archive_depth == 0:
             return fp
         try:
-            # the file actually opened (no window between a check and the open), by its fd
-            real = os.readlink(f"/proc/self/fd/{fp.fileno()}".encode())
-        except OSError:  # no /proc: resolve the path instead
-            real = os.path.realpath(os.fsencode(path))
-        if not _inside(real, os.fsencode(self.root)):
+            return open_member(fp, [decode_location(p) for p in parts[1:]], self.limits)
+        except BaseException:
             fp.close()
-            raise self._outside(location)
-        return fp
+            raise
 
     @staticmethod
     def _outside(location: str) -> InputError:

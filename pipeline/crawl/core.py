@@ -427,8 +427,8 @@ def record_from_metadata(ds: pydicom.Dataset, limits: LimitsConfig | None = None
 
 
 def parse_raw(raw: RawObject, limits: LimitsConfig | None = None) -> IndexRecord:
-    """Parse what a connector delivered: a local file (header only) or a header dataset,
-    within ``limits`` (see :func:`read_header`).
+    """Parse what a connector delivered: a local file or an open stream (header only), or a
+    header dataset, within ``limits`` (see :func:`read_header`).
 
     Raises
     ------
@@ -439,6 +439,13 @@ def parse_raw(raw: RawObject, limits: LimitsConfig | None = None) -> IndexRecord
         if isinstance(raw.error, InputError):
             raise raw.error
         raise UnreadableDicom(f"could not be fetched ({type(raw.error).__name__})")
+    if raw.stream is not None:
+        try:
+            size = raw.stream.seek(0, os.SEEK_END)
+            raw.stream.seek(0)
+            return read_header(raw.stream, size, limits=limits)
+        except OSError as exc:
+            raise UnreadableDicom(f"cannot read the object: {exc.strerror}") from None
     if raw.path is not None:
         try:
             with open(raw.path, "rb") as fp:

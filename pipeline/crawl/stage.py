@@ -30,7 +30,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from pipeline.compute import map_bounded, set_total
 from pipeline.config import LimitsConfig, PipelineConfig
-from pipeline.connectors import Skipped, Source, Unit
+from pipeline.connectors import FolderSource, Skipped, Source, Unit
 from pipeline.crawl.core import parse_raw
 from pipeline.enums import ObjectState, Stage
 from pipeline.errors import InputError
@@ -139,18 +139,25 @@ def crawl_batch(
     Returns
     -------
     dict
-        ``indexed``, ``quarantined``, ``unchanged`` and ``units`` counts.
+        ``indexed``, ``quarantined``, ``unchanged`` and ``units`` counts, and
+        ``skipped:<reason>`` for members of packages passed over (links, duplicates).
     """
     now = datetime.now(UTC)
     kind = source.kind.value
     index_rows: list[dict[str, Any]] = []
     quarantine_rows: list[dict[str, Any]] = []
     unit_rows: list[dict[str, Any]] = []
+    skipped: dict[str, int] = {}
     unchanged = 0
     for unit in units:
         previous = known.get(unit.key, {})
         keys: list[str] = []
+        n_skipped = 0
         for raw in source.read_unit(unit):
+            if raw.skip is not None:  # a package's member passed over (a link, a duplicate)
+                skipped[raw.skip.value] = skipped.get(raw.skip.value, 0) + 1
+                n_skipped += 1
+                continue
             key = object_key(source.source_id, raw.location)
             keys.append(key)
             try:
@@ -199,7 +206,8 @@ def crawl_batch(
                 "source": source.source_id,
                 "unit_key": unit.key,
                 "watermark": unit.watermark,
-                "n_objects": len(keys),
+                # skipped members too: a rerun of an unchanged package counts them unchanged
+                "n_objects": len(keys) + n_skipped,
                 "object_keys": keys,
                 "state": "read",
                 "run_id": run_id,
@@ -217,6 +225,7 @@ def crawl_batch(
         "quarantined": len(quarantine_rows),
         "unchanged": unchanged,
         "units": len(unit_rows),
+        **{f"skipped:{reason}": n for reason, n in skipped.items()},
     }
 
 
@@ -383,6 +392,9 @@ def run(
     CrawlResult
     """
     t0 = time.perf_counter()
+    if isinstance(source, FolderSource) and source.limits != cfg.limits:
+        # the config's bounds on packages, as the later stages open them (open_source)
+        source = replace(source, limits=cfg.limits)
     lake.create()
     source.check()
     _sweep_dead_runs(lake)
@@ -416,6 +428,10 @@ def run(
         def add(result: dict[str, int]) -> None:
             for k in totals:
                 totals[k] += result[k]
+            for k, n in result.items():
+                if k.startswith("skipped:"):
+                    reason = k.removeprefix("skipped:")
+                    skipped[reason] = skipped.get(reason, 0) + n
             if progress:
                 progress(result["units"])
 
@@ -472,6 +488,7 @@ def run(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     unchanged = totals["unchanged"] + int(objects_unchanged)
+    skipped = dict(sorted(skipped.items()))
     n_skipped = sum(skipped.values())
     counts = StageCounts(
         seen=totals["indexed"] + totals["quarantined"] + unchanged + n_skipped,

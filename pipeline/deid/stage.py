@@ -274,7 +274,9 @@ def _bad_value(ds: Any, depth: int = 0) -> MalformedValue | None:
 
 def _source_for(cfg: PipelineConfig, lake: LakePaths, source_id: str) -> Source:
     """Reopen the connector that crawled an object: a source id is a valid source URI."""
-    return open_source(source_id, cfg.source, cache_dir=lake.restricted / "cache")
+    return open_source(
+        source_id, cfg.source, cache_dir=lake.restricted / "cache", limits=cfg.limits
+    )
 
 
 def read_object(

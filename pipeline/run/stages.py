@@ -158,6 +158,7 @@ class CrawlStage:
             ctx.cfg.source,
             follow_symlinks=ctx.cfg.crawl.follow_symlinks,
             cache_dir=ctx.lake.restricted / "cache",
+            limits=ctx.cfg.limits,
         )
         with ctx.progress(self.name) as progress:
             r = crawl_run(

@@ -110,7 +110,7 @@ def _series_datasets(
     for obj in objects:
         try:
             source = sources.get(obj["source"]) or open_source(
-                obj["source"], cfg.source, cache_dir=lake.restricted / "cache"
+                obj["source"], cfg.source, cache_dir=lake.restricted / "cache", limits=cfg.limits
             )
             sources[obj["source"]] = source
             with source.open(obj["location"]) as fp:

@@ -121,7 +121,7 @@ def _read_sources(
     out = []
     for o in originals:
         src = sources.get(o["source"]) or open_source(
-            o["source"], cfg.source, cache_dir=lake.restricted / "cache"
+            o["source"], cfg.source, cache_dir=lake.restricted / "cache", limits=cfg.limits
         )
         sources[o["source"]] = src
         with src.open(o["location"]) as fp:
