@@ -707,9 +707,11 @@ def deid_patients(lake: LakePaths, version: int | None = None) -> Query:
 # ---------------------------------------------------------------------------------------------
 
 
-def tensors_todo(lake: LakePaths, preprocessing_hash: str) -> Query:
+def tensors_todo(lake: LakePaths, preprocessing_hash: str, rules: int = 1) -> Query:
     """Series without a tensors row for this preprocessing at their de-identification
-    version, with their objects."""
+    version, with their objects. A refusal counts only when made under the volume ``rules``
+    in force (its key ends ``-refused-r<rules>``): a series refused by older rules is tried
+    again when the rules change (e.g. tilted CT, radiographs, 4D MR became tensors)."""
     index_latest = latest_sql(lake, "index", "object_key", "crawled_at")
     vault_latest = latest_sql(lake, "vault", "object_key", "deidentified_at")
     return Query(
@@ -733,10 +735,11 @@ def tensors_todo(lake: LakePaths, preprocessing_hash: str) -> Query:
             SELECT 1 FROM {scan_sql(lake, "tensors")} t
             WHERE t.SeriesInstanceUID = s.series_pseudonym
               AND t.preprocessing_hash = $h AND t.deid_version = s.deid_version
+              AND (t.status <> 'refused' OR ends_with(t.tensor_key, $refused))
         )
         ORDER BY s.series_pseudonym
         """,
-        {"h": preprocessing_hash},
+        {"h": preprocessing_hash, "refused": f"-refused-r{rules}"},
     )
 
 

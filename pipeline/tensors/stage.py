@@ -52,6 +52,12 @@ from pipeline.lake.space import no_space_in
 
 logger = logging.getLogger(__name__)
 
+#: Version of the rules deciding which series become tensors. A refused series is tried again
+#: when it changes (its refused row names the rules that refused it): bump it when a change
+#: turns refusals into tensors. 2: tilted CT, 2D radiographs/ultrasound/cine, 4D MR splits,
+#: packed inputs (issue #21).
+VOLUME_RULES = 2
+
 __all__ = ["TensorsRunResult", "load_tensor", "run", "tensors_batch", "write_npy"]
 
 # load_tensor and write_npy live in pipeline.lake (the infer stage writes masks with it);
@@ -238,7 +244,7 @@ def tensors_batch(
             rows.append(
                 {
                     **base,
-                    "tensor_key": f"{uid}/{prep_hash}-{_short(deid_version)}-refused",
+                    "tensor_key": f"{uid}/{prep_hash}-{_short(deid_version)}-refused-r{VOLUME_RULES}",
                     "status": "refused",
                     "reason": str(exc),
                 }
@@ -291,7 +297,7 @@ def _todo(
 ) -> Iterator[list[dict[str, Any]]]:
     """Series without a tensors row for this preprocessing and their de-identification
     version (the vault's), grouped into batches of about ``batch_objects`` objects."""
-    q = tensors_todo(lake, prep_hash)
+    q = tensors_todo(lake, prep_hash, VOLUME_RULES)
     if progress is not None:
         total = q.total("coalesce(sum(len(objects)), 0)")
         set_total(progress, int(con.execute(total.sql, dict(total.params)).fetchall()[0][0]))

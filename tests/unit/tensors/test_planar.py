@@ -339,3 +339,28 @@ def test_corpus_ultrasound_matches_pydicom(
     assert np.array_equal(image.array, reference)
     assert image.kind == ("cine" if len(shape) == 4 else "planar")
     assert image.columns["FrameTime"] == frame_time
+
+
+def test_a_series_refused_by_older_rules_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Series refused before a rule change (here: a radiograph, refused as "single slice"
+    before 2D tensors existed) must not stay refused forever under the same preprocessing."""
+    import pipeline.tensors.stage as stage
+
+    archive = tmp_path / "archive"
+    write(make_projection(series=1), archive / "dx.dcm")
+    cfg = load_config(overrides={"compute": {"workers": 1}}, environ={})
+    lake = LakePaths(tmp_path / "lake")
+    crawl_run(cfg, lake, FolderSource(archive), run_id="c")
+    deid_run(cfg, lake, key=b"p" * 32, run_id="d")
+    with monkeypatch.context() as m:  # the rules before: no 2D tensors
+        m.setattr(stage, "VOLUME_RULES", 1)
+        m.setattr("pipeline.tensors.planar.is_planar", lambda *a: False)
+        first = tensors_run(cfg, lake, run_id="t1")
+    assert first.counts.extra == {"volumes": 0, "refused_series": 1}
+    # the rules changed: the refusal made under rules 1 no longer holds, the series is tried
+    assert tensors_run(cfg, lake, run_id="t2").counts.extra == {"volumes": 1, "refused_series": 0}
+    assert tensors_run(cfg, lake, run_id="t3").counts.extra == {"volumes": 0, "refused_series": 0}
+    rows = read_table(lake, "tensors").to_pylist()
+    assert sorted(r["status"] for r in rows) == ["ok", "refused"]
