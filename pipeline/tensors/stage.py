@@ -244,7 +244,9 @@ def tensors_batch(
             rows.append(
                 {
                     **base,
-                    "tensor_key": f"{uid}/{prep_hash}-{_short(deid_version)}-refused-r{VOLUME_RULES}",
+                    "tensor_key": (
+                        f"{uid}/{prep_hash}-{_short(deid_version)}-refused-r{VOLUME_RULES}"
+                    ),
                     "status": "refused",
                     "reason": str(exc),
                 }
