@@ -32,6 +32,7 @@ from typing import Any, Final
 
 import pyarrow as pa
 
+from pipeline.dicom.sopclass import NON_VOLUME_SOP_CLASSES
 from pipeline.errors import ConfigError, LakeError
 from pipeline.lake.paths import LakePaths
 from pipeline.lake.schemas import schema_for
@@ -670,7 +671,7 @@ def deid_series_instances(lake: LakePaths, version: int | None = None) -> Query:
         "SeriesInstanceUID, StudyInstanceUID, patient_token, Modality, BodyPartExamined, "
         "Manufacturer, ManufacturerModelName, SeriesNumber, SeriesDate, ContentDate, Rows, "
         "Columns, ImageOrientationPatient, ImagePositionPatient, PixelSpacing, SliceThickness, "
-        "KVP, MagneticFieldStrength, NumberOfFrames"
+        "KVP, MagneticFieldStrength, NumberOfFrames, SOPClassUID"
     )
     return Query(
         f"SELECT {cols} FROM {scan_sql(lake, 'instances', version)} "
@@ -707,6 +708,10 @@ def deid_patients(lake: LakePaths, version: int | None = None) -> Query:
 # ---------------------------------------------------------------------------------------------
 
 
+#: :data:`~pipeline.dicom.sopclass.NON_VOLUME_SOP_CLASSES` as a SQL list (constant UIDs)
+_NON_VOLUME_SQL: Final = ", ".join(f"'{uid}'" for uid in sorted(NON_VOLUME_SOP_CLASSES))
+
+
 def tensors_todo(lake: LakePaths, preprocessing_hash: str) -> Query:
     """Series without a tensors row for this preprocessing at their de-identification
     version, with their objects."""
@@ -726,6 +731,9 @@ def tensors_todo(lake: LakePaths, preprocessing_hash: str) -> Query:
               ON i.object_key = v.object_key
              AND i.fingerprint IS NOT DISTINCT FROM v.fingerprint
             WHERE i.state = 'indexed'
+              -- volume candidates only (issue #21): no SR, PR, KO, SEG, RT*, documents
+              AND coalesce(i.has_pixel_data, true)
+              AND coalesce(i.SOPClassUID, '') NOT IN ({_NON_VOLUME_SQL})
             GROUP BY v.series_pseudonym
         )
         SELECT s.* FROM s

@@ -277,6 +277,13 @@ TENSORS = _schema(
         _f("preprocessing", _S),  # JSON
         _f("preprocessing_hash", _S),
         _f("deid_version", _S),
+        # diffusion (issue #21): b-value (s/mm^2) and unit gradient direction of the volume,
+        # in the patient frame (LPS) and in dcm2niix's .bvec convention (source grid)
+        _f("bvalue", _F),
+        _f("bvec", pa.list_(_F)),
+        _f("bvec_dcm2niix", pa.list_(_F)),
+        # "<SOP class>/<image type 1>" when one Series Instance UID holds several acquisitions
+        _f("acquisition", _S),
     ],
     "research: one row per stored volume, or per series that cannot be one (status refused)",
 )
