@@ -33,6 +33,7 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.connectors import FolderSource
 from pipeline.crawl import run as crawl_run
 from pipeline.deid.stage import run as deid_run
+from pipeline.dicom.sopclass import is_volume_candidate_class
 from pipeline.enums import QuarantineReason
 from pipeline.lake import LakePaths, read_table
 from pipeline.synth.mutate import mutants
@@ -104,9 +105,19 @@ def reconcile(lake: LakePaths, counts: dict[str, Any]) -> dict[str, Any]:
         problems.append(
             f"deid: {len(indexed)} indexed, {len(vault)} de-identified, {len(deid_q)} quarantined"
         )
+    # the tensors stage reads volume candidates only (no SR, PR, KO, SEG, RT*, documents)
+    candidates = {
+        r["object_key"]
+        for r in read_table(
+            lake, "index", columns=["object_key", "SOPClassUID", "has_pixel_data"]
+        ).to_pylist()
+        if is_volume_candidate_class(r["SOPClassUID"], r["has_pixel_data"])
+    }
     tens = counts["tensors"]
-    if tens.seen != len(vault) or not by_stage.get("tensors", set()) <= vault:
-        problems.append(f"tensors: saw {tens.seen} of {len(vault)} de-identified objects")
+    if tens.seen != len(vault & candidates) or not by_stage.get("tensors", set()) <= vault:
+        problems.append(
+            f"tensors: saw {tens.seen} of {len(vault & candidates)} de-identified volume candidates"
+        )
     return {
         "counts": {k: (v.seen, v.out, v.quarantined, v.skipped) for k, v in counts.items()},
         "reasons": {f"{s}:{r}": n for (s, r), n in sorted(reasons.items())},

@@ -40,6 +40,7 @@ from pipeline.deid.encode import encode_part10, pixel_tail, tail_encoding, write
 from pipeline.deid.vault import ORIGINAL_COLUMNS, VaultCipher
 from pipeline.dicom.header import read_part10_header
 from pipeline.dicom.limits import check_inflated_size, check_pixels, deflated_header, read_capped
+from pipeline.dicom.sopclass import is_volume_candidate_class
 from pipeline.enums import QuarantineReason, Stage
 from pipeline.errors import (
     InputError,
@@ -560,8 +561,30 @@ def _export_todo(
 
 
 def _series_geometry(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Volume geometry summary of one series: can it become a volume, and if not, why."""
+    """Volume geometry summary of one series: can it become a volume, and if not, why.
+
+    Only its volume candidates count (objects with an image matrix, not of a non-image SOP
+    class: :func:`~pipeline.dicom.sopclass.is_volume_candidate_class`); a series without any
+    is no candidate at all (``volume_ok`` null, issue #21) rather than a refused volume.
+    """
     n = len(rows)
+    candidates = [
+        r for r in rows if is_volume_candidate_class(r.get("SOPClassUID"), r["Rows"] is not None)
+    ]
+    if not candidates:
+        return {
+            "n_instances": n,
+            "Rows": None,
+            "Columns": None,
+            "orientation": None,
+            "PixelSpacing": None,
+            "slice_spacing": None,
+            "slice_spacing_uniform": None,
+            "volume_shape": None,
+            "volume_ok": None,
+            "volume_reason": "no volume candidate: no image objects (e.g. SR, PR, KO, SEG, RT)",
+        }
+    rows = candidates
     sizes = {(r["Rows"], r["Columns"]) for r in rows}
     orients = {
         tuple(np.round(r["ImageOrientationPatient"], 4))
@@ -584,7 +607,7 @@ def _series_geometry(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if multiframe:
         out["volume_reason"] = "multi-frame objects: per-frame geometry (issue #5)"
         return out
-    if n < 2:
+    if len(rows) < 2:
         out["volume_reason"] = "fewer than 2 slices"
         return out
     if len(sizes) != 1:
@@ -605,7 +628,7 @@ def _series_geometry(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out.update(
         slice_spacing=spacing,
         slice_spacing_uniform=uniform,
-        volume_shape=[n, rows[0]["Rows"], rows[0]["Columns"]],
+        volume_shape=[len(rows), rows[0]["Rows"], rows[0]["Columns"]],
         volume_ok=uniform,
         volume_reason=None if uniform else "non-uniform slice spacing (gaps or variable)",
     )

@@ -99,6 +99,14 @@ class Volume:
     #: Pixel Padding Value (0028,0120) in the array's units (rescaled when ``rescaled``), or
     #: None: the fill of voxels that resampling brings in from outside the frames
     padding: float | None = None
+    #: diffusion b-value (s/mm^2) shared by every slice, or None (not diffusion-weighted)
+    bvalue: float | None = None
+    #: unit diffusion gradient direction in the patient frame (LPS), or None; (0, 0, 0) for
+    #: an unweighted (b = 0) volume whose scanner gives a zero vector
+    bvec: tuple[float, float, float] | None = None
+    #: which acquisition of the series the volume belongs to, when one Series Instance UID
+    #: holds several (e.g. a classic and an enhanced copy): "<SOP class>/<image type value 1>"
+    acquisition: str | None = None
 
     @property
     def affine_ras(self) -> npt.NDArray[np.float64]:
@@ -110,6 +118,21 @@ class Volume:
         """Unit slice normal (row cosines x column cosines), LPS."""
         o = np.asarray(self.orientation, dtype=np.float64)
         return np.asarray(np.cross(o[:3], o[3:]), dtype=np.float64)
+
+    @property
+    def bvec_dcm2niix(self) -> tuple[float, float, float] | None:
+        """:attr:`bvec` in dcm2niix's ``.bvec`` convention (FSL's): components along the voxel
+        axes of the NIfTI image dcm2niix writes from the source frames, i.e. along the row
+        direction, *minus* the column direction (dcm2niix flips the rows) and the slice
+        normal; slices ascend along the normal, so that image is stored radiologically
+        (negative determinant) and FSL's x flip does not apply."""
+        if self.bvec is None:
+            return None
+        o = np.asarray(self.orientation, dtype=np.float64)
+        v = np.asarray(self.bvec, dtype=np.float64)
+        row, col = o[:3], o[3:]
+        x, y, z = float(v @ row), -float(v @ col), float(v @ np.cross(row, col))
+        return (x + 0.0, y + 0.0, z + 0.0)
 
     @property
     def on_source_grid(self) -> bool:

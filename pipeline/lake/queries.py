@@ -32,6 +32,7 @@ from typing import Any, Final
 
 import pyarrow as pa
 
+from pipeline.dicom.sopclass import NON_VOLUME_SOP_CLASSES
 from pipeline.errors import ConfigError, LakeError
 from pipeline.lake.paths import LakePaths
 from pipeline.lake.schemas import schema_for
@@ -670,7 +671,7 @@ def deid_series_instances(lake: LakePaths, version: int | None = None) -> Query:
         "SeriesInstanceUID, StudyInstanceUID, patient_token, Modality, BodyPartExamined, "
         "Manufacturer, ManufacturerModelName, SeriesNumber, SeriesDate, ContentDate, Rows, "
         "Columns, ImageOrientationPatient, ImagePositionPatient, PixelSpacing, SliceThickness, "
-        "KVP, MagneticFieldStrength, NumberOfFrames"
+        "KVP, MagneticFieldStrength, NumberOfFrames, SOPClassUID"
     )
     return Query(
         f"SELECT {cols} FROM {scan_sql(lake, 'instances', version)} "
@@ -707,6 +708,10 @@ def deid_patients(lake: LakePaths, version: int | None = None) -> Query:
 # ---------------------------------------------------------------------------------------------
 
 
+#: :data:`~pipeline.dicom.sopclass.NON_VOLUME_SOP_CLASSES` as a SQL list (constant UIDs)
+_NON_VOLUME_SQL: Final = ", ".join(f"'{uid}'" for uid in sorted(NON_VOLUME_SOP_CLASSES))
+
+
 def tensors_todo(lake: LakePaths, preprocessing_hash: str, rules: int = 1) -> Query:
     """Series without a tensors row for this preprocessing at their de-identification
     version, with their objects. A refusal counts only when made under the volume ``rules``
@@ -728,6 +733,9 @@ def tensors_todo(lake: LakePaths, preprocessing_hash: str, rules: int = 1) -> Qu
               ON i.object_key = v.object_key
              AND i.fingerprint IS NOT DISTINCT FROM v.fingerprint
             WHERE i.state = 'indexed'
+              -- volume candidates only (issue #21): no SR, PR, KO, SEG, RT*, documents
+              AND coalesce(i.has_pixel_data, true)
+              AND coalesce(i.SOPClassUID, '') NOT IN ({_NON_VOLUME_SQL})
             GROUP BY v.series_pseudonym
         )
         SELECT s.* FROM s
@@ -820,6 +828,8 @@ def infer_todo(
         FROM {scan_sql(lake, "tensors")} t
         JOIN s ON s.SeriesInstanceUID = t.SeriesInstanceUID
         WHERE t.status = 'ok' AND t.preprocessing_hash = $h
+          -- volumes only: 2D radiographs and cine (issue #21) are not a volume model's input
+          AND coalesce(t.tensor_kind, 'volume') = 'volume'
           AND NOT EXISTS (
             SELECT 1 FROM {scan_sql(lake, "findings")} f
             WHERE f.tensor_key = t.tensor_key AND f.model = $m

@@ -294,6 +294,13 @@ TENSORS = _schema(
         _f("Laterality", _S),
         _f("FrameTime", _F),  # ms between frames of a cine
         _f("FrameTimeVector", pa.list_(_F)),  # ms, per frame (the first 0)
+        # diffusion (issue #21): b-value (s/mm^2) and unit gradient direction of the volume,
+        # in the patient frame (LPS) and in dcm2niix's .bvec convention (source grid)
+        _f("bvalue", _F),
+        _f("bvec", pa.list_(_F)),
+        _f("bvec_dcm2niix", pa.list_(_F)),
+        # "<SOP class>/<image type 1>" when one Series Instance UID holds several acquisitions
+        _f("acquisition", _S),
     ],
     "research: one row per stored volume or 2D image, or per series that cannot be one "
     "(status refused)",

@@ -277,6 +277,12 @@ def tensors_batch(
                     "sop_instance_uids": [pseudonyms[u] for u in vol.sop_instance_uids],
                     "frame_numbers": list(vol.frame_numbers),
                     "tensor_kind": "volume",
+                    "bvalue": vol.bvalue,
+                    "bvec": None if vol.bvec is None else list(vol.bvec),
+                    "bvec_dcm2niix": None
+                    if vol.bvec_dcm2niix is None
+                    else [round(x, 6) + 0.0 for x in vol.bvec_dcm2niix],
+                    "acquisition": vol.acquisition,
                 }
             )
             counts["volumes"] += 1

@@ -58,6 +58,7 @@ Rules (each refusal is a :class:`~pipeline.errors.GeometryError`, PHI-free messa
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Hashable, Sequence
@@ -68,8 +69,10 @@ import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset
 
+from pipeline.dicom.sopclass import is_volume_candidate_class
 from pipeline.dicom.volume import Volume, lps_to_ras
 from pipeline.errors import GeometryError
+from pipeline.tensors._diffusion import diffusion_of
 
 __all__ = [
     "ORIENTATION_TOL",
@@ -80,6 +83,7 @@ __all__ = [
     "Volume",
     "build_volume",
     "build_volumes",
+    "is_volume_candidate",
     "lps_to_ras",
 ]
 
@@ -117,7 +121,7 @@ _SPLIT_KEYS: Final = (
     "AcquisitionNumber",
     "TriggerTime",
     "Echo",
-    "DiffusionBValue",
+    "Diffusion",
     "FrameType",
     "Instance",
 )
@@ -183,8 +187,40 @@ def _shape(ds: Dataset) -> tuple[int, int, int]:
         raise GeometryError("image has no Rows/Columns") from None
 
 
-def _classic_frames(ds: Dataset, decoded: npt.NDArray[Any] | None = None) -> list[_Frame]:
-    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+def _time_s(value: Any) -> float | None:
+    """Seconds since midnight of a TM value (HHMMSS.frac), or None."""
+    text = str(value or "").strip()
+    try:
+        whole, _, frac = text.partition(".")
+        if not whole.isdigit() or len(whole) < 2:
+            return None
+        h, m, sec = int(whole[0:2]), int(whole[2:4] or 0), int(whole[4:6] or 0)
+        return h * 3600.0 + m * 60.0 + sec + (float(f"0.{frac}") if frac.isdigit() else 0.0)
+    except ValueError:
+        return None
+
+
+def _order(ds: Dataset, frame_number: int) -> tuple[float, float, int]:
+    """Acquisition order of a frame as dcm2niix takes it: InstanceNumber, then
+    AcquisitionTime, then the frame's number within its object (missing values last)."""
+    number = _num(ds.get("InstanceNumber"))
+    time = _time_s(ds.get("AcquisitionTime"))
+    return (
+        math.inf if number is None else number,
+        math.inf if time is None else time,
+        frame_number,
+    )
+
+
+def _classic_frames(
+    ds: Dataset,
+    decoded: npt.NDArray[Any] | None = None,
+    *,
+    position: npt.NDArray[np.float64] | None = None,
+) -> list[_Frame]:
+    if (
+        "ImagePositionPatient" not in ds and position is None
+    ) or "ImageOrientationPatient" not in ds:
         raise GeometryError("image has no ImagePositionPatient/ImageOrientationPatient")
     if "PixelSpacing" not in ds:
         raise GeometryError("image has no PixelSpacing")
@@ -195,11 +231,13 @@ def _classic_frames(ds: Dataset, decoded: npt.NDArray[Any] | None = None) -> lis
         arr = cache.get()
         return arr[0]
 
-    diffusion = ds.get("DiffusionBValue")
+    orientation = _vec(ds.ImageOrientationPatient, 6, "ImageOrientationPatient")
     return [
         _Frame(
-            position=_vec(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
-            orientation=_vec(ds.ImageOrientationPatient, 6, "ImageOrientationPatient"),
+            position=_vec(ds.ImagePositionPatient, 3, "ImagePositionPatient")
+            if position is None
+            else position,
+            orientation=orientation,
             pixel_spacing=(float(spacing[0]), float(spacing[1])),
             shape=_shape(ds),
             slope=_num(ds.get("RescaleSlope")),
@@ -211,9 +249,11 @@ def _classic_frames(ds: Dataset, decoded: npt.NDArray[Any] | None = None) -> lis
                 "AcquisitionNumber": _num(ds.get("AcquisitionNumber")),
                 "TriggerTime": _num(ds.get("TriggerTime")),
                 "Echo": _num(ds.get("EchoNumbers")),
-                "DiffusionBValue": _num(diffusion),
+                "Diffusion": diffusion_of(ds, orientation),
                 "FrameType": tuple(ds.get("ImageType", ())),
                 "Instance": str(ds.get("SOPInstanceUID", "")),
+                "Order": _order(ds, 1),
+                "TemporalPositions": _num(ds.get("NumberOfTemporalPositions")),
             },
             pixels=pixels,
         )
@@ -295,6 +335,67 @@ def _mosaic_frames(ds: Dataset, decoded: npt.NDArray[Any] | None = None) -> list
     ]
 
 
+def is_uih_grid(ds: Dataset) -> bool:
+    """Whether ``ds`` is a UIH "GRID" image (ImageType ``VFRAME``): one volume's slices tiled
+    in one frame, their positions in the private MR VFrame Sequence (0065,xx51)."""
+    image_type = ds.get("ImageType", ())
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
+    return any(str(v).strip().upper() == "VFRAME" for v in values)
+
+
+def _uih_grid_frames(ds: Dataset, decoded: npt.NDArray[Any] | None = None) -> list[_Frame]:
+    """The slices of a UIH GRID image, as dcm2niix cuts them.
+
+    The grid has ``ceil(sqrt(n))`` tiles per row and ``ceil(n / that)`` rows for the ``n``
+    slices of MR Number Of Slice In Volume (0065,xx50); tile ``k`` (row by row) is slice
+    ``k``, whose top-left voxel is at the ImagePositionPatient of item ``k`` of the MR VFrame
+    Sequence (0065,xx51). ``frame_number`` is the 1-based tile number.
+    """
+    from pipeline.tensors._diffusion import _private
+
+    n_value = _num(_private(ds, 0x0065, 0x1050, "Image Private Header"))
+    items = _private(ds, 0x0065, 0x1051, "Image Private Header")
+    if not n_value or not items or not isinstance(items, Sequence) or len(items) != n_value:
+        raise GeometryError(
+            "UIH GRID image without a readable slice count and VFrame sequence: its slices "
+            "cannot be cut"
+        )
+    n_slices = int(n_value)
+    positions = []
+    for item in items:
+        if not isinstance(item, Dataset) or "ImagePositionPatient" not in item:
+            raise GeometryError("UIH GRID image: a VFrame item has no ImagePositionPatient")
+        positions.append(_vec(item.ImagePositionPatient, 3, "ImagePositionPatient"))
+    (base,) = _classic_frames(ds, decoded, position=positions[0])
+    rows, cols, samples = base.shape
+    tiles_c = math.ceil(math.sqrt(n_slices))
+    tiles_r = math.ceil(n_slices / tiles_c)
+    if samples != 1 or rows % tiles_r or cols % tiles_c:
+        raise GeometryError(
+            f"UIH GRID of {rows}x{cols} does not tile into {tiles_r}x{tiles_c} slices"
+        )
+    tile_r, tile_c = rows // tiles_r, cols // tiles_c
+
+    def tile(k: int) -> Callable[[], npt.NDArray[Any]]:
+        r, c = divmod(k, tiles_c)
+
+        def pixels() -> npt.NDArray[Any]:
+            return base.pixels()[r * tile_r : (r + 1) * tile_r, c * tile_c : (c + 1) * tile_c]
+
+        return pixels
+
+    return [
+        replace(
+            base,
+            position=positions[k],
+            shape=(tile_r, tile_c, 1),
+            frame_number=k + 1,
+            pixels=tile(k),
+        )
+        for k in range(n_slices)
+    ]
+
+
 def _enhanced_frames(
     ds: Dataset, n_frames: int, decoded: npt.NDArray[Any] | None = None
 ) -> list[_Frame]:
@@ -360,7 +461,7 @@ def _enhanced_frames(
                     if cardiac is not None
                     else None,
                     "Echo": _num(echo.get("EffectiveEchoTime")) if echo is not None else None,
-                    "DiffusionBValue": _num(diff.get("DiffusionBValue"))
+                    "Diffusion": diffusion_of(ds, _vec(ori, 6, "ImageOrientationPatient"), diff)
                     if diff is not None
                     else None,
                     "FrameType": (
@@ -370,6 +471,7 @@ def _enhanced_frames(
                     if ftype is not None
                     else None,
                     "Instance": str(ds.get("SOPInstanceUID", "")),
+                    "Order": _order(ds, f + 1),
                 },
                 pixels=pixels,
             )
@@ -398,6 +500,8 @@ def _frames(
             frames.extend(_enhanced_frames(ds, n_frames, decoded))
         elif is_mosaic(ds):
             frames.extend(_mosaic_frames(ds, decoded))
+        elif is_uih_grid(ds) and "ImagePositionPatient" not in ds:
+            frames.extend(_uih_grid_frames(ds, decoded))
         else:
             frames.extend(_classic_frames(ds, decoded))
     return frames
@@ -448,11 +552,87 @@ def _split(frames: list[_Frame], normal: npt.NDArray[np.float64]) -> list[list[_
                 ok = False
                 break
         if ok:
+            if key in _ACQUISITION_ORDERED:  # no value order: dcm2niix's acquisition order
+                return sorted(groups.values(), key=lambda g: min(_frame_order(fr) for fr in g))
             return [groups[k] for k in sorted(groups, key=_sort_key)]
+    ordered = _ordered_split(frames, normal, positions)
+    if ordered is not None:
+        return ordered
     raise GeometryError(
         f"duplicate slice positions: {len(frames)} frames at {len(positions)} positions, "
-        "and no temporal/echo/b-value attribute splits them into complete volumes"
+        "and no temporal/echo/b-value/gradient attribute splits them into complete volumes"
     )
+
+
+#: split keys whose groups follow acquisition order rather than the order of their values
+_ACQUISITION_ORDERED: Final = frozenset({"Diffusion", "Instance"})
+
+
+def _frame_order(fr: _Frame) -> tuple[float, float, int]:
+    order = fr.keys.get("Order")
+    if isinstance(order, tuple):
+        return order
+    return (math.inf, math.inf, fr.frame_number)
+
+
+def _ordered_split(
+    frames: list[_Frame], normal: npt.NDArray[np.float64], positions: npt.NDArray[np.float64]
+) -> list[list[_Frame]] | None:
+    """Volumes of a series that repeats its positions in time or over diffusion directions
+    without an attribute telling them apart, as dcm2niix makes them: the ``t``-th frame at
+    each position, in acquisition order (InstanceNumber, then AcquisitionTime), is slice of
+    volume ``t``. Applies only where the images say they repeat: every frame carries a
+    diffusion b-value, or Number of Temporal Positions > 1. None where they do not.
+
+    Raises:
+        GeometryError: the attributes conflict (positions repeated unequally, a count other
+            than Number of Temporal Positions, InstanceNumber against AcquisitionTime, or a
+            time point mixing b-values/directions).
+    """
+    diffusion = [fr.keys.get("Diffusion") for fr in frames]
+    temporal = {fr.keys.get("TemporalPositions") for fr in frames}
+    is_diffusion = all(d is not None for d in diffusion)
+    (count,) = temporal if len(temporal) == 1 else (None,)
+    if not is_diffusion and not (isinstance(count, float) and count > 1):
+        return None
+    at: list[list[_Frame]] = [[] for _ in positions]
+    for fr in frames:
+        index = int(np.argmin(np.abs(positions - float(fr.position @ normal))))
+        at[index].append(fr)
+    sizes = sorted({len(group) for group in at})
+    if len(sizes) != 1:
+        raise GeometryError(
+            f"repeated slice positions: {len(frames)} frames at {len(positions)} positions "
+            f"hold {sizes[0]} to {sizes[-1]} frames each, not complete volumes"
+        )
+    n_times = sizes[0]
+    if isinstance(count, float) and count > 1 and int(count) != n_times:
+        raise GeometryError(
+            f"Number of Temporal Positions says {int(count)} time points, but each of the "
+            f"{len(positions)} positions holds {n_times} frames"
+        )
+    for group in at:
+        group.sort(key=_frame_order)
+        keys = [_frame_order(fr) for fr in group]
+        if len(set(keys)) != len(keys):
+            raise GeometryError(
+                "repeated slice positions without InstanceNumber or AcquisitionTime to order "
+                "their time points"
+            )
+        times = [k[1] for k in keys if math.isfinite(k[1])]
+        if len(times) == len(keys) and any(b < a for a, b in itertools.pairwise(times)):
+            raise GeometryError(
+                "InstanceNumber and AcquisitionTime disagree on the order of the time points"
+            )
+    volumes = [[group[t] for group in at] for t in range(n_times)]
+    if is_diffusion:
+        for vol in volumes:
+            if len({fr.keys.get("Diffusion") for fr in vol}) != 1:
+                raise GeometryError(
+                    "repeated slice positions: frames of one volume (in acquisition order) "
+                    "carry different b-values or gradient directions"
+                )
+    return volumes
 
 
 def _sort_key(value: Hashable) -> tuple[int, str]:
@@ -603,7 +783,40 @@ def _volume(
         frame_numbers=tuple(fr.frame_number for fr in frames),
         rescaled=rescaled,
         padding=padding,
+        **_volume_diffusion(frames),
     )
+
+
+def _volume_diffusion(frames: Sequence[_Frame]) -> dict[str, Any]:
+    """``bvalue``/``bvec`` of a volume whose frames all share one, else nothing."""
+    values = {fr.keys.get("Diffusion") for fr in frames}
+    if len(values) != 1:
+        return {}
+    (value,) = values
+    if not isinstance(value, tuple):
+        return {}
+    b, vec = value
+    return {"bvalue": b, "bvec": vec}
+
+
+def is_volume_candidate(ds: Dataset) -> bool:
+    """Whether ``ds`` can be a slice of a volume: it has pixel data and is not of a
+    non-image SOP class (:func:`pipeline.dicom.sopclass.is_volume_candidate_class`)."""
+    has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    return is_volume_candidate_class(str(ds.get("SOPClassUID", "")), has_pixels)
+
+
+def _acquisition(ds: Dataset) -> str:
+    """What makes objects of one Series Instance UID different acquisitions: the SOP class
+    (a classic and an enhanced copy) and value 1 of Image Type (ORIGINAL vs DERIVED)."""
+    from pydicom.uid import UID
+
+    sop = str(ds.get("SOPClassUID", "") or "").strip()
+    name = UID(sop).name if sop else "unknown SOP class"
+    image_type = ds.get("ImageType", ())
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
+    first = str(values[0]).strip().upper() if values else ""
+    return f"{name}/{first}" if first else name
 
 
 def build_volumes(
@@ -624,6 +837,33 @@ def build_volumes(
     """
     if not datasets:
         raise GeometryError("empty series: no images")
+    parts: dict[str, list[int]] = {}
+    for index, ds in enumerate(datasets):
+        parts.setdefault(_acquisition(ds), []).append(index)
+    if len(parts) == 1:
+        return _build(datasets, pixels, allow_tilt)
+    volumes: list[Volume] = []
+    for label, indices in parts.items():
+        try:
+            built = _build(
+                [datasets[i] for i in indices],
+                None if pixels is None else [pixels[i] for i in indices],
+                allow_tilt,
+            )
+        except GeometryError as exc:
+            raise GeometryError(
+                f"{len(parts)} acquisitions share the Series Instance UID (split by SOP class "
+                f"and image type); {label}: {exc}"
+            ) from None
+        volumes.extend(replace(v, acquisition=label) for v in built)
+    return volumes
+
+
+def _build(
+    datasets: Sequence[Dataset],
+    pixels: Sequence[npt.NDArray[Any]] | None,
+    allow_tilt: bool = False,
+) -> list[Volume]:
     frames = _frames(datasets, pixels)
     if len(frames) < 2:
         raise GeometryError("single slice: one frame is not a volume")
