@@ -3,6 +3,7 @@
 from pipeline.config.loader import config_hash, load_config, manifest_config
 from pipeline.config.models import (
     AuthConfig,
+    CleanPixelsConfig,
     ComputeConfig,
     CrawlConfig,
     DeidConfig,
@@ -21,6 +22,7 @@ from pipeline.config.models import (
 
 __all__ = [
     "AuthConfig",
+    "CleanPixelsConfig",
     "ComputeConfig",
     "CrawlConfig",
     "DeidConfig",

@@ -269,6 +269,96 @@ DeidOption = Literal[
 ]
 
 
+#: a keep region: (x0, y0, x1, y1) as fractions of the image's width and height, in [0, 1]
+KeepRegion = tuple[float, float, float, float]
+
+
+class CleanPixelsConfig(_Section):
+    """Removing burned-in text from the pixels of objects at risk (``deid.clean_pixels``).
+
+    An object that may carry burned-in text (see ``allow_burned_in``) is, with this on, read
+    whole, its text found by an OCR engine that runs offline (Tesseract), the text boxes
+    blacked out in every frame, and it is then de-identified with Burned In Annotation NO and
+    the Clean Pixel Data Option (DCM 113101). Whatever the engine is unsure of stays
+    quarantined (fail closed): the engine missing or failing, a word of uncertain
+    confidence where it would decide, or text still found on the cleaned pixels.
+    """
+
+    enabled: bool = Field(
+        False,
+        description="Clean objects at risk of burned-in text instead of quarantining them.",
+    )
+    engine: Literal["tesseract"] = Field(
+        "tesseract", description="The OCR engine (Tesseract 4/5, Debian tesseract-ocr)."
+    )
+    engine_path: str = Field(
+        "tesseract",
+        description="The engine's executable (a name on PATH or a path). Missing: objects at "
+        "risk stay quarantined, with the reason.",
+    )
+    language: str = Field("eng", description="The engine's language (traineddata) to read.")
+    min_confidence: float = Field(
+        60.0,
+        ge=0,
+        le=100,
+        description="A word read at this confidence (0-100) or above is text for sure.",
+    )
+    noise_confidence: float = Field(
+        40.0,
+        ge=0,
+        le=100,
+        description="A word read below this confidence is image texture, not text. Between "
+        "this and min_confidence the engine is unsure: blacked out where all text goes, "
+        "and the object quarantined where keeping it depends on what it says (inside a keep "
+        "region, or not matching the object's identifiers with match own_identifiers).",
+    )
+    keep_regions: dict[str, tuple[KeepRegion, ...]] = Field(
+        default_factory=dict,
+        description="Per modality (e.g. US) or SOP Class UID: regions (x0, y0, x1, y1 as "
+        "fractions of width and height) whose text is kept (e.g. an ultrasound's measurement "
+        "labels in the image area). Text anywhere else is blacked out. None: all text goes.",
+    )
+    match: Literal["all", "own_identifiers"] = Field(
+        "all",
+        description="all: black out every word outside the keep regions. own_identifiers: "
+        "only words that match the object's own identifiers, names or dates (its header).",
+    )
+    recheck: bool = Field(
+        True,
+        description="Read the cleaned pixels again; text still found where it must not be "
+        "quarantines the object.",
+    )
+    upscale: int = Field(
+        2, ge=1, le=4, description="Enlarge images this many times before reading (small text)."
+    )
+    timeout_s: float = Field(
+        120.0, gt=0, description="Longest the engine may take on one frame; beyond: quarantined."
+    )
+    max_frames: int = Field(
+        500, ge=1, description="Objects with more frames are not cleaned (quarantined)."
+    )
+
+    @field_validator("keep_regions")
+    @classmethod
+    def _regions(
+        cls, value: dict[str, tuple[KeepRegion, ...]]
+    ) -> dict[str, tuple[KeepRegion, ...]]:
+        for key, regions in value.items():
+            for x0, y0, x1, y1 in regions:
+                if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                    raise ValueError(
+                        f"keep_regions[{key}]: {[x0, y0, x1, y1]} is not x0 < x1, y0 < y1 "
+                        "within [0, 1] (fractions of the image)"
+                    )
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CleanPixelsConfig:
+        if self.noise_confidence > self.min_confidence:
+            raise ValueError("noise_confidence must not exceed min_confidence")
+        return self
+
+
 class DeidConfig(_Section):
     """The de-identification stage (PS3.15 Annex E)."""
 
@@ -305,6 +395,10 @@ class DeidConfig(_Section):
         description="Modalities (e.g. US) or SOP Class UIDs the site has cleared of burned-in "
         "text: objects of these classes are de-identified instead of quarantined. An object "
         "whose BurnedInAnnotation is YES is quarantined whatever this says.",
+    )
+    clean_pixels: CleanPixelsConfig = Field(
+        default_factory=CleanPixelsConfig,
+        description="Remove burned-in text from objects at risk instead of quarantining them.",
     )
     encrypt_vault: bool = Field(
         False,

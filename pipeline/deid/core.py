@@ -95,6 +95,8 @@ _CODE_VALUE, _SCHEME, _CODE_MEANING = 0x00080100, 0x00080102, 0x00080104
 _OTHER_CODE_VALUES = (0x00080119, 0x00080120)
 #: De-identification Method Code Sequence
 _METHOD_CODES = BaseTag(0x00120064)
+#: CID 7050: the option recorded for an object whose burned-in text was removed
+CLEAN_PIXEL_DATA = ("113101", "Clean Pixel Data Option")
 _DICOM_ROOT = "1.2.840.10008."
 #: Ethnic Group, Ethnic Group Code Sequence, Ethnic Groups: Retain Patient Characteristics keeps
 #: them in PS3.15, but ethnic origin is special-category data (GDPR Art. 9): kept only where
@@ -323,9 +325,9 @@ class Deidentifier:
         self._codes: dict[int, str | None] = {}
         self._uid_cache: dict[str, str] = {}
         self._shift_cache: dict[tuple[str, str, int], str] = {}
-        self._code_elements: dict[bool, RawDataElement] = {}
+        self._code_elements: dict[tuple[bool, bool], RawDataElement] = {}
         self._days = 0
-        self._code_items: list[tuple[str, str]] | None = None
+        self._code_items: dict[bool, list[tuple[str, str]]] = {}
 
     @classmethod
     def from_config(cls, pseudonymizer: Pseudonymizer, cfg: DeidConfig) -> Deidentifier:
@@ -344,17 +346,17 @@ class Deidentifier:
         opts = ", ".join(sorted(o.value for o in self.options)) or "no options"
         return f"PS3.15 {EDITION} Basic Profile ({opts}); pacsflow {__version__}"[:64]
 
-    def _markers(self, ds: Dataset) -> None:
+    def _markers(self, ds: Dataset, clean_pixels: bool = False) -> None:
         implicit, little = ds.original_encoding
         if little is True and implicit is not None:
             _set_text(ds, 0x00120062, "CS", "YES")  # Patient Identity Removed
             _set_text(ds, 0x00120063, "LO", self.method_description())
-            ds._dict[_METHOD_CODES] = self._method_code_element(implicit)
+            ds._dict[_METHOD_CODES] = self._method_code_element(implicit, clean_pixels)
             _set_text(ds, 0x00280303, "CS", self._longitudinal())
             return
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = self.method_description()
-        ds.add_new(_METHOD_CODES, "SQ", self._method_code_sequence())
+        ds.add_new(_METHOD_CODES, "SQ", self._method_code_sequence(clean_pixels))
         ds.LongitudinalTemporalInformationModified = self._longitudinal()
 
     def _longitudinal(self) -> str:
@@ -364,12 +366,14 @@ class Deidentifier:
             return "MODIFIED"
         return "REMOVED"
 
-    def _method_code_sequence(self) -> Sequence:
-        """The De-identification Method Code Sequence: one item per code."""
-        if self._code_items is None:
-            self._code_items = self._method_codes()
+    def _method_code_sequence(self, clean_pixels: bool = False) -> Sequence:
+        """The De-identification Method Code Sequence: one item per code (with the Clean
+        Pixel Data Option, 113101, for an object whose burned-in text was removed)."""
+        codes = self._code_items.get(clean_pixels)
+        if codes is None:
+            codes = self._code_items[clean_pixels] = self._method_codes(clean_pixels)
         items = []
-        for value, meaning in self._code_items:
+        for value, meaning in codes:
             item = Dataset()
             item.add_new(0x00080100, "SH", value)  # Code Value
             item.add_new(0x00080102, "SH", "DCM")  # Coding Scheme Designator
@@ -377,26 +381,30 @@ class Deidentifier:
             items.append(item)
         return Sequence(items)
 
-    def _method_code_element(self, implicit: bool) -> RawDataElement:
+    def _method_code_element(self, implicit: bool, clean_pixels: bool = False) -> RawDataElement:
         """The sequence as a raw element: the bytes pydicom writes for it, encoded once."""
-        elem = self._code_elements.get(implicit)
+        elem = self._code_elements.get((implicit, clean_pixels))
         if elem is None:
             from pydicom.filebase import DicomBytesIO
             from pydicom.filewriter import write_data_element
 
             fp = DicomBytesIO()
             fp.is_implicit_VR, fp.is_little_endian = implicit, True
-            write_data_element(fp, DataElement(_METHOD_CODES, "SQ", self._method_code_sequence()))
+            codes = self._method_code_sequence(clean_pixels)
+            write_data_element(fp, DataElement(_METHOD_CODES, "SQ", codes))
             value = bytes(fp.getvalue())[8 if implicit else 12 :]
             elem = RawDataElement(_METHOD_CODES, "SQ", len(value), value, 0, implicit, True)
-            self._code_elements[implicit] = elem
+            self._code_elements[implicit, clean_pixels] = elem
         return elem
 
-    def _method_codes(self) -> list[tuple[str, str]]:
-        """(code value, meaning): the Basic Profile (113100), then each option's code."""
-        return [("113100", "Basic Application Confidentiality Profile")] + [
-            o.code for o in sorted(self.options, key=lambda o: o.value)
-        ]
+    def _method_codes(self, clean_pixels: bool = False) -> list[tuple[str, str]]:
+        """(code value, meaning): the Basic Profile (113100), then each option's code, then
+        the Clean Pixel Data Option (113101) where the pixels were cleaned."""
+        return (
+            [("113100", "Basic Application Confidentiality Profile")]
+            + [o.code for o in sorted(self.options, key=lambda o: o.value)]
+            + ([CLEAN_PIXEL_DATA] if clean_pixels else [])
+        )
 
     def _code_for(self, tag: int) -> str | None:
         """The table's (unresolved) code for ``tag`` under this option set, cached."""
@@ -443,8 +451,13 @@ class Deidentifier:
 
     # ------------------------------------------------------------------ the walk
 
-    def deidentify(self, ds: Dataset, *, in_place: bool = False) -> DeidResult:
+    def deidentify(
+        self, ds: Dataset, *, in_place: bool = False, clean_pixels: bool = False
+    ) -> DeidResult:
         """Return a de-identified copy of ``ds`` (the input is not changed).
+
+        ``clean_pixels`` says the pixel data were cleaned of burned-in text
+        (:mod:`pipeline.deid.pixels`): the method codes then name the Clean Pixel Data Option.
 
         The patient's date offset comes from the original Patient ID, so all of a patient's
         objects shift alike; the Patient ID becomes its keyed token. With ``in_place`` the
@@ -480,7 +493,7 @@ class Deidentifier:
             _set_text(out, _PATIENT_NAME, "PN", self.pseudo.token(patient_id))
         if accession:
             _set_text(out, _ACCESSION, "SH", self.pseudo.token(accession, domain="accession"))
-        self._markers(out)
+        self._markers(out, clean_pixels)
         from pydicom.dataset import FileMetaDataset
 
         source_meta = source_meta or FileMetaDataset()

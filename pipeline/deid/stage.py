@@ -6,7 +6,8 @@
    de-identify it (:class:`~pipeline.deid.core.Deidentifier`), and write a part file of
    ``research/tables/instances`` and of ``restricted/vault`` (the way back, and the state);
    objects that may carry burned-in PHI (BurnedInAnnotation YES, or ultrasound, secondary
-   capture, other and document classes) are quarantined, fail closed;
+   capture, other and document classes) are quarantined, fail closed, unless
+   ``deid.clean_pixels`` removes their burned-in text (:mod:`pipeline.deid.pixels`);
 3. ``series``, ``studies`` and ``patients`` are rebuilt from ``instances``.
 
 The research tables are Delta tables: a batch's instances are one commit, and an object that
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import logging
 import time
 import warnings
@@ -37,6 +39,7 @@ from pipeline.config import LimitsConfig, PipelineConfig
 from pipeline.connectors import Source, open_source
 from pipeline.deid.core import Deidentifier
 from pipeline.deid.encode import encode_part10, pixel_tail, tail_encoding, write_with_tail
+from pipeline.deid.pixels import clean_pixels
 from pipeline.deid.vault import ORIGINAL_COLUMNS, VaultCipher
 from pipeline.dicom.header import read_part10_header
 from pipeline.dicom.limits import check_inflated_size, check_pixels, deflated_header, read_capped
@@ -329,6 +332,18 @@ def read_object(
     return ds, fp, tail
 
 
+def _read_whole(fp: Any, limits: LimitsConfig) -> tuple[Any, Any]:
+    """Read the whole object at ``fp`` (pixels included, within ``limits``) to clean its
+    pixels: (dataset, a seekable file of its bytes)."""
+    import pydicom
+
+    fp.seek(0)
+    data = io.BytesIO(read_capped(fp, limits))
+    ds = pydicom.dcmread(data, force=True)
+    check_pixels(ds, limits)
+    return ds, data
+
+
 def _export(ds: Any, folder: Any, source: Any = None, tail: tuple[int, int] | None = None) -> None:
     """Write a de-identified dataset as a Part 10 file, atomically, named by pseudonyms.
 
@@ -396,6 +411,7 @@ def deid_batch(
     sealed = cfg.deid.encrypt_vault or lake.encrypted_at_rest
     cipher = VaultCipher(secret_key) if sealed else None
     allowed = frozenset(v.upper() if "." not in v else v for v in cfg.deid.allow_burned_in)
+    clean = cfg.deid.clean_pixels
     export = cfg.deid.export_dicom
     sources: dict[str, Source] = {}
     instances, vault, quarantine = [], [], []
@@ -410,16 +426,23 @@ def deid_batch(
                 warnings.simplefilter("ignore")  # pydicom's warnings quote header values
                 ds, fp, tail = read_object(fp, export is not None, limits=cfg.limits)
                 risk = _burned_in_risk(ds, allowed)
-                if risk:
+                cleaned = None
+                if risk and not clean.enabled:
                     raise InputError(
                         f"may carry burned-in PHI ({risk}); quarantined until a rule clears it",
                         reason=QuarantineReason.BURNED_IN_PHI,
                     )
+                if risk:  # read it whole and remove the text, or quarantine (fail closed)
+                    ds, fp = _read_whole(fp, cfg.limits)
+                    tail = None
+                    cleaned = clean_pixels(ds, clean)
                 original = _originals(ds)
                 missing = [k for k in _REQUIRED_UIDS if not original[k]]
                 if missing:
                     raise MissingAttribute(f"no {', '.join(missing)}: cannot be de-identified")
-                out = deid.deidentify(ds, in_place=True).dataset  # ds is ours: no copy
+                out = deid.deidentify(  # ds is ours: no copy
+                    ds, in_place=True, clean_pixels=cleaned is not None
+                ).dataset
                 token = str(out.get("PatientID", "")) or pseudo.token(row.get("PatientID") or "")
                 # before the export: an object whose header cannot be written is neither
                 instance = _instance_row(out, token)
@@ -462,6 +485,9 @@ def deid_batch(
             "deid_version": DEID_VERSION,
             "run_id": run_id,
             "deidentified_at": now,
+            "pixel_redactions": (
+                json.dumps([list(b) for b in cleaned.boxes]) if cleaned is not None else None
+            ),
         }
         vault.append(cipher.encrypt_row(entry) if cipher else entry)
     if export is not None and exported:

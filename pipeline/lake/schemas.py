@@ -117,6 +117,9 @@ VAULT = _schema(
         _f("deid_version", _S, False),
         _f("run_id", _S, False),
         _f("deidentified_at", _TS, False),
+        # burned-in text blacked out (deid.clean_pixels): JSON [[frame, x0, y0, x1, y1], ...]
+        # in pixels, end exclusive; whoever reads the source's pixels must apply them
+        _f("pixel_redactions", _S),
     ],
     "restricted: the way back from pseudonyms to originals (write-back), and deid state",
 )
