@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from numpy.typing import NDArray
 from pydicom.multival import MultiValue
 
 from pipeline.config import CleanPixelsConfig
+from pipeline.dicom.redact import apply_boxes
 from pipeline.enums import QuarantineReason
 from pipeline.errors import InputError
 
@@ -290,16 +291,6 @@ def _matches(text: str, tokens: set[str]) -> bool:
 
 
 # ------------------------------------------------------------------ pixels
-
-
-def apply_boxes(
-    frames: NDArray[Any], boxes: Iterable[Sequence[int]], fill: int | float = 0
-) -> None:
-    """Set each ``(frame, x0, y0, x1, y1)`` region of ``frames`` (frames, rows, cols[, s])
-    to ``fill``, in place; a frame of -1 means every frame."""
-    for frame, x0, y0, x1, y1 in boxes:
-        target = frames if frame < 0 else frames[frame : frame + 1]
-        target[:, max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0), ...] = fill
 
 
 def _frames(ds: Any) -> tuple[NDArray[Any], str]:

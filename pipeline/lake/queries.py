@@ -726,7 +726,8 @@ def tensors_todo(lake: LakePaths, preprocessing_hash: str, rules: int = 1) -> Qu
                    list(struct_pack(object_key := i.object_key, source := i.source,
                                     location := i.location, unit_key := i.unit_key,
                                     size_bytes := i.size_bytes, mtime_ns := i.mtime_ns,
-                                    sop_pseudonym := v.sop_pseudonym)
+                                    sop_pseudonym := v.sop_pseudonym,
+                                    pixel_redactions := v.pixel_redactions)
                         ORDER BY v.sop_pseudonym) AS objects
             FROM {vault_latest} v
             JOIN {index_latest} i

@@ -109,6 +109,7 @@ def _series_datasets(
     its pseudonym (from the vault: nothing of the header itself leaves this function but
     geometry), and the objects that failed with why.
     """
+    from pipeline.dicom.redact import parse_boxes, redacted
     from pipeline.tensors.fastread import read_image
 
     datasets: list[Any]
@@ -127,6 +128,9 @@ def _series_datasets(
                 warnings.simplefilter("ignore")
                 # fails here, per object, not for the series
                 ds, frames = read_image(data, cfg.limits)
+                # burned-in text de-identification blacked out (the vault's boxes): the
+                # source's pixels never reach a tensor without them
+                frames = redacted(frames, parse_boxes(obj.get("pixel_redactions")))
                 pseudonyms[str(ds.get("SOPInstanceUID", ""))] = obj["sop_pseudonym"]
             datasets.append(ds)
             pixels.append(frames)

@@ -143,3 +143,39 @@ def test_without_clean_pixels_burned_in_objects_stay_quarantined(tmp_path: Path)
     result = _run(cfg, archive, lake)
     assert result.counts.quarantined == 1  # type: ignore[attr-defined]
     assert "until a rule clears it" in str(_deid_quarantine(lake)[0]["message"])
+
+
+@needs_tesseract
+def test_tensors_of_cleaned_objects_carry_the_blackout(tmp_path: Path) -> None:
+    """The tensors stage decodes the *source* object: without the vault's boxes, a cleaned
+    secondary capture's tensor would carry the burned-in text its export no longer has."""
+    from pipeline.tensors.stage import load_tensor
+    from pipeline.tensors.stage import run as tensors_run
+
+    archive, truth = tmp_path / "a", tmp_path / "truth.json"
+    write_burned_in(archive, truth, 3)
+    for path in archive.glob("*.dcm"):
+        if path.name != "burned_in_0002.dcm":  # the SC-like page: text on a plain background
+            path.unlink()
+    lake, out = LakePaths(tmp_path / "lake"), tmp_path / "export"
+    cfg = load_config(
+        overrides={
+            "compute": {"partition_size": 8, "workers": 1},
+            "deid": {"clean_pixels": {"enabled": True}, "export_dicom": str(out)},
+            "tensors": {"planar_modalities": ["OT", "SC", "US"]},
+        },
+        environ={},
+    )
+    _run(cfg, archive, lake)
+    [vault] = read_table(lake, "vault").to_pylist()
+    boxes = json.loads(vault["pixel_redactions"])
+    assert boxes
+    result = tensors_run(cfg, lake, run_id="t1")  # type: ignore[arg-type]
+    assert result.counts.extra["volumes"] == 1
+    [row] = [r for r in read_table(lake, "tensors").to_pylist() if r["status"] == "ok"]
+    tensor = load_tensor(lake, row["path"])
+    source = pydicom.dcmread(archive / "burned_in_0002.dcm").pixel_array
+    [exported] = list(out.rglob("*.dcm"))
+    cleaned = pydicom.dcmread(exported).pixel_array
+    assert not np.array_equal(source, cleaned)
+    assert np.array_equal(tensor.reshape(cleaned.shape), cleaned)  # the export's pixels
