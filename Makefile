@@ -1,6 +1,7 @@
 # pacsflow — one command to set up and run the demo, one to set up and run the tests.
 #   make demo    creates .venv, installs pacsflow, runs `pacsflow demo`
-#   make test    creates .venv, installs pacsflow[dev], Orthanc and Chromium, runs the whole test suite
+#   make test    creates .venv, installs pacsflow[dev], Orthanc, Chromium, dcm2niix and Tesseract,
+#                runs the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup setup-dev orthanc chromium lint clean
+.PHONY: demo test setup setup-dev orthanc chromium imaging-tools lint clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pacsflow needs Python >= 3.11"'
@@ -37,7 +38,10 @@ orthanc:
 chromium:
 	bash tools/install-chromium.sh
 
-test: setup orthanc chromium
+imaging-tools:
+	bash tools/install-imaging-tools.sh
+
+test: setup orthanc chromium imaging-tools
 	bash tools/run-tests.sh $(PYTEST_ARGS)
 
 lint: setup

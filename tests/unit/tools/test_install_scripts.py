@@ -109,6 +109,27 @@ def test_install_chromium_on_a_machine_without_it(tmp_path: Path) -> None:
     assert again.stdout == ""
 
 
+def test_install_imaging_tools_on_a_machine_without_them(tmp_path: Path) -> None:
+    tesseract = tmp_path / "bin" / "tesseract"
+    bindir, log = _stub_path(
+        tmp_path,
+        "dcm2niix",
+        f"printf '#!/bin/bash\\necho tesseract 9.9.9\\nseq 1 20000\\n' > {tesseract}; "
+        f"chmod +x {tesseract}",
+    )
+    done = _run("install-imaging-tools.sh", bindir, {})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == ["dcm2niix: dcm2niix 9.9.9", "tesseract: tesseract 9.9.9"]
+    calls = log.read_text().splitlines()
+    assert calls[1].startswith(
+        "install -y -q --no-install-recommends dcm2niix tesseract-ocr tesseract-ocr-eng"
+    )
+    again = _run("install-imaging-tools.sh", bindir, {})
+    assert again.returncode == 0
+    assert again.stdout == ""
+    assert len(log.read_text().splitlines()) == 2
+
+
 def test_the_old_orthanc_check_fails_under_pipefail(tmp_path: Path) -> None:
     """The stub reproduces the finding: the old last line exits 141 with it."""
     bindir, _ = _stub_path(tmp_path, "Orthanc")
