@@ -48,14 +48,19 @@ WANTED: Final[dict[int, tuple[str, str]]] = {
     0x00080008: ("ImageType", "CS"),
     0x00080016: ("SOPClassUID", "UI"),
     0x00080018: ("SOPInstanceUID", "UI"),
+    0x00080032: ("AcquisitionTime", "TM"),
     0x00080060: ("Modality", "CS"),
     0x00180086: ("EchoNumbers", "IS"),
     0x00181060: ("TriggerTime", "DS"),
     0x00189087: ("DiffusionBValue", "FD"),
+    0x00189089: ("DiffusionGradientOrientation", "FD"),
     0x00200012: ("AcquisitionNumber", "IS"),
+    0x00200013: ("InstanceNumber", "IS"),
     0x00200032: ("ImagePositionPatient", "DS"),
     0x00200037: ("ImageOrientationPatient", "DS"),
     0x00200100: ("TemporalPositionIdentifier", "IS"),
+    0x00200105: ("NumberOfTemporalPositions", "IS"),
+    0x00201002: ("ImagesInAcquisition", "IS"),
     0x00280002: ("SamplesPerPixel", "US"),
     0x00280006: ("PlanarConfiguration", "US"),
     0x00280008: ("NumberOfFrames", "IS"),
@@ -78,6 +83,11 @@ _IMPLICIT_LE: Final = b"1.2.840.10008.1.2"
 _EXPLICIT_LE: Final = b"1.2.840.10008.1.2.1"
 #: any of these makes the object enhanced/multi-frame: left to dcmread
 _FUNCTIONAL_GROUPS: Final = frozenset({0x52009229, 0x52009230})
+#: private groups where MR vendors keep diffusion directions and b-values (Siemens/GE 0019,
+#: GE 0043, UIH 0065, Philips 2001/2005; :mod:`pipeline.tensors._diffusion`) or UIH's GRID
+#: layout: an MR image carrying one is left to dcmread, which keeps them
+_MR_PRIVATE_GROUPS: Final = frozenset({0x0019, 0x0043, 0x0065, 0x2001, 0x2005})
+_MODALITY: Final = 0x00080060
 
 _u16 = struct.Struct("<H").unpack_from
 
@@ -101,8 +111,13 @@ def _parse(buf: bytes) -> tuple[bool, dict[int, tuple[bytes | None, int, int]], 
         return None
     implicit = tsyntax == _IMPLICIT_LE
     kept: dict[int, tuple[bytes | None, int, int]] = {}
+    mr = False
     while pos < len(buf):
         tag, vr, length, vpos = read_header(buf, pos, implicit)
+        if mr and tag >> 16 in _MR_PRIVATE_GROUPS:
+            return None
+        if tag == _MODALITY:
+            mr = buf[vpos : vpos + length].strip(b"\x00 ") == b"MR"
         if tag == PIXEL_DATA:
             if length == UNDEFINED or vpos + length > len(buf):
                 return None  # encapsulated, or truncated: decode.py says which

@@ -361,3 +361,28 @@ def test_ge_dti_by_instance_order_matches_live_dcm2niix(shared_data: Path, tmp_p
         # from the first two, 3e-4 mm apart -- within test_volume.py's 1e-3 mm
         np.testing.assert_allclose(out.affine, ref.affine, atol=1e-3, rtol=0)
         np.testing.assert_array_equal(np.asanyarray(out.dataobj), data[..., t])
+
+
+def test_diffusion_series_through_the_stages(shared_data: Path, tmp_path: Path) -> None:
+    """The tensors stage reads classic images with its fast header reader: it must not drop
+    the private diffusion and GRID elements the split needs (found at merge: the stage refused
+    the UIH DTI series that build_volumes on dcmread datasets splits)."""
+    from pipeline.config import load_config
+    from pipeline.connectors import FolderSource
+    from pipeline.crawl import run as crawl_run
+    from pipeline.deid.stage import run as deid_run
+    from pipeline.lake import LakePaths, read_table
+    from pipeline.tensors.stage import run as tensors_run
+
+    archive = tmp_path / "dti"
+    shutil.copytree(shared_data / UIH / "In/DTI_134434", archive)
+    cfg = load_config(overrides={"compute": {"workers": 1}}, environ={})
+    lake = LakePaths(tmp_path / "lake")
+    crawl_run(cfg, lake, FolderSource(archive), run_id="c")
+    deid_run(cfg, lake, key=b"k" * 32, run_id="d")
+    result = tensors_run(cfg, lake, run_id="t")
+    assert result.counts.extra == {"volumes": 17, "refused_series": 0}
+    rows = sorted(read_table(lake, "tensors").to_pylist(), key=lambda r: r["volume_index"])
+    bvals = (shared_data / UIH / "Ref").glob("*.bval")
+    expected = [float(v) for v in next(bvals).read_text().split()]
+    assert [float(f"{r['bvalue']:g}") for r in rows] == expected  # the .bval is %g
