@@ -220,6 +220,13 @@ class LimitsConfig(_Section):
         ".zip, .tar...): a member is decompressed in steps and refused (too_large) past this, "
         "whatever it declares.",
     )
+    max_package_cache_bytes: int = Field(
+        4096 * _MiB,
+        ge=0,
+        description="Reading members of a compressed tar (.tar.gz, .tgz, .tar.bz2, .tar.xz) "
+        "back (deid, tensors) decompresses the tar once into an unnamed temporary file, up to "
+        "this size, instead of once per member (which costs the square of its size); 0: never.",
+    )
     max_archive_depth: int = Field(
         4,
         ge=0,

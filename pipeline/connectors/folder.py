@@ -349,7 +349,10 @@ class FolderSource:
         if self.limits.max_archive_depth == 0:
             return fp
         try:
-            return open_member(fp, [decode_location(p) for p in parts[1:]], self.limits)
+            st = os.fstat(fp.fileno())
+            key = (os.fsencode(path), st.st_size, st.st_mtime_ns)
+            names = [decode_location(p) for p in parts[1:]]
+            return open_member(fp, names, self.limits, cache_key=key)
         except BaseException:
             fp.close()
             raise

@@ -24,13 +24,17 @@ duplicate: the first one of a name is the object.
 
 from __future__ import annotations
 
+import atexit
 import bz2
+import collections
 import gzip
 import io
 import lzma
+import os
 import stat
 import tarfile
 import tempfile
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -42,7 +46,7 @@ from pipeline.config import LimitsConfig
 from pipeline.enums import QuarantineReason, SkipReason
 from pipeline.errors import InputError, TooLarge, UnreadableDicom
 
-__all__ = ["Member", "PackageKind", "iter_objects", "open_member", "sniff"]
+__all__ = ["Member", "PackageKind", "clear_tar_cache", "iter_objects", "open_member", "sniff"]
 
 PackageKind = Literal["gzip", "bzip2", "xz", "zip", "tar"]
 _STREAMS: Final = ("gzip", "bzip2", "xz")
@@ -464,7 +468,150 @@ def _iter_tar(
         yield Member(parts, error=exc)
 
 
-def open_member(fp: IO[bytes], names: list[bytes], limits: LimitsConfig) -> BinaryIO:
+#: decompressed copies of compressed tars being read back, most recent last:
+#: key (path, size, mtime) -> an unlinked temporary file (its file descriptor) or None when the
+#: tar is too big to keep (then each member is streamed as before)
+_TAR_CACHE: collections.OrderedDict[tuple[bytes, int, int], _Cached | None] = (
+    collections.OrderedDict()
+)
+_TAR_CACHE_LOCK = threading.Lock()
+_TAR_CACHE_ENTRIES: Final = 2
+
+
+@dataclass
+class _Cached:
+    """A decompressed tar kept open (unlinked) and where each member's data lies in it."""
+
+    held: IO[bytes]
+    #: member name -> (offset of its data, size), the first member of a name, regular files
+    #: only (a link or device: None, as the crawl skipped it)
+    index: dict[bytes, tuple[int, int] | None]
+
+
+def clear_tar_cache() -> None:
+    """Close and forget the decompressed tars kept by this process."""
+    with _TAR_CACHE_LOCK:
+        for cached in _TAR_CACHE.values():
+            if cached is not None:
+                cached.held.close()
+        _TAR_CACHE.clear()
+
+
+atexit.register(clear_tar_cache)
+
+
+def _reopen(held: IO[bytes]) -> IO[bytes]:
+    """A new reader of an unlinked file, with its own offset (Linux /proc/self/fd)."""
+    return open(f"/proc/self/fd/{held.fileno()}", "rb")
+
+
+def _decompressed_tar(
+    key: tuple[bytes, int, int], fp: IO[bytes], limits: LimitsConfig
+) -> _Cached | None:
+    """The decompressed tar inside the compressed file ``fp`` (the package at ``key``), made
+    once per process and kept (two packages at most), or None: ``fp`` is no compressed tar,
+    the tar is beyond ``limits.max_package_cache_bytes``, it cannot be read whole (its
+    members then fail as the crawl saw them), or this system cannot reopen an unlinked file.
+    The copy is an unnamed file: nothing is left on disk."""
+    cap = limits.max_package_cache_bytes
+    if cap <= 0 or not os.path.isdir("/proc/self/fd"):
+        return None
+    with _TAR_CACHE_LOCK:
+        if key in _TAR_CACHE:
+            _TAR_CACHE.move_to_end(key)
+            return _TAR_CACHE[key]
+    kind = sniff(_head(fp))
+    if kind not in _STREAMS:
+        return None
+    start = fp.tell()
+    try:
+        if sniff(_decompressor(kind, fp).read(_HEAD)) != "tar":
+            return None
+    except (EOFError, OSError, zlib.error, lzma.LZMAError):
+        return None  # open_member says what is wrong with it
+    finally:
+        fp.seek(start)
+    held = cast("IO[bytes]", tempfile.TemporaryFile())  # noqa: SIM115 (kept open in the cache)
+    cached: _Cached | None = None
+    try:
+        total = 0
+        src = _decompressor(kind, fp)
+        while chunk := src.read(_CHUNK):
+            total += len(chunk)
+            if total > cap:
+                break
+            held.write(chunk)
+        else:
+            held.flush()
+            held.seek(0)
+            index: dict[bytes, tuple[int, int] | None] = {}
+            with tarfile.open(
+                fileobj=held, mode="r:", encoding="utf-8", errors="surrogateescape"
+            ) as tf:
+                for ti in tf:
+                    name = _name(ti.name)
+                    if ti.isdir() or name in index:
+                        continue
+                    index[name] = None if _tar_skip(ti) else (ti.offset_data, ti.size)
+            cached = _Cached(held, index)
+    except (EOFError, OSError, zlib.error, lzma.LZMAError, tarfile.TarError):
+        cached = None  # streamed as before: its error is the member's
+    finally:
+        fp.seek(start)
+        if cached is None:
+            held.close()
+    with _TAR_CACHE_LOCK:
+        _TAR_CACHE[key] = cached
+        while len(_TAR_CACHE) > _TAR_CACHE_ENTRIES:
+            _, old = _TAR_CACHE.popitem(last=False)
+            if old is not None:
+                old.held.close()
+    return cached
+
+
+def _cached_member(cached: _Cached, name: bytes, limits: LimitsConfig) -> BinaryIO:
+    where = cached.index.get(name)
+    if where is None:
+        raise _missing()
+    offset, size = where
+    if size > limits.max_decompressed_bytes:
+        raise TooLarge(
+            f"the tar member declares {_mib(size)}, beyond limits.max_decompressed_bytes "
+            f"({_mib(limits.max_decompressed_bytes)}); not read"
+        )
+    with _reopen(cached.held) as reader:
+        reader.seek(offset)
+        out, n = _copy(cast("IO[bytes]", _Limited(reader, size)), limits, "the tar member")
+    if n != size:
+        out.close()
+        raise UnreadableDicom("the tar ends early (truncated)", reason=QuarantineReason.TRUNCATED)
+    return out
+
+
+class _Limited(io.RawIOBase):
+    """The next ``size`` bytes of a stream."""
+
+    def __init__(self, inner: IO[bytes], size: int) -> None:
+        self._inner, self._left = inner, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            return 0
+        view = memoryview(buffer)[: self._left]
+        n = self._inner.readinto(view)  # type: ignore[attr-defined]
+        self._left -= n or 0
+        return n or 0
+
+
+def open_member(
+    fp: IO[bytes],
+    names: list[bytes],
+    limits: LimitsConfig,
+    cache_key: tuple[bytes, int, int] | None = None,
+) -> BinaryIO:
     """The decompressed bytes of the object inside the file ``fp`` reached by ``names`` (one
     name per package on the way; none: the file itself, decompressed), read as the crawl read
     it (the first member of a name), within the bounds. ``fp`` is closed unless it is what is
@@ -478,6 +625,28 @@ def open_member(fp: IO[bytes], names: list[bytes], limits: LimitsConfig) -> Bina
     to_close: list[IO[bytes]] = [fp]
     current: IO[bytes] = fp
     depth = 0
+    if cache_key is not None and names:
+        # a compressed tar read member by member: decompressed once, kept for the next ones
+        cached = _decompressed_tar(cache_key, fp, limits)
+        if cached is not None:
+            fp.close()
+            found = _cached_member(cached, names[0], limits)
+            if len(names) > 1:
+                return open_member(found, names[1:], limits)  # closes found unless returned
+            try:
+                kind, inner, _, owned = _unwrap(found, 2, limits, owned=False)
+            except BaseException:
+                found.close()
+                raise
+            if kind is not None:
+                found.close()
+                raise InputError(
+                    "a package, not an object: its members are objects",
+                    reason=QuarantineReason.NOT_DICOM,
+                )
+            if inner is not found:
+                found.close()
+            return cast("BinaryIO", inner)
     try:
         for name in [*names, None]:
             kind, current, depth, owned = _unwrap(current, depth, limits, owned=False)
