@@ -27,7 +27,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -292,7 +292,9 @@ class FolderSource:
             except OSError:
                 head = b""
             if sniff(head) is None:
-                yield plain
+                # the parser reads this open file (the crawl parses each object before it
+                # asks for the next): one open a file, as before packages were looked for
+                yield replace(plain, stream=fp)
                 return
             for m in iter_objects(fp, [decode_location(unit.key)], self.limits):
                 location = member_location(m.parts)
