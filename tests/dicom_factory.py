@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,56 @@ def make_projection(
     if intent is not None:
         ds.PresentationIntentType = intent
     return ds
+
+
+def make_ct_stack(
+    positions: Sequence[Sequence[float]],
+    phantom: Callable[[np.ndarray], np.ndarray],
+    *,
+    orientation: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    pixel_spacing: tuple[float, float] = (1.0, 0.5),
+    rows: int = 16,
+    columns: int = 12,
+    gantry_tilt: float | None = None,
+    series: int = 1,
+) -> list[Dataset]:
+    """A CT series with one slice at each ImagePositionPatient of ``positions`` (any spacing,
+    stacked along the normal or sheared like a gantry-tilted one), in that (instance) order.
+
+    ``phantom`` maps patient coordinates (LPS mm, shape ``(rows, columns, 3)``) to each
+    voxel's value: uint16 pixels (rounded), Rescale Intercept 0; the attributes
+    de-identification and write-back need are set.
+    """
+    o = np.asarray(orientation, dtype=np.float64)
+    row_dir, col_dir = o[:3], o[3:]
+    jj, ii = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
+    out = []
+    for k, position in enumerate(positions):
+        ds = make_ct(series_uid=f"1.2.826.0.1.3680043.8.498.9{series}", number=k + 1)
+        ipp = np.asarray(position, dtype=np.float64)
+        ds.ImagePositionPatient = [f"{v:.10g}" for v in ipp]
+        ds.ImageOrientationPatient = [f"{v:.10g}" for v in o]
+        ds.PixelSpacing = [f"{pixel_spacing[0]:g}", f"{pixel_spacing[1]:g}"]
+        ds.Rows, ds.Columns = rows, columns
+        points = (
+            ipp
+            + (jj * pixel_spacing[0])[..., None] * col_dir
+            + (ii * pixel_spacing[1])[..., None] * row_dir
+        )
+        plane = np.rint(phantom(points)).astype(np.uint16)
+        ds.PixelData = plane.tobytes()
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.SliceThickness = 1.0
+        if gantry_tilt is not None:
+            ds.GantryDetectorTilt = gantry_tilt
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.3"
+        ds.PositionReferenceIndicator = ""
+        ds.AccessionNumber = "A1"
+        ds.ReferringPhysicianName = ""
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "F"
+        ds.SeriesDescription = "head"
+        ds.Manufacturer = "test"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        out.append(ds)
+    return out

@@ -480,6 +480,16 @@ class TensorsConfig(_Section):
         "keeps the frames as stored with their exact, non-orthogonal affine (write-back maps "
         "masks back); refuse: a refused row.",
     )
+    variable_spacing: Literal["equalize", "refuse"] = Field(
+        "equalize",
+        description="A 3D series whose slice spacing varies (e.g. 4 mm then 7 mm) and misses no "
+        "slice: equalize resamples it onto a uniform grid along the normal as dcm2niix's _Eq "
+        "output does (dcm2niix's step: the smallest step, or the extent over twice the slice "
+        "count when that is finer; linear interpolation between the two nearest slices; after "
+        "de-tilting; write-back refuses its masks); refuse: a refused row. Missing slices (a "
+        "regular grid with holes, or Instance Numbers spanning more images than present) are "
+        "refused either way.",
+    )
     planar_modalities: tuple[PlanarModality, ...] = Field(
         DEFAULT_PLANAR_MODALITIES,
         description="Modalities whose series without slice geometry (projection radiographs, "
@@ -503,15 +513,17 @@ class TensorsConfig(_Section):
     def preprocessing_json(self) -> str:
         """The preprocessing as canonical JSON (what the hash covers; stored with each tensor).
 
-        ``gantry_tilt``, ``voi`` and ``planar_modalities`` appear only when they differ from
-        their defaults, so that the hash of every preprocessing that existed before them is
-        unchanged."""
+        ``gantry_tilt``, ``variable_spacing``, ``voi`` and ``planar_modalities`` appear only
+        when they differ from their defaults, so that the hash of every preprocessing that
+        existed before them is unchanged."""
         fields = ("orientation", "spacing", "interpolation", "window", "normalize", "dtype")
         data = self.model_dump(mode="json", include=set(fields))
         if data["spacing"] is None:
             data.pop("interpolation")  # no resampling: the interpolation does not matter
         if self.gantry_tilt != "detilt":
             data["gantry_tilt"] = self.gantry_tilt
+        if self.variable_spacing != "equalize":
+            data["variable_spacing"] = self.variable_spacing
         if self.voi != "none":
             data["voi"] = self.voi
         if self.planar_modalities != tuple(sorted(DEFAULT_PLANAR_MODALITIES)):

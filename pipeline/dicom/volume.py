@@ -21,6 +21,10 @@ Conventions
   A gantry-tilted stack on its native grid has a non-orthogonal affine: ``affine[:3, 2]`` is
   the real step from slice to slice (along the normal plus the in-plane shift of the tilt);
   the de-tilted one (preprocessing ``detilt``) is resampled.
+- A stack whose slice spacing varies (built only when asked, for the tensors preprocessing
+  ``equalize``) carries :attr:`Volume.slice_positions`, each slice's distance from slice 0
+  along the normal; its affine's slice column is then the mean step (exact for the first and
+  last slices only) until it is equalized onto a uniform grid (resampled).
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ class VolumeGrid(StrEnum):
             raise ValueError("the preprocessing is not JSON") from None
         if not isinstance(data, Mapping) or "orientation" not in data:
             raise ValueError("the preprocessing does not name its orientation")
-        if data.get("spacing") is not None or data.get("detilt") is not None:
+        if any(data.get(k) is not None for k in ("spacing", "detilt", "equalize")):
             return cls.RESAMPLED
         return cls.NATIVE if data["orientation"] == "native" else cls.REORIENTED
 
@@ -107,6 +111,9 @@ class Volume:
     #: which acquisition of the series the volume belongs to, when one Series Instance UID
     #: holds several (e.g. a classic and an enhanced copy): "<SOP class>/<image type value 1>"
     acquisition: str | None = None
+    #: distance (mm) of each slice from slice 0 along the slice normal, for a stack whose
+    #: spacing varies (``affine[:3, 2]`` is then the mean step); None when the steps are even
+    slice_positions: tuple[float, ...] | None = None
 
     @property
     def affine_ras(self) -> npt.NDArray[np.float64]:

@@ -1,7 +1,9 @@
 """Preprocessing of a volume as configured (``tensors:`` in the config), with its affine kept exact.
 
 Steps, in order, each optional: de-tilting of a gantry-tilted stack (:func:`detilt`, only in
-:func:`preprocess_volume`, as ``tensors.gantry_tilt: detilt`` says), reorientation to the
+:func:`preprocess_volume`, as ``tensors.gantry_tilt: detilt`` says), equalizing a stack whose
+slice spacing varies (:func:`equalize`, likewise, as ``tensors.variable_spacing: equalize``
+says; after de-tilting, dcm2niix's order for its ``_Tilt_Eq`` output), reorientation to the
 closest RAS or LPS axes (a permutation and flips of the array, no interpolation: values
 unchanged), resampling to a target spacing (torch
 ``interpolate`` with ``align_corners=True``, so the first and last voxel centres stay where they
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import numpy as np
@@ -25,9 +28,12 @@ from pipeline.dicom.volume import Volume, VolumeGrid
 from pipeline.errors import GeometryError
 
 __all__ = [
+    "EqualizePlan",
     "Preprocessed",
     "Shear",
     "detilt",
+    "equalize",
+    "equalize_plan",
     "preprocess",
     "preprocess_volume",
     "preprocessing_hash",
@@ -203,8 +209,10 @@ def detilt(volume: Volume) -> Volume:
     """A gantry-tilted volume resampled onto an orthogonal grid, as dcm2niix's ``_Tilt_1``.
 
     Each slice keeps its position along the normal and its in-plane grid; the tilt's shift
-    (a constant number of voxels per slice along one in-plane axis, normally the rows) is
-    undone by linear interpolation along that axis. The axis grows by the shift of the last
+    (a constant number of voxels per slice along one in-plane axis, normally the rows, or per
+    mean step along the normal for a stack of varying spacing, whose
+    :attr:`~pipeline.dicom.volume.Volume.slice_positions` it keeps) is undone by linear
+    interpolation along that axis. The axis grows by the shift of the last
     slice (rounded up) so no voxel is lost, and the voxels it brings in are the Pixel Padding
     Value, else the volume's minimum; where an interpolated voxel has the padding value as a
     neighbour, it takes the nearest neighbour's value (dcm2niix, issue 262). Integer arrays
@@ -224,7 +232,12 @@ def detilt(volume: Volume) -> Volume:
     col = 1 if axis == 1 else 0  # the affine column of that array axis
     array = volume.array
     n_slices, n_in = array.shape[0], array.shape[axis]
-    shift = per_slice * np.arange(n_slices, dtype=np.float64)  # source = out + low - shift
+    slices = (
+        np.arange(n_slices, dtype=np.float64)
+        if volume.slice_positions is None
+        else np.asarray(volume.slice_positions, dtype=np.float64) / shear.step
+    )
+    shift = per_slice * slices  # source = out + low - shift
     added = math.ceil(abs(float(shift[-1])) - 1e-6)
     # the grid stays aligned with the first slice's (dcm2niix): whole voxels are added on the
     # side the stack shifts to
@@ -263,29 +276,173 @@ def detilt(volume: Volume) -> Volume:
     return replace(volume, array=result, affine=affine, grid=VolumeGrid.RESAMPLED)
 
 
-def volume_preprocessing_json(volume: Volume, cfg: TensorsConfig) -> str:
-    """The preprocessing of one volume as the ``tensors`` table stores it: the configured one
-    (:meth:`~pipeline.config.TensorsConfig.preprocessing_json`), plus, for a gantry-tilted
-    volume that ``gantry_tilt: detilt`` resamples, ``detilt`` (the tilt in degrees and the
-    voxels added along the sheared axis), so that readers (write-back) know its grid is not
-    the frames'.
+@dataclass(frozen=True)
+class EqualizePlan:
+    """How :func:`equalize` makes each output slice: ``frac[s]`` of source slice ``hi[s]`` plus
+    ``1 - frac[s]`` of source slice ``lo[s]`` (``lo == hi`` and ``frac == 1``: a copy).
+
+    ``spacing`` is the output step along the normal (mm), ``dcm2niix_slices`` how many output
+    slices dcm2niix's ``_Eq`` image has (the first ones of this plan)."""
+
+    spacing: float
+    lo: npt.NDArray[np.intp]
+    hi: npt.NDArray[np.intp]
+    frac: npt.NDArray[np.float32]
+    dcm2niix_slices: int
+
+    @property
+    def slices(self) -> int:
+        """The number of output slices."""
+        return len(self.lo)
+
+
+def equalize_plan(positions: Sequence[float]) -> EqualizePlan:
+    """dcm2niix's equalization (``nii_saveNII3Deq``) of slices at ``positions`` (mm from the
+    first slice along the normal, ascending).
+
+    The step is the smallest step between slices; when that would make more than twice as
+    many slices as the stack has, the step is the extent over ``2 n - 1`` (``2 n`` slices from
+    the first slice to the last). Output slice ``s`` at ``s * step`` interpolates linearly
+    between the nearest source slices below and above it. The weights are computed in float32,
+    as dcm2niix does. dcm2niix's slice count (``ceil((last - half the last step) / step)``)
+    can stop short of the last slice by up to one and a half steps; pacsflow continues the
+    same grid to the last slice, so its first ``dcm2niix_slices`` slices are dcm2niix's.
 
     Raises
     ------
     GeometryError
-        If the volume is tilted, ``detilt`` is configured and it cannot be de-tilted.
+        If fewer than two positions, or positions that do not ascend.
+    """
+    d32 = np.asarray(positions, dtype=np.float32)
+    d64 = np.asarray(positions, dtype=np.float64)
+    n = len(d64)
+    steps = np.diff(d32)
+    if n < 2 or np.any(steps <= 0):
+        raise GeometryError(
+            "cannot equalize slice spacing: slice positions do not ascend along the normal"
+        )
+    step32 = np.float32(np.min(steps))
+    step = float(np.min(np.diff(d64)))
+    last, prev = float(d32[-1]), float(d32[-2])
+    count = math.ceil((last - 0.5 * (last - prev)) / float(step32))
+    if count > 2 * n:
+        count = 2 * n
+        step32 = np.float32(d32[-1] / np.float32(count - 1))
+        step = float(d64[-1]) / (count - 1)
+        total = count
+    else:
+        total = max(count, math.floor(float(d64[-1]) / step + 1e-6) + 1)
+    x = np.arange(total, dtype=np.float32) * step32
+    hi = np.minimum(np.searchsorted(d32, x, side="left"), n - 1)
+    lo = np.maximum(hi - 1, 0)
+    mm_hi, mm_lo = d32[hi], d32[lo]
+    copy = (mm_hi == mm_lo) | (x > mm_hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(copy, np.float32(1.0), (x - mm_lo) / (mm_hi - mm_lo)).astype(np.float32)
+    lo = np.where(copy, hi, lo)
+    return EqualizePlan(
+        spacing=step,
+        lo=lo.astype(np.intp),
+        hi=hi.astype(np.intp),
+        frac=frac,
+        dcm2niix_slices=count,
+    )
+
+
+def equalize(volume: Volume) -> Volume:
+    """A stack of varying slice spacing resampled onto a uniform grid along its slice
+    direction, as dcm2niix's ``_Eq`` output (:func:`equalize_plan`); a volume without
+    :attr:`~pipeline.dicom.volume.Volume.slice_positions` is returned as it is.
+
+    Each output slice is ``round(lo * (1 - f) + hi * f)`` in float32 arithmetic, rounded half
+    away from zero and clipped to the dtype for integer arrays (dcm2niix); float arrays are not
+    rounded (dcm2niix rounds them too, which would quantise e.g. MR parametric maps). Where one
+    of the two source voxels holds the Pixel Padding Value, the nearer one is taken (the rule
+    dcm2niix applies when de-tilting, issue 262; its ``_Eq`` step blends padding into tissue).
+    The slice direction keeps its shear (a volume that is not de-tilted stays sheared, with the
+    exact affine); the slices keep their in-plane grid. The result is
+    :attr:`~pipeline.dicom.volume.VolumeGrid.RESAMPLED`; its slice UIDs and frame numbers stay
+    those of the source slices.
+
+    Raises
+    ------
+    GeometryError
+        If the slice positions do not ascend.
+    """
+    if volume.slice_positions is None:
+        return volume
+    plan = equalize_plan(volume.slice_positions)
+    array = volume.array
+    integer = np.issubdtype(array.dtype, np.integer)
+    out = np.empty((plan.slices, *array.shape[1:]), dtype=array.dtype)
+    pad = volume.padding
+    for s in range(plan.slices):
+        lo, hi, frac = int(plan.lo[s]), int(plan.hi[s]), plan.frac[s]
+        if lo == hi:
+            out[s] = array[hi]
+            continue
+        a = array[lo].astype(np.float32)
+        b = array[hi].astype(np.float32)
+        value = a * np.float32(1.0 - float(frac)) + b * frac
+        if integer:
+            info = np.iinfo(array.dtype)
+            value = np.clip(_round_half_away(value.astype(np.float64)), info.min, info.max)
+        if pad is not None:
+            near = array[hi] if frac >= 0.5 else array[lo]
+            value = np.where((array[lo] == pad) | (array[hi] == pad), near, value)
+        out[s] = value
+    affine = volume.affine.copy()
+    along = float(affine[:3, 2] @ volume.normal)  # the mean step along the normal
+    affine[:3, 2] = affine[:3, 2] * (plan.spacing / along)
+    return replace(
+        volume,
+        array=out,
+        affine=affine,
+        spacing=(plan.spacing, volume.spacing[1], volume.spacing[2]),
+        grid=VolumeGrid.RESAMPLED,
+        slice_positions=None,
+    )
+
+
+def volume_preprocessing_json(volume: Volume, cfg: TensorsConfig) -> str:
+    """The preprocessing of one volume as the ``tensors`` table stores it: the configured one
+    (:meth:`~pipeline.config.TensorsConfig.preprocessing_json`), plus, for a gantry-tilted
+    volume that ``gantry_tilt: detilt`` resamples, ``detilt`` (the tilt in degrees and the
+    voxels added along the sheared axis), and for a stack of varying spacing, ``equalize``
+    (the source steps along the normal in mm, the output spacing and slice count), so that
+    readers (write-back) know its grid is not the frames'.
+
+    Raises
+    ------
+    GeometryError
+        If the volume is tilted, ``detilt`` is configured and it cannot be de-tilted, or its
+        spacing varies and ``variable_spacing`` is not ``equalize``.
     """
     text = cfg.preprocessing_json()
     shear = shear_of(volume.affine) if cfg.gantry_tilt == "detilt" else None
-    if shear is None:
+    positions = volume.slice_positions
+    if shear is None and positions is None:
         return text
-    axis, per_slice = _tilt_axis(shear)
     data = json.loads(text)
-    data["detilt"] = {
-        "axis": "rows" if axis == 1 else "columns",
-        "degrees": round(shear.degrees, 4),
-        "added": math.ceil(abs(per_slice) * (volume.array.shape[0] - 1) - 1e-6),
-    }
+    if shear is not None:
+        axis, per_slice = _tilt_axis(shear)
+        data["detilt"] = {
+            "axis": "rows" if axis == 1 else "columns",
+            "degrees": round(shear.degrees, 4),
+            "added": math.ceil(abs(per_slice) * (volume.array.shape[0] - 1) - 1e-6),
+        }
+    if positions is not None:
+        if cfg.variable_spacing != "equalize":
+            raise GeometryError(
+                "variable slice spacing: the volume is not equalized "
+                "(tensors.variable_spacing is refuse)"
+            )
+        plan = equalize_plan(positions)
+        data["equalize"] = {
+            "steps": [round(float(v), 4) for v in np.diff(positions)],
+            "spacing": round(plan.spacing, 6),
+            "slices": plan.slices,
+        }
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
@@ -293,15 +450,25 @@ def preprocess_volume(volume: Volume, cfg: TensorsConfig) -> Volume:
     """:func:`preprocess` of a :class:`~pipeline.dicom.volume.Volume`: the same volume (its
     slice UIDs and frame numbers kept) with the preprocessed array, affine and spacing, and
     its ``grid`` saying whether it still lies on the source frames' grid. A gantry-tilted
-    volume is de-tilted first (:func:`detilt`) when ``cfg.gantry_tilt`` is ``detilt``.
+    volume is de-tilted first (:func:`detilt`) when ``cfg.gantry_tilt`` is ``detilt``, then a
+    stack of varying spacing equalized (:func:`equalize`) when ``cfg.variable_spacing`` is
+    ``equalize``.
 
     Raises
     ------
     GeometryError
-        If a tilted volume cannot be de-tilted (see :func:`detilt`).
+        If a tilted volume cannot be de-tilted (see :func:`detilt`), or a stack of varying
+        spacing is not to be equalized.
     """
     if cfg.gantry_tilt == "detilt":
         volume = detilt(volume)
+    if volume.slice_positions is not None:
+        if cfg.variable_spacing != "equalize":
+            raise GeometryError(
+                "variable slice spacing: the volume is not equalized "
+                "(tensors.variable_spacing is refuse)"
+            )
+        volume = equalize(volume)
     out = preprocess(volume.array, volume.affine, volume.spacing, cfg)
     grid = VolumeGrid.from_preprocessing(cfg.preprocessing_json())
     if volume.grid is VolumeGrid.RESAMPLED:

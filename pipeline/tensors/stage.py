@@ -55,8 +55,8 @@ logger = logging.getLogger(__name__)
 #: Version of the rules deciding which series become tensors. A refused series is tried again
 #: when it changes (its refused row names the rules that refused it): bump it when a change
 #: turns refusals into tensors. 2: tilted CT, 2D radiographs/ultrasound/cine, 4D MR splits,
-#: packed inputs (issue #21).
-VOLUME_RULES = 2
+#: packed inputs (issue #21). 3: variable slice spacing equalized (issue #21).
+VOLUME_RULES = 3
 
 __all__ = ["TensorsRunResult", "load_tensor", "run", "tensors_batch", "write_npy"]
 
@@ -238,10 +238,13 @@ def tensors_batch(
                     del datasets, pixels, planar
                     continue
                 volumes = build_volumes(
-                    datasets, pixels, allow_tilt=cfg.tensors.gantry_tilt != "refuse"
+                    datasets,
+                    pixels,
+                    allow_tilt=cfg.tensors.gantry_tilt != "refuse",
+                    allow_variable=cfg.tensors.variable_spacing == "equalize",
                 )
             # each volume's preprocessing: refuses here, before any is stored, a tilted
-            # volume that cannot be de-tilted
+            # volume that cannot be de-tilted (and records a de-tilt and an equalization)
             preps = [volume_preprocessing_json(vol, cfg.tensors) for vol in volumes]
         except GeometryError as exc:
             counts["refused"] += 1
@@ -264,7 +267,8 @@ def tensors_batch(
             rows.append(
                 {
                     **base,
-                    "preprocessing": vol_prep,  # the configured one, plus a de-tilt if any
+                    # the configured one, plus a de-tilt and an equalization if any
+                    "preprocessing": vol_prep,
                     "tensor_key": key,
                     "volume_index": index,
                     "n_volumes": len(volumes),

@@ -48,7 +48,11 @@ Rules (each refusal is a :class:`~pipeline.errors.GeometryError`, PHI-free messa
 - spacing: every step along the normal must lie within :data:`SPACING_REL_TOL` (relative) or
   :data:`SPACING_ABS_TOL` mm of the mean step (jitter: the mean is used); otherwise the
   series is refused as having a gap (every step near a multiple of the smallest one, and at
-  least half of them equal to it) or as variable spacing;
+  least half of them equal to it) or as variable spacing -- unless ``allow_variable``, where
+  the one volume of a 3D series keeps each slice's distance along the normal
+  (``Volume.slice_positions``, for :func:`pipeline.tensors.preprocess.equalize`) and only
+  missing slices are refused (the gap pattern above, or Instance Numbers that span more
+  images than the stack holds: dcm2niix's "Missing images?" test);
 - enhanced multi-frame objects (NumberOfFrames > 1) take geometry from their Per-frame /
   Shared Functional Groups;
 - Siemens MOSAIC images are cut into their slices with the layout of their CSA image header
@@ -650,10 +654,25 @@ def _distinct(dist: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return np.asarray(keep, dtype=np.float64)
 
 
+#: why a stack of varying spacing is refused by default (:func:`build_volumes` without
+#: ``allow_variable``)
+_VARIABLE_REFUSED: Final = "tensors.variable_spacing is refuse"
+
+
 def _stack_geometry(
-    frames: list[_Frame], normal: npt.NDArray[np.float64], allow_tilt: bool = False
-) -> tuple[list[_Frame], float, npt.NDArray[np.float64]]:
-    """Order by position along the normal; check tilt and spacing. Returns (frames, dk, step)."""
+    frames: list[_Frame],
+    normal: npt.NDArray[np.float64],
+    allow_tilt: bool = False,
+    variable_refusal: str = _VARIABLE_REFUSED,
+) -> tuple[list[_Frame], float, npt.NDArray[np.float64], tuple[float, ...] | None]:
+    """Order by position along the normal; check tilt and spacing.
+
+    Returns (frames, dk, step, positions): ``positions`` (each slice's distance from the first
+    along the normal) only for a stack whose spacing varies, accepted when
+    ``variable_refusal`` is empty (``dk`` and ``step`` are then the mean step); None otherwise.
+    A varying stack is refused as having missing slices when its steps are a regular grid with
+    holes, or when its Instance Numbers span more images than it holds (dcm2niix's "Missing
+    images?" test; dcm2niix warns and interpolates across them, pacsflow refuses)."""
     if len(frames) < 2:
         raise GeometryError("single slice: one frame is not a volume")
     frames = sorted(frames, key=lambda fr: float(fr.position @ normal))
@@ -683,8 +702,9 @@ def _stack_geometry(
             raise GeometryError(
                 f"varying gantry tilt: slice positions leave the tilted stack by up to {off:.3g} mm"
             )
+    positions: tuple[float, ...] | None = None
     if np.max(np.abs(steps - mean)) > tol:
-        smallest = float(np.min(steps))
+        smallest, largest = float(np.min(steps)), float(np.max(steps))
         ratios = steps / smallest
         nominal = np.abs(ratios - 1.0) <= tol / smallest
         multiples = np.abs(ratios - np.round(ratios)) <= tol / smallest
@@ -692,13 +712,24 @@ def _stack_geometry(
             missing = int(np.sum(np.round(ratios) - 1))
             raise GeometryError(
                 f"gap in slice positions: about {missing} missing slice(s) "
-                f"(steps of {smallest:.3g} to {float(np.max(steps)):.3g} mm)"
+                f"(steps of {smallest:.3g} to {largest:.3g} mm)"
             )
-        raise GeometryError(
-            f"variable slice spacing: steps from {smallest:.3g} to {float(np.max(steps)):.3g} mm"
-        )
+        if variable_refusal:
+            raise GeometryError(
+                f"variable slice spacing: steps from {smallest:.3g} to {largest:.3g} mm "
+                f"({variable_refusal})"
+            )
+        numbers = [_frame_order(fr)[0] for fr in frames]
+        if all(math.isfinite(v) for v in numbers) and len(set(numbers)) == len(numbers):
+            span = round(max(numbers) - min(numbers)) + 1
+            if span != len(frames):  # dcm2niix's "Missing images?" test
+                raise GeometryError(
+                    f"missing slices: the Instance Numbers span {span} images, {len(frames)} "
+                    f"are present (steps of {smallest:.3g} to {largest:.3g} mm)"
+                )
+        positions = tuple(float(d) for d in along - along[0])
     step = (pos[-1] - pos[0]) / (len(frames) - 1)
-    return frames, mean, np.asarray(step, dtype=np.float64)
+    return frames, mean, np.asarray(step, dtype=np.float64), positions
 
 
 def _pixels(frames: Sequence[_Frame]) -> tuple[npt.NDArray[Any], bool]:
@@ -761,8 +792,9 @@ def _volume(
     normal: npt.NDArray[np.float64],
     allow_tilt: bool = False,
     padding: float | None = None,
+    variable_refusal: str = _VARIABLE_REFUSED,
 ) -> Volume:
-    frames, dk, step = _stack_geometry(frames, normal, allow_tilt)
+    frames, dk, step, positions = _stack_geometry(frames, normal, allow_tilt, variable_refusal)
     first = frames[0]
     row_sp, col_sp = first.pixel_spacing
     affine = np.eye(4, dtype=np.float64)
@@ -783,6 +815,7 @@ def _volume(
         frame_numbers=tuple(fr.frame_number for fr in frames),
         rescaled=rescaled,
         padding=padding,
+        slice_positions=positions,
         **_volume_diffusion(frames),
     )
 
@@ -824,13 +857,17 @@ def build_volumes(
     pixels: Sequence[npt.NDArray[Any]] | None = None,
     *,
     allow_tilt: bool = False,
+    allow_variable: bool = False,
 ) -> list[Volume]:
     """All volumes of one series: one for a 3D series, one per time point/echo/b-value for 4D.
 
     ``pixels``, when given, holds each dataset's frames already decoded
     (:func:`~pipeline.tensors.decode.decode_frames`), in the same order as ``datasets``.
     ``allow_tilt``: a gantry-tilted stack is a volume on its native (sheared) grid, with the
-    exact non-orthogonal affine, instead of a refusal.
+    exact non-orthogonal affine, instead of a refusal. ``allow_variable``: the one volume of a
+    3D series whose slice spacing varies (and no slice is missing) is built with its
+    :attr:`~Volume.slice_positions`, for :func:`pipeline.tensors.preprocess.equalize`, instead
+    of a refusal; as dcm2niix, a 4D series is never equalized.
 
     Raises:
         GeometryError: the series cannot be made into volume(s) without distorting it.
@@ -841,7 +878,7 @@ def build_volumes(
     for index, ds in enumerate(datasets):
         parts.setdefault(_acquisition(ds), []).append(index)
     if len(parts) == 1:
-        return _build(datasets, pixels, allow_tilt)
+        return _build(datasets, pixels, allow_tilt, allow_variable)
     volumes: list[Volume] = []
     for label, indices in parts.items():
         try:
@@ -849,6 +886,7 @@ def build_volumes(
                 [datasets[i] for i in indices],
                 None if pixels is None else [pixels[i] for i in indices],
                 allow_tilt,
+                allow_variable,
             )
         except GeometryError as exc:
             raise GeometryError(
@@ -863,13 +901,18 @@ def _build(
     datasets: Sequence[Dataset],
     pixels: Sequence[npt.NDArray[Any]] | None,
     allow_tilt: bool = False,
+    allow_variable: bool = False,
 ) -> list[Volume]:
     frames = _frames(datasets, pixels)
     if len(frames) < 2:
         raise GeometryError("single slice: one frame is not a volume")
     normal = _check_common(frames)
     padding = _num(datasets[0].get("PixelPaddingValue"))
-    return [_volume(group, normal, allow_tilt, padding) for group in _split(frames, normal)]
+    groups = _split(frames, normal)
+    refusal = _VARIABLE_REFUSED
+    if allow_variable:  # dcm2niix equalizes only a 3D series
+        refusal = "" if len(groups) == 1 else "a 4D series is not equalized"
+    return [_volume(group, normal, allow_tilt, padding, refusal) for group in groups]
 
 
 def build_volume(datasets: Sequence[Dataset]) -> Volume:

@@ -339,17 +339,22 @@ def _plan(
     except ValueError as exc:
         raise WritebackError(f"the volume's preprocessing is unreadable: {exc}") from None
     if grid is not VolumeGrid.NATIVE:
-        detilted = "detilt" in str(group["preprocessing"])
+        text = str(group["preprocessing"])
+        why = ")"
+        if '"equalize"' in text:
+            why = (
+                "; this volume's slice spacing varied and was equalized: its slices are "
+                "interpolated between frames, not the frames)"
+            )
+        elif '"detilt"' in text:
+            why = (
+                "; this gantry-tilted volume was de-tilted, its rows shifted by fractions of a "
+                "voxel: build it with tensors.gantry_tilt: sheared to write back)"
+            )
         raise WritebackError(
             "the volume was resampled or reoriented (tensors preprocessing): write-back maps "
             "masks onto the original frames from the raw grid only (orientation native, no "
-            "spacing"
-            + (
-                "; this gantry-tilted volume was de-tilted, its rows shifted by fractions of a "
-                "voxel: build it with tensors.gantry_tilt: sheared to write back)"
-                if detilted
-                else ")"
-            )
+            "spacing" + why
         )
     originals_map = _originals(con, lake, list(group["sops"]), cipher)
     missing = [s for s in group["sops"] if s not in originals_map]
