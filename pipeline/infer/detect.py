@@ -302,7 +302,9 @@ class Detector:
         image = prepared[key]
         started = time.perf_counter()
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # MONAI's padding notes
+            # MONAI's padding notes and its NumPy 2 deprecations: not actionable here
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             out = self.bundle.inferer([image.as_tensor().to(self.device)], self.network)
         if self.device == "cuda":
             torch.cuda.synchronize()
