@@ -190,3 +190,71 @@ def zoo_bundle(
     (dst / "models").mkdir(exist_ok=True)
     torch.save(net.state_dict(), dst / "models" / weights)
     return dst
+
+
+#: a network with the RetinaNet interface whose answer is known: the class-0 logit of anchor 0
+#: at level 0 (stride 4, 4, 2) is ``20 * mean(input over the cell) - 10``; all else -10 and no
+#: box regression, so a cell filled with 1.0 gives exactly its anchor 0 as a box
+KNOWN_ANSWER_NET = """
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class CellNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spatial_dims, self.num_classes, self.num_anchors = 3, 1, 3
+        self.size_divisible = (16, 16, 8)
+        self.cls_key, self.box_reg_key = "classification", "box_regression"
+        self.gain = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, images):
+        cls, reg = [], []
+        for level, stride in enumerate([(4, 4, 2), (8, 8, 4), (16, 16, 8)]):
+            pooled = F.avg_pool3d(images[:, :1], stride, stride)
+            logits = torch.full((images.shape[0], 3, *pooled.shape[2:]), -10.0)
+            if level == 0:
+                logits[:, 0] = self.gain * pooled[:, 0] - 10.0
+            cls.append(logits)
+            reg.append(torch.zeros(images.shape[0], 18, *pooled.shape[2:]))
+        return {self.cls_key: cls, self.box_reg_key: reg}
+"""
+
+
+def detection_bundle(root: Path, *, known_answer: bool = False, seed: int = 0) -> Path:
+    """The model zoo's lung_nodule_ct_detection under ``root`` with random weights built from
+    its own config (or, ``known_answer``, with ``scripts/known_answer.py``'s CellNet as its
+    network_def). Skips when ../shared is absent."""
+    import shutil
+
+    import pytest
+    import torch
+    from monai.bundle import ConfigParser
+
+    from pipeline.infer.detect import provide_torchvision_parts
+
+    src = ZOO / "lung_nodule_ct_detection"
+    if not src.is_dir():
+        pytest.skip("../shared/bundles/model-zoo/lung_nodule_ct_detection not found")
+    dst = root / src.name
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "configs" / "inference.json").read_text())
+    if known_answer:
+        (dst / "scripts" / "known_answer.py").write_text(KNOWN_ANSWER_NET)
+        cfg["network_def"] = {"_target_": "scripts.known_answer.CellNet"}
+        (dst / "configs" / "inference.json").write_text(json.dumps(cfg, indent=4))
+        from torch import nn
+
+        state = {"gain": nn.Parameter(torch.tensor(20.0)).data}
+    else:
+        provide_torchvision_parts()
+        torch.manual_seed(seed)
+        net = ConfigParser(cfg).get_parsed_content("network_def")
+        # the prior bias (score 0.01) is below the detector's own threshold (0.02): no box
+        # at all; a zero bias scores every anchor about 0.5
+        net.classification_head.cls_logits.bias.data.zero_()
+        state = net.state_dict()
+    (dst / "models").mkdir(exist_ok=True)
+    torch.save(state, dst / "models" / "model.pt")
+    return dst

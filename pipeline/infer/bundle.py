@@ -392,6 +392,11 @@ def _check_packages(metadata: Mapping[str, Any]) -> None:
         if str(dist).lower() in _LOOP_ONLY:
             continue
         module = _IMPORT_NAME.get(str(dist).lower(), str(dist).replace("-", "_"))
+        if module == "torchvision":
+            from pipeline.infer.detect import provide_torchvision_parts
+
+            provide_torchvision_parts()  # what a detector needs of it, if it is not usable
+            continue
         if importlib.util.find_spec(module) is None:
             missing.append(f"{dist}=={version}" if version else str(dist))
     if missing:
@@ -512,6 +517,8 @@ def load_bundle(
         inferer = parsed("inferer")
         preprocessing = parsed("preprocessing")
         postprocessing = parsed("postprocessing")
+        if mode == "trusted":
+            parsed("detector_ops")  # a detection bundle sets up its detector (threshold, window)
     finally:
         if added:
             sys.path.remove(str(path))

@@ -29,7 +29,13 @@ A registry entry::
             category: [...]
             type: [...]
 
-(:mod:`pipeline.infer.candidates` says how candidates are found.)
+        detection:                                      # detection bundles (boxes)
+          score_threshold: 0.5                          # boxes scored lower are dropped
+          max_boxes: 20                                 # the best ones per volume
+          classes: {0: lung_nodule}                     # detector class -> label name
+
+(:mod:`pipeline.infer.candidates` says how candidates are found; :mod:`pipeline.infer.detect`
+how boxes are.)
 
 A bundle given by path that the registry does not name applies to every series that is a volume
 (``volume_ok``) and its labels carry no codes (write-back then refuses to code them).
@@ -48,6 +54,7 @@ from pipeline.errors import ConfigError
 __all__ = [
     "CandidateSpec",
     "Code",
+    "DetectionSpec",
     "LabelSpec",
     "MeasurementSpec",
     "ModelEntry",
@@ -118,6 +125,20 @@ class CandidateSpec(_Strict):
     type: Code | None = None
 
 
+class DetectionSpec(_Strict):
+    """What a detection model's boxes become (:mod:`pipeline.infer.detect`): the boxes scored
+    at least ``score_threshold``, the ``max_boxes`` best, each a finding
+    ``<class name>_<rank>`` coded by ``labels[<class name>]``."""
+
+    score_threshold: float = Field(0.5, ge=0, le=1)
+    max_boxes: int = Field(20, ge=1, le=1000)
+    #: the detector's class index -> name (default ``class_<index>``)
+    classes: dict[int, str] = Field(default_factory=dict)
+
+    def class_name(self, index: int) -> str:
+        return self.classes.get(index, f"class_{index}")
+
+
 class TestTime(_Strict):
     """Test-time augmentation of a model (:class:`pipeline.infer.engine.Segmenter`): the
     logits of every view, brought back, are averaged. Part of how the model was validated."""
@@ -152,6 +173,8 @@ class ModelEntry(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
     #: ids removed from inference.json (e.g. a keyword the installed MONAI no longer takes)
     drop: tuple[str, ...] = ()
+    #: detection models: threshold, top-k and class names of the boxes
+    detection: DetectionSpec = Field(default_factory=lambda: DetectionSpec())
 
 
 class Registry(_Strict):

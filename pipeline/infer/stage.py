@@ -109,7 +109,7 @@ def _segmenter(
                 overrides=entry.get("overrides"),
                 drop=tuple(entry.get("drop", ())),
             )
-            seg = Segmenter(
+            seg = _detector(cfg, bundle, entry) or Segmenter(
                 bundle,
                 device=cfg.compute.device,
                 batch_size=cfg.infer.batch_size,
@@ -120,6 +120,21 @@ def _segmenter(
             )
             _SEGMENTERS[key] = seg
     return seg
+
+
+def _detector(cfg: PipelineConfig, bundle: Any, entry: dict[str, Any]) -> Any:
+    """A :class:`~pipeline.infer.detect.Detector` for a detection bundle (boxes), else None."""
+    from pipeline.infer.detect import Detector, is_detection
+
+    if not is_detection(bundle):
+        return None
+    spec = entry.get("detection") or {}
+    return Detector(
+        bundle,
+        device=cfg.compute.device,
+        score_threshold=float(spec.get("score_threshold", 0.5)),
+        max_boxes=int(spec.get("max_boxes", 20)),
+    )
 
 
 def load_entry_bundle(cfg: PipelineConfig, entry: Any, extract_dir: Path) -> tuple[Any, Any]:
@@ -194,6 +209,10 @@ def infer_batch(
 ) -> dict[str, Any]:
     """Segment a batch of stored volumes; write their masks and findings rows."""
     seg = _segmenter(cfg, entry, lake.restricted / "cache" / "bundles")
+    if not hasattr(seg, "segment"):  # a detection model: boxes, not label maps
+        from pipeline.infer.detect import detect_batch
+
+        return detect_batch(seg, tensors, lake=lake, run_id=run_id, part=part, entry=entry)
     bundle = seg.bundle
     model_ref = bundle.ref
     device = seg.device + (f"+{str(seg.autocast_dtype).removeprefix('torch.')}"
@@ -438,7 +457,13 @@ def run(
     test_time = entry.test_time if cfg.infer.test_time_augmentation else TestTime()
     # a clear error before any task
     augmentation_views(test_time.mirror_axes, test_time.transpose_xy, bundle.spatial_dims)
-    missing = [n for n in bundle.labels.values() if n not in entry.labels]
+    from pipeline.infer.detect import detector_of
+
+    names = list(bundle.labels.values())
+    if (detector := detector_of(bundle.inferer)) is not None:
+        classes = int(getattr(detector, "num_classes", 1) or 1)
+        names = [entry.detection.class_name(c) for c in range(classes)]
+    missing = [n for n in names if n not in entry.labels]
     if missing and entry.labels:
         logger.warning("registry entry %s has no codes for label(s) %s", entry.name, missing)
     resources = _gpu_resources(cfg, client)
@@ -459,6 +484,7 @@ def run(
         "trust": {"mode": decision.mode, "digest": decision.digest},
         "overrides": dict(entry.overrides),
         "drop": list(entry.drop),
+        "detection": entry.detection.model_dump(),
     }
     con = connect()
     done = {"volumes": 0, "findings": 0}

@@ -863,7 +863,7 @@ def writeback_groups(lake: LakePaths, model: str | None) -> Query:
                any_value(t.spacing) AS spacing
         FROM {scan_sql(lake, "findings")} f
         JOIN {scan_sql(lake, "tensors")} t ON t.tensor_key = f.tensor_key
-        WHERE {where}
+        WHERE {where} AND f.mask_path IS NOT NULL  -- detection boxes: no mask, no SEG yet
         GROUP BY 1, 2, 3, 4
         ORDER BY 1, 2, 3, 4
         """,

@@ -334,8 +334,14 @@ FINDINGS = _schema(
         _f("device", _S),  # cpu | cuda (and the autocast dtype)
         _f("run_id", _S),
         _f("inferred_at", _TS),
+        # detection models (a row per box; segmentation: null)
+        _f("box_class", _S),  # the detector's class name (registry detection.classes)
+        _f("box_voxel", pa.list_(_F)),  # [k0, j0, i0, k1, j1, i1] continuous tensor indices
+        _f("box_mm", pa.list_(_F)),  # [x0, y0, z0, x1, y1, z1] LPS mm
+        _f("centre_mm", pa.list_(_F)),  # [x, y, z] LPS mm
+        _f("size_mm", pa.list_(_F)),  # [x, y, z] extents, mm
     ],
-    "research: one row per (volume, model, label); a new model version adds rows",
+    "research: one row per (volume, model, label or box); a new model version adds rows",
 )
 
 REVIEWS = _schema(

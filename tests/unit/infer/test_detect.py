@@ -1,0 +1,116 @@
+"""Detection bundles (issue #22, §4): the model zoo's lung_nodule_ct_detection runs as shipped
+(trusted: its detector_ops and sliding window), and its boxes land in the right place on the
+tensor grid and in patient coordinates: pacsflow's mapping equals the bundle's own
+postprocessing, and a known-answer network puts a box exactly where its anchors say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from bundle_factory import detection_bundle
+
+from pipeline.infer.bundle import load_bundle
+from pipeline.infer.detect import Detector, is_detection, loaded, map_boxes
+
+MODELS = Path(__file__).resolve().parents[3] / "models"
+#: (slices, rows, cols); columns run to patient left, rows to posterior (LPS): the bundle's
+#: Orientationd (RAS) flips both, so its image is the tensor mirrored in x and y
+SHAPE = (16, 32, 32)
+AFFINE = np.array(
+    [[0.7, 0, 0, -12.0], [0, 0.7, 0, 30.5], [0, 0, 1.25, -80.0], [0, 0, 0, 1]], dtype=np.float64
+)
+
+
+def _volume() -> np.ndarray:
+    """Air, and a 300 HU block filling the detector's level-0 cell (3, 4, 2) of the RAS
+    image: x' 12..15, y' 16..19, z' 4..5, i.e. columns 16..19, rows 12..15, slices 4..5."""
+    arr = np.full(SHAPE, -1024, dtype=np.int16)
+    arr[4:6, 12:16, 16:20] = 300
+    return arr
+
+
+def _world(index_xyz: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    return (affine @ np.append(index_xyz, 1.0))[:3]
+
+
+@pytest.mark.parametrize("patch", [None, [16, 16, 8]], ids=["whole", "sliding-window"])
+def test_known_answer_box_lands_on_its_voxels(tmp_path: Path, patch: Any) -> None:
+    path = detection_bundle(tmp_path, known_answer=True)
+    overrides = {"infer_patch_size": patch, "force_sliding_window": True} if patch else {}
+    bundle = load_bundle(path, models_dir=MODELS, mode="trusted", overrides=overrides)
+    assert is_detection(bundle)
+    if patch:
+        assert list(bundle.inferer.detector.inferer.roi_size) == patch  # detector_ops ran
+    [(key, boxes)] = list(
+        Detector(bundle, device="cpu", score_threshold=0.5).detect(
+            [("v", lambda: (_volume(), AFFINE))]
+        )
+    )
+    assert key == "v"
+    assert len(boxes) == 1
+    box = boxes[0]
+    assert box.class_index == 0
+    assert box.score == pytest.approx(1 / (1 + np.exp(-10.0)), rel=1e-5)
+    # anchor 0 (6 x 8 x 4) centred on the cell (3, 4, 2) at cell * stride + stride // 2 =
+    # (14, 18, 5) of the RAS image: x' 11..17, y' 14..22, z' 3..7 -> columns 31-17..31-11,
+    # rows 31-22..31-14, slices 3..7 of the tensor
+    assert box.box_voxel == pytest.approx((3, 9, 14, 7, 17, 20), abs=1e-4)
+    assert box.bbox == (3, 9, 14, 7, 17, 20)
+    lo = _world(np.array([14, 9, 3.0]), AFFINE)
+    hi = _world(np.array([20, 17, 7.0]), AFFINE)
+    assert box.box_mm == pytest.approx((*lo, *hi), abs=1e-4)
+    assert box.size_mm == pytest.approx((6 * 0.7, 8 * 0.7, 4 * 1.25), abs=1e-4)
+
+
+def test_mapping_equals_the_bundles_own_postprocessing(tmp_path: Path) -> None:
+    """ClipBoxToImaged + AffineBoxToWorldCoordinated(affine_lps_to_ras) + ConvertBoxModed
+    (cccwhd) of the bundle give the same centre and size in LPS mm as pacsflow's mapping."""
+    import torch
+
+    path = detection_bundle(tmp_path, known_answer=True)
+    bundle = load_bundle(path, models_dir=MODELS, mode="trusted")
+    image = bundle.preprocessing({"image": loaded(_volume(), AFFINE)})["image"]
+    rng = np.random.default_rng(3)
+    lo = rng.uniform(0, 12, (7, 3))
+    raw = np.concatenate([lo, lo + rng.uniform(1, 10, (7, 3))], axis=1).astype(np.float32)
+    raw[:, [2, 5]] = np.clip(raw[:, [2, 5]], 0, 16)
+    out = bundle.postprocessing(
+        {
+            "box": torch.as_tensor(raw),
+            "label": torch.zeros(7, dtype=torch.long),
+            "label_scores": torch.ones(7),
+            "image": image,
+        }
+    )
+    theirs = np.asarray(out["box"], dtype=np.float64)  # (cx, cy, cz, w, h, d), LPS mm
+    assert "image" not in out  # DeleteItemsd ran
+    _, box_mm, _ = map_boxes(raw, np.asarray(image.affine), AFFINE, SHAPE)
+    centre = (box_mm[:, :3] + box_mm[:, 3:]) / 2
+    size = box_mm[:, 3:] - box_mm[:, :3]
+    np.testing.assert_allclose(centre, theirs[:, :3], atol=1e-3)
+    np.testing.assert_allclose(size, theirs[:, 3:], atol=1e-3)
+
+
+def test_random_retinanet_runs_as_shipped(tmp_path: Path) -> None:
+    """The published network (ResNet50-FPN RetinaNet) with random weights, on CPU without
+    torchvision: boxes inside the volume, at most max_boxes, best first."""
+    path = detection_bundle(tmp_path)
+    bundle = load_bundle(path, models_dir=MODELS, mode="trusted")
+    arr = np.full((16, 64, 64), -800, dtype=np.int16)
+    arr[6:10, 20:30, 30:40] = 40
+    affine = np.diag([0.7, 0.7, 1.25, 1.0])
+    [(_, boxes)] = list(
+        Detector(bundle, device="cpu", score_threshold=0.0, max_boxes=4).detect(
+            [("v", lambda: (arr, affine))]
+        )
+    )
+    assert 1 <= len(boxes) <= 4
+    assert [b.score for b in boxes] == sorted((b.score for b in boxes), reverse=True)
+    for b in boxes:
+        k0, j0, i0, k1, j1, i1 = b.box_voxel
+        assert -1e-3 <= k0 <= k1 <= 15 + 1e-3
+        assert -1e-3 <= j0 <= j1 <= 63 + 1e-3
+        assert -1e-3 <= i0 <= i1 <= 63 + 1e-3
