@@ -334,6 +334,9 @@ FINDINGS = _schema(
         _f("device", _S),  # cpu | cuda (and the autocast dtype)
         _f("run_id", _S),
         _f("inferred_at", _TS),
+        # issue #22: classification models (one row per class, score its probability)
+        _f("task", _S),  # segmentation (null in rows before it) | classification
+        _f("predicted", _B),  # classification: this class is the image's top score
     ],
     "research: one row per (volume, model, label); a new model version adds rows",
 )
