@@ -76,6 +76,7 @@ ALLOWED_TARGETS: Final[frozenset[str]] = frozenset(
         "SwinUNETR",
         "DenseNet121",
         "ResNet",
+        "TorchVisionFCModel",
         # composition and dictionary transforms
         "Compose",
         "LoadImaged",

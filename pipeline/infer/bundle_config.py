@@ -382,6 +382,21 @@ def _plain(
     return node
 
 
+def _refuse_downloads(network: Any) -> None:
+    """Refuse a ``network_def`` that would fetch pretrained weights when built (torchvision's
+    ImageNet weights for ``TorchVisionFCModel(pretrained=True)``): pacsflow never downloads,
+    and the bundle's own weights replace them anyway."""
+    if not isinstance(network, dict):
+        return
+    value = network.get("pretrained")
+    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "$true")):
+        raise BundleConfigError(
+            "network_def#pretrained is true: building the network would download pretrained "
+            "weights (pacsflow never downloads; the bundle's own weights replace them). Add "
+            '`overrides: {"network_def#pretrained": false}` to the model\'s registry entry'
+        )
+
+
 def prepare(
     raw: Mapping[str, Any],
     *,
@@ -407,6 +422,7 @@ def prepare(
     image_key = _strip(config, changes)
     if "network_def" not in config:
         raise BundleConfigError("configs/inference.json has no network_def")
+    _refuse_downloads(config["network_def"])
     if check_target is None:
         return PreparedConfig(config=config, image_key=image_key, changes=changes)
     parts: dict[str, Any] = {}

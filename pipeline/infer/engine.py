@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import logging
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -274,9 +275,13 @@ class Segmenter:
 
         loaded = load()
         array, affine = (loaded.array, loaded.affine) if isinstance(loaded, Volume) else loaded
-        if array.ndim != 3:
+        if array.ndim == 4:  # channels stacked (pipeline.infer.inputs): (C, slices, rows, cols)
+            data = np.ascontiguousarray(array.transpose(0, 3, 2, 1), dtype=np.float32)
+            array = array[0]
+        elif array.ndim == 3:
+            data = np.ascontiguousarray(array.transpose(2, 1, 0)[None], dtype=np.float32)
+        else:
             raise ModelError(f"expected a 3D volume (slices, rows, cols), got shape {array.shape}")
-        data = np.ascontiguousarray(array.transpose(2, 1, 0)[None], dtype=np.float32)
         ras = torch.from_numpy(lps_to_ras(affine))
         # what LoadImaged + EnsureChannelFirstd would give a bundle (float32, channel first,
         # RAS affine): its own EnsureChannelFirstd is then a no-op
@@ -334,7 +339,10 @@ class Segmenter:
         if self._fast_argmax == "first":
             out = _argmax(pred)
         if self._post is not None:
-            out = self._post({"pred": out, self.bundle.image_key: item.image})["pred"]
+            with warnings.catch_warnings():
+                # Invertd over a preprocessing with nothing to invert (BraTS: intensity only)
+                warnings.filterwarnings("ignore", "inverse has been called but no invertible")
+                out = self._post({"pred": out, self.bundle.image_key: item.image})["pred"]
         if self._fast_argmax == "last":
             out = _argmax(out)
         labels = torch.as_tensor(out).detach().cpu()

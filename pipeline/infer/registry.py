@@ -55,6 +55,7 @@ __all__ = [
     "CandidateSpec",
     "Code",
     "DetectionSpec",
+    "InputChannel",
     "LabelSpec",
     "MeasurementSpec",
     "ModelEntry",
@@ -155,6 +156,18 @@ class TestTime(_Strict):
         return 2 ** len(set(self.mirror_axes)) * (2 if self.transpose_xy else 1)
 
 
+class InputChannel(_Strict):
+    """One input channel of a multi-sequence model (:mod:`pipeline.infer.inputs`): the series
+    of a study that feeds it, a DuckDB WHERE over the research ``series`` table joined with its
+    instances' sequence attributes (``RepetitionTime``, ``EchoTime``, ``InversionTime``,
+    ``FlipAngle``, ``ContrastBolusAgent``, ``ScanningSequence``, ``SeriesDescription`` where
+    the de-identification kept it)."""
+
+    #: the channel's name, as the bundle's input ``channel_def`` names it (e.g. ``T1c``)
+    name: str
+    where: str
+
+
 class ModelEntry(_Strict):
     """One model of the registry."""
 
@@ -175,6 +188,15 @@ class ModelEntry(_Strict):
     drop: tuple[str, ...] = ()
     #: detection models: threshold, top-k and class names of the boxes
     detection: DetectionSpec = Field(default_factory=lambda: DetectionSpec())
+    #: ``segmentation`` (label maps), ``classification`` (a class vector per image or
+    #: volume), or ``auto``: the bundle's metadata decides (:func:`pipeline.infer.classify.task_of`)
+    task: Literal["auto", "segmentation", "classification"] = "auto"
+    #: multi-sequence input: the study's series stacked as the bundle's channels, in order,
+    #: resampled onto the first one's grid (:mod:`pipeline.infer.inputs`); empty: one series
+    inputs: tuple[InputChannel, ...] = ()
+    #: label map value -> label name, where the bundle's postprocessing writes values other
+    #: than its output channels (BraTS' lambda: 1, 2, 4); empty: the bundle's channel_def
+    output_labels: dict[int, str] = Field(default_factory=dict)
 
 
 class Registry(_Strict):

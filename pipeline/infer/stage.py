@@ -83,8 +83,9 @@ def _segmenter(
     transpose_xy = bool(entry["test_time"]["transpose_xy"])
     trust = entry.get("trust", {"mode": "allow-list", "digest": ""})
     overrides_key = json.dumps([entry.get("overrides", {}), entry.get("drop", [])], sort_keys=True)
+    task = str(entry.get("task", "segmentation"))
     key = (
-        str(entry["bundle"]),
+        str(entry["bundle"]) + ("" if task == "segmentation" else f"#{task}"),
         str(trust["mode"]),
         overrides_key,
         cfg.compute.device,
@@ -109,6 +110,12 @@ def _segmenter(
                 overrides=entry.get("overrides"),
                 drop=tuple(entry.get("drop", ())),
             )
+            if task == "classification":
+                from pipeline.infer.classify import Classifier
+
+                seg = Classifier(bundle, device=cfg.compute.device, batch_size=cfg.infer.batch_size)
+                _SEGMENTERS[key] = seg
+                return seg
             seg = _detector(cfg, bundle, entry) or Segmenter(
                 bundle,
                 device=cfg.compute.device,
@@ -221,8 +228,31 @@ def infer_batch(
     label_specs = entry.get("labels", {})
     rows: list[dict[str, Any]] = []
     volumes: dict[str, Volume] = {}
+    if entry.get("task") == "classification":
+        from pipeline.infer.classify import findings_rows
 
-    def loader(row: dict[str, Any]) -> Callable[[], Volume]:
+        stats_before = seg.stats.as_dict()
+        rows = findings_rows(seg, tensors, research=lake.research, label_specs=label_specs,
+                             code_list=_code_list, run_id=run_id, now=now)  # fmt: skip
+        if rows:
+            write_partition(lake, "findings", rows, part=part)
+        after = seg.stats.as_dict()
+        return {
+            "volumes": len(tensors),
+            "findings": len(rows),
+            "stats": {k: after[k] - stats_before[k] for k in after if k != "wait_fraction"},
+        }
+    # a label map's values and names: the registry's where the bundle's postprocessing writes
+    # other values than its channels (BraTS' lambda), else the bundle's channel_def
+    label_names = {int(k): v for k, v in (entry.get("output_labels") or {}).items()}
+    label_names = label_names or dict(bundle.labels)
+
+    def loader(row: dict[str, Any]) -> Callable[[], Any]:
+        if row.get("channels"):  # a multi-sequence input: the study's series stacked
+            from pipeline.infer.inputs import stacked_loader
+
+            return stacked_loader(lake, row, lambda v: volumes.__setitem__(row["tensor_key"], v))
+
         def load() -> Volume:
             array = np.load(lake.research / row["path"], allow_pickle=False)
             volume = Volume.from_tensor_row(row, array)
@@ -233,20 +263,26 @@ def infer_batch(
 
     stats_before = seg.stats.as_dict()
     by_key = {row["tensor_key"]: row for row in tensors}
-    first_free = max(bundle.labels) + 1
+    first_free = max(label_names) + 1
     for key, labels in seg.segment((row["tensor_key"], loader(row)) for row in tensors):
         row = by_key[key]
         volume = volumes.pop(key)
         values, spacing = volume.array, volume.spacing
         hounsfield = bool(row.get("rescaled")) and row.get("Modality") == "CT"
-        measured = measure(labels, values, spacing, sorted(bundle.labels), hounsfield)
+        measured = measure(labels, values, spacing, sorted(label_names), hounsfield)
         found: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = [
             (name, value, label_specs.get(name) or {}, measured[value])
-            for value, name in sorted(bundle.labels.items())
+            for value, name in sorted(label_names.items())
         ]
         if entry.get("candidates"):
             labels = np.array(labels, copy=True)  # candidates are written into the label map
             found += _candidates(labels, values, spacing, hounsfield, entry, first_free)
+        inputs = {}
+        if row.get("channels"):  # which series fed which channel
+            inputs = {
+                "input_series": [c["SeriesInstanceUID"] for c in row["channels"]],
+                "input_channels": list(row["channel_names"]),
+            }
         rel = f"masks/{key}/{model_ref}.npy"
         mask_checksum = write_npy(lake.research / rel, labels)
         for name, value, spec, m in found:
@@ -277,6 +313,7 @@ def infer_batch(
                             "mean_value": {"value": m["mean_value"], "unit": "stored"},
                             "voxel_count": {"value": m["voxel_count"], "unit": "voxels"},
                             "voxel_spacing_mm": list(spacing),
+                            **inputs,
                             **extra,
                         },
                         sort_keys=True,
@@ -286,6 +323,8 @@ def infer_batch(
                     "device": device,
                     "run_id": run_id,
                     "inferred_at": now,
+                    "task": "segmentation",
+                    "predicted": None,
                 }
             )
     if rows:
@@ -377,6 +416,7 @@ def _todo(
     per_task: int,
     progress: Progress | None = None,
     workers: int = 1,
+    kinds: tuple[str, ...] | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """The volumes without findings of this model, in tasks of at most ``per_task`` volumes,
     and fewer where that keeps every one of the ``workers`` busy (7 volumes on 2 workers: 4
@@ -389,6 +429,7 @@ def _todo(
         preprocessing_hash=cfg.tensors.preprocessing_hash(),
         version=bundle.version,
         weights_sha256=bundle.weights_sha256,
+        tensor_kinds=kinds or ("volume",),
     )
     batch: list[dict[str, Any]] = []
     try:
@@ -410,6 +451,42 @@ def _todo(
         raise
     if batch:
         yield batch
+
+
+def _class_names(bundle: Any) -> list[str]:
+    from pipeline.infer.classify import class_names
+
+    return list(class_names(bundle.metadata).values())
+
+
+def _group_todo(
+    con: Any,
+    lake: LakePaths,
+    cfg: PipelineConfig,
+    entry: Any,
+    bundle: Any,
+    progress: Progress | None,
+    refused: dict[str, str],
+) -> Iterator[list[dict[str, Any]]]:
+    """A multi-sequence model's studies (:mod:`pipeline.infer.inputs`), one per task; the
+    refused ones (a channel missing or ambiguous) are put into ``refused`` with the reason."""
+    from pipeline.infer.inputs import check_channels, match_inputs
+
+    check_channels([c.name for c in entry.inputs], bundle.metadata, entry.name)
+    groups = match_inputs(
+        con,
+        lake,
+        applies_to=entry.applies_to,
+        channels=[(c.name, c.where) for c in entry.inputs],
+        preprocessing_hash=cfg.tensors.preprocessing_hash(),
+        model=bundle.name,
+        version=bundle.version,
+        weights_sha256=bundle.weights_sha256,
+    )
+    refused.update(groups.refused)
+    set_total(progress, len(groups.todo))
+    for group in groups.todo:
+        yield [group]
 
 
 def _gpu_resources(cfg: PipelineConfig, client: Any) -> dict[str, float] | None:
@@ -454,12 +531,19 @@ def run(
     registry = load_registry(cfg.infer.registry)
     entry = registry.entry(model or cfg.infer.model)
     bundle, decision = load_entry_bundle(cfg, entry, lake.restricted / "cache" / "bundles")
+    from pipeline.infer.classify import task_of
+
+    task = task_of(bundle.metadata, entry.task)
     test_time = entry.test_time if cfg.infer.test_time_augmentation else TestTime()
     # a clear error before any task
     augmentation_views(test_time.mirror_axes, test_time.transpose_xy, bundle.spatial_dims)
     from pipeline.infer.detect import detector_of
 
-    names = list(bundle.labels.values())
+    names = (
+        _class_names(bundle)
+        if task == "classification"
+        else list(entry.output_labels.values()) or list(bundle.labels.values())
+    )
     if (detector := detector_of(bundle.inferer)) is not None:
         classes = int(getattr(detector, "num_classes", 1) or 1)
         names = [entry.detection.class_name(c) for c in range(classes)]
@@ -485,14 +569,22 @@ def run(
         "overrides": dict(entry.overrides),
         "drop": list(entry.drop),
         "detection": entry.detection.model_dump(),
+        "task": task,
+        "output_labels": {int(k): v for k, v in entry.output_labels.items()},
     }
+    refused: dict[str, str] = {}
     con = connect()
     done = {"volumes": 0, "findings": 0}
     stats: dict[str, float] = {}
 
     def calls() -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
         workers = len(client.scheduler_info().get("workers", {})) if client is not None else 1
-        todo = _todo(con, lake, cfg, entry, bundle, cfg.infer.volumes_per_task, progress, workers)
+        if entry.inputs:
+            todo = _group_todo(con, lake, cfg, entry, bundle, progress, refused)
+        else:
+            kinds = ("planar",) if task == "classification" and bundle.spatial_dims == 2 else None
+            todo = _todo(con, lake, cfg, entry, bundle, cfg.infer.volumes_per_task, progress,
+                         workers, kinds)  # fmt: skip
         for i, batch in enumerate(todo):
             yield (
                 (cfg, batch),
@@ -524,6 +616,7 @@ def run(
             "findings": done["findings"],
             "model": bundle.ref,
             "engine": {k: round(v, 3) for k, v in stats.items()},
+            **({"refused_studies": len(refused)} if entry.inputs else {}),
         },
     )
     logger.info(

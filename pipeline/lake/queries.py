@@ -59,6 +59,8 @@ __all__ = [
     "empty_sql",
     "filter_expression",
     "identifier",
+    "infer_channel_series",
+    "infer_done_tensors",
     "infer_todo",
     "latest_sql",
     "lineage_sql",
@@ -807,9 +809,11 @@ def infer_todo(
     preprocessing_hash: str,
     version: str,
     weights_sha256: str,
+    tensor_kinds: Sequence[str] = ("volume",),
 ) -> Query:
     """Stored volumes of the series ``applies_to`` (the filter of registry entry ``entry``)
-    selects that lack the findings of this model identity.
+    selects that lack the findings of this model identity; ``tensor_kinds`` (``volume``,
+    ``planar``, ``cine``) says which tensors the model takes (a 2D classifier: ``planar``).
 
     Raises
     ------
@@ -829,8 +833,9 @@ def infer_todo(
         FROM {scan_sql(lake, "tensors")} t
         JOIN s ON s.SeriesInstanceUID = t.SeriesInstanceUID
         WHERE t.status = 'ok' AND t.preprocessing_hash = $h
-          -- volumes only: 2D radiographs and cine (issue #21) are not a volume model's input
-          AND coalesce(t.tensor_kind, 'volume') = 'volume'
+          -- the kinds of tensor the model takes: volumes for a volume model, 2D images
+          -- (issue #21) for a 2D classifier
+          AND list_contains($kinds, coalesce(t.tensor_kind, 'volume'))
           AND NOT EXISTS (
             SELECT 1 FROM {scan_sql(lake, "findings")} f
             WHERE f.tensor_key = t.tensor_key AND f.model = $m
@@ -838,7 +843,66 @@ def infer_todo(
           )
         ORDER BY t.tensor_key
         """,
-        {"h": preprocessing_hash, "m": model, "v": version, "w": weights_sha256},
+        {
+            "h": preprocessing_hash,
+            "m": model,
+            "v": version,
+            "w": weights_sha256,
+            "kinds": list(tensor_kinds),
+        },
+    )
+
+
+def infer_channel_series(lake: LakePaths, *, applies_to: str, channel: str, where: str) -> Query:
+    """The stored volumes of the series (of ``applies_to``) a multi-sequence model's input
+    channel ``channel`` takes: ``where`` runs over the ``series`` table joined with its first
+    instance's sequence attributes (and ``SeriesDescription`` from the de-identified header,
+    where kept). Bound by the caller: ``$h``, the preprocessing hash.
+
+    Raises
+    ------
+    ConfigError
+        When ``applies_to`` or ``where`` is not one filter expression.
+    """
+    scope = filter_expression(applies_to, what=f"input {channel!r}: applies_to")
+    match = filter_expression(where, what=f"input {channel!r}: where")
+    return Query(
+        f"""
+        WITH i AS (
+            SELECT SeriesInstanceUID,
+                   arg_min(RepetitionTime, InstanceNumber) AS RepetitionTime,
+                   arg_min(EchoTime, InstanceNumber) AS EchoTime,
+                   arg_min(InversionTime, InstanceNumber) AS InversionTime,
+                   arg_min(FlipAngle, InstanceNumber) AS FlipAngle,
+                   arg_min(ContrastBolusAgent, InstanceNumber) AS ContrastBolusAgent,
+                   arg_min(ScanningSequence, InstanceNumber) AS ScanningSequence,
+                   arg_min(json_extract_string(header_json, '$."0008103E".Value[0]'),
+                           InstanceNumber) AS SeriesDescription
+            FROM {scan_sql(lake, "instances")}
+            GROUP BY SeriesInstanceUID
+        ), s AS (
+            SELECT * FROM {scan_sql(lake, "series")} JOIN i USING (SeriesInstanceUID)
+            WHERE {scope} AND {match}
+        )
+        SELECT s.StudyInstanceUID, t.tensor_key, t.SeriesInstanceUID, t.path, t.shape,
+               t.spacing, t.affine, t.checksum, t.rescaled, t.volume_index, t.preprocessing,
+               t.sop_instance_uids, t.frame_numbers, s.Modality
+        FROM {scan_sql(lake, "tensors")} t
+        JOIN s ON s.SeriesInstanceUID = t.SeriesInstanceUID
+        WHERE t.status = 'ok' AND t.preprocessing_hash = $h
+          AND coalesce(t.tensor_kind, 'volume') = 'volume'
+        ORDER BY s.StudyInstanceUID, t.tensor_key
+        """,
+    )
+
+
+def infer_done_tensors(lake: LakePaths) -> Query:
+    """The tensors that have findings of one model identity (bound: ``$m``, ``$v``, ``$w``)."""
+    return Query(
+        f"""
+        SELECT DISTINCT tensor_key FROM {scan_sql(lake, "findings")}
+        WHERE model = $m AND model_version = $v AND weights_sha256 = $w
+        """
     )
 
 
@@ -853,7 +917,10 @@ def writeback_groups(lake: LakePaths, model: str | None) -> Query:
                list(struct_pack(label := f.label, value := f.label_value,
                                 category := f.category_code, type := f.type_code,
                                 volume_ml := f.volume_ml, mean_hu := f.mean_hu,
-                                voxels := f.voxel_count) ORDER BY f.label_value) AS labels,
+                                voxels := f.voxel_count, score := f.score,
+                                predicted := f.predicted, box_mm := f.box_mm)
+                    ORDER BY f.label_value) AS labels,
+               any_value(f.task) AS task,
                any_value(t.sop_instance_uids) AS sops,
                any_value(t.frame_numbers) AS frames,
                any_value(t.preprocessing) AS preprocessing,
@@ -863,7 +930,7 @@ def writeback_groups(lake: LakePaths, model: str | None) -> Query:
                any_value(t.spacing) AS spacing
         FROM {scan_sql(lake, "findings")} f
         JOIN {scan_sql(lake, "tensors")} t ON t.tensor_key = f.tensor_key
-        WHERE {where} AND f.mask_path IS NOT NULL  -- detection boxes: no mask, no SEG yet
+        WHERE {where}
         GROUP BY 1, 2, 3, 4
         ORDER BY 1, 2, 3, 4
         """,

@@ -340,6 +340,9 @@ FINDINGS = _schema(
         _f("box_mm", pa.list_(_F)),  # [x0, y0, z0, x1, y1, z1] LPS mm
         _f("centre_mm", pa.list_(_F)),  # [x, y, z] LPS mm
         _f("size_mm", pa.list_(_F)),  # [x, y, z] extents, mm
+        # issue #22: classification models (one row per class, score its probability)
+        _f("task", _S),  # segmentation (null in rows before it) | classification
+        _f("predicted", _B),  # classification: this class is the image's top score
     ],
     "research: one row per (volume, model, label or box); a new model version adds rows",
 )

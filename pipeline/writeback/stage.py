@@ -203,6 +203,25 @@ def run(
                 originals = objs[0]["originals"]
                 headers = _read_sources(cfg, lake, originals)
                 reidentified += len(headers)
+                if group.get("task") == "classification":
+                    built = _classification_sr(cfg, pseudo, group, objs[0], headers)
+                    if built is None:  # the predicted class has no codes
+                        counts["skipped"] += len(objs)
+                        continue
+                    _save(objects_dir, objs[0], built, files)
+                    counts["built"] += 1
+                    row(objs[0], "built", None)
+                    missing = []
+                elif any(lab.get("box_mm") for lab in group["labels"]):
+                    built = _box_sr(cfg, pseudo, group, objs[0], headers)
+                    if built is None:  # no box has codes
+                        counts["skipped"] += len(objs)
+                        continue
+                    _save(objects_dir, objs[0], built, files)
+                    counts["built"] += 1
+                    row(objs[0], "built", None)
+                    missing = []
+            if missing:
                 mask = _mask_volume(lake, group)
                 specs = [
                     SegmentSpec(
@@ -334,11 +353,16 @@ def _plan(
     con: Any, lake: LakePaths, pseudo: Pseudonymizer, cipher: VaultCipher, group: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """The SEG and SR of one volume: their UIDs and where they come from (re-identified)."""
+    classification = group.get("task") == "classification"  # an SR about images: no grid
+    # boxes are in patient millimetres: right whatever grid the volume was resampled to
+    detection = any(lab.get("box_mm") for lab in group["labels"])
     try:
         grid = VolumeGrid.from_preprocessing(group["preprocessing"])
     except ValueError as exc:
-        raise WritebackError(f"the volume's preprocessing is unreadable: {exc}") from None
-    if grid is not VolumeGrid.NATIVE:
+        if not (classification or detection):
+            raise WritebackError(f"the volume's preprocessing is unreadable: {exc}") from None
+        grid = VolumeGrid.NATIVE
+    if grid is not VolumeGrid.NATIVE and not (classification or detection):
         text = str(group["preprocessing"])
         why = ")"
         if '"equalize"' in text:
@@ -373,10 +397,12 @@ def _plan(
             group["weights_sha256"],
             series_uid,
             str(group["volume_index"] or 0),
+            # a classification is per image: a series of several images gets an SR for each
+            *([originals[0]["SOPInstanceUID"]] if classification else []),
         ]
     )
     out = []
-    for kind in ("SEG", "SR"):
+    for kind in ("SR",) if classification or detection else ("SEG", "SR"):
         uid = pseudo.derived_uid(_DOMAIN, seg_key, kind)
         out.append(
             {
@@ -397,6 +423,79 @@ def _plan(
             }
         )
     return out
+
+
+def _classification_sr(
+    cfg: PipelineConfig,
+    pseudo: Pseudonymizer,
+    group: dict[str, Any],
+    obj: dict[str, Any],
+    headers: list[Any],
+) -> Any | None:
+    """The SR of a classified image (:mod:`pipeline.writeback.qualitative`); None when its
+    predicted class has no codes."""
+    from pipeline.writeback.qualitative import build_classification_sr
+
+    return build_classification_sr(
+        headers,
+        group["labels"],
+        model=group["model"],
+        model_version=group["model_version"],
+        weights_sha256=group["weights_sha256"],
+        device_uid=pseudo.derived_uid(_DOMAIN, group["model"], group["model_version"], "device"),
+        tracking_uid=pseudo.derived_uid(_DOMAIN, obj["seg_key"], "classification"),
+        series_instance_uid=obj["SeriesInstanceUID"],
+        sop_instance_uid=obj["result_uid"],
+        series_number=cfg.writeback.series_number + 2,
+    )
+
+
+def _box_sr(
+    cfg: PipelineConfig,
+    pseudo: Pseudonymizer,
+    group: dict[str, Any],
+    obj: dict[str, Any],
+    headers: list[Any],
+) -> Any | None:
+    """The TID 1500 SR of a volume's detected boxes (:mod:`pipeline.writeback.boxes`), a
+    measurement group with a SCOORD3D ellipsoid per box; None when no box has codes."""
+    from pipeline.writeback.boxes import BoxSpec, build_box_sr
+
+    specs = [
+        BoxSpec(
+            label=lab["label"],
+            category=tuple(lab["category"]),
+            type=tuple(lab["type"]),
+            box_mm=tuple(float(v) for v in lab["box_mm"]),  # type: ignore[arg-type]
+            score=lab.get("score"),
+            tracking_uid=pseudo.derived_uid(_DOMAIN, obj["seg_key"], "box", lab["label"]),
+        )
+        for lab in group["labels"]
+        if lab.get("box_mm") and lab["category"] and lab["type"]
+    ]
+    if not specs:
+        return None
+    return build_box_sr(
+        headers,
+        specs,
+        model=group["model"],
+        model_version=group["model_version"],
+        weights_sha256=group["weights_sha256"],
+        device_uid=pseudo.derived_uid(_DOMAIN, group["model"], group["model_version"], "device"),
+        series_instance_uid=obj["SeriesInstanceUID"],
+        sop_instance_uid=obj["result_uid"],
+        series_number=cfg.writeback.series_number + 3,
+    )
+
+
+def _save(folder: Path, obj: dict[str, Any], ds: Any, files: FileCipher | None) -> None:
+    """Write a built object (sealed when the lake is encrypted at rest)."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data, name = buf.getvalue(), obj["path_name"]
+    if files is not None:
+        data = files.encrypt(data, name)
+    atomic_write_bytes(folder / name, data)
 
 
 def _mask_volume(lake: LakePaths, group: dict[str, Any]) -> Volume:

@@ -114,3 +114,96 @@ def test_random_retinanet_runs_as_shipped(tmp_path: Path) -> None:
         assert -1e-3 <= k0 <= k1 <= 15 + 1e-3
         assert -1e-3 <= j0 <= j1 <= 63 + 1e-3
         assert -1e-3 <= i0 <= i1 <= 63 + 1e-3
+
+
+def test_detection_through_infer_and_writeback(tmp_path: Path) -> None:
+    """`pacsflow infer` + `writeback` with the pinned, approved detection bundle: one finding
+    per box (score, class, voxel and mm box) and a TID 1500 SR whose SCOORD3D ellipsoid is
+    the finding's mm box, referencing the original series (re-identified)."""
+    import base64
+
+    import highdicom as hd
+    import pydicom
+    import yaml
+    from dicom_factory import make_ct_stack
+    from typer.testing import CliRunner
+
+    from pipeline.cli.main import app
+    from pipeline.config import load_config
+    from pipeline.connectors import FolderSource
+    from pipeline.crawl import run as crawl_run
+    from pipeline.deid.stage import run as deid_run
+    from pipeline.infer.bundle_config import content_hash
+    from pipeline.infer.trust import TrustStore
+    from pipeline.lake import LakePaths, read_table
+    from pipeline.lake.identity import open_lake
+    from pipeline.lake.keys import LakeKeys
+    from pipeline.tensors.stage import run as tensors_run
+
+    volume = _volume()
+
+    def phantom(points: np.ndarray) -> np.ndarray:  # HU + 1024 at these LPS points
+        i = np.rint((points[..., 0] + 12.0) / 0.7).astype(int)
+        j = np.rint((points[..., 1] - 30.5) / 0.7).astype(int)
+        k = int(round((float(points[0, 0, 2]) + 80.0) / 1.25))
+        return volume[k, j, i].astype(np.float64) + 1024
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    positions = [(-12.0, 30.5, -80.0 + 1.25 * k) for k in range(SHAPE[0])]
+    for n, ds in enumerate(make_ct_stack(positions, phantom, pixel_spacing=(0.7, 0.7),
+                                         rows=SHAPE[1], columns=SHAPE[2])):  # fmt: skip
+        ds.RescaleIntercept = -1024
+        ds.save_as(archive / f"{n:03d}.dcm", enforce_file_format=True)
+    key = b"d" * 32
+    lake = LakePaths(tmp_path / "lake")
+    open_lake(lake, LakeKeys(key), create=True)
+    cfg = load_config(overrides={"compute": {"workers": 1, "device": "cpu"}}, environ={})
+    crawl_run(cfg, lake, FolderSource(archive), run_id="c")
+    deid_run(cfg, lake, key=key, run_id="d")
+    tensors_run(cfg, lake, run_id="t")
+    key_file = tmp_path / "k.key"
+    key_file.write_text(f"pacsflow-key-v1\n{base64.b64encode(key).decode()}\n")
+    key_file.chmod(0o600)
+
+    bundle = detection_bundle(tmp_path / "bundles", known_answer=True)
+    digest = content_hash(bundle)
+    store = tmp_path / "trust.json"
+    TrustStore(store).approve(digest, "nodules", bundle)
+    nodule = {"category": ["49755003", "SCT", "Morphologically Altered Structure"],
+              "type": ["27925004", "SCT", "Nodule"]}  # fmt: skip
+    registry = {"nodules": {"bundle": str(bundle), "bundle_sha256": digest,
+                            "applies_to": "Modality = 'CT'",
+                            "detection": {"classes": {0: "lung_nodule"}},
+                            "labels": {"lung_nodule": nodule}}}  # fmt: skip
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"models": registry}))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "compute": {"device": "cpu"},
+        "infer": {"registry": str(tmp_path / "models.yaml"), "model": "nodules",
+                  "trust_store": str(store)},
+    }))  # fmt: skip
+    common = ["--lake", str(lake.root), "--key-file", str(key_file), "--config", str(config)]
+    runner = CliRunner()
+    result = runner.invoke(app, ["infer", *common, "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    [row] = read_table(lake, "findings").to_pylist()
+    assert row["label"] == "lung_nodule_1"
+    assert row["box_class"] == "lung_nodule"
+    assert row["score"] == pytest.approx(1 / (1 + np.exp(-10.0)), rel=1e-5)
+    lo = _world(np.array([14, 9, 3.0]), AFFINE)
+    hi = _world(np.array([20, 17, 7.0]), AFFINE)
+    assert row["box_mm"] == pytest.approx([*lo, *hi], abs=1e-3)
+    dest = tmp_path / "results"
+    result = runner.invoke(app, ["writeback", *common, "--dest", str(dest)])
+    assert result.exit_code == 0, result.output
+    [path] = [p for p in dest.rglob("*") if p.is_file()]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+    assert sr.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.2"  # the original study
+    [group] = sr.content.get_volumetric_roi_measurement_groups()
+    assert group.roi.graphic_type == hd.sr.GraphicTypeValues3D.ELLIPSOID
+    points = np.asarray(group.roi.graphic_data, dtype=np.float64).reshape(6, 3)
+    assert [*points.min(0), *points.max(0)] == pytest.approx([*lo, *hi], abs=1e-3)
+    again = runner.invoke(app, ["writeback", *common, "--dest", str(dest)])
+    assert again.exit_code == 0, again.output  # confirmed already: nothing new
+    assert len([p for p in dest.rglob("*") if p.is_file()]) == 1
