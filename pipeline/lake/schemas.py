@@ -321,8 +321,10 @@ FINDINGS = _schema(
         _f("weights_sha256", _S, False),
         _f("label", _S, False),
         _f("label_value", _I),  # the value of the label in the mask
-        _f("category_code", pa.list_(_S)),  # [value, scheme, meaning] (registry), or null
-        _f("type_code", pa.list_(_S)),  # [value, scheme, meaning] (registry), or null
+        # legacy: codes are applied at write-back (pipeline.codes), no longer frozen here; rows
+        # inferred before issue #22 may hold [value, scheme, meaning]
+        _f("category_code", pa.list_(_S)),
+        _f("type_code", pa.list_(_S)),
         _f("score", _F),  # a model's confidence where it gives one (segmentation: null)
         _f("voxel_count", _I),
         _f("volume_ml", _F),
@@ -334,6 +336,7 @@ FINDINGS = _schema(
         _f("device", _S),  # cpu | cuda (and the autocast dtype)
         _f("run_id", _S),
         _f("inferred_at", _TS),
+        _f("model_entry", _S),  # the registry entry that ran (write-back codes from it)
     ],
     "research: one row per (volume, model, label); a new model version adds rows",
 )

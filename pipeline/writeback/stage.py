@@ -6,16 +6,21 @@ Per (volume, model identity) with findings:
    Instance UIDs in the ``tensors`` row) -> the vault's original UIDs -> the index's source and
    location -> the original headers, read through the connector that crawled them (a PACS is
    asked again by WADO-RS / C-GET). Research data never supplies an identifier;
-2. **UIDs** of the SEG and the SR (and their series) are keyed HMACs of (model, version, weights,
-   original source series, volume, kind) under the lake's key, so a rerun rebuilds the same
-   objects and the PACS sees the same instances; a new model version gives new objects;
-3. **Build** (:mod:`pipeline.writeback.objects`) into ``restricted/results/``,
+2. **Codes** of every label are resolved now, not at inference (:mod:`pipeline.codes`: the
+   registry entry that ran, its code tables, else a local ``99PACSFLOW`` code; no label is
+   dropped for want of a code);
+3. **UIDs** of the SEG and the SR (and their series) are keyed HMACs of (model, version, weights,
+   original source series, volume, kind) under the lake's key, the instances' also of the
+   codes' digest, so a rerun rebuilds the same objects and the PACS sees the same instances; a
+   new model version gives new objects, and so do corrected codes (new instances in the same
+   series: the corrected mapping reaches the PACS without re-running inference);
+4. **Build** (:mod:`pipeline.writeback.objects`) into ``restricted/results/``,
    **validate** with ``dciodvfy`` when asked (an object with IOD errors is not sent: status
    ``invalid`` with the validator's first error);
-4. **Send** what the destination does not hold yet (folder, STOW-RS or C-STORE), retrying
+5. **Send** what the destination does not hold yet (folder, STOW-RS or C-STORE), retrying
    transient failures with exponential backoff; then **confirm** by asking the destination again
    (QIDO-RS, C-FIND, the file): only a confirmed object is ``confirmed``;
-5. every status change is a row of ``restricted/outbox`` (latest wins); a rerun skips objects
+6. every status change is a row of ``restricted/outbox`` (latest wins); a rerun skips objects
    confirmed at that destination, so killing the stage and rerunning leaves one copy.
 
 The source objects of a volume whose SEG is confirmed reach the state ``written_back``.
@@ -38,6 +43,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from pipeline.codes import codes_digest
 from pipeline.compute import set_total
 from pipeline.config import PipelineConfig
 from pipeline.connectors import open_source
@@ -86,7 +92,22 @@ def dciodvfy_errors(path: Path) -> list[str]:
 def _groups(con: Any, lake: LakePaths, model: str | None) -> list[dict[str, Any]]:
     """One row per (volume, model identity) with findings, with its tensors row."""
     q = writeback_groups(lake, model)
+    try:
+        return arrow_table(con, q.sql, q.params).to_pylist()
+    except Exception as exc:  # findings written before they named the registry entry
+        if "model_entry" not in str(exc):
+            raise
+    q = writeback_groups(lake, model, with_entry=False)
     return arrow_table(con, q.sql, q.params).to_pylist()
+
+
+def _codes(cfg: PipelineConfig, group: dict[str, Any]) -> dict[str, Any]:
+    """label -> :class:`pipeline.codes.LabelCodes` of ``group``'s labels, as the registry and
+    the code tables say now."""
+    from pipeline.codes import registry_codes
+
+    model = registry_codes(cfg.infer.registry, entry=group.get("model_entry"), model=group["model"])
+    return model.resolve([lab["label"] for lab in group["labels"]])
 
 
 def _originals(
@@ -187,7 +208,8 @@ def run(
             if progress:
                 progress(1)
             try:
-                objs = _plan(con, lake, pseudo, cipher, group)
+                codes = _codes(cfg, group)
+                objs = _plan(con, lake, pseudo, cipher, group, codes_digest(codes))
             except WritebackError as exc:
                 counts["failed"] += 1
                 refused += 1
@@ -208,16 +230,20 @@ def run(
                     SegmentSpec(
                         label=lab["label"],
                         value=int(lab["value"]),
-                        category=tuple(lab["category"]),
-                        type=tuple(lab["type"]),
+                        category=codes[lab["label"]].category,
+                        type=codes[lab["label"]].type,
                         volume_ml=lab["volume_ml"],
                         mean_hu=lab["mean_hu"],
                         tracking_uid=pseudo.derived_uid(
                             _DOMAIN, objs[0]["seg_key"], "segment", lab["label"]
                         ),
+                        type_modifier=codes[lab["label"]].type_modifier,
+                        region=codes[lab["label"]].region,
+                        region_modifier=codes[lab["label"]].region_modifier,
+                        rgb=codes[lab["label"]].rgb,
                     )
                     for lab in group["labels"]
-                    if lab["voxels"] and lab["category"] and lab["type"]
+                    if lab["voxels"]  # an empty label has no frame: no segment
                 ]
                 if not specs:
                     counts["skipped"] += len(objs)
@@ -331,9 +357,15 @@ _OUTBOX_KEYS: Final = (
 
 
 def _plan(
-    con: Any, lake: LakePaths, pseudo: Pseudonymizer, cipher: VaultCipher, group: dict[str, Any]
+    con: Any,
+    lake: LakePaths,
+    pseudo: Pseudonymizer,
+    cipher: VaultCipher,
+    group: dict[str, Any],
+    codes: str,
 ) -> list[dict[str, Any]]:
-    """The SEG and SR of one volume: their UIDs and where they come from (re-identified)."""
+    """The SEG and SR of one volume: their UIDs and where they come from (re-identified);
+    ``codes`` is the digest of the codes they carry (new codes, new instances)."""
     try:
         grid = VolumeGrid.from_preprocessing(group["preprocessing"])
     except ValueError as exc:
@@ -372,7 +404,7 @@ def _plan(
     )
     out = []
     for kind in ("SEG", "SR"):
-        uid = pseudo.derived_uid(_DOMAIN, seg_key, kind)
+        uid = pseudo.derived_uid(_DOMAIN, seg_key, kind, "codes", codes)
         out.append(
             {
                 "result_uid": uid,

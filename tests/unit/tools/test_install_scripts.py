@@ -119,7 +119,10 @@ def test_install_imaging_tools_on_a_machine_without_them(tmp_path: Path) -> None
     )
     done = _run("install-imaging-tools.sh", bindir, {})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines() == ["dcm2niix: dcm2niix 9.9.9", "tesseract: tesseract 9.9.9"]
+    assert done.stdout.strip().splitlines() == [
+        "dcm2niix: dcm2niix 9.9.9",
+        "tesseract: tesseract 9.9.9",
+    ]
     calls = log.read_text().splitlines()
     assert calls[1].startswith(
         "install -y -q --no-install-recommends dcm2niix tesseract-ocr tesseract-ocr-eng"
