@@ -362,7 +362,7 @@ def _plan(
     pseudo: Pseudonymizer,
     cipher: VaultCipher,
     group: dict[str, Any],
-    codes: str,
+    codes: str = "",
 ) -> list[dict[str, Any]]:
     """The SEG and SR of one volume: their UIDs and where they come from (re-identified);
     ``codes`` is the digest of the codes they carry (new codes, new instances)."""
