@@ -59,9 +59,19 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"content:  {decision.digest}")
             typer.echo(f"weights:  {bundle.weights_sha256}")
             typer.echo(f"labels:   {len(bundle.labels)}")
-            uncoded = [n for n in bundle.labels.values() if n not in entry.labels]
+            from pipeline.infer.stage import uncoded_labels
+
+            codes = entry.label_codes(list(bundle.labels.values()), cfg.infer.registry)
+            sources: dict[str, int] = {}
+            for c in codes.values():
+                sources[c.source] = sources.get(c.source, 0) + 1
+            typer.echo("codes:    " + ", ".join(f"{n} {s}" for s, n in sorted(sources.items())))
+            uncoded = uncoded_labels(entry, list(bundle.labels.values()), cfg.infer.registry)
             if uncoded:
-                typer.echo(f"no codes: {len(uncoded)} label(s): {', '.join(uncoded[:12])}")
+                typer.echo(
+                    f"no codes: {len(uncoded)} label(s) get a local 99PACSFLOW code: "
+                    f"{', '.join(uncoded)}"
+                )
 
         guarded(body)
 

@@ -217,10 +217,9 @@ def findings_rows(
     tensors: list[dict[str, Any]],
     *,
     research: Any,
-    label_specs: Mapping[str, Any],
-    code_list: Callable[[Any], list[str] | None],
     run_id: str,
     now: Any,
+    entry_name: str | None = None,
 ) -> list[dict[str, Any]]:
     """Classify the tensors rows (``research``: the research zone's folder) and return the
     findings rows: one per (image, class)."""
@@ -245,7 +244,6 @@ def findings_rows(
         row = by_key[key]
         top = int(np.argmax(probs))
         for value, name in clf.classes.items():
-            spec = label_specs.get(name) or {}
             score = float(probs[value])
             rows.append(
                 {
@@ -259,8 +257,9 @@ def findings_rows(
                     "weights_sha256": bundle.weights_sha256,
                     "label": name,
                     "label_value": value,
-                    "category_code": code_list(spec.get("category")),
-                    "type_code": code_list(spec.get("type")),
+                    # codes are applied at write-back (pipeline.codes), not copied here
+                    "category_code": None,
+                    "type_code": None,
                     "score": score,
                     "voxel_count": None,
                     "volume_ml": None,
@@ -281,6 +280,7 @@ def findings_rows(
                     "inferred_at": now,
                     "task": "classification",
                     "predicted": value == top,
+                    "model_entry": entry_name,
                 }
             )
     return rows

@@ -375,18 +375,17 @@ def detect_batch(
     A row's ``label`` is ``<class name>_<rank>`` (rank 1 the best box of the volume), its
     ``label_value`` the rank, ``score`` the detector's, ``box_class`` the class name, and the
     box on the tensor grid (``box_voxel``, ``bbox``) and in LPS mm (``box_mm``, ``centre_mm``,
-    ``size_mm``); codes from the registry's ``labels[<class name>]``."""
+    ``size_mm``); coded at write-back by its class name (the registry's
+    ``labels[<class name>]``, the code tables, or a local code)."""
     import datetime as dt
     import json
 
-    from pipeline.infer.stage import _code_list
     from pipeline.lake import write_partition
 
     bundle = detector.bundle
     model_ref = bundle.ref
     spec = entry.get("detection") or {}
     classes = {int(k): str(v) for k, v in (spec.get("classes") or {}).items()}
-    label_specs = entry.get("labels", {})
     now = dt.datetime.now(dt.UTC)
     by_key = {row["tensor_key"]: row for row in tensors}
     spacings: dict[str, tuple[float, ...]] = {}
@@ -406,7 +405,6 @@ def detect_batch(
         row = by_key[key]
         for rank, box in enumerate(boxes, start=1):
             cls = classes.get(box.class_index, f"class_{box.class_index}")
-            codes = label_specs.get(cls) or {}
             name = f"{cls}_{rank}"
             centre, size = list(box.centre_mm), list(box.size_mm)
             rows.append(
@@ -421,8 +419,9 @@ def detect_batch(
                     "weights_sha256": bundle.weights_sha256,
                     "label": name,
                     "label_value": rank,
-                    "category_code": _code_list(codes.get("category")),
-                    "type_code": _code_list(codes.get("type")),
+                    # codes are applied at write-back (pipeline.codes), not copied here
+                    "category_code": None,
+                    "type_code": None,
                     "score": box.score,
                     "voxel_count": None,
                     "volume_ml": None,
@@ -447,6 +446,9 @@ def detect_batch(
                     "box_mm": list(box.box_mm),
                     "centre_mm": centre,
                     "size_mm": size,
+                    "task": "detection",
+                    "predicted": None,
+                    "model_entry": entry.get("name"),
                 }
             )
     if rows:

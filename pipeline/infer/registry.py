@@ -14,6 +14,10 @@ A registry entry::
           <label name as in the bundle's channel_def>:
             category: [code value, scheme, meaning]     # SEG Segmented Property Category
             type: [code value, scheme, meaning]         # SEG Segmented Property Type
+            modifier: [code value, scheme, meaning]     # optional: its modifier (e.g. Left)
+        code_tables: [totalsegmentator]                 # labels not above: shipped tables
+        code_table_paths: {totalsegmentator: fix.csv}   # optional: a corrected copy (relative
+                                                        # to this file)
         measurements:
           volume_ml: {concept: [...], unit: [...]}
           mean_hu: {concept: [...], derivation: [...], unit: [...]}
@@ -37,8 +41,11 @@ A registry entry::
 (:mod:`pipeline.infer.candidates` says how candidates are found; :mod:`pipeline.infer.detect`
 how boxes are.)
 
+Codes are applied at write-back, not at inference (:mod:`pipeline.codes`): a label the entry does
+not code is looked up by name in the ``code_tables`` (TotalSegmentator's SNOMED CT mapping by
+default), else written back with a local ``99PACSFLOW`` code and reported before inference.
 A bundle given by path that the registry does not name applies to every series that is a volume
-(``volume_ok``) and its labels carry no codes (write-back then refuses to code them).
+(``volume_ok``); its labels are coded by the default tables.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
 
@@ -102,6 +109,7 @@ class LabelSpec(_Strict):
 
     category: Code | None = None
     type: Code | None = None
+    modifier: Code | None = None
 
 
 class MeasurementSpec(_Strict):
@@ -197,6 +205,35 @@ class ModelEntry(_Strict):
     #: label map value -> label name, where the bundle's postprocessing writes values other
     #: than its output channels (BraTS' lambda: 1, 2, 4); empty: the bundle's channel_def
     output_labels: dict[int, str] = Field(default_factory=dict)
+    #: shipped code tables (pipeline.codes.TABLES) that code the labels ``labels`` does not
+    code_tables: tuple[str, ...] = ("totalsegmentator",)
+    #: a table name -> another copy of it (a path relative to the registry file)
+    code_table_paths: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("code_tables")
+    @classmethod
+    def _known_tables(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from pipeline.codes import TABLES
+
+        unknown = [t for t in value if t not in TABLES]
+        if unknown:
+            raise ValueError(
+                f"code_tables: no table {unknown[0]!r}; shipped: {', '.join(sorted(TABLES))}"
+            )
+        return value
+
+    def label_codes(self, labels: list[str], registry_path: Path | None = None) -> dict[str, Any]:
+        """The :class:`pipeline.codes.LabelCodes` of ``labels`` (finding labels: a
+        candidate's ``<name>_<n>`` too) as write-back will apply them (label -> codes)."""
+        from pipeline.codes import ModelCodes
+
+        base = (registry_path or default_registry_path()).parent
+        return ModelCodes(
+            labels=dict(self.labels),
+            candidates=dict(self.candidates),
+            tables=self.code_tables,
+            table_paths={k: base / v for k, v in self.code_table_paths.items()},
+        ).resolve(labels)
 
 
 class Registry(_Strict):
@@ -231,7 +268,7 @@ def _codes(raw: Any, where: str) -> Any:
     if isinstance(raw, dict):
         out = {}
         for key, value in raw.items():
-            if key in ("category", "type", "concept", "unit", "derivation"):
+            if key in ("category", "type", "modifier", "concept", "unit", "derivation"):
                 out[key] = Code.parse(value) if value is not None else None
             else:
                 out[key] = _codes(value, f"{where}.{key}")

@@ -9,8 +9,11 @@
 3. workers (each loads the model once and keeps it) segment the volumes in batches
    (:class:`pipeline.infer.engine.Segmenter`), write one label map per volume in tensor geometry
    to ``research/masks/<tensor_key>/<model>@<version>+<weights12>.npy``, and one findings row per
-   (volume, label): voxel count, volume (mL), mean HU on rescaled CT, bounding box, the label's
-   codes from the registry, the mask's path and checksum, the tensor's checksum;
+   (volume, label): voxel count, volume (mL), mean HU on rescaled CT, bounding box, the
+   registry entry's name, the mask's path and checksum, the tensor's checksum. Codes are not
+   copied here: write-back applies them (:mod:`pipeline.codes`), so a corrected mapping takes
+   effect without re-running inference; labels that would get only a local code are named in a
+   warning before any volume is read;
 4. the rows commit the batch (written last); objects of a volume with findings reach the state
    ``inferred``.
 
@@ -166,6 +169,15 @@ def load_entry_bundle(cfg: PipelineConfig, entry: Any, extract_dir: Path) -> tup
     return bundle, decision
 
 
+def uncoded_labels(entry: Any, names: list[str], registry_path: Path | None) -> list[str]:
+    """The labels ``names`` of a model (and of the entry's candidates) that neither the
+    registry entry nor its code tables code: write-back gives them a local ``99PACSFLOW``
+    code."""
+    names = [*names, *(f"{c}_1" for c in entry.candidates)]
+    codes = entry.label_codes(names, registry_path)
+    return [name for name, c in codes.items() if c.local]
+
+
 def measure(
     labels: npt.NDArray[np.uint8],
     values: npt.NDArray[Any],
@@ -232,8 +244,8 @@ def infer_batch(
         from pipeline.infer.classify import findings_rows
 
         stats_before = seg.stats.as_dict()
-        rows = findings_rows(seg, tensors, research=lake.research, label_specs=label_specs,
-                             code_list=_code_list, run_id=run_id, now=now)  # fmt: skip
+        rows = findings_rows(seg, tensors, research=lake.research, run_id=run_id, now=now,
+                             entry_name=entry.get("name"))  # fmt: skip
         if rows:
             write_partition(lake, "findings", rows, part=part)
         after = seg.stats.as_dict()
@@ -285,7 +297,7 @@ def infer_batch(
             }
         rel = f"masks/{key}/{model_ref}.npy"
         mask_checksum = write_npy(lake.research / rel, labels)
-        for name, value, spec, m in found:
+        for name, value, _spec, m in found:
             extra = m.get("extra", {})
             rows.append(
                 {
@@ -299,8 +311,9 @@ def infer_batch(
                     "weights_sha256": bundle.weights_sha256,
                     "label": name,
                     "label_value": value,
-                    "category_code": _code_list(spec.get("category")),
-                    "type_code": _code_list(spec.get("type")),
+                    # codes are applied at write-back (pipeline.codes), never frozen here
+                    "category_code": None,
+                    "type_code": None,
                     "score": None,
                     "voxel_count": m["voxel_count"],
                     "volume_ml": m["volume_ml"],
@@ -325,6 +338,7 @@ def infer_batch(
                     "inferred_at": now,
                     "task": "segmentation",
                     "predicted": None,
+                    "model_entry": entry.get("name"),
                 }
             )
     if rows:
@@ -389,14 +403,6 @@ def _candidates(
             out.append((f"{name}_{n}", value, spec, measured))
             value += 1
     return out
-
-
-def _code_list(code: Any) -> list[str] | None:
-    if code is None:
-        return None
-    if isinstance(code, dict):
-        return [str(code["value"]), str(code["scheme"]), str(code["meaning"])]
-    return [str(code.value), str(code.scheme), str(code.meaning)]
 
 
 def tasks_of(per_task: int, total: int, workers: int) -> int:
@@ -547,9 +553,16 @@ def run(
     if (detector := detector_of(bundle.inferer)) is not None:
         classes = int(getattr(detector, "num_classes", 1) or 1)
         names = [entry.detection.class_name(c) for c in range(classes)]
-    missing = [n for n in names if n not in entry.labels]
-    if missing and entry.labels:
-        logger.warning("registry entry %s has no codes for label(s) %s", entry.name, missing)
+    uncoded = uncoded_labels(entry, names, registry.path)
+    if uncoded:
+        logger.warning(
+            "model %s: no code for label(s) %s (not in the registry entry nor its code tables "
+            "%s): written back with a local %s code; add codes to the registry entry to fix",
+            entry.name,
+            ", ".join(uncoded),
+            list(entry.code_tables),
+            "99PACSFLOW",
+        )
     resources = _gpu_resources(cfg, client)
     by_name = {name: value for value, name in bundle.labels.items()}
     candidates = {}
@@ -561,6 +574,7 @@ def run(
             )
         candidates[name] = {**spec.model_dump(), "within_value": by_name[spec.within]}
     payload = {
+        "name": entry.name,
         "bundle": str(bundle.path),
         "labels": {k: v.model_dump() for k, v in entry.labels.items()},
         "candidates": candidates,
@@ -617,6 +631,7 @@ def run(
             "model": bundle.ref,
             "engine": {k: round(v, 3) for k, v in stats.items()},
             **({"refused_studies": len(refused)} if entry.inputs else {}),
+            "uncoded_labels": uncoded,
         },
     )
     logger.info(

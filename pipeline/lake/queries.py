@@ -906,19 +906,24 @@ def infer_done_tensors(lake: LakePaths) -> Query:
     )
 
 
-def writeback_groups(lake: LakePaths, model: str | None) -> Query:
-    """One row per (volume, model identity) with findings (of ``model`` when given)."""
+def writeback_groups(lake: LakePaths, model: str | None, *, with_entry: bool = True) -> Query:
+    """One row per (volume, model identity) with findings (of ``model`` when given), with the
+    registry entry that ran (``with_entry``: findings written before that column existed have
+    none)."""
     where = "true" if model is None else "f.model = $model"
+    entry = "any_value(f.model_entry)" if with_entry else "CAST(NULL AS VARCHAR)"
     return Query(
         f"""
         SELECT f.tensor_key, f.model, f.model_version, f.weights_sha256,
+               {entry} AS model_entry,
                any_value(f.SeriesInstanceUID) AS series_pseudonym,
                any_value(f.mask_path) AS mask_path,
                list(struct_pack(label := f.label, value := f.label_value,
                                 category := f.category_code, type := f.type_code,
                                 volume_ml := f.volume_ml, mean_hu := f.mean_hu,
                                 voxels := f.voxel_count, score := f.score,
-                                predicted := f.predicted, box_mm := f.box_mm)
+                                predicted := f.predicted, box_mm := f.box_mm,
+                                box_class := f.box_class)
                     ORDER BY f.label_value) AS labels,
                any_value(f.task) AS task,
                any_value(t.sop_instance_uids) AS sops,

@@ -321,8 +321,10 @@ FINDINGS = _schema(
         _f("weights_sha256", _S, False),
         _f("label", _S, False),
         _f("label_value", _I),  # the value of the label in the mask
-        _f("category_code", pa.list_(_S)),  # [value, scheme, meaning] (registry), or null
-        _f("type_code", pa.list_(_S)),  # [value, scheme, meaning] (registry), or null
+        # legacy: codes are applied at write-back (pipeline.codes), no longer frozen here; rows
+        # inferred before issue #22 may hold [value, scheme, meaning]
+        _f("category_code", pa.list_(_S)),
+        _f("type_code", pa.list_(_S)),
         _f("score", _F),  # a model's confidence where it gives one (segmentation: null)
         _f("voxel_count", _I),
         _f("volume_ml", _F),
@@ -343,6 +345,7 @@ FINDINGS = _schema(
         # issue #22: classification models (one row per class, score its probability)
         _f("task", _S),  # segmentation (null in rows before it) | classification
         _f("predicted", _B),  # classification: this class is the image's top score
+        _f("model_entry", _S),  # the registry entry that ran (write-back codes from it)
     ],
     "research: one row per (volume, model, label or box); a new model version adds rows",
 )

@@ -4,15 +4,22 @@
 being frame ``frame_numbers[k]`` of source image ``k`` -- into a BINARY Segmentation whose
 frame for source image ``k`` holds ``mask[k] == label``: the tensors stage stores the raw
 grid (no resampling), so the mapping back onto the original frames is exact, voxel for voxel.
-Each segment carries its SNOMED CT / DCM category and type codes (from the model registry),
-the algorithm (model name, version, weights sha256) and a tracking UID. Frames without any
-segment voxel are left out (highdicom's default); each kept frame references its source image
-and carries its own Plane Position, so viewers place it by geometry, never by frame index.
+Each segment carries its category and type codes (and type modifier, anatomic region and
+display colour where known), resolved at write-back by :mod:`pipeline.codes` (the model
+registry, the shipped tables, or a local ``99PACSFLOW`` code, declared in the Coding Scheme
+Identification Sequence), the algorithm (model name, version, weights sha256) and a tracking
+UID. Frames without any segment voxel are left out (highdicom's default); each kept frame
+references its source image and carries its own Plane Position, so viewers place it by
+geometry, never by frame index.
 
 :func:`build_sr` makes a Comprehensive 3D SR with a TID 1500 Measurement Report: per segment a
 volumetric measurement group (tracking identifier and UID, finding type, the SEG segment
 referenced, volume in mL, mean HU where measured), the model as the observer device, the
-study's procedure as the procedure reported.
+study's procedure as the procedure reported, and the finding site (with laterality) where the
+codes give one. A SEG of one segment is referenced too: highdicom's
+``ReferencedSegment.from_segmentation`` cannot read the segment identification that a
+single-segment SEG keeps in its shared functional groups, so :func:`referenced_segment` builds
+the reference from the frames' derivation items.
 
 Nothing here reads the lake: callers pass the original (re-identified) source headers.
 """
@@ -28,7 +35,7 @@ import numpy.typing as npt
 
 from pipeline.errors import WritebackError
 
-__all__ = ["SegmentSpec", "build_seg", "build_sr"]
+__all__ = ["SegmentSpec", "build_seg", "build_sr", "referenced_segment", "segment_of_frames"]
 
 MANUFACTURER: Final = "pacsflow"
 _PROCEDURE_FALLBACK: Final = ("363679005", "SCT", "Imaging procedure")
@@ -45,6 +52,51 @@ class SegmentSpec:
     volume_ml: float | None = None
     mean_hu: float | None = None
     tracking_uid: str | None = None
+    type_modifier: tuple[str, str, str] | None = None  # e.g. (7771000, SCT, Left)
+    region: tuple[str, str, str] | None = None  # anatomic region
+    region_modifier: tuple[str, str, str] | None = None
+    rgb: tuple[int, int, int] | None = None  # recommended display colour
+
+
+#: SNOMED CT laterality codes (CID 244) a type or region modifier may carry into an SR site
+_LATERALITY: Final = {"7771000", "24028007", "51440002", "66459002"}
+
+
+def _coding_schemes(segments: Sequence[SegmentSpec]) -> list[Any]:
+    """Coding Scheme Identification items for the private schemes ``segments`` use."""
+    from pydicom.dataset import Dataset
+
+    from pipeline.codes import LOCAL_SCHEME, LOCAL_SCHEME_NAME
+
+    used = {
+        t[1]
+        for spec in segments
+        for t in (spec.category, spec.type, spec.type_modifier, spec.region)
+        if t is not None
+    }
+    items = []
+    if LOCAL_SCHEME in used:
+        item = Dataset()
+        item.CodingSchemeDesignator = LOCAL_SCHEME
+        item.CodingSchemeName = LOCAL_SCHEME_NAME
+        item.CodingSchemeResponsibleOrganization = MANUFACTURER
+        items.append(item)
+    return items
+
+
+def declare_schemes(ds: Any, triples: Sequence[Sequence[str] | None]) -> None:
+    """Set ``ds``'s Coding Scheme Identification Sequence for the private schemes that the
+    code ``triples`` it carries use (pacsflow's local scheme of uncoded labels)."""
+    from pydicom.dataset import Dataset
+
+    from pipeline.codes import LOCAL_SCHEME, LOCAL_SCHEME_NAME
+
+    if any(t is not None and t[1] == LOCAL_SCHEME for t in triples):
+        item = Dataset()
+        item.CodingSchemeDesignator = LOCAL_SCHEME
+        item.CodingSchemeName = LOCAL_SCHEME_NAME
+        item.CodingSchemeResponsibleOrganization = MANUFACTURER
+        ds.CodingSchemeIdentificationSequence = [item]
 
 
 def _code(triple: Sequence[str]) -> Any:
@@ -119,20 +171,34 @@ def build_seg(
     descriptions = []
     for number, spec in enumerate(segments, start=1):
         labelmap[pixel == spec.value] = number
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=spec.label,
-                segmented_property_category=_code(spec.category),
-                segmented_property_type=_code(spec.type),
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=_algorithm(model, model_version, weights_sha256),
-                tracking_uid=spec.tracking_uid or hd.UID(),
-                tracking_id=spec.label,
-            )
+        region = None
+        if spec.region is not None:
+            region = _code(spec.region)
+            if spec.region_modifier is not None:
+                region.AnatomicRegionModifierSequence = [_code(spec.region_modifier)]
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=spec.label[:64],
+            segmented_property_category=_code(spec.category),
+            segmented_property_type=_code(spec.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=_algorithm(model, model_version, weights_sha256),
+            tracking_uid=spec.tracking_uid or hd.UID(),
+            tracking_id=spec.label,
+            anatomic_regions=[region] if region is not None else None,
+            display_color=(
+                hd.color.CIELabColor.from_rgb(*(c / 255.0 for c in spec.rgb))
+                if spec.rgb is not None
+                else None
+            ),
         )
+        if spec.type_modifier is not None:
+            description.SegmentedPropertyTypeCodeSequence[
+                0
+            ].SegmentedPropertyTypeModifierCodeSequence = [_code(spec.type_modifier)]
+        descriptions.append(description)
     try:
-        return hd.seg.Segmentation(
+        seg = hd.seg.Segmentation(
             source_images=sources,
             pixel_array=labelmap,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -150,6 +216,71 @@ def build_seg(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise WritebackError(f"highdicom refused the SEG: {str(exc).splitlines()[0]}") from None
+    schemes = _coding_schemes(segments)
+    if schemes:
+        seg.CodingSchemeIdentificationSequence = schemes
+    return seg
+
+
+def segment_of_frames(seg: Any) -> list[int]:
+    """The segment number of each frame of ``seg``: from each frame's Segment Identification,
+    or, in a SEG of one segment, from the shared functional groups (where highdicom and other
+    writers put it when every frame belongs to the same segment).
+
+    Raises:
+        WritebackError: a frame whose segment is given nowhere.
+    """
+    shared = seg.get("SharedFunctionalGroupsSequence", [None])[0]
+    shared_id = shared.get("SegmentIdentificationSequence") if shared is not None else None
+    out = []
+    for index, fg in enumerate(seg.get("PerFrameFunctionalGroupsSequence", [])):
+        ident = fg.get("SegmentIdentificationSequence") or shared_id
+        if not ident:
+            raise WritebackError(f"SEG frame {index + 1} has no Segment Identification")
+        out.append(int(ident[0].ReferencedSegmentNumber))
+    return out
+
+
+def referenced_segment(seg: Any, number: int) -> Any:
+    """An SR ``ReferencedSegment`` for segment ``number`` of ``seg``, with the source images
+    its frames were derived from (the reference ``ReferencedSegment.from_segmentation`` makes,
+    also for a SEG of one segment, which it cannot read).
+
+    Raises:
+        WritebackError: the SEG has no frame of that segment, or its frames name no source.
+    """
+    import highdicom as hd
+    from pydicom.multival import MultiValue
+
+    numbers = segment_of_frames(seg)
+    if number not in numbers:
+        raise WritebackError(f"the SEG has no frame of segment {number}")
+    sources: dict[str, Any] = {}
+    for fg, frame_segment in zip(seg.PerFrameFunctionalGroupsSequence, numbers, strict=True):
+        if frame_segment != number:
+            continue
+        for derivation in fg.get("DerivationImageSequence", []):
+            for src in derivation.get("SourceImageSequence", []):
+                uid = str(src.ReferencedSOPInstanceUID)
+                if uid not in sources:
+                    frames = src.get("ReferencedFrameNumber")
+                    if frames is not None and not isinstance(frames, MultiValue | list):
+                        frames = [frames]
+                    sources[uid] = hd.sr.SourceImageForSegmentation(
+                        referenced_sop_class_uid=str(src.ReferencedSOPClassUID),
+                        referenced_sop_instance_uid=uid,
+                        referenced_frame_numbers=(
+                            None if frames is None else [int(f) for f in frames]
+                        ),
+                    )
+    if not sources:
+        raise WritebackError(f"the frames of segment {number} reference no source image")
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(seg.SOPClassUID),
+        sop_instance_uid=str(seg.SOPInstanceUID),
+        segment_number=number,
+        source_images=list(sources.values()),
+    )
 
 
 def build_sr(
@@ -211,9 +342,10 @@ def build_sr(
                     uid=str(seg.SegmentSequence[number - 1].TrackingUID),
                     identifier=spec.label,
                 ),
-                referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, number),
+                referenced_segment=referenced_segment(seg, number),
                 finding_type=_code(spec.type),
                 finding_category=_code(spec.category),
+                finding_sites=_finding_sites(spec),
                 algorithm_id=algorithm,
                 measurements=measurements or None,
             )
@@ -236,7 +368,7 @@ def build_sr(
         imaging_measurements=groups,
     )
     try:
-        return hd.sr.Comprehensive3DSR(
+        sr = hd.sr.Comprehensive3DSR(
             evidence=[seg, *source_images],
             content=report,
             series_instance_uid=series_instance_uid,
@@ -248,3 +380,30 @@ def build_sr(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise WritebackError(f"highdicom refused the SR: {str(exc).splitlines()[0]}") from None
+    schemes = _coding_schemes(segments)
+    if schemes:
+        sr.CodingSchemeIdentificationSequence = schemes
+    return sr
+
+
+def _finding_sites(spec: SegmentSpec) -> list[Any] | None:
+    """The SR finding site of a segment: its anatomic region, or its type when a laterality
+    modifier qualifies it (left adrenal gland), with that laterality."""
+    import highdicom as hd
+
+    if spec.region is not None:
+        laterality = spec.region_modifier
+        location = spec.region
+    elif spec.type_modifier is not None:
+        laterality = spec.type_modifier
+        location = spec.type
+    else:
+        return None
+    if laterality is None or laterality[1] != "SCT" or laterality[0] not in _LATERALITY:
+        laterality = None
+    return [
+        hd.sr.FindingSite(
+            anatomic_location=_code(location),
+            laterality=_code(laterality) if laterality is not None else None,
+        )
+    ]

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from pipeline.dicom.volume import Volume
 from pipeline.errors import WritebackError
+from pipeline.writeback.objects import segment_of_frames
 
 __all__ = ["POSITION_TOL_MM", "read_seg"]
 
@@ -70,8 +71,9 @@ def read_seg(seg_ds: Any, volume: Volume) -> dict[int, tuple[str, npt.NDArray[np
             f"SEG frames of {frames.shape[1:3]} do not match the source frames {shape[1:3]}"
         )
     shared = seg.get("SharedFunctionalGroupsSequence", [None])[0]
+    numbers = segment_of_frames(seg)  # a single-segment SEG says it once, in shared groups
     for index, fg in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        number = int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        number = numbers[index]
         plane = fg.get("PlanePositionSequence") or (
             shared.get("PlanePositionSequence") if shared is not None else None
         )

@@ -6,16 +6,21 @@ Per (volume, model identity) with findings:
    Instance UIDs in the ``tensors`` row) -> the vault's original UIDs -> the index's source and
    location -> the original headers, read through the connector that crawled them (a PACS is
    asked again by WADO-RS / C-GET). Research data never supplies an identifier;
-2. **UIDs** of the SEG and the SR (and their series) are keyed HMACs of (model, version, weights,
-   original source series, volume, kind) under the lake's key, so a rerun rebuilds the same
-   objects and the PACS sees the same instances; a new model version gives new objects;
-3. **Build** (:mod:`pipeline.writeback.objects`) into ``restricted/results/``,
+2. **Codes** of every label are resolved now, not at inference (:mod:`pipeline.codes`: the
+   registry entry that ran, its code tables, else a local ``99PACSFLOW`` code; no label is
+   dropped for want of a code);
+3. **UIDs** of the SEG and the SR (and their series) are keyed HMACs of (model, version, weights,
+   original source series, volume, kind) under the lake's key, the instances' also of the
+   codes' digest, so a rerun rebuilds the same objects and the PACS sees the same instances; a
+   new model version gives new objects, and so do corrected codes (new instances in the same
+   series: the corrected mapping reaches the PACS without re-running inference);
+4. **Build** (:mod:`pipeline.writeback.objects`) into ``restricted/results/``,
    **validate** with ``dciodvfy`` when asked (an object with IOD errors is not sent: status
    ``invalid`` with the validator's first error);
-4. **Send** what the destination does not hold yet (folder, STOW-RS or C-STORE), retrying
+5. **Send** what the destination does not hold yet (folder, STOW-RS or C-STORE), retrying
    transient failures with exponential backoff; then **confirm** by asking the destination again
    (QIDO-RS, C-FIND, the file): only a confirmed object is ``confirmed``;
-5. every status change is a row of ``restricted/outbox`` (latest wins); a rerun skips objects
+6. every status change is a row of ``restricted/outbox`` (latest wins); a rerun skips objects
    confirmed at that destination, so killing the stage and rerunning leaves one copy.
 
 The source objects of a volume whose SEG is confirmed reach the state ``written_back``.
@@ -38,6 +43,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from pipeline.codes import codes_digest
 from pipeline.compute import set_total
 from pipeline.config import PipelineConfig
 from pipeline.connectors import open_source
@@ -86,7 +92,25 @@ def dciodvfy_errors(path: Path) -> list[str]:
 def _groups(con: Any, lake: LakePaths, model: str | None) -> list[dict[str, Any]]:
     """One row per (volume, model identity) with findings, with its tensors row."""
     q = writeback_groups(lake, model)
+    try:
+        return arrow_table(con, q.sql, q.params).to_pylist()
+    except Exception as exc:  # findings written before they named the registry entry
+        if "model_entry" not in str(exc):
+            raise
+    q = writeback_groups(lake, model, with_entry=False)
     return arrow_table(con, q.sql, q.params).to_pylist()
+
+
+def _codes(cfg: PipelineConfig, group: dict[str, Any]) -> dict[str, Any]:
+    """label -> :class:`pipeline.codes.LabelCodes` of ``group``'s labels, as the registry and
+    the code tables say now."""
+    from pipeline.codes import registry_codes
+
+    model = registry_codes(cfg.infer.registry, entry=group.get("model_entry"), model=group["model"])
+    # a box is coded by its class (lung_nodule_2 by lung_nodule)
+    keys = {lab["label"]: lab.get("box_class") or lab["label"] for lab in group["labels"]}
+    resolved = model.resolve(sorted(set(keys.values())))
+    return {label: resolved[key] for label, key in keys.items()}
 
 
 def _originals(
@@ -187,7 +211,8 @@ def run(
             if progress:
                 progress(1)
             try:
-                objs = _plan(con, lake, pseudo, cipher, group)
+                codes = _codes(cfg, group)
+                objs = _plan(con, lake, pseudo, cipher, group, codes_digest(codes))
             except WritebackError as exc:
                 counts["failed"] += 1
                 refused += 1
@@ -204,7 +229,7 @@ def run(
                 headers = _read_sources(cfg, lake, originals)
                 reidentified += len(headers)
                 if group.get("task") == "classification":
-                    built = _classification_sr(cfg, pseudo, group, objs[0], headers)
+                    built = _classification_sr(cfg, pseudo, _coded(group, codes), objs[0], headers)
                     if built is None:  # the predicted class has no codes
                         counts["skipped"] += len(objs)
                         continue
@@ -213,7 +238,7 @@ def run(
                     row(objs[0], "built", None)
                     missing = []
                 elif any(lab.get("box_mm") for lab in group["labels"]):
-                    built = _box_sr(cfg, pseudo, group, objs[0], headers)
+                    built = _box_sr(cfg, pseudo, _coded(group, codes), objs[0], headers)
                     if built is None:  # no box has codes
                         counts["skipped"] += len(objs)
                         continue
@@ -227,16 +252,20 @@ def run(
                     SegmentSpec(
                         label=lab["label"],
                         value=int(lab["value"]),
-                        category=tuple(lab["category"]),
-                        type=tuple(lab["type"]),
+                        category=codes[lab["label"]].category,
+                        type=codes[lab["label"]].type,
                         volume_ml=lab["volume_ml"],
                         mean_hu=lab["mean_hu"],
                         tracking_uid=pseudo.derived_uid(
                             _DOMAIN, objs[0]["seg_key"], "segment", lab["label"]
                         ),
+                        type_modifier=codes[lab["label"]].type_modifier,
+                        region=codes[lab["label"]].region,
+                        region_modifier=codes[lab["label"]].region_modifier,
+                        rgb=codes[lab["label"]].rgb,
                     )
                     for lab in group["labels"]
-                    if lab["voxels"] and lab["category"] and lab["type"]
+                    if lab["voxels"]  # an empty label has no frame: no segment
                 ]
                 if not specs:
                     counts["skipped"] += len(objs)
@@ -350,9 +379,16 @@ _OUTBOX_KEYS: Final = (
 
 
 def _plan(
-    con: Any, lake: LakePaths, pseudo: Pseudonymizer, cipher: VaultCipher, group: dict[str, Any]
+    con: Any,
+    lake: LakePaths,
+    pseudo: Pseudonymizer,
+    cipher: VaultCipher,
+    group: dict[str, Any],
+    codes: str = "",
 ) -> list[dict[str, Any]]:
-    """The SEG and SR of one volume: their UIDs and where they come from (re-identified)."""
+    """The SEG and SR of one volume (an SR only for classifications and boxes): their UIDs
+    and where they come from (re-identified); ``codes`` is the digest of the codes they carry
+    (new codes, new instances)."""
     classification = group.get("task") == "classification"  # an SR about images: no grid
     # boxes are in patient millimetres: right whatever grid the volume was resampled to
     detection = any(lab.get("box_mm") for lab in group["labels"])
@@ -403,7 +439,7 @@ def _plan(
     )
     out = []
     for kind in ("SR",) if classification or detection else ("SEG", "SR"):
-        uid = pseudo.derived_uid(_DOMAIN, seg_key, kind)
+        uid = pseudo.derived_uid(_DOMAIN, seg_key, kind, "codes", codes)
         out.append(
             {
                 "result_uid": uid,
@@ -434,9 +470,10 @@ def _classification_sr(
 ) -> Any | None:
     """The SR of a classified image (:mod:`pipeline.writeback.qualitative`); None when its
     predicted class has no codes."""
+    from pipeline.writeback.objects import declare_schemes
     from pipeline.writeback.qualitative import build_classification_sr
 
-    return build_classification_sr(
+    sr = build_classification_sr(
         headers,
         group["labels"],
         model=group["model"],
@@ -448,6 +485,19 @@ def _classification_sr(
         sop_instance_uid=obj["result_uid"],
         series_number=cfg.writeback.series_number + 2,
     )
+    if sr is not None:
+        declare_schemes(sr, [t for lab in group["labels"] for t in (lab["category"], lab["type"])])
+    return sr
+
+
+def _coded(group: dict[str, Any], codes: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with each label's category and type as the registry and code tables say now
+    (classification and box SRs read them from the labels)."""
+    labels = [
+        {**lab, "category": codes[lab["label"]].category, "type": codes[lab["label"]].type}
+        for lab in group["labels"]
+    ]
+    return {**group, "labels": labels}
 
 
 def _box_sr(
@@ -475,7 +525,9 @@ def _box_sr(
     ]
     if not specs:
         return None
-    return build_box_sr(
+    from pipeline.writeback.objects import declare_schemes
+
+    sr = build_box_sr(
         headers,
         specs,
         model=group["model"],
@@ -486,6 +538,8 @@ def _box_sr(
         sop_instance_uid=obj["result_uid"],
         series_number=cfg.writeback.series_number + 3,
     )
+    declare_schemes(sr, [t for spec in specs for t in (spec.category, spec.type)])
+    return sr
 
 
 def _save(folder: Path, obj: dict[str, Any], ds: Any, files: FileCipher | None) -> None:

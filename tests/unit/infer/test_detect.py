@@ -145,7 +145,7 @@ def test_detection_through_infer_and_writeback(tmp_path: Path) -> None:
     def phantom(points: np.ndarray) -> np.ndarray:  # HU + 1024 at these LPS points
         i = np.rint((points[..., 0] + 12.0) / 0.7).astype(int)
         j = np.rint((points[..., 1] - 30.5) / 0.7).astype(int)
-        k = int(round((float(points[0, 0, 2]) + 80.0) / 1.25))
+        k = round((float(points[0, 0, 2]) + 80.0) / 1.25)
         return volume[k, j, i].astype(np.float64) + 1024
 
     archive = tmp_path / "archive"
