@@ -228,7 +228,7 @@ def infer_batch(
 ) -> dict[str, Any]:
     """Segment a batch of stored volumes; write their masks and findings rows."""
     seg = _segmenter(cfg, entry, lake.restricted / "cache" / "bundles")
-    if not hasattr(seg, "segment"):  # a detection model: boxes, not label maps
+    if hasattr(seg, "detect"):  # a detection model: boxes, not label maps
         from pipeline.infer.detect import detect_batch
 
         return detect_batch(seg, tensors, lake=lake, run_id=run_id, part=part, entry=entry)

@@ -391,7 +391,7 @@ def _plan(
     (new codes, new instances)."""
     classification = group.get("task") == "classification"  # an SR about images: no grid
     # boxes are in patient millimetres: right whatever grid the volume was resampled to
-    detection = any(lab.get("box_mm") for lab in group["labels"])
+    detection = any(lab.get("box_mm") for lab in group.get("labels") or ())
     try:
         grid = VolumeGrid.from_preprocessing(group["preprocessing"])
     except ValueError as exc:
