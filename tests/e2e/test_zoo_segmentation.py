@@ -276,3 +276,114 @@ def test_swin_unetr_registry_and_local_codes(
     assert all(codes[k][2] == k for k in local)
     assert seg.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == LOCAL_SCHEME
     assert json.dumps(sorted(local))
+
+
+THRESHOLD_NET = """
+import torch
+from torch import nn
+
+
+class Threshold(nn.Module):
+    \"\"\"Known answer: label 1 where the scaled input exceeds 0.5 (spleen's
+    ScaleIntensityRanged maps -57..164 HU to 0..1: HU above 53.5).\"\"\"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(40.0))
+
+    def forward(self, x):
+        d = self.gain * (x[:, :1] - 0.5)
+        return torch.cat([-d, d], dim=1)
+"""
+
+
+def test_known_answer_mask_lands_on_the_original_frames(
+    tmp_path: Path, session_key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spleen bundle's own preprocessing (Orientationd RAS, Spacingd 1.5 x 1.5 x 2 mm from
+    0.9 x 0.8 x 2.5 mm voxels, its intensity window) and postprocessing (Invertd back, argmax)
+    around a network whose answer is known (a threshold, pinned and approved): the mask on the
+    tensor grid is the thresholded volume (interior and exterior exact, the resampled rim
+    either way), and the SEG read back onto the original frames is that mask. An axis flipped
+    or a spacing lost anywhere on the way moves the blob and fails."""
+    from dicom_factory import make_ct, write
+    from scipy import ndimage
+
+    from pipeline.infer.bundle_config import content_hash
+    from pipeline.infer.trust import TrustStore
+    from pipeline.tensors.volume import build_volume
+    from pipeline.writeback.segread import read_seg
+
+    monkeypatch.setenv("PACSFLOW_KEY_FILE", str(session_key_file))
+    monkeypatch.setenv("PACSFLOW__AUDIT__WITNESS", "none")
+    archive = tmp_path / "archive" / "CT"
+    archive.mkdir(parents=True)
+    slices, rows, cols = 24, 56, 64
+    kk, yy, xx = np.mgrid[:slices, :rows, :cols]
+    hu = np.full((slices, rows, cols), 40, np.int16)
+    blob = ((kk - 8) / 5.0) ** 2 + ((yy - 18) / 9.0) ** 2 + ((xx - 44) / 12.0) ** 2 < 1
+    hu[blob] = 200  # off-centre in every axis: a flip would move it
+    for k in range(slices):
+        ds = make_ct(number=k + 1, series_uid="1.2.826.0.1.3680043.8.498.81",
+                     study_uid="1.2.826.0.1.3680043.8.498.82")  # fmt: skip
+        ds.Rows, ds.Columns = rows, cols
+        ds.PixelRepresentation = 1
+        ds.PixelData = hu[k].tobytes()
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.ImagePositionPatient = [-20.0, -30.0, 10.0 + 2.5 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.8, 0.9]  # rows 0.8 mm apart, columns 0.9 mm
+        ds.SliceThickness = 2.5
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.83"
+        ds.PositionReferenceIndicator = ""
+        ds.AccessionNumber = "A2"
+        ds.ReferringPhysicianName = ""
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "F"
+        ds.Manufacturer = "test"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        write(ds, archive / f"ct{k:03d}.dcm")
+    config = tmp_path / "run.yaml"
+    bundle = zoo_bundle("spleen_ct_segmentation", tmp_path / "bundles")
+    (bundle / "scripts").mkdir(exist_ok=True)
+    (bundle / "scripts" / "__init__.py").write_text("")
+    (bundle / "scripts" / "threshold.py").write_text(THRESHOLD_NET)
+    cfg = json.loads((bundle / "configs" / "inference.json").read_text())
+    cfg["network_def"] = {"_target_": "scripts.threshold.Threshold"}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(cfg, indent=4))
+    import torch
+
+    torch.save({"gain": torch.tensor(40.0)}, bundle / "models" / "model.pt")
+    digest = content_hash(bundle)
+    store = tmp_path / "trust.json"
+    TrustStore(store).approve(digest, "known", bundle)
+    registry = tmp_path / "models.yaml"
+    registry.write_text(yaml.safe_dump({"models": {"known": {
+        "bundle": str(bundle), "bundle_sha256": digest, "applies_to": "Modality = 'CT'"}}}))  # fmt: skip
+    config.write_text(yaml.safe_dump({
+        "compute": {"device": "cpu", "workers": 1},
+        "infer": {"model": "known", "registry": str(registry), "trust_store": str(store)},
+    }))  # fmt: skip
+    lake = str(tmp_path / "lake")
+    _cli("init", "--lake", lake)
+    _cli("crawl", "--source", str(tmp_path / "archive"), "--lake", lake, "--config", str(config))
+    _cli("deid", "--lake", lake, "--config", str(config))
+    _cli("tensors", "--lake", lake, "--config", str(config))
+    _cli("infer", "--lake", lake, "--config", str(config))
+    dest = tmp_path / "results"
+    _cli("writeback", "--lake", lake, "--dest", str(dest), "--config", str(config))
+
+    [finding] = read_table(LakePaths(Path(lake)), "findings").to_pylist()
+    mask = np.asarray(load_tensor(LakePaths(Path(lake)), finding["mask_path"]))
+    truth = hu > 53.5  # the tensor is the series in position order: k, rows, columns as written
+    assert mask.shape == truth.shape
+    inside = ndimage.binary_erosion(truth, iterations=2)
+    outside = ~ndimage.binary_dilation(truth, iterations=2)
+    assert mask[inside].all()  # the blob's interior, exactly where it was drawn
+    assert not mask[outside].any()  # nothing elsewhere
+    [seg] = [pydicom.dcmread(p) for p in dest.rglob("*") if p.is_file()
+             and pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"]  # fmt: skip
+    originals = [pydicom.dcmread(p) for p in sorted(archive.glob("*.dcm"))]
+    volume = build_volume(originals)
+    [(label, back)] = read_seg(seg, volume).values()
+    np.testing.assert_array_equal(back, mask == 1)
