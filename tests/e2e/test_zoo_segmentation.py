@@ -358,8 +358,8 @@ def test_known_answer_mask_lands_on_the_original_frames(
     store = tmp_path / "trust.json"
     TrustStore(store).approve(digest, "known", bundle)
     registry = tmp_path / "models.yaml"
-    registry.write_text(yaml.safe_dump({"models": {"known": {
-        "bundle": str(bundle), "bundle_sha256": digest, "applies_to": "Modality = 'CT'"}}}))  # fmt: skip
+    entry = {"bundle": str(bundle), "bundle_sha256": digest, "applies_to": "Modality = 'CT'"}
+    registry.write_text(yaml.safe_dump({"models": {"known": entry}}))
     config.write_text(yaml.safe_dump({
         "compute": {"device": "cpu", "workers": 1},
         "infer": {"model": "known", "registry": str(registry), "trust_store": str(store)},
@@ -385,5 +385,5 @@ def test_known_answer_mask_lands_on_the_original_frames(
              and pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"]  # fmt: skip
     originals = [pydicom.dcmread(p) for p in sorted(archive.glob("*.dcm"))]
     volume = build_volume(originals)
-    [(label, back)] = read_seg(seg, volume).values()
+    [(_label, back)] = read_seg(seg, volume).values()
     np.testing.assert_array_equal(back, mask == 1)
