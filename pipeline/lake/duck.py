@@ -90,9 +90,9 @@ def volume_verdicts(con: Any, lake: LakePaths) -> dict[str, tuple[bool, str | No
     """The tensors stage's verdict per series, taken on the pixels: ``{series UID: (volume_ok,
     volume_reason)}`` (empty before any tensors run). It outranks the header-level verdict the
     deid stage computes for the ``series`` table."""
-    tensors = scan_sql(lake, "tensors")
-    if not tensors.startswith("read_parquet"):
+    if not queries.has_files(lake, "tensors"):
         return {}
+    tensors = scan_sql(lake, "tensors")
     rows = con.execute(queries.volume_verdicts(lake, tensors).sql).fetchall()
     return {uid: (status == "ok", reason) for uid, status, reason in rows}
 
@@ -149,9 +149,8 @@ def research_sandbox(lake: LakePaths, tmp: Path, versions: Mapping[str, int] | N
     """
     con = connect(tmp)
     for view in RESEARCH_VIEWS:
+        # every view exists from the start: an empty one, typed, before the table's first rows
         sql = version_sql(lake, view, versions)
-        if versions is None and not sql.startswith("read_parquet"):
-            continue  # no such view before the table's first rows
         con.execute(queries.create_view(view, RESEARCH_VIEWS, sql))
     if versions is None and any(lake.table("vault").rglob("*.parquet")):
         # pseudonyms, hashes and result UIDs only

@@ -203,17 +203,43 @@ def set_temp_directory(tmp: Path) -> Query:
 
 
 def _duck_type(t: pa.DataType) -> str:
-    if pa.types.is_string(t):
+    """DuckDB's name of an Arrow type of the lake's schemas.
+
+    Raises:
+        TypeError: a type the schemas do not use (a new one must be added here, not read as
+            text: an empty table, or the NULLs of a column older files lack, take it).
+    """
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
         return "VARCHAR"
     if pa.types.is_int64(t):
         return "BIGINT"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_float32(t):
+        return "FLOAT"
     if pa.types.is_boolean(t):
         return "BOOLEAN"
+    if pa.types.is_date32(t):
+        return "DATE"
     if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ"
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    if pa.types.is_binary(t):
+        return "BLOB"
     if pa.types.is_list(t):
         return _duck_type(t.value_type) + "[]"
-    return "VARCHAR"
+    raise TypeError(f"no DuckDB type for {t}")
+
+
+def has_files(lake: LakePaths, name: str) -> bool:
+    """Whether lake table ``name`` holds any rows' files yet (its latest version)."""
+    from pipeline.lake import delta
+
+    if delta.is_versioned(name):
+        return bool(delta.data_files(lake, name, None))
+    folder = lake.table(name)
+    return folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None
 
 
 def scan_sql(lake: LakePaths, name: str, version: int | None = None) -> str:
@@ -228,13 +254,18 @@ def scan_sql(lake: LakePaths, name: str, version: int | None = None) -> str:
 
     folder = lake.table(name)  # KeyError for a name that is not a lake table
     opts = "union_by_name = true, hive_partitioning = true, hive_types_autocast = false"
+    scan = None
     if delta.is_versioned(name):
         files = delta.data_files(lake, name, version)
         if files:
-            return f"read_parquet([{', '.join(sql_path(f) for f in files)}], {opts})"
+            scan = f"read_parquet([{', '.join(sql_path(f) for f in files)}], {opts})"
     elif folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None:
-        return f"read_parquet({parquet_glob(folder)}, {opts})"
-    return empty_sql(name)
+        scan = f"read_parquet({parquet_glob(folder)}, {opts})"
+    if scan is None:
+        return empty_sql(name)
+    # every declared column, typed, also where the files predate it (a lake written by an
+    # earlier release: its rows read NULL in a column added since, instead of a Binder error)
+    return f"({empty_sql(name)} UNION ALL BY NAME SELECT * FROM {scan})"
 
 
 def version_sql(lake: LakePaths, name: str, versions: Mapping[str, int] | None) -> str:
@@ -429,6 +460,7 @@ def review_catalog(lake: LakePaths) -> Query:
                f.volume_index, f.model, f.model_version, f.weights_sha256, f.label,
                f.label_value, f.score, f.voxel_count, f.volume_ml, f.mean_hu, f.bbox,
                f.measurements, f.mask_path, f.mask_checksum, f.device, f.run_id, f.inferred_at,
+               f.box_class, f.box_mm, f.centre_mm, f.size_mm, f.task, f.predicted,
                t.path AS tensor_path, t.shape, t.spacing, t.rescaled,
                s.Modality, s.Manufacturer, s.ManufacturerModelName, s.BodyPartExamined,
                s.SeriesDate, st.StudyDate, s.StudyInstanceUID

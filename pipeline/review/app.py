@@ -833,7 +833,16 @@ def render_finding_png(
     preset = WINDOWS.get(window)
     win = preset if preset is not None else volumes.auto_window(path)
     mask = volumes.get(str(f["mask_path"])) if overlay and f.get("mask_path") else None
-    return slice_png(vol, k, win, mask=mask, label_value=f.get("label_value"), opacity=opacity)
+    label_value = f.get("label_value")
+    if overlay and mask is None and f.get("box_mm") and f.get("bbox"):
+        # a detected box (no mask): its voxels tinted, as a mask's would be
+        import numpy as np
+
+        k0, j0, i0, k1, j1, i1 = (int(v) for v in f["bbox"])
+        mask = np.zeros(vol.shape[:3], dtype=np.uint8)
+        mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] = 1
+        label_value = 1
+    return slice_png(vol, k, win, mask=mask, label_value=label_value, opacity=opacity)
 
 
 def create_app(

@@ -251,6 +251,14 @@ def _draw(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
+def _positive(f: Mapping[str, Any]) -> bool:
+    """A finding that says something is there: voxels in its mask, a detected box (boxes
+    exist only above the detector's threshold), or a classification's predicted class."""
+    if (f.get("voxel_count") or 0) > 0:
+        return True
+    return bool(f.get("box_mm")) or f.get("predicted") is True
+
+
 def sample(
     findings: Sequence[Mapping[str, Any]],
     mode: str,
@@ -261,7 +269,7 @@ def sample(
     """The findings a sampling mode puts on the worklist, in its order.
 
     - ``all``: every finding, as given;
-    - ``positives``: findings with ``voxel_count > 0``;
+    - ``positives``: findings with ``voxel_count > 0``, detected boxes, predicted classes;
     - ``negatives``: a random ``percent`` % of the negatives (rounded up), chosen by a hash of
       ``seed`` and the finding key: the same seed gives the same sample, whatever the order of
       the input and whatever else the lake holds;
@@ -281,10 +289,10 @@ def sample(
             key=lambda f: (float(f["score"]), f["finding_key"]),
         )
         return scored + [f for f in findings if f.get("score") is None]
-    positives = [f for f in findings if (f.get("voxel_count") or 0) > 0]
+    positives = [f for f in findings if _positive(f)]
     if mode == "positives":
         return positives
-    negatives = [f for f in findings if not (f.get("voxel_count") or 0) > 0]
+    negatives = [f for f in findings if not _positive(f)]
     k = math.ceil(len(negatives) * percent / 100)
     chosen = {
         f["finding_key"] for f in sorted(negatives, key=lambda f: _draw(seed, f["finding_key"]))[:k]

@@ -233,3 +233,56 @@ def test_runs_started_in_one_second_are_listed_in_start_order(
     assert sorted(made) == made[::-1]
     assert [m.run_id for m in list_manifests(lake)] == made
     assert list_manifests(lake)[-1].command == "tensors"
+
+
+def _filler(t: object) -> object:
+    import datetime as dt
+
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(t):  # type: ignore[arg-type]
+        return dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    if pa.types.is_integer(t):  # type: ignore[arg-type]
+        return 0
+    return "x"
+
+
+def test_tables_written_by_an_earlier_release_read_with_every_column(tmp_path: Path) -> None:
+    """A lake written before a column existed (the vault's pixel_redactions, the findings'
+    box and task columns of issues #21/#22): its queries see the column as NULL. Was: the
+    tensors stage over such a lake failed with 'unexpected BinderException (a bug ...)'."""
+    import deltalake
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.lake import LakePaths
+    from pipeline.lake.queries import scan_sql
+    from pipeline.lake.schemas import schema_for
+
+    lake = LakePaths(tmp_path / "lake")
+    # the vault (restricted, plain Parquet) as an earlier release wrote it: no pixel_redactions
+    old_vault = pa.schema([f for f in schema_for("vault") if f.name != "pixel_redactions"])
+    folder = lake.table("vault")
+    folder.mkdir(parents=True)
+    row = {f.name: (None if f.nullable else _filler(f.type)) for f in old_vault}
+    row["object_key"] = "k1"
+    pq.write_table(pa.Table.from_pylist([row], schema=old_vault), folder / "part-old.parquet")
+    # findings (research, Delta) without the columns added since
+    new = {"box_class", "box_voxel", "box_mm", "centre_mm", "size_mm", "task", "predicted",
+           "model_entry"}  # fmt: skip
+    old_findings = pa.schema([f for f in schema_for("findings") if f.name not in new])
+    frow = {f.name: (None if f.nullable else _filler(f.type)) for f in old_findings}
+    frow["finding_key"] = "f1"
+    deltalake.write_deltalake(
+        str(lake.table("findings")), pa.Table.from_pylist([frow], schema=old_findings)
+    )
+    con = duckdb.connect()
+    got = con.execute(
+        f"SELECT object_key, pixel_redactions FROM {scan_sql(lake, 'vault')}"
+    ).fetchall()
+    assert got == [("k1", None)]
+    got = con.execute(
+        f"SELECT finding_key, box_mm, task, model_entry FROM {scan_sql(lake, 'findings')}"
+    ).fetchall()
+    assert got == [("f1", None, None, None)]

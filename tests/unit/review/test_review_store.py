@@ -271,3 +271,15 @@ def test_worklist_query_filters_sorts_and_pages() -> None:
     assert (q.page, q.score_min, q.sort, q.sample) == (1, None, "", "all")
     assert Query.parse({"label": "a", "page": "2"}).params(page=3) == {"label": "a", "page": "3"}
     assert math.isclose(Query.parse({"percent": "250"}).percent, 100.0)
+
+
+def test_boxes_and_predicted_classes_are_positives() -> None:
+    """Detection and classification findings have no mask (voxel_count null): a box above the
+    detector's threshold and a predicted class are positives, the other classes negatives.
+    Was: every box and class counted as a negative."""
+    box = _finding(1, voxels=0, box_mm=[0.0, 0.0, 0.0, 4.0, 4.0, 4.0], voxel_count=None)
+    top = _finding(2, voxels=0, predicted=True, voxel_count=None)
+    other = _finding(3, voxels=0, predicted=False, voxel_count=None)
+    empty = _finding(4, voxels=0)
+    assert sample([box, top, other, empty], "positives") == [box, top]
+    assert sample([box, top, other, empty], "negatives", percent=100) == [other, empty]
