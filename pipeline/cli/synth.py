@@ -25,8 +25,32 @@ def synth(
         bool, typer.Option("--no-bad", help="No deliberately broken objects.")
     ] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Writer processes.")] = 1,
+    burned_in: Annotated[
+        int,
+        typer.Option(
+            "--burned-in",
+            min=0,
+            help="Also write this many ultrasound-like and secondary-capture-like objects "
+            "with names, IDs and dates burned into the pixels, under OUT/burned_in (the "
+            "objects of bench/burned_in.py --count N --seed SEED).",
+        ),
+    ] = 0,
+    burned_in_truth: Annotated[
+        Path | None,
+        typer.Option(
+            "--burned-in-truth",
+            help="Where the burned-in text boxes go (JSON; never inside OUT). Default: "
+            "OUT's sibling OUT-burned-in-truth.json.",
+        ),
+    ] = None,
 ) -> None:
     """Write a synthetic archive: CT/MR series with PHI-laden headers, ground truth beside it."""
+    truth = burned_in_truth or out.parent / f"{out.name}-burned-in-truth.json"
+    if burned_in and truth.resolve().is_relative_to(out.resolve()):
+        raise typer.BadParameter(
+            f"{truth} is inside the archive {out}: the text boxes would be crawled with it",
+            param_hint="--burned-in-truth",
+        )
 
     def body() -> None:
         from pipeline.synth import synthesize
@@ -51,5 +75,13 @@ def synth(
             f"(+{result.n_bad} bad objects), {result.bytes_written / 2**20:.1f} MiB "
             f"in {result.seconds:.1f} s -> {out} (ground truth: {result.ground_truth})"
         )
+        if burned_in:
+            from pipeline.synth.burned_in import write_burned_in
+
+            paths = write_burned_in(out / "burned_in", truth, burned_in, seed)
+            typer.echo(
+                f"synth: {len(paths)} objects with burned-in text -> {out / 'burned_in'} "
+                f"(text boxes: {truth})"
+            )
 
     guarded(body)

@@ -344,6 +344,28 @@ class CleanPixelsConfig(_Section):
     max_frames: int = Field(
         500, ge=1, description="Objects with more frames are not cleaned (quarantined)."
     )
+    detect_levels: bool = Field(
+        True,
+        description="Also find text drawn at a grey level (colour) of its own: a spike in "
+        "the frame's histogram whose pixels form thin strokes in rows (pipeline.deid."
+        "text_regions). It finds annotations over speckle or anatomy that the engine does "
+        "not read; with match all they are blacked out, otherwise the engine's words on "
+        "them decide, and a region no word read for sure keeps the object quarantined.",
+    )
+    max_text_height: int = Field(
+        64,
+        ge=8,
+        le=512,
+        description="Tallest line of text (pixels) detect_levels proposes; taller clusters "
+        "are image content.",
+    )
+    max_blackout: float = Field(
+        0.35,
+        gt=0,
+        le=1,
+        description="Largest fraction of a frame the text boxes may cover; beyond it text "
+        "cannot be told from the image and the object stays quarantined.",
+    )
 
     @field_validator("keep_regions")
     @classmethod

@@ -9,6 +9,12 @@ words that match the object's own identifiers and dates), and re-encodes the pix
 uncompressed (Explicit or Implicit VR Little Endian; colour as RGB, a palette expanded), with
 Burned In Annotation NO. The caller records the Clean Pixel Data Option (DCM 113101).
 
+The engine finds text on plain margins but often nothing where the same text is drawn over
+speckle or anatomy. With ``detect_levels`` (the default) each frame is also searched for text
+drawn at a grey level of its own (:mod:`pipeline.deid.text_regions`: a spike of the histogram
+whose pixels form thin strokes in rows, as a device's annotations are drawn); those regions
+are blacked out where all text goes, and read by the engine where what they say decides.
+
 Fail closed: whatever this cannot decide raises :class:`BurnedInText` (an
 :class:`~pipeline.errors.InputError` with reason ``burned_in_phi``), so the object stays
 quarantined as it was without cleaning:
@@ -17,7 +23,11 @@ quarantined as it was without cleaning:
 - a word read with a confidence between ``noise_confidence`` and ``min_confidence`` where
   keeping it depends on what it says (inside a keep region; or, with ``own_identifiers``,
   a word that does not match);
-- text still read on the cleaned pixels where none may be (``recheck``).
+- text still read on the cleaned pixels where none may be (``recheck``);
+- a text region found by its level that decides what is kept (inside a keep region, or with
+  ``own_identifiers``) on which the engine reads no word, or an unsure one;
+- text boxes covering more than ``max_blackout`` of a frame (text cannot be told from the
+  image).
 
 Messages never quote what was read (it may be a name): only counts, frames and boxes.
 """
@@ -39,6 +49,7 @@ from numpy.typing import NDArray
 from pydicom.multival import MultiValue
 
 from pipeline.config import CleanPixelsConfig
+from pipeline.deid.text_regions import find_text_regions
 from pipeline.dicom.redact import apply_boxes
 from pipeline.enums import QuarantineReason
 from pipeline.errors import InputError
@@ -397,6 +408,73 @@ def _decide(
     return boxes
 
 
+def _level_regions(frame: NDArray[Any], cfg: CleanPixelsConfig) -> list[tuple[int, int, int, int]]:
+    """The regions of text drawn at a level of its own in ``frame`` (none when off)."""
+    if not cfg.detect_levels:
+        return []
+    return find_text_regions(frame, max_height=cfg.max_text_height)
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _decide_regions(
+    drawn: list[tuple[int, int, int, int]],
+    words: list[Word],
+    frame: int,
+    shape: Any,
+    cfg: CleanPixelsConfig,
+    regions: Sequence[Sequence[float]],
+    tokens: set[str] | None,
+) -> list[tuple[int, int, int, int, int]]:
+    """The level-detected text regions of one frame to black out; raises where what a
+    region says decides and the engine read nothing for sure on it.
+
+    With ``match: all`` a region outside the keep regions goes whatever it says. Where it
+    would be kept (inside a keep region; or, with ``own_identifiers``, unless it matches),
+    the engine's words on it decide: one matching word blacks it out, words all read for
+    sure and none matching keep it, and anything else (nothing read, or unsure words)
+    keeps the object quarantined: the engine cannot tell what that text says.
+    """
+    out = []
+    for box in drawn:
+        inside = _inside(box, regions, shape)
+        if tokens is None and not inside:
+            out.append((frame, *box))
+            continue
+        on = [
+            w
+            for w in words
+            if w.confidence >= cfg.noise_confidence and _is_text(w) and _overlaps(w.box, box)
+        ]
+        if tokens is not None and any(_matches(w.text, tokens) for w in on):
+            out.append((frame, *box))
+        elif not on or any(w.confidence < cfg.min_confidence for w in on):
+            raise BurnedInText(
+                f"may carry burned-in text: a text-like region {list(box)} of frame {frame} "
+                "the OCR engine cannot read for sure decides what is kept; quarantined"
+            )
+    return out
+
+
+def _check_blackout(
+    boxes: list[tuple[int, int, int, int, int]], frame: int, shape: Any, cfg: CleanPixelsConfig
+) -> None:
+    """Raise when the boxes of ``frame`` cover more of it than ``max_blackout``."""
+    mask = np.zeros((int(shape[0]), int(shape[1])), bool)
+    for f, x0, y0, x1, y1 in boxes:
+        if f == frame:
+            mask[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
+    covered = float(mask.mean())
+    if covered > cfg.max_blackout:
+        raise BurnedInText(
+            f"may carry burned-in text: text-like regions cover {100 * covered:.0f} % of "
+            f"frame {frame} (more than clean_pixels.max_blackout {100 * cfg.max_blackout:.0f} "
+            "%): text cannot be told from the image; quarantined"
+        )
+
+
 def _regions_for(ds: Any, cfg: CleanPixelsConfig) -> Sequence[Sequence[float]]:
     modality = str(ds.get("Modality", "")).upper()
     sop = str(ds.get("SOPClassUID", ""))
@@ -455,6 +533,8 @@ def clean_pixels(ds: Any, cfg: CleanPixelsConfig) -> CleanResult:
     shape = frames.shape[1:3]
     passes = _PASSES if cfg.recheck else 1
     for index in range(frames.shape[0]):
+        # text drawn at a level of its own, found before anything is blacked out
+        drawn = _level_regions(frames[index], cfg)
         for attempt in range(passes):
             # each pass reads the frame as the last one left it: text the engine could not
             # separate from its neighbours is found once they are black; a pass that finds
@@ -464,10 +544,13 @@ def clean_pixels(ds: Any, cfg: CleanPixelsConfig) -> CleanResult:
             if attempt:  # after the first pass only text for sure: texture reads anew
                 words = [w for w in words if w.confidence >= cfg.min_confidence]
             found = _decide(words, index, shape, cfg, regions, tokens)
+            if not attempt and drawn:
+                found += _decide_regions(drawn, words, index, shape, cfg, regions, tokens)
             if not found:
                 break
             apply_boxes(frames, found, fill)
             boxes.extend(found)
+            _check_blackout(boxes, index, shape, cfg)
             if cfg.recheck and attempt == passes - 1:
                 raise BurnedInText(
                     f"may carry burned-in text: words still read in frame {index} after "
