@@ -160,7 +160,7 @@ def _cli(root: Path, lake: LakePaths, key_file: Path, model: str, registry: dict
     if trust_store is not None:
         infer["trust_store"] = str(trust_store)
     config.write_text(yaml.safe_dump({"compute": {"device": "cpu"}, "infer": infer,
-                                      "writeback": {"check_iod": False}}))  # fmt: skip
+                                      "writeback": {"check_iod": True}}))  # fmt: skip
     common = ["--lake", str(lake.root), "--key-file", str(key_file), "--config", str(config)]
     started = time.perf_counter()
     tracemalloc.start()
