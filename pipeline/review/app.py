@@ -599,6 +599,7 @@ class _App:
                 "w": window,
                 "overlay": int(overlay),
                 "opacity": opacity,
+                **(nav.context if nav else {}),  # stay in the list it was opened from
             }
             values.update(changes)
             return "/finding?" + urlencode(values)
