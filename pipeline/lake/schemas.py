@@ -365,6 +365,19 @@ REVIEWS = _schema(
     "research: one row per reviewer decision (history kept)",
 )
 
+QUEUES = _schema(
+    [
+        _f("queue_id", _S, False),
+        _f("name", _S, False),
+        _f("reviewers", pa.list_(_S), False),  # one reader, or two reading blind
+        _f("finding_keys", pa.list_(_S), False),  # in reading order, fixed when assigned
+        _f("spec", _S),  # the worklist filter it was made from (a query string), or null
+        _f("assigned_by", _S, False),
+        _f("assigned_at", _TS, False),
+    ],
+    "research: review queues a lead assigned (latest row per queue_id)",
+)
+
 #: Every lake table's schema, by table name.
 SCHEMAS: dict[str, pa.Schema] = {
     "index": INDEX,
@@ -379,6 +392,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "tensors": TENSORS,
     "findings": FINDINGS,
     "reviews": REVIEWS,
+    "queues": QUEUES,
 }
 
 

@@ -40,14 +40,17 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urlencode
 
 from pipeline.errors import LakeError
+from pipeline.review import reading
 from pipeline.review.auth import Busy, HashGate, LoginThrottle, Session, SessionStore
 from pipeline.review.middleware import SecurityHeaders
 from pipeline.review.phi import check_free_text, patient_identifiers
+from pipeline.review.queue import QueueStore, visible_reviews
 from pipeline.review.render import WINDOWS, VolumeCache, default_slice, metrics_plots, slice_png
 from pipeline.review.store import (
     DECISIONS,
@@ -56,6 +59,7 @@ from pipeline.review.store import (
     csv_safe,
     history,
     label_set,
+    latest_decisions,
     metrics_by_version,
     record_decision,
 )
@@ -84,12 +88,12 @@ __all__ = [
 #: What each role may do. Viewing identified studies also needs ``review.viewer_roles``.
 PERMISSIONS: dict[str, frozenset[str]] = {
     "reviewer": frozenset({"view", "decide"}),
-    "lead": frozenset({"view", "decide", "export"}),
-    "admin": frozenset({"view", "decide", "export"}),
+    "lead": frozenset({"view", "decide", "export", "assign"}),
+    "admin": frozenset({"view", "decide", "export", "assign"}),
 }
 _TEMPLATES = Path(__file__).parent / "templates"
 #: files under templates/ served at /static/<name>
-_STATIC = {"style.css": "text/css", "finding.js": "text/javascript"}
+_STATIC = {"style.css": "text/css", "finding.js": "text/javascript", "keys.js": "text/javascript"}
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # a hash verified when the user name is unknown, so both paths take as long
@@ -199,6 +203,11 @@ def _safe_next(value: object, default: str = "/") -> str:
     return nxt
 
 
+def _saved_as(value: str | None) -> str | None:
+    """The decision a "save and next" redirect says was saved, else None."""
+    return value if value in DECISIONS else None
+
+
 def _int_param(value: str | None) -> int | None:
     """A whole number of at most 9 digits (sign allowed), else None."""
     if value is None or not re.fullmatch(r"-?[0-9]{1,9}", value.strip()):
@@ -239,6 +248,18 @@ class _App:
             lockout_s=60.0 * self.rc.lockout_minutes,
         )
         self.hashing = HashGate(self.rc.hash_concurrency, self.rc.hash_queue)
+        self.queues = QueueStore(lake)
+
+    # ---------------------------------------------------------------- blinding (reading.py)
+
+    def visible(self, user: str) -> list[dict[str, Any]]:
+        """The decisions ``user`` may see (two-reader queues blind each reader to the other
+        until both decided): every page, status, metric and export uses these."""
+        return visible_reviews(self.catalog.reviews(), user, self.queues.all())
+
+    def latest_for(self, user: str) -> dict[str, dict[str, Any]]:
+        """Each finding's latest decision among those ``user`` may see."""
+        return latest_decisions(self.visible(user))
 
     # ---------------------------------------------------------------- audit
 
@@ -490,12 +511,17 @@ class _App:
         if not isinstance(who, tuple):
             return who
         findings = self.catalog.findings()
-        latest = self.catalog.latest()
+        latest = self.latest_for(who[0])
         q = Query.parse(dict(request.query_params), per_page=self.rc.page_size)
         result = run_query(findings, latest, q)
 
         def url(**changes: Any) -> str:
             return "/?" + urlencode(q.params(**changes))
+
+        context = reading.worklist_context(q)
+
+        def open_url(key: str) -> str:
+            return "/finding?" + urlencode({"key": key, **context})
 
         return self.page(
             request,
@@ -511,6 +537,9 @@ class _App:
             statuses=STATUSES,
             modes=SAMPLING_MODES,
             sorts=[s for s in SORTS if s],
+            open_url=open_url,
+            spec=context["q"],
+            saved_as=_saved_as(request.query_params.get("saved")),
         )
 
     # ---------------------------------------------------------------- finding view
@@ -539,6 +568,7 @@ class _App:
         error: str | None = None,
         comment: str = "",
         corrected_label: str = "",
+        context: Mapping[str, str] | None = None,
     ) -> Response:
         """A finding's page; view parameters (slice, window, overlay, opacity) from the query
         string, each falling back to its default when missing or invalid."""
@@ -554,7 +584,8 @@ class _App:
         overlay = params.get("overlay", "1") != "0"
         opacity = _float_param(params.get("opacity"))
         opacity = 0.45 if opacity is None else min(max(opacity, 0.0), 1.0)
-        past = history(self.catalog.reviews(), key)
+        past = history(self.visible(who[0]), key)
+        nav = reading.nav(self, who[0], key, params if context is None else context)
 
         def img(kk: int) -> str:
             return "/slice.png?" + urlencode(
@@ -568,6 +599,7 @@ class _App:
                 "w": window,
                 "overlay": int(overlay),
                 "opacity": opacity,
+                **(nav.context if nav else {}),  # stay in the list it was opened from
             }
             values.update(changes)
             return "/finding?" + urlencode(values)
@@ -592,6 +624,8 @@ class _App:
             decisions=DECISIONS,
             viewer=self.can_view_identified(who[1]),
             saved=params.get("saved") == "1",
+            saved_as=_saved_as(params.get("saved")),
+            nav=nav,
             error=error,
             comment=comment,
             corrected_label=corrected_label,
@@ -670,6 +704,7 @@ class _App:
                     error=f"Not saved: the {field.replace('_', ' ')} {reason}.",
                     comment=comment,
                     corrected_label=corrected_label,
+                    context={k: str(form[k]) for k in ("q", "queue") if k in form},
                 )
             )
         row = await run_in_threadpool(
@@ -690,7 +725,11 @@ class _App:
             review_id=row["review_id"],
             model_version=f["model_version"],
         )
-        nxt = _safe_next(form.get("next", ""), "/finding?" + urlencode({"key": key, "saved": 1}))
+        nxt = _safe_next(form.get("next", ""), "")
+        if nxt:  # "save and next": the next finding (or the list) says what was saved
+            nxt += ("&" if "?" in nxt else "?") + urlencode({"saved": decision})
+        else:
+            nxt = "/finding?" + urlencode({"key": key, "saved": 1})
         return RedirectResponse(nxt, status_code=303)
 
     def free_text_problem(
@@ -731,12 +770,18 @@ class _App:
         if not isinstance(who, tuple):
             return who
         findings = self.catalog.findings()
-        versions = metrics_by_version(findings, self.catalog.latest())
+        versions = metrics_by_version(findings, self.latest_for(who[0]))
         plots = {
             (m.model, m.model_version): {n: data_uri(p) for n, p in metrics_plots(m).items()}
             for m in versions
         }
-        return self.page(request, "metrics.html", versions=versions, plots=plots)
+        return self.page(
+            request,
+            "metrics.html",
+            versions=versions,
+            plots=plots,
+            agreements=reading.agreements(self, who[0]),
+        )
 
     def export(self, request: Request) -> Response:
         from starlette.responses import PlainTextResponse, Response
@@ -747,7 +792,7 @@ class _App:
         fmt = request.query_params.get("format", "csv")
         if fmt not in ("csv", "parquet"):
             return PlainTextResponse("format must be csv or parquet", status_code=400)
-        table = label_set(self.catalog.findings(), self.catalog.latest())
+        table = label_set(self.catalog.findings(), self.latest_for(who[0]))
         buf = io.BytesIO()
         if fmt == "parquet":
             import pyarrow.parquet as pq
@@ -895,6 +940,8 @@ def create_app(
         Route("/export", state.export),
         Route("/viewer", state.viewer),
         Route("/static/{name}", state.static),
+        # issue #23 §4: queues, "my queue", two readers (pipeline.review.reading)
+        *reading.routes(state),
     ]
     middleware = [
         Middleware(SecurityHeaders, tls=tls),

@@ -131,8 +131,10 @@ def _decide(driver: Any, decision: str, comment: str) -> None:
 
     driver.find_element(By.ID, "comment").send_keys(comment)
     driver.find_element(By.ID, f"decide-{decision}").click()
+    # issue #23: opened from the worklist, a decision saves and opens the next finding of the
+    # list (or the list after the last one), which says what was saved
     _wait(driver, lambda d: d.find_elements(By.ID, "saved"))
-    assert driver.find_element(By.ID, "status").text == decision
+    assert f"“{decision}”" in driver.find_element(By.ID, "saved").text
 
 
 def _screenshot(driver: Any, name: str) -> None:
@@ -369,3 +371,96 @@ def _csrf_and_export_checks(server: str, keys: list[str], lake: LakePaths) -> No
         assert len(lines) == 3  # header + accepted + rejected
         assert keys[0] in csv.text
         assert keys[1] in csv.text
+
+
+def test_keyboard_decisions_move_through_a_queue(
+    lake: LakePaths, server: str, browser: Any
+) -> None:
+    """Issue #23 §4: A / R / U decide and open the next finding (the same POST as a click),
+    N / P move without deciding, keys typed into a field decide nothing; a queue a lead
+    assigned is read the same way from "my queues"."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    def key_of(url: str) -> str:
+        return parse_qs(urlsplit(url).query)["key"][0]
+
+    def press(key: str) -> None:
+        ActionChains(browser).send_keys(key).perform()
+
+    findings = read_table(lake, "findings").to_pylist()
+    label = max(
+        {f["label"] for f in findings}, key=lambda x: [f["label"] for f in findings].count(x)
+    )
+    keys = sorted(f["finding_key"] for f in findings if f["label"] == label)
+    assert len(keys) >= 3
+    before = read_table(lake, "reviews").num_rows
+
+    _login(browser, server, "rudi", PASSWORDS["rudi"])
+    browser.get(f"{server}/?label={label}&sort=finding_key")
+    browser.find_element(By.CSS_SELECTOR, "tr.finding-row a.open").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "queue-nav"))
+    assert key_of(browser.current_url) == keys[0]
+    assert browser.find_element(By.ID, "nav-position").text.startswith(f"1 of {len(keys)}")
+    assert "A accept" in browser.find_element(By.CSS_SELECTOR, ".keys-hint").text
+
+    # a key typed into the comment field is text, not a decision
+    browser.find_element(By.ID, "comment").send_keys("a")
+    time.sleep(0.5)
+    assert key_of(browser.current_url) == keys[0]
+    browser.find_element(By.TAG_NAME, "h1").click()  # leave the field
+
+    press("a")  # accept: saved, and the next finding opens
+    _wait(browser, lambda d: key_of(d.current_url) == keys[1] and d.find_elements(By.ID, "saved"))
+    assert "“accept”" in browser.find_element(By.ID, "saved").text
+    assert browser.find_element(By.ID, "nav-position").text.startswith(f"2 of {len(keys)}")
+    press("r")
+    _wait(browser, lambda d: key_of(d.current_url) == keys[2])
+    press("p")  # back without deciding
+    _wait(browser, lambda d: key_of(d.current_url) == keys[1])
+    press("n")
+    _wait(browser, lambda d: key_of(d.current_url) == keys[2])
+    _screenshot(browser, "review-keyboard.png")
+
+    rows = read_table(lake, "reviews").to_pylist()
+    mine = sorted(
+        (r["reviewed_at"], r["finding_key"], r["decision"]) for r in rows if r["reviewer"] == "rudi"
+    )
+    assert [(k, d) for _, k, d in mine][-2:] == [(keys[0], "accept"), (keys[1], "reject")]
+    assert len(rows) == before + 2
+
+    # a lead assigns a queue of two findings to rudi; he reads it from "my queues" by keys
+    queue_keys = [keys[-1], keys[0]]
+    with _session(server, "lena") as lead:
+        page = lead.get(server + "/queues", timeout=WAIT_S)
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token is not None
+        r = lead.post(
+            server + "/queues",
+            data={"name": "keyboard", "reader": "rudi", "keys": " ".join(queue_keys),
+                  "csrf": token.group(1)},
+            timeout=WAIT_S, allow_redirects=False,
+        )  # fmt: skip
+        assert r.status_code == 303
+    browser.get(server + "/queues")
+    row = browser.find_element(By.CSS_SELECTOR, "tr.my-queue")
+    assert row.find_element(By.CSS_SELECTOR, ".progress").text == "1 of 2"  # keys[0] decided
+    row.find_element(By.CSS_SELECTOR, "a.start").click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "queue-nav"))
+    assert key_of(browser.current_url) == queue_keys[0]  # the first one he has not decided
+    press("u")  # uncertain; on to the queue's next finding
+    _wait(browser, lambda d: key_of(d.current_url) == queue_keys[1])
+    assert "queue=" in browser.current_url
+    press("a")  # the last one: back to "my queues", now complete
+    _wait(browser, lambda d: urlsplit(d.current_url).path == "/queues")
+    assert browser.find_element(By.CSS_SELECTOR, "tr.my-queue .progress").text == "2 of 2"
+    rows = read_table(lake, "reviews").to_pylist()
+    assert len(rows) == before + 4
+    blocked = [
+        e["message"]
+        for e in browser.get_log("browser")
+        if "Content Security Policy" in e["message"] or "Refused to" in e["message"]
+    ]
+    assert blocked == []

@@ -5,7 +5,7 @@
       w = document.getElementById("w"), ov = document.getElementById("overlay"),
       op = document.getElementById("opacity"), lab = document.getElementById("k-label");
   function update() {
-    lab.textContent = k.value;
+    lab.textContent = +k.value + 1;  // slices are numbered from 1 on the page
     img.src = img.dataset.base + "&k=" + k.value + "&w=" + encodeURIComponent(w.value) +
       "&overlay=" + (ov.checked ? 1 : 0) + "&opacity=" + op.value;
   }
