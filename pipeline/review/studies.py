@@ -202,6 +202,7 @@ def explain_sampling(
         "qa": f"QA sample: all {pos} positives plus a random {percent:g}% of the {neg} "
         f"negatives (seed {seed}). {shown} listed.",
         "lowest-confidence": f"Every finding, lowest score first: {scored} have a score; "
-        f"{len(kept) - scored} have none (segmentation models give none) and come last.",
+        f"{len(kept) - scored} have none (segmentation models give none): their confidence is "
+        "unknown, so they come last.",
     }.get(mode, "")
     return {"mode": mode, "text": text, "models": models, "positives": pos, "negatives": neg}
