@@ -59,21 +59,31 @@ class Outputs:
             return (str(path),)
         return (str(path), st.st_size, st.st_mtime_ns)
 
-    def roles(self, entry: str | None, model: str) -> OutputRoles:
-        """The roles of the model a row names (its registry entry, else its bundle name)."""
+    def _refresh(self) -> None:
+        """Forget the roles read when the registry file changed (one stat)."""
+        sig = self._signature()
         with self._lock:
-            sig = self._signature()
             if sig != self._sig:
                 self._roles.clear()
                 self._sig = sig
-            key = (entry, model)
-            if key not in self._roles:
-                self._roles[key] = registry_outputs(self.registry, entry=entry, model=model)
-            return self._roles[key]
 
-    def kind(self, f: Mapping[str, Any]) -> str:
-        """``finding``, ``measurement`` or ``class_score`` of one catalogue row."""
-        roles = self.roles(f.get("model_entry"), str(f.get("model") or ""))
+    def _roles_of(self, entry: str | None, model: str) -> OutputRoles:
+        key = (entry, model)
+        with self._lock:
+            roles = self._roles.get(key)
+        if roles is None:
+            roles = registry_outputs(self.registry, entry=entry, model=model)
+            with self._lock:
+                self._roles[key] = roles
+        return roles
+
+    def roles(self, entry: str | None, model: str) -> OutputRoles:
+        """The roles of the model a row names (its registry entry, else its bundle name)."""
+        self._refresh()
+        return self._roles_of(entry, model)
+
+    def _kind(self, f: Mapping[str, Any]) -> str:
+        roles = self._roles_of(f.get("model_entry"), str(f.get("model") or ""))
         return output_kind(
             roles,
             str(f.get("label") or ""),
@@ -82,14 +92,20 @@ class Outputs:
             predicted=f.get("predicted"),
         )
 
+    def kind(self, f: Mapping[str, Any]) -> str:
+        """``finding``, ``measurement`` or ``class_score`` of one catalogue row."""
+        self._refresh()
+        return self._kind(f)
+
     def split(
         self, rows: Iterable[Mapping[str, Any]]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """``(findings, measurements)`` of catalogue rows (class scores in neither)."""
+        self._refresh()
         findings: list[dict[str, Any]] = []
         measured: list[dict[str, Any]] = []
         for f in rows:
-            kind = self.kind(f)
+            kind = self._kind(f)
             if kind == "finding":
                 findings.append(dict(f))
             elif kind == "measurement":

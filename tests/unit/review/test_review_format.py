@@ -75,3 +75,40 @@ def test_sampling_explained_per_model() -> None:
     rules = {m["model"]: m["rule"] for m in out["models"]}
     assert rules["d@2"].startswith("a detected box")
     assert rules["m@1"].startswith("a mask with at least one voxel")
+
+
+def test_group_by_study_counts_and_descriptions() -> None:
+    from datetime import date
+
+    from pipeline.review.studies import group_by_study, study_order
+
+    def row(key: str, patient: str, study: str, series: str, number: int) -> dict[str, object]:
+        return {
+            "finding_key": key, "patient_token": patient, "StudyInstanceUID": study,
+            "SeriesInstanceUID": series, "SeriesNumber": number, "StudyDate": date(2020, 1, 2),
+            "Modality": "CT", "Manufacturer": None,
+        }  # fmt: skip
+
+    rows = [
+        row("a", "P2", "S2", "s21", 1),
+        row("b", "P1", "S1", "s12", 2),
+        row("c", "P1", "S1", "s11", 1),
+        row("d", "P1", "S1", "s11", 1),
+    ]
+    ordered = study_order(rows)
+    assert [r["finding_key"] for r in ordered] == ["c", "d", "b", "a"]
+    groups = group_by_study(
+        ordered[:3],  # a page: the P2 study is on the next one
+        rows,
+        {"c": {"decision": "accept"}},
+        {"s11": {"SeriesDescription": "Thorax 1.0", "StudyDescription": "CT chest"}},
+    )
+    assert len(groups) == 1
+    g = groups[0]
+    assert (g.patient_token, g.findings, g.decided, g.shown) == ("P1", 3, 1, 3)
+    assert g.description == "CT chest"
+    assert [(s.series, s.description, len(s.rows)) for s in g.series] == [
+        ("s11", "Thorax 1.0", 2),
+        ("s12", None, 1),
+    ]
+    assert g.manufacturers == ["unknown"]
