@@ -168,12 +168,15 @@ def group_by_study(
 
 
 def _rule(rows: Sequence[Mapping[str, Any]]) -> str:
-    """What makes a finding of one model positive, said in words."""
+    """What makes a finding of one model positive, said in words (each kind of its rows)."""
+    said = []
     if any(r.get("box_mm") for r in rows):
-        return "a detected box (only boxes above the detector's score threshold are kept)"
+        said.append("a detected box (only boxes above the detector's score threshold are kept)")
     if any(r.get("task") == "classification" for r in rows):
-        return "the predicted class of the image"
-    return "a mask with at least one voxel (negative: the model found nothing of that label)"
+        said.append("the predicted class of the image")
+    if any(not r.get("box_mm") and r.get("task") != "classification" for r in rows):
+        said.append("a mask with at least one voxel (negative: nothing of that label found)")
+    return "; or ".join(said)
 
 
 def explain_sampling(

@@ -75,6 +75,7 @@ def test_sampling_explained_per_model() -> None:
     rules = {m["model"]: m["rule"] for m in out["models"]}
     assert rules["d@2"].startswith("a detected box")
     assert rules["m@1"].startswith("a mask with at least one voxel")
+    assert "; or " not in rules["d@2"]
 
 
 def test_group_by_study_counts_and_descriptions() -> None:
