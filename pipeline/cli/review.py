@@ -137,7 +137,13 @@ def register(app: typer.Typer) -> None:
             if report is not None:
                 from pipeline.review.report import write_report
 
-                n = write_report(paths, report, max_images=cfg.review.report_images, run_id=run)
+                n = write_report(
+                    paths,
+                    report,
+                    max_images=cfg.review.report_images,
+                    run_id=run,
+                    registry=cfg.infer.registry,
+                )
                 typer.echo(f"review: wrote {report} ({n} findings)")
                 return
             if not cfg.review.users:

@@ -33,13 +33,18 @@ A registry entry::
             category: [...]
             type: [...]
 
+        outputs:                                        # optional: findings vs measurements
+          findings: [lung_nodule]                       # lesion-like: the review worklist's rows
+          measurements: [soft_tissue, bone]             # per series: its measurements panel
+
         detection:                                      # detection bundles (boxes)
           score_threshold: 0.5                          # boxes scored lower are dropped
           max_boxes: 20                                 # the best ones per volume
           classes: {0: lung_nodule}                     # detector class -> label name
 
 (:mod:`pipeline.infer.candidates` says how candidates are found; :mod:`pipeline.infer.detect`
-how boxes are.)
+how boxes are; :mod:`pipeline.codes.outputs` which outputs are findings: boxes, predicted classes
+and every label ``outputs.measurements`` does not name.)
 
 Codes are applied at write-back, not at inference (:mod:`pipeline.codes`): a label the entry does
 not code is looked up by name in the ``code_tables`` (TotalSegmentator's SNOMED CT mapping by
@@ -66,6 +71,7 @@ __all__ = [
     "LabelSpec",
     "MeasurementSpec",
     "ModelEntry",
+    "OutputsSpec",
     "Registry",
     "TestTime",
     "default_models_dir",
@@ -148,6 +154,23 @@ class DetectionSpec(_Strict):
         return self.classes.get(index, f"class_{index}")
 
 
+class OutputsSpec(_Strict):
+    """Which of a model's outputs are findings (lesion-like: reviewed one by one) and which
+    are per-series measurements (tissue volumes, mean HU: the series' measurements panel).
+    Labels named in neither are findings (:func:`pipeline.codes.outputs.output_kind`)."""
+
+    findings: tuple[str, ...] = ()
+    measurements: tuple[str, ...] = ()
+
+    @field_validator("measurements")
+    @classmethod
+    def _not_both(cls, value: tuple[str, ...], info: Any) -> tuple[str, ...]:
+        both = sorted(set(value) & set(info.data.get("findings", ())))
+        if both:
+            raise ValueError(f"outputs: {both[0]!r} is listed as a finding and a measurement")
+        return value
+
+
 class TestTime(_Strict):
     """Test-time augmentation of a model (:class:`pipeline.infer.engine.Segmenter`): the
     logits of every view, brought back, are averaged. Part of how the model was validated."""
@@ -194,6 +217,8 @@ class ModelEntry(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
     #: ids removed from inference.json (e.g. a keyword the installed MONAI no longer takes)
     drop: tuple[str, ...] = ()
+    #: which outputs are findings and which per-series measurements (empty: all findings)
+    outputs: OutputsSpec = Field(default_factory=lambda: OutputsSpec())
     #: detection models: threshold, top-k and class names of the boxes
     detection: DetectionSpec = Field(default_factory=lambda: DetectionSpec())
     #: ``segmentation`` (label maps), ``classification`` (a class vector per image or
@@ -221,6 +246,25 @@ class ModelEntry(_Strict):
                 f"code_tables: no table {unknown[0]!r}; shipped: {', '.join(sorted(TABLES))}"
             )
         return value
+
+    def output_kind(
+        self,
+        label: str,
+        *,
+        task: str | None = None,
+        box: bool = False,
+        predicted: bool | None = None,
+    ) -> str:
+        """``finding``, ``measurement`` or ``class_score``: what a findings row of this model
+        is (:func:`pipeline.codes.outputs.output_kind`)."""
+        from pipeline.codes.outputs import OutputRoles, output_kind
+
+        roles = OutputRoles(
+            findings=frozenset(self.outputs.findings),
+            measurements=frozenset(self.outputs.measurements),
+            candidates=frozenset(self.candidates),
+        )
+        return output_kind(roles, label, task=task, box=box, predicted=predicted)
 
     def label_codes(self, labels: list[str], registry_path: Path | None = None) -> dict[str, Any]:
         """The :class:`pipeline.codes.LabelCodes` of ``labels`` (finding labels: a

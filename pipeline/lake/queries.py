@@ -67,6 +67,7 @@ __all__ = [
     "object_states",
     "parquet_glob",
     "review_catalog",
+    "review_descriptions",
     "run_ids_about",
     "scan_sql",
     "set_temp_directory",
@@ -463,7 +464,8 @@ def review_catalog(lake: LakePaths) -> Query:
                f.box_class, f.box_mm, f.centre_mm, f.size_mm, f.task, f.predicted,
                t.path AS tensor_path, t.shape, t.spacing, t.rescaled,
                s.Modality, s.Manufacturer, s.ManufacturerModelName, s.BodyPartExamined,
-               s.SeriesDate, st.StudyDate, s.StudyInstanceUID
+               s.SeriesDate, st.StudyDate, s.StudyInstanceUID,
+               f.model_entry, s.patient_token, s.SeriesNumber
         FROM {scan_sql(lake, "findings")} f
         LEFT JOIN (SELECT * FROM {scan_sql(lake, "tensors")} WHERE status = 'ok') t
                ON t.tensor_key = f.tensor_key
@@ -475,6 +477,20 @@ def review_catalog(lake: LakePaths) -> Query:
                ON st.StudyInstanceUID = s.StudyInstanceUID
         QUALIFY row_number() OVER (PARTITION BY f.finding_key ORDER BY f.inferred_at DESC) = 1
         ORDER BY f.finding_key
+    """)
+
+
+def review_descriptions(lake: LakePaths) -> Query:
+    """Per series: its and its study's description, from the de-identified header of its first
+    instance (null where the de-identification removed them)."""
+    return Query(f"""
+        SELECT SeriesInstanceUID,
+               arg_min(json_extract_string(header_json, '$."0008103E".Value[0]'),
+                       InstanceNumber) AS SeriesDescription,
+               arg_min(json_extract_string(header_json, '$."00081030".Value[0]'),
+                       InstanceNumber) AS StudyDescription
+        FROM {scan_sql(lake, "instances")}
+        GROUP BY SeriesInstanceUID
     """)
 
 

@@ -34,8 +34,8 @@ address, never an identifier.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
-import json
 import math
 import re
 import secrets
@@ -48,6 +48,8 @@ from urllib.parse import quote, urlencode
 from pipeline.errors import LakeError
 from pipeline.review import reading
 from pipeline.review.auth import Busy, HashGate, LoginThrottle, Session, SessionStore
+from pipeline.review.format import label_name, measurement_rows, quantity
+from pipeline.review.measurements import Outputs, metrics_extras, series_panel
 from pipeline.review.middleware import SecurityHeaders
 from pipeline.review.phi import check_free_text, patient_identifiers
 from pipeline.review.queue import QueueStore, visible_reviews
@@ -63,6 +65,8 @@ from pipeline.review.store import (
     metrics_by_version,
     record_decision,
 )
+from pipeline.review.studies import Descriptions, explain_sampling, group_by_study
+from pipeline.review.thumbs import thumbnail_png
 from pipeline.review.worklist import SORTS, STATUSES, Query, run_query
 
 if TYPE_CHECKING:
@@ -148,6 +152,9 @@ def templates() -> jinja2.Environment:
     env.filters["fmt"] = _fmt
     env.filters["short"] = lambda s, n=12: (s[:n] + "…") if s and len(s) > n + 1 else (s or "")
     env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.1f}%"
+    env.filters["quantity"] = quantity
+    env.filters["measure_name"] = label_name
+    env.filters["datauri"] = data_uri
     return env
 
 
@@ -164,28 +171,14 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+#: measurements a finding page shows in its own rows (not again among the others)
+_OWN_ROWS = ("voxel_count", "volume_ml", "mean_hu", "mean_value")
+
+
 def measurements(finding: dict[str, Any]) -> list[tuple[str, str]]:
-    """A finding's measurements as (name, "value unit") pairs."""
-    out: list[tuple[str, str]] = []
-    try:
-        raw = json.loads(finding.get("measurements") or "{}")
-    except ValueError:
-        raw = {}
-    for name, m in raw.items():
-        if isinstance(m, dict):
-            value = m.get("value")
-            if value is None:
-                out.append((name, "—"))
-                continue
-            text = f"{value:.2f}" if isinstance(value, float) else str(value)
-            out.append((name, f"{text} {m.get('unit', '')}".strip()))
-        elif isinstance(m, list):
-            out.append(
-                (name, " × ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in m))
-            )
-        else:
-            out.append((name, str(m)))
-    return out
+    """A finding's other measurements as readable (name, "value unit") pairs
+    (:func:`pipeline.review.format.measurement_rows`)."""
+    return measurement_rows(finding.get("measurements"), skip=_OWN_ROWS)
 
 
 def _safe_next(value: object, default: str = "/") -> str:
@@ -249,6 +242,13 @@ class _App:
         )
         self.hashing = HashGate(self.rc.hash_concurrency, self.rc.hash_queue)
         self.queues = QueueStore(lake)
+        # issue #23 §2/§3: which rows are findings; descriptions of series and studies
+        self.outputs = Outputs(cfg.infer.registry)
+        self.descriptions = Descriptions(lake)
+
+    def findings(self) -> list[dict[str, Any]]:
+        """The catalogue's findings: lesion-like rows only, not per-series measurements."""
+        return self.outputs.split(self.catalog.findings())[0]
 
     # ---------------------------------------------------------------- blinding (reading.py)
 
@@ -510,10 +510,13 @@ class _App:
         who = self.guard(request, "view")
         if not isinstance(who, tuple):
             return who
-        findings = self.catalog.findings()
+        findings = self.findings()
         latest = self.latest_for(who[0])
         q = Query.parse(dict(request.query_params), per_page=self.rc.page_size)
         result = run_query(findings, latest, q)
+        kept = run_query(
+            findings, latest, dataclasses.replace(q, sample="all", page=1, per_page=10**9)
+        ).rows
 
         def url(**changes: Any) -> str:
             return "/?" + urlencode(q.params(**changes))
@@ -530,6 +533,8 @@ class _App:
             result=result,
             url=url,
             total_findings=len(findings),
+            groups=group_by_study(result.rows, findings, latest, self.descriptions.get()),
+            sampling=explain_sampling(kept, q.sample, q.percent, q.seed, result.total),
             models=sorted({f"{f['model']}@{f['model_version']}" for f in findings}),
             labels=sorted({f["label"] for f in findings}),
             modalities=sorted({f["Modality"] for f in findings if f.get("Modality")}),
@@ -619,6 +624,10 @@ class _App:
             img=img,
             link=link,
             measurements=measurements(f),
+            series_measurements=series_panel(
+                self.outputs.split(self.catalog.findings())[1], str(f["SeriesInstanceUID"])
+            ),
+            kind=self.outputs.kind(f),
             past=past,
             status=past[-1]["decision"] if past else "unreviewed",
             decisions=DECISIONS,
@@ -763,24 +772,44 @@ class _App:
                 )
         return None
 
+    # ---------------------------------------------------------------- thumbnails (issue #23 §3)
+
+    def thumbnail(self, request: Request) -> Response:
+        """A small crop around a finding on its middle slice (the worklist's thumbnails)."""
+        from starlette.responses import PlainTextResponse, Response
+
+        who = self.guard(request, "view")
+        if not isinstance(who, tuple):
+            return who
+        key = request.query_params.get("key", "")
+        f = self.catalog.finding(key)
+        if f is None or not f.get("tensor_path"):
+            return PlainTextResponse("no such finding or volume", status_code=404)
+        png = thumbnail_png(self.volumes, f)
+        self.record("review_thumbnail_viewed", request, who[0], finding_key=key)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
     # ---------------------------------------------------------------- metrics and export
 
     def metrics(self, request: Request) -> Response:
         who = self.guard(request, "view")
         if not isinstance(who, tuple):
             return who
-        findings = self.catalog.findings()
-        versions = metrics_by_version(findings, self.latest_for(who[0]))
+        findings = self.findings()
+        latest = self.latest_for(who[0])
+        versions = metrics_by_version(findings, latest)
         plots = {
             (m.model, m.model_version): {n: data_uri(p) for n, p in metrics_plots(m).items()}
             for m in versions
         }
+        extras = metrics_extras(findings, latest, self.visible(who[0]))
         return self.page(
             request,
             "metrics.html",
             versions=versions,
             plots=plots,
             agreements=reading.agreements(self, who[0]),
+            extras=extras,
         )
 
     def export(self, request: Request) -> Response:
@@ -942,6 +971,8 @@ def create_app(
         Route("/static/{name}", state.static),
         # issue #23 §4: queues, "my queue", two readers (pipeline.review.reading)
         *reading.routes(state),
+        # issue #23 §3: the worklist's thumbnails
+        Route("/thumb.png", state.thumbnail),
     ]
     middleware = [
         Middleware(SecurityHeaders, tls=tls),

@@ -22,6 +22,7 @@ __all__ = [
     "VolumeCache",
     "default_slice",
     "metrics_plots",
+    "rate_plot",
     "slice_png",
 ]
 
@@ -157,40 +158,44 @@ def _rate_bars(ax: Any, rates: dict[str, Any], title: str) -> None:
         hi_err.append(max(hi - v, 0.0) if r.decided else 0.0)
     x = np.arange(len(names))
     ax.bar(x, vals, yerr=[lo_err, hi_err], capsize=4, color="#3b7dd8")
+    for xi, n, v in zip(x, names, vals, strict=True):
+        if not rates[n].decided:
+            ax.text(xi, 0.02, "no accept/reject", ha="center", va="bottom", fontsize=7)
+            continue
+        if v == 0:  # a 0 % bar has no height: a stub on the axis, so it is seen
+            ax.bar([xi], [0.012], color="#d64541", width=0.8)
+        ax.text(xi, v + 0.03, f"{100 * v:.0f} %", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [f"{n}\n(n={rates[n].decided})" for n in names], fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)
     ax.set_ylabel("acceptance")
     ax.set_title(title, fontsize=10)
 
 
+def rate_plot(rates: dict[str, Any], title: str) -> bytes:
+    """A bar chart of acceptance rates by group (95% Wilson intervals as error bars; a 0 %
+    bar drawn as a stub on the axis, each bar labelled with its percentage) as PNG bytes."""
+    fig = _figure()
+    _rate_bars(fig.add_subplot(), rates, title)
+    return _png(fig)
+
+
 def metrics_plots(m: VersionMetrics) -> dict[str, bytes]:
     """The plots of one model version, as PNG bytes by name: acceptance by manufacturer and by
-    month (95% Wilson intervals as error bars), score distributions accepted vs rejected."""
+    month (95% Wilson intervals as error bars), score distributions accepted vs rejected
+    (only for a model that gives scores: no empty panel)."""
     plots: dict[str, bytes] = {}
-    fig = _figure()
-    _rate_bars(fig.add_subplot(), m.by_manufacturer, "Acceptance by manufacturer")
-    plots["manufacturer"] = _png(fig)
-    fig = _figure()
-    _rate_bars(fig.add_subplot(), m.by_month, "Acceptance by month of review")
-    plots["time"] = _png(fig)
-    fig = _figure()
-    ax = fig.add_subplot()
-    if m.scores_accepted or m.scores_rejected:
+    if m.by_manufacturer:  # no panel without decisions (the page says there are none)
+        plots["manufacturer"] = rate_plot(m.by_manufacturer, "Acceptance by manufacturer")
+    if m.by_month:
+        plots["time"] = rate_plot(m.by_month, "Acceptance by month of review")
+    if m.scores_accepted or m.scores_rejected:  # no panel for a model that gives no scores
+        fig = _figure()
+        ax = fig.add_subplot()
         bins = np.linspace(0.0, 1.0, 21)
         ax.hist(m.scores_accepted, bins=bins, alpha=0.6, label="accepted", color="#2a9d55")
         ax.hist(m.scores_rejected, bins=bins, alpha=0.6, label="rejected", color="#d64541")
         ax.set_xlabel("score")
         ax.legend(fontsize=8)
         ax.set_title("Scores of accepted vs rejected", fontsize=10)
-    else:
-        ax.text(
-            0.5,
-            0.5,
-            "no scores: this model gives none\n(segmentation: confidence unknown)",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-        )
-        ax.set_axis_off()
-    plots["scores"] = _png(fig)
+        plots["scores"] = _png(fig)
     return plots

@@ -15,9 +15,11 @@ from typing import Any
 from pipeline.errors import LakeError
 from pipeline.lake.io import atomic_write_text
 from pipeline.lake.paths import LakePaths
+from pipeline.review.measurements import Outputs, metrics_extras
 from pipeline.review.phi import check_free_text, patient_identifiers
-from pipeline.review.render import VolumeCache, default_slice, metrics_plots
+from pipeline.review.render import VolumeCache, metrics_plots
 from pipeline.review.store import Catalog, metrics_by_version
+from pipeline.review.thumbs import thumbnail_png
 
 __all__ = ["WITHHELD", "build_report", "write_report"]
 
@@ -26,14 +28,19 @@ WITHHELD = "[withheld: it may identify the patient]"
 
 
 def build_report(
-    lake: LakePaths, *, max_images: int = 500, run_id: str | None = None
+    lake: LakePaths,
+    *,
+    max_images: int = 500,
+    run_id: str | None = None,
+    registry: Path | None = None,
 ) -> tuple[str, int]:
     """The report's HTML and the number of findings in it (those of infer run ``run_id``
-    only, when given)."""
-    from pipeline.review.app import data_uri, render_finding_png, templates
+    only, when given). Findings only: the outputs the model registry at ``registry`` names
+    per-series measurements are left out (:mod:`pipeline.codes.outputs`)."""
+    from pipeline.review.app import data_uri, measurements, templates
 
     catalog = Catalog(lake)
-    findings = catalog.findings()
+    findings = Outputs(registry).split(catalog.findings())[0]
     if run_id is not None:
         findings = [f for f in findings if f.get("run_id") == _run_of(lake, run_id, findings)]
     latest = catalog.latest()
@@ -45,13 +52,12 @@ def build_report(
         texts = _shareable_texts(lake, f, r, identifiers) if r else (None, None)
         image = None
         if i < max_images and f.get("tensor_path"):
-            window = "soft-tissue" if f.get("Modality") == "CT" and f.get("rescaled") else "auto"
-            png = render_finding_png(volumes, f, k=default_slice(f), window=window)
-            image = data_uri(_thumbnail(png))
+            image = data_uri(thumbnail_png(volumes, f, side=160))
         rows.append(
             {
                 **f,
                 "image": image,
+                "other_measurements": measurements(f),
                 "status": r["decision"] if r else "unreviewed",
                 "reviewer": r["reviewer"] if r else None,
                 "corrected_label": texts[0],
@@ -59,6 +65,7 @@ def build_report(
             }
         )
     versions = metrics_by_version(findings, latest)
+    extras = metrics_extras(findings, latest, catalog.reviews())
     plots = {
         (m.model, m.model_version): {n: data_uri(p) for n, p in metrics_plots(m).items()}
         for m in versions
@@ -79,6 +86,7 @@ def build_report(
             reviewed=sum(1 for f in findings if f["finding_key"] in latest),
             versions=versions,
             plots=plots,
+            extras=extras,
             images_shown=shown,
             images_left_out=len(findings) - shown,
         )
@@ -112,19 +120,6 @@ def _shareable_texts(
     return out[0], out[1]
 
 
-def _thumbnail(png: bytes, side: int = 192) -> bytes:
-    """A smaller copy of a PNG, to keep the report light."""
-    import io
-
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(png))
-    img.thumbnail((side, side), Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _run_of(lake: LakePaths, run: str, findings: list[dict[str, Any]]) -> str:
     """The id of the infer run ``run`` names (an id or a unique prefix of a run manifest's).
 
@@ -151,9 +146,14 @@ def _run_of(lake: LakePaths, run: str, findings: list[dict[str, Any]]) -> str:
 
 
 def write_report(
-    lake: LakePaths, out: Path, *, max_images: int = 500, run_id: str | None = None
+    lake: LakePaths,
+    out: Path,
+    *,
+    max_images: int = 500,
+    run_id: str | None = None,
+    registry: Path | None = None,
 ) -> int:
     """Write the report to ``out`` atomically; return the number of findings in it."""
-    html, n = build_report(lake, max_images=max_images, run_id=run_id)
+    html, n = build_report(lake, max_images=max_images, run_id=run_id, registry=registry)
     atomic_write_text(out, html)
     return n

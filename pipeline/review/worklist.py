@@ -9,6 +9,7 @@ from datetime import date
 from typing import Any
 
 from pipeline.review.store import SAMPLING_MODES, sample
+from pipeline.review.studies import study_order
 
 __all__ = ["SORTS", "STATUSES", "Page", "Query", "run_query"]
 
@@ -170,9 +171,13 @@ def run_query(
     latest: Mapping[str, Mapping[str, Any]],
     q: Query,
 ) -> Page:
-    """Filter, sample, sort and paginate. Nulls sort last whichever the order."""
+    """Filter, sample, sort and paginate. Nulls sort last whichever the order. Without a sort
+    key, findings come by patient, study and series (lowest-confidence: by score)."""
     kept = [f for f in findings if _keep(f, q, latest)]
     picked = sample(kept, q.sample, percent=q.percent, seed=q.seed)
+    if not q.sort and q.sample != "lowest-confidence":
+        # a study's findings together, by patient and study date (issue #23 §3)
+        picked = study_order(picked)
     rows = [{**f, "status": _status(f["finding_key"], latest)} for f in picked]
     if q.sort:
         present = [r for r in rows if r.get(q.sort) is not None]

@@ -170,7 +170,9 @@ def test_review_in_a_real_browser(
     rows = browser.find_elements(By.CSS_SELECTOR, "tr.finding-row")
     wanted = [f for f in findings if f["label"] == label and f["voxel_count"] > 0]
     assert len(rows) == len(wanted) >= 2
-    assert all(r.find_elements(By.TAG_NAME, "td")[2].text == label for r in rows)
+    # the finding's name, readable (issue #23: "soft tissue", in the second column)
+    name = label.replace("_", " ")
+    assert all(r.find_elements(By.TAG_NAME, "td")[1].text.startswith(name) for r in rows)
     _screenshot(browser, "review-worklist.png")
     keys = [r.get_attribute("data-key") for r in rows]
 
@@ -275,6 +277,47 @@ def test_review_in_a_real_browser(
     images = browser.find_elements(By.CSS_SELECTOR, "img")
     assert len(images) >= len(findings)
     assert all(_image_loaded(browser, i) for i in images)
+
+
+def test_worklist_groups_by_study(lake: LakePaths, server: str, browser: Any) -> None:
+    """Issue #23 §3: the worklist is grouped by pseudonymous patient and study, each group's
+    header with the shifted study date and its counts, each row with a thumbnail."""
+    from selenium.webdriver.common.by import By
+
+    findings = read_table(lake, "findings").to_pylist()
+    series = {s["SeriesInstanceUID"]: s for s in read_table(lake, "series").to_pylist()}
+    study_of = {f["finding_key"]: series[f["SeriesInstanceUID"]] for f in findings}
+    _login(browser, server, "lena", PASSWORDS["lena"])
+    browser.get(server + "/?per_page=1000")
+    _wait(browser, lambda d: d.find_elements(By.ID, "worklist"))
+    groups = browser.find_elements(By.CSS_SELECTOR, "#worklist tbody.study")
+    studies = {(s["patient_token"], s["StudyInstanceUID"]) for s in study_of.values()}
+    assert len(groups) == len(studies) >= 2
+    seen: set[str] = set()
+    for g in groups:
+        patient, study = g.get_attribute("data-patient"), g.get_attribute("data-study")
+        keys = [
+            r.get_attribute("data-key") for r in g.find_elements(By.CSS_SELECTOR, "tr.finding-row")
+        ]
+        assert keys
+        for k in keys:  # every row sits in its own study's group
+            assert (study_of[k]["patient_token"], study_of[k]["StudyInstanceUID"]) == (
+                patient,
+                study,
+            )
+        seen.update(keys)
+        head = g.find_element(By.CSS_SELECTOR, "tr.study-head")
+        assert head.find_element(By.CSS_SELECTOR, ".n-findings").text == str(len(keys))
+        assert patient[:10] in head.text
+        assert g.find_elements(By.CSS_SELECTOR, "tr.series-head")
+    assert seen == {f["finding_key"] for f in findings}
+    thumbs = browser.find_elements(By.CSS_SELECTOR, "#worklist img.thumb")
+    assert len(thumbs) == len(findings)
+    browser.execute_script("window.scrollTo(0, 0)")
+    for t in thumbs[:8]:
+        _wait(browser, lambda d, t=t: _image_loaded(d, t))
+    assert "sampling" in browser.find_element(By.ID, "sampling").text.lower()
+    _screenshot(browser, "review-worklist-by-study.png")
 
 
 def _session(server: str, user: str) -> Any:

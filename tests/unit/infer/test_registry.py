@@ -65,3 +65,32 @@ def test_malformed_registry(tmp_path: Path, text: str, match: str) -> None:
 def test_missing_registry(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no model registry"):
         load_registry(tmp_path / "absent.yaml")
+
+
+def test_outputs_say_which_are_findings_and_which_measurements(tmp_path: Path) -> None:
+    """Issue #23 §2: the body-composition model's tissue classes are per-series measurements,
+    its nodule candidates findings; boxes and predicted classes are findings; an entry
+    without ``outputs`` keeps every label a finding."""
+    from pipeline.codes.outputs import registry_outputs
+
+    entry = load_registry().entry("ct_body_composition")
+    assert [entry.output_kind(t) for t in ("soft_tissue", "adipose_tissue", "bone", "lung")] == [
+        "measurement"
+    ] * 4
+    assert entry.output_kind("lung_nodule_3") == "finding"
+    assert entry.output_kind("lung", box=True) == "finding"
+    assert entry.output_kind("benign", task="classification", predicted=False) == "class_score"
+    assert entry.output_kind("malignant", task="classification", predicted=True) == "finding"
+    roles = registry_outputs(None, entry="ct_body_composition", model="x")
+    assert roles.measurements == {"soft_tissue", "adipose_tissue", "bone", "lung"}
+    # by bundle name, for rows that did not record their entry; unknown: no roles
+    assert registry_outputs(None, entry=None, model="ct_body_composition") == roles
+    assert not registry_outputs(None, entry=None, model="unknown").measurements
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  m:\n    bundle: b\n")
+    assert load_registry(path).entry("m").output_kind("lung") == "finding"
+    path.write_text(
+        "models:\n  m:\n    bundle: b\n    outputs: {findings: [a], measurements: [a]}\n"
+    )
+    with pytest.raises(ConfigError, match="listed as a finding and a measurement"):
+        load_registry(path)
