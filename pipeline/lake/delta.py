@@ -64,6 +64,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "tensors": ("tensor_key",),
     "findings": ("finding_key",),
     "reviews": ("review_id",),
+    "corrections": ("correction_id",),
 }
 #: How often a commit that lost a race with another writer is tried again.
 _RETRIES = 8

@@ -26,6 +26,7 @@ RESEARCH_TABLES: tuple[str, ...] = (
     "tensors",
     "findings",
     "reviews",
+    "corrections",
 )
 
 

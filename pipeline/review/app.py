@@ -46,6 +46,7 @@ from urllib.parse import quote, urlencode
 
 from pipeline.errors import LakeError
 from pipeline.review.auth import Busy, HashGate, LoginThrottle, Session, SessionStore
+from pipeline.review.corrections import latest_corrections, load_corrections
 from pipeline.review.middleware import SecurityHeaders
 from pipeline.review.phi import check_free_text, patient_identifiers
 from pipeline.review.render import WINDOWS, VolumeCache, default_slice, metrics_plots, slice_png
@@ -59,6 +60,7 @@ from pipeline.review.store import (
     metrics_by_version,
     record_decision,
 )
+from pipeline.review.viewer import MAX_CORRECTION_BYTES, Viewer
 from pipeline.review.worklist import SORTS, STATUSES, Query, run_query
 
 if TYPE_CHECKING:
@@ -82,14 +84,19 @@ __all__ = [
 ]
 
 #: What each role may do. Viewing identified studies also needs ``review.viewer_roles``.
+#: ``correct`` (drawing a corrected mask, issue #23) is the reviewers' (and admins') work.
 PERMISSIONS: dict[str, frozenset[str]] = {
-    "reviewer": frozenset({"view", "decide"}),
+    "reviewer": frozenset({"view", "decide", "correct"}),
     "lead": frozenset({"view", "decide", "export"}),
-    "admin": frozenset({"view", "decide", "export"}),
+    "admin": frozenset({"view", "decide", "export", "correct"}),
 }
 _TEMPLATES = Path(__file__).parent / "templates"
 #: files under templates/ served at /static/<name>
-_STATIC = {"style.css": "text/css", "finding.js": "text/javascript"}
+_STATIC = {
+    "style.css": "text/css",
+    "finding.js": "text/javascript",
+    "viewer.js": "text/javascript",  # issue #23: the NiiVue viewer (pipeline.review.viewer)
+}
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # a hash verified when the user name is unknown, so both paths take as long
@@ -239,6 +246,7 @@ class _App:
             lockout_s=60.0 * self.rc.lockout_minutes,
         )
         self.hashing = HashGate(self.rc.hash_concurrency, self.rc.hash_queue)
+        self.nv = Viewer(self)  # issue #23: in-page viewer and corrections
 
     # ---------------------------------------------------------------- audit
 
@@ -595,6 +603,7 @@ class _App:
             error=error,
             comment=comment,
             corrected_label=corrected_label,
+            nv=self.nv.context(f, who[1]),
         )
 
     def slice_image(self, request: Request) -> Response:
@@ -747,7 +756,8 @@ class _App:
         fmt = request.query_params.get("format", "csv")
         if fmt not in ("csv", "parquet"):
             return PlainTextResponse("format must be csv or parquet", status_code=400)
-        table = label_set(self.catalog.findings(), self.catalog.latest())
+        corrections = latest_corrections(load_corrections(self.lake))
+        table = label_set(self.catalog.findings(), self.catalog.latest(), corrections)
         buf = io.BytesIO()
         if fmt == "parquet":
             import pyarrow.parquet as pq
@@ -895,9 +905,10 @@ def create_app(
         Route("/export", state.export),
         Route("/viewer", state.viewer),
         Route("/static/{name}", state.static),
+        *state.nv.routes(),  # issue #23: /static/niivue/*, /volume.nii, /mask.nii, /correction
     ]
     middleware = [
-        Middleware(SecurityHeaders, tls=tls),
+        Middleware(SecurityHeaders, tls=tls, limits={"/correction": MAX_CORRECTION_BYTES}),
         Middleware(
             SessionMiddleware,
             secret_key=secret or secrets.token_urlsafe(48),

@@ -36,6 +36,7 @@ _HOW = {
     "tensors": "rerun `pacsflow tensors` on a fresh lake, or restore the file from a backup",
     "findings": "rerun `pacsflow infer` on a fresh lake, or restore the file from a backup",
     "reviews": "reviewers' decisions exist nowhere else: restore the file from a backup",
+    "corrections": "reviewers' corrected masks exist nowhere else: restore from a backup",
     "vault": "the way back to the originals exists nowhere else: restore it from a backup",
     "outbox": "restore it from a backup (or write back again into a fresh lake)",
 }
