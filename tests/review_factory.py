@@ -63,8 +63,11 @@ def build_review_lake(root: Path, key: bytes, *, seed: int) -> LakePaths:
 
 
 @contextlib.contextmanager
-def headless_chromium(*extra_args: str, console_log: bool = True) -> Iterator[Any]:
-    """A Selenium driver of the system's headless Chromium (skips the test without it)."""
+def headless_chromium(
+    *extra_args: str, console_log: bool = True, webgl: bool = False
+) -> Iterator[Any]:
+    """A Selenium driver of the system's headless Chromium (skips the test without it);
+    ``webgl``: WebGL2 through SwiftShader (the CPU), for the in-page viewer (issue #23)."""
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     if missing:
         pytest.skip(
@@ -78,10 +81,11 @@ def headless_chromium(*extra_args: str, console_log: bool = True) -> Iterator[An
     opts.binary_location = str(CHROMIUM)
     if console_log:
         opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    gl = ("--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist")
     for arg in (
         "--headless=new",
         "--no-sandbox",
-        "--disable-gpu",
+        *(gl if webgl else ("--disable-gpu",)),
         "--disable-dev-shm-usage",
         "--window-size=1280,900",
         "--no-first-run",

@@ -65,6 +65,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "findings": ("finding_key",),
     "reviews": ("review_id",),
     "queues": ("queue_id",),
+    "corrections": ("correction_id",),
 }
 #: How often a commit that lost a race with another writer is tried again.
 _RETRIES = 8

@@ -98,7 +98,16 @@ def volume_verdicts(con: Any, lake: LakePaths) -> dict[str, tuple[bool, str | No
 
 
 #: The research views of ``pacsflow sql``.
-RESEARCH_VIEWS = ("instances", "series", "studies", "patients", "tensors", "findings", "reviews")
+RESEARCH_VIEWS = (
+    "instances",
+    "series",
+    "studies",
+    "patients",
+    "tensors",
+    "findings",
+    "reviews",
+    "corrections",
+)
 #: Statement types a sandboxed query may run (DESCRIBE, SHOW, FROM and VALUES are SELECTs).
 _READ_ONLY = frozenset({"SELECT", "EXPLAIN"})
 

@@ -27,6 +27,7 @@ RESEARCH_TABLES: tuple[str, ...] = (
     "findings",
     "reviews",
     "queues",
+    "corrections",
 )
 
 

@@ -378,6 +378,29 @@ QUEUES = _schema(
     "research: review queues a lead assigned (latest row per queue_id)",
 )
 
+CORRECTIONS = _schema(
+    [
+        _f("correction_id", _S, False),
+        _f("finding_key", _S, False),
+        _f("tensor_key", _S, False),
+        _f("SeriesInstanceUID", _S),  # pseudonym
+        _f("model", _S),
+        _f("model_version", _S),
+        _f("weights_sha256", _S),
+        _f("tensor_checksum", _S),  # the tensors row's checksum: what the model saw
+        _f("base_mask_path", _S),  # the model's mask the reviewer started from
+        _f("base_mask_checksum", _S),
+        _f("label_value", _I),  # the finding's value in the model's mask
+        _f("mask_path", _S),  # relative to research/: masks/<tensor_key>/corrections/<id>.npy
+        _f("mask_checksum", _S),  # "sha256:<hex>" of the .npy file (uint8, 1 = the finding)
+        _f("voxel_count", _I),
+        _f("shape", pa.list_(_I)),
+        _f("reviewer", _S, False),
+        _f("corrected_at", _TS, False),
+    ],
+    "research: one row per reviewer's corrected mask (issue #23; history kept)",
+)
+
 #: Every lake table's schema, by table name.
 SCHEMAS: dict[str, pa.Schema] = {
     "index": INDEX,
@@ -393,6 +416,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "findings": FINDINGS,
     "reviews": REVIEWS,
     "queues": QUEUES,
+    "corrections": CORRECTIONS,
 }
 
 

@@ -48,6 +48,7 @@ from urllib.parse import quote, urlencode
 from pipeline.errors import LakeError
 from pipeline.review import reading
 from pipeline.review.auth import Busy, HashGate, LoginThrottle, Session, SessionStore
+from pipeline.review.corrections import latest_corrections, load_corrections
 from pipeline.review.format import label_name, measurement_rows, quantity
 from pipeline.review.measurements import Outputs, metrics_extras, series_panel
 from pipeline.review.middleware import SecurityHeaders
@@ -67,6 +68,7 @@ from pipeline.review.store import (
 )
 from pipeline.review.studies import Descriptions, explain_sampling, group_by_study
 from pipeline.review.thumbs import thumbnail_png
+from pipeline.review.viewer import MAX_CORRECTION_BYTES, Viewer
 from pipeline.review.worklist import SORTS, STATUSES, Query, run_query
 
 if TYPE_CHECKING:
@@ -90,14 +92,20 @@ __all__ = [
 ]
 
 #: What each role may do. Viewing identified studies also needs ``review.viewer_roles``.
+#: ``correct`` (drawing a corrected mask, issue #23) is the reviewers' (and admins') work.
 PERMISSIONS: dict[str, frozenset[str]] = {
-    "reviewer": frozenset({"view", "decide"}),
+    "reviewer": frozenset({"view", "decide", "correct"}),
     "lead": frozenset({"view", "decide", "export", "assign"}),
-    "admin": frozenset({"view", "decide", "export", "assign"}),
+    "admin": frozenset({"view", "decide", "export", "assign", "correct"}),
 }
 _TEMPLATES = Path(__file__).parent / "templates"
 #: files under templates/ served at /static/<name>
-_STATIC = {"style.css": "text/css", "finding.js": "text/javascript", "keys.js": "text/javascript"}
+_STATIC = {
+    "style.css": "text/css",
+    "finding.js": "text/javascript",
+    "keys.js": "text/javascript",
+    "viewer.js": "text/javascript",  # issue #23: the NiiVue viewer (pipeline.review.viewer)
+}
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # a hash verified when the user name is unknown, so both paths take as long
@@ -245,6 +253,7 @@ class _App:
         # issue #23 §2/§3: which rows are findings; descriptions of series and studies
         self.outputs = Outputs(cfg.infer.registry)
         self.descriptions = Descriptions(lake)
+        self.nv = Viewer(self)  # issue #23: in-page viewer and corrections
 
     def findings(self) -> list[dict[str, Any]]:
         """The catalogue's findings: lesion-like rows only, not per-series measurements."""
@@ -638,6 +647,7 @@ class _App:
             error=error,
             comment=comment,
             corrected_label=corrected_label,
+            nv=self.nv.context(f, who[1]),
         )
 
     def slice_image(self, request: Request) -> Response:
@@ -821,7 +831,8 @@ class _App:
         fmt = request.query_params.get("format", "csv")
         if fmt not in ("csv", "parquet"):
             return PlainTextResponse("format must be csv or parquet", status_code=400)
-        table = label_set(self.catalog.findings(), self.latest_for(who[0]))
+        corrections = latest_corrections(load_corrections(self.lake))
+        table = label_set(self.catalog.findings(), self.latest_for(who[0]), corrections)
         buf = io.BytesIO()
         if fmt == "parquet":
             import pyarrow.parquet as pq
@@ -973,9 +984,10 @@ def create_app(
         *reading.routes(state),
         # issue #23 §3: the worklist's thumbnails
         Route("/thumb.png", state.thumbnail),
+        *state.nv.routes(),  # issue #23: /static/niivue/*, /volume.nii, /mask.nii, /correction
     ]
     middleware = [
-        Middleware(SecurityHeaders, tls=tls),
+        Middleware(SecurityHeaders, tls=tls, limits={"/correction": MAX_CORRECTION_BYTES}),
         Middleware(
             SessionMiddleware,
             secret_key=secret or secrets.token_urlsafe(48),

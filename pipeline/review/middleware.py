@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 __all__ = ["CONTENT_SECURITY_POLICY", "SecurityHeaders"]
@@ -13,11 +13,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: Scripts and styles from the app's own files only (no inline code), images from the app
-#: or data URIs (the metrics plots), forms posted to the app only, never framed.
+#: Scripts and styles from the app's own files only (no inline code, no eval), images from
+#: the app or data URIs (the metrics plots), fetches to the app only (the viewer's volumes and
+#: corrections), forms posted to the app only, never framed.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 _HEADERS = {
     "content-security-policy": CONTENT_SECURITY_POLICY,
@@ -49,10 +50,20 @@ class SecurityHeaders:
         Whether the app is served over HTTPS.
     max_body:
         Largest request body accepted, in bytes.
+    limits:
+        Larger limits for some paths (the viewer's corrected masks), in bytes.
     """
 
-    def __init__(self, app: ASGIApp, *, tls: bool = False, max_body: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tls: bool = False,
+        max_body: int = 64 * 1024,
+        limits: Mapping[str, int] | None = None,
+    ) -> None:
         self.app = app
+        self.limits = dict(limits or {})
         self.headers = dict(_HEADERS)
         if tls:
             self.headers["strict-transport-security"] = HSTS
@@ -94,6 +105,7 @@ class SecurityHeaders:
             return None
         if not length.isdigit():
             return 400, "bad Content-Length"
-        if int(length) > self.max_body:
-            return 413, f"request body over {self.max_body} bytes"
+        limit = self.limits.get(str(scope.get("path", "")), self.max_body)
+        if int(length) > limit:
+            return 413, f"request body over {limit} bytes"
         return None

@@ -302,16 +302,22 @@ def sample(
 
 
 def label_set(
-    findings: Sequence[Mapping[str, Any]], latest: Mapping[str, Mapping[str, Any]]
+    findings: Sequence[Mapping[str, Any]],
+    latest: Mapping[str, Mapping[str, Any]],
+    corrections: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> pa.Table:
     """Accepted and rejected findings as a label set for retraining: what the model saw
     (tensor and mask, with checksums), its identity, the decision and the final label
-    (a reviewer's correction, or the model's label)."""
+    (a reviewer's correction, or the model's label), and the latest corrected mask of the
+    finding where a reviewer drew one (``corrections``: by finding key, from
+    :func:`pipeline.review.corrections.latest_corrections`; a corrected mask is 1 on the
+    finding, so train on it rather than on ``mask_path == label_value``)."""
     rows = []
     for f in findings:
         r = latest.get(f["finding_key"])
         if r is None or r["decision"] not in ("accept", "reject"):
             continue
+        c = (corrections or {}).get(f["finding_key"]) or {}
         rows.append(
             {
                 "finding_key": f["finding_key"],
@@ -331,6 +337,9 @@ def label_set(
                 "reviewer": r["reviewer"],
                 "reviewed_at": r["reviewed_at"],
                 "review_id": r["review_id"],
+                "corrected_mask_path": c.get("mask_path"),
+                "corrected_mask_checksum": c.get("mask_checksum"),
+                "correction_id": c.get("correction_id"),
             }
         )
     schema = pa.schema(
@@ -352,6 +361,9 @@ def label_set(
             ("reviewer", pa.string()),
             ("reviewed_at", pa.timestamp("us", tz="UTC")),
             ("review_id", pa.string()),
+            ("corrected_mask_path", pa.string()),
+            ("corrected_mask_checksum", pa.string()),
+            ("correction_id", pa.string()),
         ]
     )
     return pa.Table.from_pylist(rows, schema=schema)

@@ -37,6 +37,7 @@ _HOW = {
     "findings": "rerun `pacsflow infer` on a fresh lake, or restore the file from a backup",
     "reviews": "reviewers' decisions exist nowhere else: restore the file from a backup",
     "queues": "review queues exist nowhere else: restore the file from a backup, or assign again",
+    "corrections": "reviewers' corrected masks exist nowhere else: restore from a backup",
     "vault": "the way back to the originals exists nowhere else: restore it from a backup",
     "outbox": "restore it from a backup (or write back again into a fresh lake)",
 }

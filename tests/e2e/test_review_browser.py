@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from review_factory import build_review_lake, headless_chromium
@@ -507,3 +508,223 @@ def test_keyboard_decisions_move_through_a_queue(
         if "Content Security Policy" in e["message"] or "Refused to" in e["message"]
     ]
     assert blocked == []
+
+
+# --------------------------------------------------------------------------------------------
+# issue #23: the in-page viewer (NiiVue, WebGL2 through SwiftShader) and corrections
+# --------------------------------------------------------------------------------------------
+
+#: reads the viewer's canvas right after a draw (same task: the buffer is still there)
+_PIXELS = """
+const nv = window.pacsflowViewer.nv; nv.drawScene();
+const gl = nv.gl, w = gl.drawingBufferWidth, h = gl.drawingBufferHeight;
+const px = new Uint8Array(w * h * 4); gl.readPixels(0, 0, w, h, gl.RGBA, gl.UNSIGNED_BYTE, px);
+let sum = 0, lit = 0, hash = 0;
+for (let i = 0; i < px.length; i += 4) {
+  const v = px[i] + px[i + 1] + px[i + 2]; sum += v; if (v > 30) lit++;
+  hash = (hash * 31 + v) % 1000000007;
+}
+return [w, h, sum, lit, hash];
+"""
+
+
+@pytest.fixture(scope="module")
+def gl_browser() -> Iterator[Any]:
+    with headless_chromium(webgl=True) as driver:
+        yield driver
+
+
+def _viewer_ready(driver: Any, wait_s: float = WAIT_S) -> dict[str, Any]:
+    def ready(d: Any) -> Any:
+        state = d.execute_script(
+            "const v = window.pacsflowViewer; return v && (v.ready || v.error) ? "
+            "{ready: v.ready, error: v.error, loadMs: v.loadMs, moduleMs: v.moduleMs} : null"
+        )
+        return state
+
+    from selenium.common.exceptions import TimeoutException
+
+    try:
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        state = WebDriverWait(driver, wait_s).until(ready)
+    except TimeoutException:
+        status = driver.find_element("id", "nv-status").text
+        logs = [e["message"] for e in driver.get_log("browser")]
+        pytest.fail(f"the viewer did not load: {status!r}; console: {logs}")
+    assert state["error"] is None, state
+    return dict(state)
+
+
+def _add_big_ct(lake: LakePaths, like: dict[str, Any], shape: tuple[int, int, int]) -> str:
+    """A CT of ``shape`` (int16 HU, as the tensors stage stores CT) and a mask of a sphere
+    written into the research zone with their tensors and findings rows; the key."""
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.lake import write_partition
+
+    n, r, c = shape
+    k, j, i = np.ogrid[:n, :r, :c]
+    body = ((j - r // 2) ** 2 + (i - c // 2) ** 2) < (0.45 * r) ** 2
+    vol = np.broadcast_to(np.where(body, 40, -1000), shape).astype(np.int16)
+    vol += ((k * 7 + j * 3 + i) % 23).astype(np.int16)  # texture, so slices differ
+    ball = (k - n // 2) ** 2 + ((j - r // 2.5) ** 2 + (i - c // 1.7) ** 2) * 0.7**2 < 15**2
+    vol[ball] = 60
+    mask = ball.astype(np.uint8)
+    tensor_key = f"{like['SeriesInstanceUID']}/big-ct-{n}x{r}x{c}"
+    folder = lake.research / "tensors" / f"big{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "ct.npy", vol)
+    (lake.research / "masks" / f"big{n}").mkdir(parents=True, exist_ok=True)
+    np.save(lake.research / "masks" / f"big{n}" / "ct.npy", mask)
+    checksum = "sha256:" + hashlib.sha256((folder / "ct.npy").read_bytes()).hexdigest()
+    affine = [0.7, 0, 0, -180.0, 0, 0.7, 0, -180.0, 0, 0, 1.0, -150.0, 0, 0, 0, 1]
+    write_partition(
+        lake,
+        "tensors",
+        [
+            {
+                "tensor_key": tensor_key,
+                "SeriesInstanceUID": like["SeriesInstanceUID"],
+                "status": "ok",
+                "path": f"tensors/big{n}/ct.npy",
+                "shape": list(shape),
+                "spacing": [1.0, 0.7, 0.7],
+                "affine": affine,
+                "dtype": "int16",
+                "checksum": checksum,
+                "rescaled": True,
+            }
+        ],
+        part=f"big-ct-{n}",
+    )
+    key = f"{tensor_key}/{like['model']}@{like['model_version']}/nodule"
+    write_partition(
+        lake,
+        "findings",
+        [
+            {
+                "finding_key": key,
+                "SeriesInstanceUID": like["SeriesInstanceUID"],
+                "tensor_key": tensor_key,
+                "tensor_checksum": checksum,
+                "model": like["model"],
+                "model_version": like["model_version"],
+                "weights_sha256": like["weights_sha256"],
+                "label": "nodule",
+                "label_value": 1,
+                "voxel_count": int(mask.sum()),
+                "bbox": [
+                    int(v) for a in (np.argwhere(ball).min(0), np.argwhere(ball).max(0)) for v in a
+                ],
+                "mask_path": f"masks/big{n}/ct.npy",
+                "inferred_at": like["inferred_at"],
+            }
+        ],
+        part=f"big-ct-{n}",
+    )
+    return key
+
+
+def test_viewer_renders_and_corrections_are_stored_and_exported(
+    lake: LakePaths, server: str, gl_browser: Any
+) -> None:
+    import numpy as np
+
+    from pipeline.review.corrections import load_corrections
+
+    driver = gl_browser
+    from pipeline.review.store import record_decision
+
+    findings = read_table(lake, "findings").to_pylist()
+    reviews = read_table(lake, "reviews").to_pylist()
+    accepted = next((r["finding_key"] for r in reviews if r["decision"] == "accept"), None)
+    if accepted is None:  # run alone: accept a positive finding, as the first test does
+        positive = next(x for x in findings if (x["voxel_count"] or 0) > 0)
+        accepted = record_decision(lake, positive, reviewer="lena", decision="accept")[
+            "finding_key"
+        ]
+    f = next(x for x in findings if x["finding_key"] == accepted)
+    _login(driver, server, "rudi", PASSWORDS["rudi"])
+    driver.get(f"{server}/finding?key={quote(accepted, safe='')}")
+    state = _viewer_ready(driver)
+
+    # the canvas renders the volume, and two slices give different pixels
+    driver.execute_script(
+        "const nv = window.pacsflowViewer.nv; nv.setSliceType(nv.sliceTypeAxial);"
+        "nv.scene.crosshairPos = [0.5, 0.5, 0.25]; nv.createOnLocationChange();"
+    )
+    w, h, _sum, lit, first = driver.execute_script(_PIXELS)
+    assert min(w, h) > 100, (w, h)
+    assert lit > 0.05 * w * h, (w, h, lit)
+    driver.execute_script("window.pacsflowViewer.nv.scene.crosshairPos[2] = 0.75")
+    second = driver.execute_script(_PIXELS)[4]
+    assert second != first
+    # slice numbers from 1, and the "go to finding" crosshair is on the finding's box
+    driver.find_element("id", "nv-centre").click()
+    vox = driver.execute_script("return window.pacsflowViewer.vox")
+    k0, j0, i0, k1, j1, i1 = f["bbox"]
+    assert k0 <= vox[2] <= k1, (vox, f["bbox"])
+    assert j0 <= vox[1] <= j1, (vox, f["bbox"])
+    assert i0 <= vox[0] <= i1, (vox, f["bbox"])
+    assert driver.find_element("id", "nv-pos").text.startswith(f"slice {vox[2] + 1} / ")
+
+    # a correction through NiiVue's drawing API: unchanged, it is the model's mask exactly
+    # (the drawing round-trips to the stored voxel order); then a 2x2x2 block alone
+    saved = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "window.pacsflowViewer.save().then(done, (e) => done({error: String(e)}));"
+    )
+    assert "error" not in saved, saved
+    model = np.load(lake.research / f["mask_path"]) == f["label_value"]
+    stored = np.load(lake.research / saved["mask_path"])
+    assert np.array_equal(stored, model.astype(np.uint8))
+    saved = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1]; const nv = window.pacsflowViewer.nv;"
+        "nv.drawBitmap.fill(0); const d = nv.back.dimsRAS;"
+        "for (const [x, y, z] of [[0,0,0],[1,0,0],[0,1,0],[1,1,0],[0,0,1],[1,0,1],[0,1,1],"
+        "[1,1,1]]) nv.drawBitmap[x + 2 + (y + 2) * d[1] + (z + 2) * d[1] * d[2]] = 1;"
+        "nv.refreshDrawing(true);"
+        "window.pacsflowViewer.save().then(done, (e) => done({error: String(e)}));"
+    )
+    assert saved.get("voxel_count") == 8, saved
+    rows = [r for r in load_corrections(lake) if r["finding_key"] == accepted]
+    assert len(rows) == 2
+    assert rows[-1]["reviewer"] == "rudi"
+    assert rows[-1]["tensor_checksum"] == f["tensor_checksum"]
+    assert rows[-1]["model_version"] == f["model_version"]
+    assert int(np.load(lake.research / rows[-1]["mask_path"]).sum()) == 8
+
+    # nothing came from anywhere but the app, and the policy blocked nothing
+    urls = driver.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => e.name).concat([location.href])"
+    )
+    assert urls, urls
+    assert all(u.startswith(server + "/") for u in urls), urls
+    blocked = [
+        e["message"]
+        for e in driver.get_log("browser")
+        if "Content Security Policy" in e["message"] or "Refused to" in e["message"]
+    ]
+    assert blocked == []
+    driver.execute_script("window.pacsflowViewer.nv.setSliceType(3)")
+    driver.find_element("id", "nv-centre").click()
+    driver.execute_script("document.getElementById('nv').scrollIntoView()")
+    _screenshot(driver, "review-viewer.png")
+
+    # the label set export carries the latest corrected mask
+    with _session(server, "lena") as s:
+        csv = s.get(server + "/export?format=csv", timeout=WAIT_S).text
+    assert rows[-1]["mask_path"] in csv
+
+    # load time of a CT and its mask (NIfTI over loopback, WebGL2 upload on SwiftShader, the
+    # CPU): measured and printed. Issue #23 asks for a 512x512x300 CT under 2 s; on this
+    # machine (2 shared cores, no GPU) that blocks the renderer over 60 s, so the test loads
+    # 120x256x256 and bounds it loosely; measure the target size with a GPU browser.
+    big = _add_big_ct(lake, f, (120, 256, 256))
+    driver.get(f"{server}/finding?key={quote(big, safe='')}")
+    state = _viewer_ready(driver, 120)
+    print(f"viewer: 120x256x256 CT + mask loaded in {state['loadMs']:.0f} ms")
+    assert state["loadMs"] < 60000, state

@@ -1,0 +1,152 @@
+"""Issue #23: the viewer's routes under attack, over HTTP against the real app.
+
+Volumes and masks need a login and are audited views; a correction needs the ``correct``
+permission (reviewer, admin; not a lead), the session's CSRF token in ``X-CSRF-Token``, a mask
+of the tensor's shape and a bounded body; keys and correction ids cannot walk out of the
+research zone; NiiVue is served from the package, long-cached.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import numpy as np
+import pytest
+import requests
+from test_review_support import (
+    WAIT_S,
+    audit_records,
+    csrf_token,
+    finding_rows,
+    logged_in,
+    review_config,
+    serve,
+    shared_lake,
+)
+
+from pipeline.lake import LakePaths
+from pipeline.review.nifti import HEADER_BYTES, nifti_header
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory, session_key_file: Path) -> LakePaths:
+    return shared_lake(tmp_path_factory, session_key_file)
+
+
+@pytest.fixture(scope="module")
+def base(lake: LakePaths, session_key_file: Path) -> Iterator[str]:
+    with serve(review_config(lake), lake, session_key_file) as url:
+        yield url
+
+
+def _positive(lake: LakePaths) -> dict[str, Any]:
+    return next(f for f in finding_rows(lake) if (f["voxel_count"] or 0) > 0)
+
+
+def test_volume_and_mask_are_nifti_for_a_login_and_audited(lake: LakePaths, base: str) -> None:
+    f = _positive(lake)
+    key = f["finding_key"]
+    anon = requests.get(base + "/volume.nii", params={"key": key}, allow_redirects=False)
+    assert anon.status_code == 303
+    assert "/login" in anon.headers["location"]
+    with logged_in(base, "lena") as s:
+        vol = s.get(base + "/volume.nii", params={"key": key}, timeout=WAIT_S)
+        assert vol.status_code == 200
+        assert vol.headers["Cache-Control"] == "private, no-cache"
+        dims = struct.unpack_from("<8h", vol.content, 40)[1:4]
+        shape = np.load(lake.research / f["mask_path"], mmap_mode="r").shape
+        assert dims == tuple(reversed(shape))  # x = column, y = row, z = slice
+        assert len(vol.content) > HEADER_BYTES + int(np.prod(shape))
+        again = s.get(
+            base + "/volume.nii",
+            params={"key": key},
+            headers={"If-None-Match": vol.headers["ETag"]},
+            timeout=WAIT_S,
+        )
+        assert again.status_code == 304
+        gz = s.get(base + "/volume.nii", params={"key": key, "gz": "1"}, timeout=WAIT_S)
+        assert gzip.decompress(gz.content) == vol.content
+        mask = s.get(base + "/mask.nii", params={"key": key}, timeout=WAIT_S)
+        values = np.frombuffer(mask.content, dtype=np.uint8, offset=HEADER_BYTES)
+        assert set(np.unique(values)) <= {0, 1}
+        assert int(values.sum()) == f["voxel_count"]
+        assert struct.unpack_from("<8h", mask.content, 40)[1:4] == dims
+        for params in (
+            {"key": "../../../etc/passwd"},
+            {"key": key, "correction": "../../tables/reviews"},
+            {"key": key, "gz": "2"},
+        ):
+            r = s.get(base + "/mask.nii", params=params, timeout=WAIT_S)
+            assert r.status_code in (400, 404), params
+        assert s.get(base + "/static/niivue/..%2F..%2Fapp.py", timeout=WAIT_S).status_code == 404
+    lib = requests.get(base + "/static/niivue/niivue-0.69.0.js", timeout=WAIT_S)
+    assert lib.status_code == 200
+    assert "immutable" in lib.headers["Cache-Control"]
+    events = [(r["event"], r["details"].get("finding_key")) for r in audit_records(lake)]
+    assert events.count(("review_volume_viewed", key)) >= 3  # the 304 is a view too
+    assert ("review_mask_viewed", key) in events
+
+
+def _mask_nii(shape: list[int], affine: list[float] | None = None) -> bytes:
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[tuple(s // 2 for s in shape)] = 1
+    aff = affine or [1.0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0, 1]
+    return gzip.compress(nifti_header(mask.shape, mask.dtype, aff) + mask.tobytes())
+
+
+def test_corrections_need_the_role_the_token_and_the_shape(lake: LakePaths, base: str) -> None:
+    f = _positive(lake)
+    key = f["finding_key"]
+    shape = [int(v) for v in np.load(lake.research / f["mask_path"], mmap_mode="r").shape]
+    url = base + "/correction?key=" + quote(key, safe="")
+    body = _mask_nii(shape)
+    with logged_in(base, "rudi") as s:
+        token = csrf_token(s.get(base + "/", timeout=WAIT_S).text)
+        assert s.post(url, data=body, timeout=WAIT_S).status_code == 403  # no token
+        bad = s.post(url, data=body, headers={"X-CSRF-Token": "x" * 43}, timeout=WAIT_S)
+        assert bad.status_code == 403
+        wrong = _mask_nii([shape[0], shape[2], shape[1] + 1])
+        r = s.post(url, data=wrong, headers={"X-CSRF-Token": token}, timeout=WAIT_S)
+        assert r.status_code == 400
+        assert "not the tensor's" in r.text
+        r = s.post(url, data=b"junk" * 100, headers={"X-CSRF-Token": token}, timeout=WAIT_S)
+        assert r.status_code == 400
+        r = s.post(base + "/correction?key=../../x", data=body, headers={"X-CSRF-Token": token})
+        assert r.status_code == 404
+        ok = s.post(url, data=body, headers={"X-CSRF-Token": token}, timeout=WAIT_S)
+        assert ok.status_code == 201, ok.text
+        saved = ok.json()
+        assert saved["voxel_count"] == 1
+        assert (lake.research / saved["mask_path"]).is_file()
+        back = s.get(
+            base + "/mask.nii",
+            params={"key": key, "correction": saved["correction_id"]},
+            timeout=WAIT_S,
+        )
+        assert back.status_code == 200
+    with logged_in(base, "lena") as s:  # a lead may not correct
+        token = csrf_token(s.get(base + "/", timeout=WAIT_S).text)
+        r = s.post(url, data=body, headers={"X-CSRF-Token": token}, timeout=WAIT_S)
+        assert r.status_code == 403
+    # an oversized body is refused before it is read
+    host = urlsplit(base)
+    conn = http.client.HTTPConnection(host.hostname, host.port, timeout=WAIT_S)
+    conn.putrequest("POST", "/correction?key=x")
+    conn.putheader("Content-Length", str(64 * 1024 * 1024 + 1))
+    conn.endheaders()
+    assert conn.getresponse().status == 413
+    conn.close()
+    events = [r["event"] for r in audit_records(lake)]
+    assert "review_correction_saved" in events
+    assert "review_correction_refused" in events
+    denied = [r["details"].get("reason") for r in audit_records(lake)]
+    assert "csrf" in denied
+    assert "role" in denied
