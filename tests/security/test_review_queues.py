@@ -78,7 +78,9 @@ def _form(html: str) -> dict[str, str]:
 
 
 def _worklist_links(html: str) -> list[str]:
-    return [h.replace("&amp;", "&") for h in re.findall(r'<a class="open" href="([^"]+)"', html)]
+    """Each finding's link, once (a row links its thumbnail and its name to the same page)."""
+    links = [h.replace("&amp;", "&") for h in re.findall(r'<a class="open" href="([^"]+)"', html)]
+    return list(dict.fromkeys(links))
 
 
 def test_save_and_next_moves_down_the_filtered_list(lake: LakePaths, base: str) -> None:

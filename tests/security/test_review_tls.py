@@ -215,7 +215,8 @@ def test_browser_over_tls_under_the_csp(
         _wait(
             browser,
             lambda d: (
-                f"k={int(d.find_element(By.ID, 'k-label').text)}&" in img.get_attribute("src")
+                # the counter says slices from 1, the image URL indexes from 0
+                f"k={int(d.find_element(By.ID, 'k-label').text) - 1}&" in img.get_attribute("src")
             ),
         )
         _wait(browser, lambda d: _loaded(d, img))
