@@ -272,7 +272,8 @@ def explain_build_error(exc: BaseException, where: str, metadata: Mapping[str, A
     text = str(cause).splitlines()[0][:200] if str(cause) else ""
     missing = None
     if isinstance(cause, ModuleNotFoundError):
-        missing = (cause.name or text).split(".")[0]
+        named = cause.name or next(iter(re.findall(r"No module named '([^']+)'", text)), "")
+        missing = named.split(".")[0] or None
     else:
         found = re.search(r"(?:No module named|requires|install) '?([A-Za-z0-9_\-]+)'?", text)
         if type(cause).__name__ == "OptionalImportError" and found:
@@ -334,6 +335,12 @@ def _load_weights(network: Any, weights: Path, mode: BundleMode) -> Any:
         first = str(exc).splitlines()[0]
         raise BundleError(f"the weights do not fit network_def: {first}") from None
     return network
+
+
+def _forget_scripts() -> None:
+    """Drop the ``scripts`` package (a bundle's) and its modules from ``sys.modules``."""
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
 
 
 def _check_monai(metadata: Mapping[str, Any]) -> None:
@@ -505,9 +512,12 @@ def load_bundle(
         except Exception as exc:
             raise explain_build_error(exc, key, metadata) from None
 
-    # a trusted bundle's scripts/ are importable (as `scripts.<module>`), only while it is built
+    # a trusted bundle's scripts/ are importable (as `scripts.<module>`), only while it is built;
+    # every model-zoo bundle names its package `scripts`: another bundle's, imported before in
+    # this process, must not answer for this one's (nor this one's for the next)
     added = mode == "trusted" and (path / "scripts").is_dir() and str(path) not in sys.path
     if added:
+        _forget_scripts()
         sys.path.insert(0, str(path))
     try:
         network = parsed("network_def")
@@ -523,6 +533,7 @@ def load_bundle(
     finally:
         if added:
             sys.path.remove(str(path))
+            _forget_scripts()
     if inferer is None:
         from monai.inferers import SimpleInferer
 

@@ -126,3 +126,32 @@ def test_the_old_trust_flag_and_setting_say_what_replaced_them(tmp_path: Path) -
     )  # fmt: skip
     assert run.returncode == 2
     assert "--trust-bundle-code was removed" in run.stderr
+
+
+def test_two_trusted_bundles_each_import_their_own_scripts(tmp_path: Path) -> None:
+    """Every model-zoo bundle names its package `scripts`: the second trusted bundle loaded in
+    a process imported the first one's (found by the full suite: a detection bundle failed
+    after a segmentation bundle with scripts/ had run)."""
+    from pipeline.infer.bundle import load_bundle
+
+    bundles = []
+    for name, channels in (("first", [4, 8]), ("second", [8, 16])):
+        cfg = inference()
+        cfg["network_def"] = {"_target_": f"scripts.{name}_net.make", "channels": channels}
+        path = make_bundle(tmp_path / name, config=cfg, weights=False)
+        (path / "scripts").mkdir()
+        (path / "scripts" / "__init__.py").write_text("")
+        (path / "scripts" / f"{name}_net.py").write_text(
+            "from monai.networks.nets import UNet\n\n\n"
+            "def make(channels):\n"
+            "    return UNet(spatial_dims=2, in_channels=1, out_channels=5, channels=channels,\n"
+            "                strides=[2], num_res_units=0, norm='batch')\n"
+        )
+        import torch
+        from monai.networks.nets import UNet
+
+        net = UNet(spatial_dims=2, in_channels=1, out_channels=5, channels=channels,
+                   strides=[2], num_res_units=0, norm="batch")  # fmt: skip
+        torch.save(net.state_dict(), path / "models" / "model.pt")
+        bundles.append(load_bundle(path, models_dir=tmp_path, mode="trusted"))
+    assert [list(b.network.channels) for b in bundles] == [[4, 8], [8, 16]]
