@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import uuid
 from collections.abc import Iterable, Mapping
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.dicom.atomic import atomic_write_bytes
 from pipeline.lake.io import read_table, write_partition
 from pipeline.lake.paths import LakePaths
 
@@ -87,13 +87,7 @@ def record_correction(
     tensor_key = str(finding["tensor_key"])
     path = correction_path(lake, tensor_key, correction_id)
     data = _npy_bytes(mask)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".npy.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)  # durable: the row below names it
     row = {
         "correction_id": correction_id,
         "finding_key": str(finding["finding_key"]),
