@@ -48,6 +48,7 @@ __all__ = [
     "local_codes",
     "normalise_label",
     "registry_codes",
+    "registry_entry",
     "resolve",
     "resolve_all",
     "table",
@@ -289,6 +290,35 @@ def default_registry_path() -> Path:
     return Path(__file__).resolve().parents[2] / "configs" / "models.yaml"
 
 
+def registry_entry(path: Path, *, entry: str | None, model: str) -> Mapping[str, Any] | None:
+    """The raw registry entry of a model in the registry file at ``path``, read afresh: the
+    entry named ``entry`` (as the findings recorded it) or, without one, the one entry whose
+    bundle folder is named ``model``; None when the file or the entry is not there.
+
+    Raises:
+        ConfigError: the registry is not valid YAML.
+    """
+    if not path.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    models = raw.get("models") if isinstance(raw, Mapping) else None
+    if not isinstance(models, Mapping):
+        return None
+    body: Any = models.get(entry) if entry else None
+    if body is None:
+        named = [
+            b
+            for b in models.values()
+            if isinstance(b, Mapping)
+            and Path(str(b.get("bundle", ""))).name.removesuffix(".zip") == model
+        ]
+        body = named[0] if len(named) == 1 else None
+    return body if isinstance(body, Mapping) else None
+
+
 def registry_codes(path: Path | None, *, entry: str | None, model: str) -> ModelCodes:
     """The :class:`ModelCodes` of a model in the registry at ``path`` (default
     :func:`default_registry_path`), read afresh (a corrected registry counts at once).
@@ -301,25 +331,8 @@ def registry_codes(path: Path | None, *, entry: str | None, model: str) -> Model
         ConfigError: the registry is not valid YAML.
     """
     path = path or default_registry_path()
-    if not path.is_file():
-        return ModelCodes()
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    models = raw.get("models") if isinstance(raw, Mapping) else None
-    if not isinstance(models, Mapping):
-        return ModelCodes()
-    body: Any = models.get(entry) if entry else None
+    body = registry_entry(path, entry=entry, model=model)
     if body is None:
-        named = [
-            b
-            for b in models.values()
-            if isinstance(b, Mapping)
-            and Path(str(b.get("bundle", ""))).name.removesuffix(".zip") == model
-        ]
-        body = named[0] if len(named) == 1 else None
-    if not isinstance(body, Mapping):
         return ModelCodes()
     return ModelCodes(
         labels=dict(body.get("labels") or {}),

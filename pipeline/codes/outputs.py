@@ -33,10 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from pipeline.errors import ConfigError
-
 __all__ = ["KINDS", "OutputKind", "OutputRoles", "output_kind", "registry_outputs"]
 
 OutputKind = Literal["finding", "measurement", "class_score"]
@@ -105,26 +101,7 @@ def registry_outputs(path: Path | None, *, entry: str | None, model: str) -> Out
     Raises:
         ConfigError: the registry is not valid YAML.
     """
-    if path is None:
-        from pipeline.codes import default_registry_path
+    from pipeline.codes import default_registry_path, registry_entry
 
-        path = default_registry_path()
-    if not path.is_file():
-        return OutputRoles()
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    models = raw.get("models") if isinstance(raw, Mapping) else None
-    if not isinstance(models, Mapping):
-        return OutputRoles()
-    body: Any = models.get(entry) if entry else None
-    if body is None:
-        named = [
-            b
-            for b in models.values()
-            if isinstance(b, Mapping)
-            and Path(str(b.get("bundle", ""))).name.removesuffix(".zip") == model
-        ]
-        body = named[0] if len(named) == 1 else None
-    return OutputRoles.from_entry(body) if isinstance(body, Mapping) else OutputRoles()
+    body = registry_entry(path or default_registry_path(), entry=entry, model=model)
+    return OutputRoles.from_entry(body) if body is not None else OutputRoles()
