@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.errors import WritebackError
-from pipeline.writeback.objects import MANUFACTURER, _code
+from pipeline.writeback.objects import _code, device_observer, measurement_sr
 
 __all__ = ["BoxSpec", "box_of_ellipsoid", "build_box_sr", "ellipsoid_of_box"]
 
@@ -29,7 +29,6 @@ _EXTENTS = (
     ("121207", "DCM", "Height"),
     ("131197000", "SCT", "Depth"),
 )
-_PROCEDURE_FALLBACK = ("363679005", "SCT", "Imaging procedure")
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,6 @@ def build_box_sr(
 ) -> Any:
     """A ``highdicom.sr.Comprehensive3DSR``: a TID 1500 report with a group per box."""
     import highdicom as hd
-    from pydicom.sr.codedict import codes
 
     if not boxes:
         raise WritebackError("no boxes to write")
@@ -83,16 +81,7 @@ def build_box_sr(
     frame_uid = str(getattr(study, "FrameOfReferenceUID", "") or "")
     if not frame_uid:
         raise WritebackError("the source images have no FrameOfReferenceUID")
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=model[:64],
-            manufacturer_name=MANUFACTURER,
-            model_name=f"{model} {model_version}"[:64],
-            serial_number=weights_sha256.removeprefix("sha256:")[:16],
-        ),
-    )
+    observer = device_observer(model, model_version, weights_sha256, device_uid)
     algorithm = hd.sr.AlgorithmIdentification(
         name=model, version=model_version, parameters=[f"weights {weights_sha256}"]
     )
@@ -136,32 +125,12 @@ def build_box_sr(
                 measurements=measurements,
             )
         )
-    procedure = (
-        _code(
-            (
-                str(study.ProcedureCodeSequence[0].CodeValue),
-                str(study.ProcedureCodeSequence[0].CodingSchemeDesignator),
-                str(study.ProcedureCodeSequence[0].CodeMeaning),
-            )
-        )
-        if "ProcedureCodeSequence" in study and len(study.ProcedureCodeSequence)
-        else _code(_PROCEDURE_FALLBACK)
+    return measurement_sr(
+        list(source_images),
+        groups,
+        observer,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        description=f"{model} {model_version} detections",
     )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure,
-        imaging_measurements=groups,
-    )
-    try:
-        return hd.sr.Comprehensive3DSR(
-            evidence=list(source_images),
-            content=report,
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            series_description=f"{model} {model_version} detections"[:64],
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise WritebackError(f"highdicom refused the SR: {str(exc).splitlines()[0]}") from None

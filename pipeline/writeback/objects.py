@@ -99,6 +99,70 @@ def declare_schemes(ds: Any, triples: Sequence[Sequence[str] | None]) -> None:
         ds.CodingSchemeIdentificationSequence = [item]
 
 
+def device_observer(model: str, model_version: str, weights_sha256: str, device_uid: str) -> Any:
+    """The SR observer context of a model: a device named by the model, its version and the
+    first 16 hex digits of its weights' sha256 as serial number."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=model[:64],
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{model} {model_version}"[:64],
+            serial_number=weights_sha256.removeprefix("sha256:")[:16],
+        ),
+    )
+
+
+def measurement_sr(
+    evidence: Sequence[Any],
+    groups: Sequence[Any],
+    observer: Any,
+    *,
+    series_instance_uid: str,
+    series_number: int,
+    sop_instance_uid: str,
+    description: str,
+) -> Any:
+    """A TID 1500 ``Comprehensive3DSR`` of measurement ``groups`` by ``observer`` about the
+    study of ``evidence``'s last item (the source images), reporting its procedure (the
+    study's Procedure Code, else "Imaging procedure").
+
+    Raises:
+        WritebackError: highdicom refuses the SR.
+    """
+    import highdicom as hd
+
+    study = evidence[-1]
+    seq = study.get("ProcedureCodeSequence")
+    procedure = (
+        _code((str(seq[0].CodeValue), str(seq[0].CodingSchemeDesignator), str(seq[0].CodeMeaning)))
+        if seq
+        else _code(_PROCEDURE_FALLBACK)
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure,
+        imaging_measurements=list(groups),
+    )
+    try:
+        return hd.sr.Comprehensive3DSR(
+            evidence=list(evidence),
+            content=report,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            series_description=description[:64],
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise WritebackError(f"highdicom refused the SR: {str(exc).splitlines()[0]}") from None
+
+
 def _code(triple: Sequence[str]) -> Any:
     from highdicom.sr import CodedConcept
 
@@ -301,16 +365,7 @@ def build_sr(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=model[:64],
-            manufacturer_name=MANUFACTURER,
-            model_name=f"{model} {model_version}"[:64],
-            serial_number=weights_sha256.removeprefix("sha256:")[:16],
-        ),
-    )
+    observer = device_observer(model, model_version, weights_sha256, device_uid)
     algorithm = hd.sr.AlgorithmIdentification(
         name=model, version=model_version, parameters=[f"weights {weights_sha256}"]
     )
@@ -350,36 +405,15 @@ def build_sr(
                 measurements=measurements or None,
             )
         )
-    study = source_images[0]
-    procedure = (
-        _code(
-            (
-                str(study.ProcedureCodeSequence[0].CodeValue),
-                str(study.ProcedureCodeSequence[0].CodingSchemeDesignator),
-                str(study.ProcedureCodeSequence[0].CodeMeaning),
-            )
-        )
-        if "ProcedureCodeSequence" in study and len(study.ProcedureCodeSequence)
-        else _code(_PROCEDURE_FALLBACK)
+    sr = measurement_sr(
+        [seg, *source_images],
+        groups,
+        observer,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        description=f"{model} {model_version} measurements",
     )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure,
-        imaging_measurements=groups,
-    )
-    try:
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=[seg, *source_images],
-            content=report,
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            series_description=f"{model} {model_version} measurements"[:64],
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise WritebackError(f"highdicom refused the SR: {str(exc).splitlines()[0]}") from None
     schemes = _coding_schemes(segments)
     if schemes:
         sr.CodingSchemeIdentificationSequence = schemes

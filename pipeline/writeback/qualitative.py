@@ -20,12 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipeline.errors import WritebackError
-from pipeline.writeback.objects import MANUFACTURER, _code
+from pipeline.writeback.objects import _code, device_observer, measurement_sr
 
 __all__ = ["build_classification_sr"]
-
-_PROCEDURE_FALLBACK = ("363679005", "SCT", "Imaging procedure")
 
 
 def build_classification_sr(
@@ -50,7 +47,6 @@ def build_classification_sr(
         WritebackError: highdicom refuses the content.
     """
     import highdicom as hd
-    from pydicom.sr.codedict import codes
 
     top = [c for c in classes if c.get("predicted")]
     if not top or not top[0].get("category") or not top[0].get("type"):
@@ -59,16 +55,7 @@ def build_classification_sr(
     algorithm = hd.sr.AlgorithmIdentification(
         name=model, version=model_version, parameters=[f"weights {weights_sha256}"]
     )
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=model[:64],
-            manufacturer_name=MANUFACTURER,
-            model_name=f"{model} {model_version}"[:64],
-            serial_number=weights_sha256.removeprefix("sha256:")[:16],
-        ),
-    )
+    observer = device_observer(model, model_version, weights_sha256, device_uid)
     measurements = [
         hd.sr.Measurement(
             name=_code(c["type"]),
@@ -95,28 +82,12 @@ def build_classification_sr(
             hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_images
         ],
     )
-    study = source_images[0]
-    seq = study.get("ProcedureCodeSequence")
-    procedure = (
-        _code((str(seq[0].CodeValue), str(seq[0].CodingSchemeDesignator), str(seq[0].CodeMeaning)))
-        if seq
-        else _code(_PROCEDURE_FALLBACK)
+    return measurement_sr(
+        list(source_images),
+        [group],
+        observer,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        description=f"{model} {model_version} classification",
     )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure,
-        imaging_measurements=[group],
-    )
-    try:
-        return hd.sr.Comprehensive3DSR(
-            evidence=list(source_images),
-            content=report,
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            series_description=f"{model} {model_version} classification"[:64],
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise WritebackError(f"highdicom refused the SR: {str(exc).splitlines()[0]}") from None
