@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-args=(-m pytest -p no:cacheprovider "$@")
+args=(-m pytest -p no:cacheprovider --durations=30 "$@")
 if [ "$(id -u)" -eq 0 ] && command -v unshare >/dev/null && command -v ip >/dev/null \
    && unshare -n true 2>/dev/null && [ "${PACSFLOW_NO_NETNS:-}" = "" ]; then
   echo "run-tests: pytest in a loopback-only network namespace"
