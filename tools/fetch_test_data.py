@@ -44,6 +44,10 @@ ENV_CACHE = "PACSFLOW_TEST_DATA"
 ENV_MIRROR = "PACSFLOW_TEST_DATA_MIRROR"
 COMPLETE = ".complete"
 ARCHIVES = "_archives"
+#: Downloads that may fail in a row before the fetch stops (no network, a wrong mirror).
+GIVE_UP = 10
+#: Failure lines ``make test-data`` prints (the rest are counted).
+SHOW_FAILED = 20
 
 
 class FetchError(Exception):
@@ -68,6 +72,10 @@ class Report:
     present: int = 0
     fetched: int = 0
     failed: list[str] = field(default_factory=list)
+    #: Files not tried because the fetch gave up (GIVE_UP downloads failed in a row).
+    not_tried: int = 0
+    #: Why the fetch gave up, if it did.
+    stopped: str | None = None
 
 
 def load_registry(path: Path | None = None) -> list[Entry]:
@@ -201,23 +209,43 @@ def fetch(
         else:
             missing.append(e)
     by_archive: dict[str, list[Entry]] = {}
+    direct = [e for e in missing if not e.member]
     for e in missing:
+        if e.member:
+            by_archive.setdefault(e.url, []).append(e)
+    in_a_row = 0
+
+    def gave_up(failed: bool, url: str) -> bool:
+        nonlocal in_a_row
+        in_a_row = in_a_row + 1 if failed else 0
+        if in_a_row < GIVE_UP:
+            return False
+        host = urlsplit(mirrored(url, mirror)).netloc
+        report.stopped = f"stopped: {GIVE_UP} downloads failed in a row; is {host} reachable?"
+        return True
+
+    for n, e in enumerate(direct, 1):
         try:
             if e.url.startswith("repo:"):
                 _store((shipped / e.url.removeprefix("repo:")).read_bytes(), e, dest)
-            elif e.member:
-                by_archive.setdefault(e.url, []).append(e)
-                continue
             else:
                 target = dest / e.path
                 _download(mirrored(e.url, mirror), target.parent, target.name, e.sha256)
             report.fetched += 1
+            failed = False
         except (FetchError, OSError) as exc:
             report.failed.append(f"{e.path}: {exc}")
+            failed = True
+        if gave_up(failed, e.url):
+            report.not_tried = len(missing) - n
+            return report
+        if n % 100 == 0:
+            say(f"  {n}/{len(direct)} files")
     for url, members in by_archive.items():
         name = Path(urlsplit(url).path).name
         try:
             archive = _download(mirrored(url, mirror), dest / ARCHIVES, name, None)
+            in_a_row = 0
         except FetchError as exc:
             report.failed.append(f"{len(members)} files (e.g. {members[0].path}): {exc}")
             continue
@@ -273,11 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     (dest / COMPLETE).unlink(missing_ok=True)
     print(f"test data: fetching {len(entries)} files into {dest}")
     report = fetch(entries, dest, mirror=args.mirror)
-    for line in report.failed:
+    for line in report.failed[:SHOW_FAILED]:
         print(f"  {line}", file=sys.stderr)
+    if len(report.failed) > SHOW_FAILED:
+        print(f"  ... and {len(report.failed) - SHOW_FAILED} more", file=sys.stderr)
+    if report.stopped:
+        print(f"  {report.stopped}", file=sys.stderr)
+    not_tried = f", {report.not_tried} not tried" if report.not_tried else ""
     print(
         f"test data: {report.present} already there, {report.fetched} fetched, "
-        f"{len(report.failed)} failed"
+        f"{len(report.failed)} failed{not_tried}"
     )
     if report.failed:
         print("test data: run `make test-data` again to retry the failed files", file=sys.stderr)

@@ -224,6 +224,17 @@ def test_an_unreachable_origin_is_one_line_per_file(corpus: list[Any], tmp_path:
     assert "ConnectionError" in report.failed[0]
 
 
+def test_the_fetch_gives_up_when_the_origin_is_unreachable(tmp_path: Path) -> None:
+    many = [ftd.Entry(f"dicom/f{i}.dcm", "0" * 64, 1, f"{GH}/f{i}.dcm", "") for i in range(25)]
+    many.append(ftd.Entry("dicom/z.dcm", "0" * 64, 1, f"{GH}/z.zip", "z.dcm"))
+    report = ftd.fetch(many, tmp_path / "cache", mirror="http://127.0.0.1:9", say=lambda s: None)
+    assert len(report.failed) == ftd.GIVE_UP
+    assert report.stopped == (
+        f"stopped: {ftd.GIVE_UP} downloads failed in a row; is 127.0.0.1:9 reachable?"
+    )
+    assert report.not_tried == len(many) - ftd.GIVE_UP
+
+
 def test_a_member_missing_from_its_archive_is_named(
     corpus: list[Any], mirror: Mirror, tmp_path: Path
 ) -> None:
