@@ -2,6 +2,9 @@
 #   make demo    creates .venv, installs pacsflow, runs `pacsflow demo`
 #   make test    creates .venv, installs pacsflow[dev], Orthanc, Chromium, dcm2niix and Tesseract,
 #                runs the whole test suite
+#   make test-data  fetches the real DICOM corpus the real-data tests use into a cache
+#                (~/.cache/pacsflow-test-data or $PACSFLOW_TEST_DATA), checking every sha256;
+#                where ../shared/data exists it is used as is. VERIFY=1 hashes that too.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup setup-dev orthanc chromium imaging-tools lint clean
+.PHONY: demo test test-data setup setup-dev orthanc chromium imaging-tools lint clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pacsflow needs Python >= 3.11"'
@@ -43,6 +46,9 @@ imaging-tools:
 
 test: setup orthanc chromium imaging-tools
 	bash tools/run-tests.sh $(PYTEST_ARGS)
+
+test-data: setup
+	$(BIN)/python tools/fetch_test_data.py $(if $(VERIFY),--verify)
 
 lint: setup
 	$(BIN)/ruff check pipeline tests tools bench

@@ -13,7 +13,9 @@ Fixtures:
 - ``dask_cluster`` (session): a scheduler and two worker processes; yields the scheduler
   address ``tcp://127.0.0.1:PORT``.
 - ``dask_client`` (function): a ``distributed.Client`` connected to ``dask_cluster``.
-- ``shared_data`` (session): ``../shared/data``; skips when absent.
+- ``shared_data`` (session): the real DICOM corpus: ``../shared/data``, else a complete
+  ``make test-data`` cache (``$PACSFLOW_TEST_DATA`` or ``~/.cache/pacsflow-test-data``, laid
+  out the same way); skips when neither exists. The run's summary counts those skips.
 - ``tmp_lake`` (function): ``tmp_path / "lake"`` (not created).
 - ``unused_tcp_port`` (function): a TCP port free on 127.0.0.1 (see :func:`free_port`).
 - ``synth_archive`` (session): a small synthetic archive from ``pipeline.synth``, with the
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import signal
@@ -51,7 +54,11 @@ if TYPE_CHECKING:
     from distributed import Client
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
-SHARED_DATA: Final = REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA: Final = Path(
+    os.environ.get("PACSFLOW_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data"
+)
+#: The skip reason of every test that needs the real corpus (counted in the run's summary).
+NO_SHARED_DATA: Final = "real DICOM corpus absent"
 
 ORTHANC_BIN: Final = Path(os.environ.get("PACSFLOW_TEST_ORTHANC", "/usr/sbin/Orthanc"))
 ORTHANC_DICOMWEB_PLUGIN: Final = Path(
@@ -711,14 +718,49 @@ def synth_archive(tmp_path_factory: pytest.TempPathFactory) -> SynthArchive:
 # --------------------------------------------------------------------------------------------
 
 
+def _test_data_tool() -> Any:
+    """``tools/fetch_test_data.py`` as a module (tools/ is not a package)."""
+    name = "pacsflow_fetch_test_data"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, REPO_ROOT / "tools" / "fetch_test_data.py"
+        )
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The project's real DICOM data at ``../shared/data``; skips the test when it is absent."""
-    if not SHARED_DATA.is_dir():
+    """The real DICOM corpus: ``../shared/data`` or the ``make test-data`` cache; else skip."""
+    root = _test_data_tool().data_root(SHARED_DATA)
+    if root is None:
         pytest.skip(
-            f"../shared/data not found: tests that use real DICOM are skipped ({SHARED_DATA})"
+            f"{NO_SHARED_DATA}: neither {SHARED_DATA} nor a complete cache at "
+            f"{_test_data_tool().cache_dir()} (run `make test-data`)"
         )
-    return SHARED_DATA
+    return Path(root)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter: Any) -> Iterator[None]:
+    """Say how many tests skipped for want of the real corpus, and how to get it (last)."""
+    yield
+    skipped = terminalreporter.stats.get("skipped", [])
+    n = 0
+    for report in skipped:
+        longrepr = getattr(report, "longrepr", None)
+        if isinstance(longrepr, tuple) and NO_SHARED_DATA in str(longrepr[-1]):
+            n += 1
+    if n:
+        terminalreporter.write_line(
+            f"{n} test{'s' if n != 1 else ''} skipped: {NO_SHARED_DATA}; run `make test-data`",
+            yellow=True,
+            bold=True,
+        )
 
 
 @pytest.fixture

@@ -22,8 +22,6 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from pipeline.deid.core import Deidentifier
 from pipeline.deid.encode import encode_part10
 from pipeline.deid.keys import Pseudonymizer
@@ -95,11 +93,9 @@ def outputs(shared: Path) -> dict[str, dict[str, str]]:
     return result
 
 
-def test_export_bytes_equal_the_golden_run() -> None:
-    if not SHARED_DICOM.is_dir():
-        pytest.skip(f"{SHARED_DICOM} not found: the golden export check is skipped")
+def test_export_bytes_equal_the_golden_run(shared_data: Path) -> None:
     golden = json.loads(GOLDEN.read_text())
-    got = outputs(SHARED_DICOM)
+    got = outputs(shared_data / "dicom")
     for key in OPTION_SETS:
         assert got[key].keys() == golden[key].keys(), f"{key}: other files than the golden run"
         differ = sorted(n for n in golden[key] if got[key][n] != golden[key][n])
