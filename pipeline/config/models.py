@@ -24,6 +24,7 @@ __all__ = [
     "DeidConfig",
     "DimseConfig",
     "DimseTlsConfig",
+    "FhirContextConfig",
     "InferConfig",
     "LimitsConfig",
     "LoggingConfig",
@@ -794,6 +795,29 @@ class ReviewConfig(_Section):
         return self
 
 
+class FhirContextConfig(_Section):
+    """Radiology context from the EHR (issue #25): the ServiceRequest and DiagnosticReport of each
+    crawled study, read from a FHIR Bulk Data export, de-identified into ``orders`` and
+    ``reports`` (`pacsflow fhir-import`)."""
+
+    source: Literal["folder"] = Field(
+        "folder",
+        description="Where the resources come from: folder, the NDJSON files (and manifest) "
+        "of a FHIR Bulk Data $export.",
+    )
+    path: Path | None = Field(
+        None, description="The export folder (the CLI's FOLDER argument wins)."
+    )
+    batch_size: int = Field(
+        5000, ge=1, le=1_000_000, description="Resources per commit to orders/reports."
+    )
+    on_invalid: Literal["quarantine", "raise"] = Field(
+        "quarantine",
+        description="A line that is not a valid FHIR R4 resource: a quarantine row with the "
+        "reason (production) or an error (development).",
+    )
+
+
 class PipelineConfig(_Section):
     """The root of a pacsflow configuration file."""
 
@@ -830,3 +854,7 @@ class PipelineConfig(_Section):
         default_factory=ReviewConfig, description="QA review of findings (`pacsflow review`)."
     )
     audit: AuditConfig = Field(default_factory=AuditConfig, description="The audit log.")
+    fhir_context: FhirContextConfig = Field(
+        default_factory=FhirContextConfig,
+        description="Orders and reports from the EHR into the research tables (FHIR).",
+    )
