@@ -385,6 +385,15 @@ def test_orders_and_reports_are_matched_deidentified_and_queryable(
         "WHERE c.system = 'http://hl7.org/fhir/sid/icd-10'",
     )
     assert structs.split()[-1] == "1"
+    # and in the Python API a training cohort is filtered alike (no volumes here: none stored)
+    from pipeline.tensors.dataset import cohort
+
+    volumes = cohort(
+        paths,
+        sql="SELECT se.SeriesInstanceUID FROM series se JOIN orders o USING (StudyInstanceUID) "
+        "WHERE list_contains(o.reason_codes, '29857009')",
+    )
+    assert volumes.empty
 
 
 def test_reimport_adds_nothing_and_a_final_report_supersedes(lake: Path, tmp_path: Path) -> None:
