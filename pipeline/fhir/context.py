@@ -266,15 +266,73 @@ class _Bridges:
 # ------------------------------------------------------------------------------- rows
 
 
+#: the values of the coded elements copied as they are (R4 value sets); any other value, which a
+#: lenient EHR may fill with free text, is stored as null
+_VALUES: dict[str, frozenset[str]] = {
+    "ServiceRequest.status": frozenset(
+        {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
+    ),
+    "ServiceRequest.intent": frozenset(
+        {
+            "proposal",
+            "plan",
+            "directive",
+            "order",
+            "original-order",
+            "reflex-order",
+            "filler-order",
+            "instance-order",
+            "option",
+        }
+    ),
+    "ServiceRequest.priority": frozenset({"routine", "urgent", "asap", "stat"}),
+    "DiagnosticReport.status": frozenset(
+        {
+            "registered",
+            "partial",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "appended",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        }
+    ),
+}
+#: resource types a requester or performer reference may name (the only part of it copied)
+_AGENTS = frozenset(
+    {
+        "Practitioner",
+        "PractitionerRole",
+        "Organization",
+        "CareTeam",
+        "Patient",
+        "RelatedPerson",
+        "Device",
+        "HealthcareService",
+    }
+)
+
+
+def _coded(element: str, value: Any) -> str | None:
+    """``value`` where it is one of the element's value set, else None."""
+    return value if isinstance(value, str) and value in _VALUES[element] else None
+
+
 def _kind(reference: Any) -> str | None:
-    """The resource type a Reference points to (never its id)."""
+    """The resource type a requester or performer Reference points to (never its id nor its
+    display): one of :data:`_AGENTS`, else None."""
     if reference is None:
         return None
-    if reference.type:
-        return str(reference.type)
-    ref = reference.reference or ""
-    parts = [p for p in ref.split("/") if p]
-    return parts[-2] if len(parts) >= 2 else None
+    kind = reference.type
+    if not kind and reference.reference:
+        path = str(reference.reference).split("/_history/")[0]
+        parts = [p for p in path.split("/") if p]
+        kind = parts[-2] if len(parts) >= 2 else None
+    kind = str(kind).rsplit("/", 1)[-1] if kind else None  # type may be a StructureDefinition URL
+    return kind if kind in _AGENTS else None
 
 
 def _version(resource: Any) -> tuple[str | None, Any]:
@@ -308,9 +366,9 @@ def _order_row(sr: Any, link: StudyLink, ctx: _Context) -> dict[str, Any]:
         "StudyInstanceUID": link.study,
         "patient_token": link.patient_token,
         "accession_token": ctx.accession_token(link),
-        "status": sr.status,
-        "intent": sr.intent,
-        "priority": sr.priority,
+        "status": _coded("ServiceRequest.status", sr.status),
+        "intent": _coded("ServiceRequest.intent", sr.intent),
+        "priority": _coded("ServiceRequest.priority", sr.priority),
         "category": codings(sr.category, ctx.rules),
         "code": code,
         "code_codes": _codes(code),
@@ -329,15 +387,11 @@ def _order_row(sr: Any, link: StudyLink, ctx: _Context) -> dict[str, Any]:
     }
 
 
-def _report_row(dr: Any, link: StudyLink, ctx: _Context) -> dict[str, Any]:
+def _report_row(dr: Any, data: Mapping[str, Any], link: StudyLink, ctx: _Context) -> dict[str, Any]:
     version_id, last_updated = _version(dr)
     code = codings(dr.code, ctx.rules)
     conclusion_code = codings(dr.conclusionCode, ctx.rules)
-    orders = [
-        r.reference.split("/")[-1]
-        for r in dr.basedOn or []
-        if r.reference and "ServiceRequest/" in r.reference and "/_history/" not in r.reference
-    ]
+    orders = _refs(data, "basedOn", "ServiceRequest")
     effective = dr.effectiveDateTime or (dr.effectivePeriod.start if dr.effectivePeriod else None)
     return {
         "report_key": resource_key(ctx.pseudo, "DiagnosticReport", dr.id),
@@ -347,7 +401,7 @@ def _report_row(dr: Any, link: StudyLink, ctx: _Context) -> dict[str, Any]:
         "patient_token": link.patient_token,
         "accession_token": ctx.accession_token(link),
         "order_key": resource_key(ctx.pseudo, "ServiceRequest", orders[0]) if orders else None,
-        "status": dr.status,
+        "status": _coded("DiagnosticReport.status", dr.status),
         "category": codings(dr.category, ctx.rules),
         "code": code,
         "code_codes": _codes(code),
@@ -639,14 +693,14 @@ def import_context(
         row = (
             _order_row(model, link, ctx)
             if kind == "ServiceRequest"
-            else _report_row(model, link, ctx)
+            else _report_row(model, data, link, ctx)
         )
         writer.add(table, key, row)
     writer.close()
     quarantine = _not_yet_quarantined(lake, quarantine)
     if quarantine:
         write_partition(lake, "quarantine", quarantine, part=f"fhir-{run_id}")
-    logger.info(result.summary())
+    logger.info("%s", result.summary())
     return result
 
 

@@ -175,6 +175,7 @@ def _export(folder: Path, study_2: str = STUDY_2) -> Path:
                 "id": "sr-2",
                 "status": "completed",
                 "intent": "order",
+                "priority": "Kowalski",  # not a priority: free text where a code belongs
                 "subject": {"reference": "Patient/pt-2"},
                 "reasonCode": [
                     {
@@ -227,6 +228,7 @@ def _export(folder: Path, study_2: str = STUDY_2) -> Path:
                 "status": "final",
                 "subject": {"reference": "Patient/pt-2"},
                 "imagingStudy": [{"reference": "ImagingStudy/is-2"}],
+                "performer": [{"type": "GregoryHouse"}, {"reference": "Organization/o/_history/2"}],
                 "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2"}]},
                 "effectiveDateTime": "2025-03-15",
                 "conclusionCode": [
@@ -343,6 +345,9 @@ def test_orders_and_reports_are_matched_deidentified_and_queryable(
         1,
     )
     assert r1["has_presented_form"] is True
+    # a coded element holding free text, a reference type that is none: not copied
+    assert o2["priority"] is None
+    assert r2["performer_kind"] == ["Organization"]
 
     # no PHI of the input in the research tables, the logs or the quarantine messages
     dumped = json.dumps(
