@@ -35,7 +35,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -640,68 +640,120 @@ def import_context(
     """
     folder = Path(folder)
     files = export_files(folder)
-    source = f"fhir:{folder.absolute()}"
-    now = dt.datetime.now(dt.UTC)
-    by_accession, by_uid = study_links(lake, pseudonymizer)
-    ctx = _Context(lake, pseudonymizer, rules, run_id, now)
-    for accession, links in by_accession.items():
-        for link in links:
-            ctx.accessions_of[link.study] = pseudonymizer.token(accession, domain="accession")
-    bridges = _Bridges()
-    for line in read_lines(folder, files):
-        try:
-            data = json.loads(line.text)
-        except ValueError:
-            continue  # quarantined in the second pass
-        if isinstance(data, dict):
-            bridges.add(data)
-    result = ContextResult()
-    writer = _Writer(lake, result, batch_size)
-    held = _HeldOrders(lake, pseudonymizer, by_uid, writer)
-    quarantine: list[dict[str, Any]] = []
-    for line in read_lines(folder, files):
-        result.lines += 1
-        if progress is not None:
-            progress(1)
-        try:
-            data, model = _parse(line)
-        except InputError as exc:
-            if on_invalid == "raise":
-                raise
-            quarantine.append(_quarantine_row(source, line, exc, run_id, now))
-            result.quarantined += 1
-            logger.debug("quarantined %s (%s)", line.location, exc.reason)
-            continue
-        kind = data["resourceType"]
-        if kind not in _TABLES:
-            result.other += 1
-            continue
+    run = _Run.start(lake, pseudonymizer, rules, run_id, batch_size, on_invalid, progress)
+    run.read(lambda: read_lines(folder, files), f"fhir:{folder.absolute()}")
+    return run.finish()
+
+
+@dataclass
+class _Run:
+    """One import: the vault's links, the writer, the counts; :meth:`read` takes one set of
+    resources (an export, or a batch of search results) at a time."""
+
+    ctx: _Context
+    by_accession: dict[str, list[StudyLink]]
+    by_uid: dict[str, StudyLink]
+    result: ContextResult
+    writer: _Writer
+    held: _HeldOrders
+    on_invalid: str
+    progress: Callable[[int], None] | None
+    parts: int = 0
+
+    @classmethod
+    def start(
+        cls,
+        lake: LakePaths,
+        pseudo: Pseudonymizer,
+        rules: DeidRules,
+        run_id: str,
+        batch_size: int,
+        on_invalid: str,
+        progress: Callable[[int], None] | None,
+    ) -> _Run:
+        if on_invalid not in ("quarantine", "raise"):
+            raise ValueError(f"on_invalid is quarantine or raise, not {on_invalid!r}")
+        by_accession, by_uid = study_links(lake, pseudo)
+        ctx = _Context(lake, pseudo, rules, run_id, dt.datetime.now(dt.UTC))
+        for accession, links in by_accession.items():
+            for link in links:
+                ctx.accessions_of[link.study] = pseudo.token(accession, domain="accession")
+        result = ContextResult()
+        writer = _Writer(lake, result, batch_size)
+        held = _HeldOrders(lake, pseudo, by_uid, writer)
+        return cls(ctx, by_accession, by_uid, result, writer, held, on_invalid, progress)
+
+    def read(self, lines: Callable[[], Iterable[NdjsonLine]], source: str) -> None:
+        """Import the resources ``lines()`` yields (called twice: the links first), naming
+        quarantined lines under ``source``."""
+        ctx, result = self.ctx, self.result
+        bridges = _Bridges()
+        for line in lines():
+            try:
+                data = json.loads(line.text)
+            except ValueError:
+                continue  # quarantined in the second pass
+            if isinstance(data, dict):
+                bridges.add(data)
+        quarantine: list[dict[str, Any]] = []
+        for line in lines():
+            result.lines += 1
+            if self.progress is not None:
+                self.progress(1)
+            try:
+                data, model = _parse(line)
+            except InputError as exc:
+                if self.on_invalid == "raise":
+                    raise
+                quarantine.append(_quarantine_row(source, line, exc, ctx.run_id, ctx.now))
+                result.quarantined += 1
+                logger.debug("quarantined %s (%s)", line.location, exc.reason)
+                continue
+            kind = data["resourceType"]
+            if kind not in _TABLES:
+                result.other += 1
+                continue
+            link = self._match(data, bridges, line)
+            if link is None:
+                continue
+            table, key = _TABLES[kind]
+            row = (
+                _order_row(model, link, ctx)
+                if kind == "ServiceRequest"
+                else _report_row(model, data, link, ctx)
+            )
+            self.writer.add(table, key, row)
+        self.writer.close()
+        self.held.study_of = None  # orders committed since: read again when next needed
+        quarantine = _not_yet_quarantined(ctx.lake, quarantine)
+        if quarantine:
+            self.parts += 1
+            write_partition(
+                ctx.lake, "quarantine", quarantine, part=f"fhir-{ctx.run_id}-{self.parts}"
+            )
+
+    def _match(
+        self, data: Mapping[str, Any], bridges: _Bridges, line: NdjsonLine
+    ) -> StudyLink | None:
+        """The one study ``data`` belongs to, or None (counted unmatched or ambiguous)."""
         accessions, uids, elsewhere = bridges.keys_of(data)
-        found = {link.study: link for a in accessions for link in by_accession.get(a, [])}
-        found.update({by_uid[u].study: by_uid[u] for u in uids if u in by_uid})
+        found = {link.study: link for a in accessions for link in self.by_accession.get(a, [])}
+        found.update({self.by_uid[u].study: self.by_uid[u] for u in uids if u in self.by_uid})
         if not found and elsewhere:
-            found = held.studies_of(elsewhere)
+            found = self.held.studies_of(elsewhere)
         if not found:
-            result.unmatched += 1
-            continue
+            self.result.unmatched += 1
+            return None
         if len(found) > 1:
-            result.ambiguous += 1
+            self.result.ambiguous += 1
             logger.debug("%s matches %d studies: left out", line.location, len(found))
-            continue
-        link = next(iter(found.values()))
-        table, key = _TABLES[kind]
-        row = (
-            _order_row(model, link, ctx)
-            if kind == "ServiceRequest"
-            else _report_row(model, data, link, ctx)
-        )
-        writer.add(table, key, row)
-    writer.close()
-    quarantine = _not_yet_quarantined(lake, quarantine)
-    if quarantine:
-        write_partition(lake, "quarantine", quarantine, part=f"fhir-{run_id}")
-    logger.info("%s", result.summary())
-    return result
+            return None
+        return next(iter(found.values()))
+
+    def finish(self) -> ContextResult:
+        """The counts, logged."""
+        logger.info("%s", self.result.summary())
+        return self.result
 
 
 def _not_yet_quarantined(lake: LakePaths, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
