@@ -38,7 +38,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -51,9 +51,18 @@ from pipeline.lake.io import commit_rows, read_table, write_partition
 from pipeline.lake.keys import Pseudonymizer
 from pipeline.lake.paths import LakePaths
 
+if TYPE_CHECKING:
+    from pipeline.fhir.search import FhirSearch
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["ContextResult", "StudyLink", "import_context", "study_links"]
+__all__ = [
+    "ContextResult",
+    "StudyLink",
+    "import_context",
+    "import_from_server",
+    "study_links",
+]
 
 #: HL7 v2-0203 identifier type of an accession number
 _ACSN = "ACSN"
@@ -642,6 +651,45 @@ def import_context(
     files = export_files(folder)
     run = _Run.start(lake, pseudonymizer, rules, run_id, batch_size, on_invalid, progress)
     run.read(lambda: read_lines(folder, files), f"fhir:{folder.absolute()}")
+    return run.finish()
+
+
+def import_from_server(
+    lake: LakePaths,
+    client: FhirSearch,
+    *,
+    pseudonymizer: Pseudonymizer,
+    rules: DeidRules,
+    run_id: str,
+    studies_per_batch: int = 200,
+    batch_size: int = 5000,
+    on_invalid: str = "quarantine",
+    progress: Callable[[int], None] | None = None,
+) -> ContextResult:
+    """Search the FHIR server of ``client`` for the orders and reports of every crawled study
+    (:func:`pipeline.fhir.search.study_resources`) and import them as :func:`import_context`
+    imports an export, ``studies_per_batch`` studies at a time (their resources in memory).
+
+    Raises
+    ------
+    SourceError
+        The server unreachable, refusing the token, or answering with an error.
+    InputError
+        A bad resource, with ``on_invalid="raise"``.
+    """
+    from pipeline.fhir.search import study_resources
+
+    run = _Run.start(lake, pseudonymizer, rules, run_id, batch_size, on_invalid, progress)
+    keys: dict[str, tuple[set[str], set[str]]] = {}
+    for accession, links in run.by_accession.items():
+        for link in links:
+            keys.setdefault(link.study, (set(), set()))[0].add(accession)
+    for uid, link in run.by_uid.items():
+        keys.setdefault(link.study, (set(), set()))[1].add(uid)
+    studies = [keys[s] for s in sorted(keys)]
+    for first in range(0, len(studies), studies_per_batch):
+        lines = study_resources(client, studies[first : first + studies_per_batch])
+        run.read(lines.__iter__, f"fhir:{client.base}")  # a fresh iterator per pass
     return run.finish()
 
 

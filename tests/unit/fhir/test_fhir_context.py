@@ -14,260 +14,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dicom_factory import make_ct, write
+from fhir_context_factory import (
+    PHI,
+    STUDY_1,
+    STUDY_2,
+    invoke,
+    lake_paths,
+    make_export,
+    make_lake,
+    report_1,
+    write_ndjson,
+)
 from typer.testing import CliRunner
 
 from pipeline.cli.main import app
-from pipeline.lake import LakePaths, read_table
+from pipeline.lake import read_table
 from pipeline.lake.delta import current_version
-from pipeline.lake.keys import LakeKeys, load_key
 
 runner = CliRunner()
 
-STUDY_1 = "1.2.826.0.1.3680043.8.498.77001"
-STUDY_2 = "1.2.826.0.1.3680043.8.498.77002"
-MRN_1, MRN_2 = "MRN-448812", "MRN-993311"
-ACC_1, ACC_2 = "ACC20260001", "ACC20250315"
-#: values of the input that must never reach the research tables or the logs
-PHI = [
-    MRN_1,
-    MRN_2,
-    ACC_1,
-    ACC_2,
-    "ACC99999999",
-    "KOWALSKI",
-    "Kowalski",
-    "Okafor",
-    "Gregory",
-    "House",
-    "555-0142",
-    "555-0199",
-    "PLC-77812",
-    "1961-04-23",
-    "2026-01-02",
-    "sr-1",
-    "dr-1",
-    "is-2",
-    STUDY_1,
-    STUDY_2,
-]
-_ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
 
-
-def _archive(root: Path) -> Path:
-    for study, mrn, name, acc, date, n in (
-        (STUDY_1, MRN_1, "KOWALSKI^ANNA", ACC_1, "20260102", 1),
-        (STUDY_2, MRN_2, "OKAFOR^CHIDI", ACC_2, "20250315", 2),
-    ):
-        ds = make_ct(number=n, study_uid=study, series_uid=f"{study}.1")
-        ds.PatientID, ds.PatientName, ds.AccessionNumber, ds.StudyDate = mrn, name, acc, date
-        write(ds, root / f"im{n}.dcm")
-    return root
-
-
-def _ndjson(path: Path, resources: list[dict[str, Any] | str]) -> None:
-    path.write_text(
-        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in resources),
-        encoding="utf-8",
-    )
-
-
-def _report_1(version: str, status: str, updated: str) -> dict[str, Any]:
-    return {
-        "resourceType": "DiagnosticReport",
-        "id": "dr-1",
-        "meta": {"versionId": version, "lastUpdated": updated},
-        "status": status,
-        "basedOn": [{"reference": "ServiceRequest/sr-1"}],
-        "subject": {"reference": "Patient/pt-1", "display": "Anna Kowalski"},
-        "category": [
-            {
-                "coding": [
-                    {"system": "http://loinc.org", "code": "LP29684-5", "display": "Radiology"}
-                ]
-            }
-        ],
-        "code": {
-            "coding": [
-                {"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest Report"}
-            ],
-            "text": "CT chest for Anna Kowalski",
-        },
-        "effectiveDateTime": "2026-01-02T10:15:00+00:00",
-        "issued": "2026-01-02T12:00:00Z",
-        "performer": [{"reference": "Practitioner/dr-house", "display": "Gregory House"}],
-        "result": [{"reference": "Observation/o1"}],
-        "conclusion": "Nodule in the right lung; Dr. Gregory House told Anna Kowalski 555-0142",
-        "conclusionCode": [
-            {
-                "coding": [
-                    {"system": "http://snomed.info/sct", "code": "39607008", "display": "lung"},
-                    {
-                        "system": "http://hospital.example/codes",
-                        "code": "NOD-1",
-                        "display": "nodule seen by Gregory House",
-                    },
-                ]
-            }
-        ],
-        "presentedForm": [{"contentType": "text/plain", "data": "S293YWxza2k="}],
-    }
-
-
-def _export(folder: Path, study_2: str = STUDY_2) -> Path:
-    folder.mkdir(parents=True)
-    _ndjson(
-        folder / "Patient.ndjson",
-        [
-            {
-                "resourceType": "Patient",
-                "id": "pt-1",
-                "identifier": [{"system": "urn:mrn", "value": MRN_1}],
-                "name": [{"family": "Kowalski", "given": ["Anna"]}],
-                "birthDate": "1961-04-23",
-                "telecom": [{"system": "phone", "value": "555-0142"}],
-            },
-            {
-                "resourceType": "Patient",
-                "id": "pt-2",
-                "identifier": [{"system": "urn:mrn", "value": MRN_2}],
-                "name": [{"family": "Okafor", "given": ["Chidi"]}],
-            },
-        ],
-    )
-    _ndjson(
-        folder / "ServiceRequest.ndjson",
-        [
-            {
-                "resourceType": "ServiceRequest",
-                "id": "sr-1",
-                "meta": {"versionId": "1", "lastUpdated": "2026-01-01T08:31:00+01:00"},
-                "identifier": [
-                    {"type": _ACSN, "value": ACC_1},
-                    {"system": "urn:placer", "value": "PLC-77812"},
-                ],
-                "status": "active",
-                "intent": "order",
-                "priority": "urgent",
-                "subject": {"reference": "Patient/pt-1", "display": "Anna Kowalski"},
-                "code": {
-                    "coding": [{"system": "http://loinc.org", "code": "24627-2"}],
-                    "text": "CT chest, Kowalski",
-                },
-                "reasonCode": [
-                    {
-                        "coding": [
-                            {
-                                "system": "http://snomed.info/sct",
-                                "code": "29857009",
-                                "display": "Chest pain (Kowalski)",
-                            }
-                        ],
-                        "text": "Chest pain after a fall at home, Anna Kowalski 555-0142",
-                    }
-                ],
-                "authoredOn": "2026-01-01T08:30:00+01:00",
-                "requester": {"reference": "Practitioner/dr-house", "display": "Gregory House"},
-                "note": [{"text": "Call Dr. Gregory House at 555-0199"}],
-            },
-            {
-                "resourceType": "ServiceRequest",
-                "id": "sr-2",
-                "status": "completed",
-                "intent": "order",
-                "priority": "Kowalski",  # not a priority: free text where a code belongs
-                "subject": {"reference": "Patient/pt-2"},
-                "reasonCode": [
-                    {
-                        "coding": [
-                            {
-                                "system": "http://hl7.org/fhir/sid/icd-10",
-                                "code": "R91.8",
-                                "display": "abnormal lung finding (per Okafor family)",
-                            }
-                        ]
-                    }
-                ],
-                "authoredOn": "2025-03-14",
-            },
-            {
-                "resourceType": "ServiceRequest",
-                "id": "sr-9",
-                "identifier": [{"type": _ACSN, "value": "ACC99999999"}],
-                "status": "active",
-                "intent": "order",
-                "subject": {"reference": "Patient/pt-1"},
-            },
-            # invalid: a date that is none, and a line that is no JSON
-            '{"resourceType": "ServiceRequest", "id": "sr-bad", "status": "active", '
-            '"intent": "order", "subject": {"reference": "Patient/pt-1"}, '
-            '"authoredOn": "yesterday KOWALSKI"}',
-            '{"resourceType": "ServiceRequest", "id": "KOWALSKI',
-        ],
-    )
-    _ndjson(
-        folder / "ImagingStudy.ndjson",
-        [
-            {
-                "resourceType": "ImagingStudy",
-                "id": "is-2",
-                "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_2}"}],
-                "status": "available",
-                "subject": {"reference": "Patient/pt-2"},
-                "basedOn": [{"reference": "ServiceRequest/sr-2"}],
-            }
-        ],
-    )
-    _ndjson(
-        folder / "DiagnosticReport.ndjson",
-        [
-            _report_1("1", "preliminary", "2026-01-02T11:00:00Z"),
-            {
-                "resourceType": "DiagnosticReport",
-                "id": "dr-2",
-                "status": "final",
-                "subject": {"reference": "Patient/pt-2"},
-                "imagingStudy": [{"reference": "ImagingStudy/is-2"}],
-                "performer": [{"type": "GregoryHouse"}, {"reference": "Organization/o/_history/2"}],
-                "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2"}]},
-                "effectiveDateTime": "2025-03-15",
-                "conclusionCode": [
-                    {"coding": [{"system": "http://snomed.info/sct", "code": "39607008"}]}
-                ],
-            },
-        ],
-    )
-    manifest = {
-        "transactionTime": "2026-01-03T00:00:00Z",
-        "request": "https://ehr.example/fhir/$export",
-        "requiresAccessToken": True,
-        "output": [
-            {"type": t, "url": f"https://ehr.example/files/{t}.ndjson"}
-            for t in ("Patient", "ServiceRequest", "ImagingStudy", "DiagnosticReport")
-        ],
-        "error": [],
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    return folder
-
-
-def _invoke(*args: str) -> str:
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 0, result.output
-    return result.output
+_invoke = invoke
+_paths = lake_paths
 
 
 @pytest.fixture
 def lake(tmp_path: Path) -> Path:
-    archive = _archive(tmp_path / "archive")
-    lake = tmp_path / "lake"
-    _invoke("crawl", "--source", str(archive), "--lake", str(lake), "--workers", "1")
-    _invoke("deid", "--lake", str(lake), "--workers", "1")
-    return lake
-
-
-def _paths(lake: Path) -> LakePaths:
-    return LakePaths(lake, keys=LakeKeys(load_key()))
+    return make_lake(tmp_path)
 
 
 def _studies(lake: Path) -> dict[str, dict[str, Any]]:
@@ -284,7 +57,7 @@ def test_orders_and_reports_are_matched_deidentified_and_queryable(
 ) -> None:
     # the tables exist, empty, before any import
     assert "0" in _invoke("sql", "--lake", str(lake), "SELECT count(*) AS n FROM orders")
-    export = _export(tmp_path / "export")
+    export = make_export(tmp_path / "export")
     with caplog.at_level(logging.DEBUG):
         out = _invoke("fhir-import", str(export), "--lake", str(lake))
     assert (
@@ -402,7 +175,7 @@ def test_orders_and_reports_are_matched_deidentified_and_queryable(
 
 
 def test_reimport_adds_nothing_and_a_final_report_supersedes(lake: Path, tmp_path: Path) -> None:
-    export = _export(tmp_path / "export")
+    export = make_export(tmp_path / "export")
     _invoke("fhir-import", str(export), "--lake", str(lake))
     paths = _paths(lake)
     versions = {t: current_version(paths, t) for t in ("orders", "reports")}
@@ -421,7 +194,9 @@ def test_reimport_adds_nothing_and_a_final_report_supersedes(lake: Path, tmp_pat
     # the EHR finalises the report: a newer version supersedes the preliminary one
     later = tmp_path / "export2"
     later.mkdir()
-    _ndjson(later / "DiagnosticReport.ndjson", [_report_1("2", "final", "2026-01-03T09:00:00Z")])
+    write_ndjson(
+        later / "DiagnosticReport.ndjson", [report_1("2", "final", "2026-01-03T09:00:00Z")]
+    )
     out = _invoke("fhir-import", str(later), "--lake", str(lake))
     assert "reports +0, superseded 1" in out
     rows = read_table(paths, "reports").to_pylist()
@@ -438,7 +213,7 @@ def test_reimport_adds_nothing_and_a_final_report_supersedes(lake: Path, tmp_pat
 
 
 def test_a_manifest_naming_a_missing_file_is_a_one_line_error(lake: Path, tmp_path: Path) -> None:
-    export = _export(tmp_path / "export")
+    export = make_export(tmp_path / "export")
     (export / "ImagingStudy.ndjson").unlink()
     result = runner.invoke(app, ["fhir-import", str(export), "--lake", str(lake)])
     assert result.exit_code == 2, result.output
