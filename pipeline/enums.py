@@ -16,6 +16,7 @@ class Stage(StrEnum):
     INFER = "infer"
     WRITEBACK = "writeback"
     REVIEW = "review"
+    FHIR = "fhir"
 
 
 class ObjectState(StrEnum):

@@ -16,6 +16,7 @@ from pipeline.cli import (
     crawl,
     deid,
     demo,
+    fhir_context,
     infer,
     models,
     repair,
@@ -78,6 +79,7 @@ vacuum.register(app)
 repair.register(app)
 app.command("demo")(demo.demo)
 app.command("status")(status.status)
+app.command("fhir-import")(fhir_context.import_context)
 
 
 def main() -> None:

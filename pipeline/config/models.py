@@ -24,6 +24,7 @@ __all__ = [
     "DeidConfig",
     "DimseConfig",
     "DimseTlsConfig",
+    "FhirContextConfig",
     "InferConfig",
     "LimitsConfig",
     "LoggingConfig",
@@ -794,6 +795,62 @@ class ReviewConfig(_Section):
         return self
 
 
+class FhirContextConfig(_Section):
+    """Radiology context from the EHR (issue #25): the ServiceRequest and DiagnosticReport of each
+    crawled study, read from a FHIR Bulk Data export or searched on a FHIR server,
+    de-identified into ``orders`` and ``reports`` (`pacsflow fhir-import`)."""
+
+    source: Literal["folder", "server"] = Field(
+        "folder",
+        description="Where the resources come from: folder, the NDJSON files (and manifest) "
+        "of a FHIR Bulk Data $export; server, a FHIR R4 server searched per crawled study.",
+    )
+    path: Path | None = Field(
+        None, description="The export folder (source folder; the CLI's FOLDER argument wins)."
+    )
+    url: str | None = Field(
+        None,
+        description="The FHIR server's base URL, e.g. https://ehr.example/fhir (source server; "
+        "the CLI's --server wins). No credentials in it: token_env names them.",
+    )
+    token_env: str | None = Field(
+        None, description="Env var holding the server's bearer token (unset: no token)."
+    )
+    ca_bundle: Path | None = Field(None, description="CA bundle (PEM) verifying the server.")
+    timeout_s: float = Field(30.0, gt=0, description="Network timeout per request, seconds.")
+    page_size: int = Field(
+        100, ge=1, le=10_000, description="Search page size (_count); next links are followed."
+    )
+    studies_per_batch: int = Field(
+        200,
+        ge=1,
+        le=100_000,
+        description="Studies searched before their resources are imported (bounds memory).",
+    )
+    batch_size: int = Field(
+        5000, ge=1, le=1_000_000, description="Resources per commit to orders/reports."
+    )
+    on_invalid: Literal["quarantine", "raise"] = Field(
+        "quarantine",
+        description="A line that is not a valid FHIR R4 resource: a quarantine row with the "
+        "reason (production) or an error (development).",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("fhir_context.url is an http(s) URL (the FHIR base)")
+        if "@" in v.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                "fhir_context.url carries credentials; name an environment variable in "
+                "fhir_context.token_env instead"
+            )
+        return v.rstrip("/")
+
+
 class PipelineConfig(_Section):
     """The root of a pacsflow configuration file."""
 
@@ -830,3 +887,7 @@ class PipelineConfig(_Section):
         default_factory=ReviewConfig, description="QA review of findings (`pacsflow review`)."
     )
     audit: AuditConfig = Field(default_factory=AuditConfig, description="The audit log.")
+    fhir_context: FhirContextConfig = Field(
+        default_factory=FhirContextConfig,
+        description="Orders and reports from the EHR into the research tables (FHIR).",
+    )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import unicodedata
 
-__all__ = ["CodeMeanings", "canonical_meaning", "code_meanings", "fold"]
+__all__ = ["CodeMeanings", "canonical_meaning", "code_meanings", "fold", "meaning_for"]
 
 #: (scheme, code value) -> (canonical meaning, every meaning accepted as it is, case-folded)
 CodeMeanings = dict[tuple[str, str], tuple[str, frozenset[str]]]
@@ -76,3 +76,31 @@ def canonical_meaning(scheme: str, value: str) -> tuple[str, frozenset[str]] | N
     """(canonical meaning, accepted meanings case-folded) of a code, or None for a code no
     dictionary holds (a local scheme, or a code newer than pydicom's dictionaries)."""
     return code_meanings().get((scheme.strip(), value.strip()))
+
+
+def meaning_for(
+    scheme: str, value: str, current: str, keep_code_meanings: frozenset[str]
+) -> str | None:
+    """The Code Meaning that replaces ``current`` (a meaning written with code ``value`` of
+    ``scheme``): ``current`` itself where the scheme's dictionary gives the code that meaning
+    (or ``keep_code_meanings`` names the scheme, or ``"*"``, and the code is unknown), the
+    canonical meaning of a known code, the code itself for a UCUM unit, else None (the caller
+    writes a dummy). One decision for DICOM Code Meanings and FHIR ``Coding.display``.
+
+    Examples
+    --------
+    >>> meaning_for("UCUM", "mm", "millimetre (Dr Smith)", frozenset())
+    'mm'
+    >>> meaning_for("99LOCAL", "X1", "seen by Dr Smith", frozenset()) is None
+    True
+    >>> meaning_for("99LOCAL", "X1", "local term", frozenset({"99LOCAL"}))
+    'local term'
+    """
+    known = canonical_meaning(scheme, value) if value else None
+    if known is not None:
+        return current if current.casefold() in known[1] else known[0]
+    if scheme == "UCUM" and value and fold(value) == value:
+        return value  # a UCUM code is the unit's own name (mm, cm3, [hnsf'U])
+    if "*" in keep_code_meanings or scheme in keep_code_meanings:
+        return current
+    return None

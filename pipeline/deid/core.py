@@ -58,7 +58,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from pipeline._version import __version__
 from pipeline.config import DeidConfig
-from pipeline.deid._codes import canonical_meaning, fold
+from pipeline.deid._codes import meaning_for
 from pipeline.deid.keys import Pseudonymizer
 from pipeline.deid.profile import EDITION, Option, rule_for, safe_private_vr
 
@@ -643,17 +643,7 @@ class Deidentifier:
         value = str(_peek(ds, _CODE_VALUE) or "").strip()
         for other in _OTHER_CODE_VALUES:
             value = value or str(_peek(ds, other) or "").strip()
-        known = canonical_meaning(scheme, value) if value else None
-        if known is not None:
-            if current.casefold() in known[1]:
-                return
-            text = known[0]
-        elif scheme == "UCUM" and value and fold(value) == value:
-            text = value  # a UCUM code is the unit's own name (mm, cm3, [hnsf'U])
-        elif "*" in self.keep_code_meanings or scheme in self.keep_code_meanings:
-            return
-        else:
-            text = _DUMMY["LO"]
+        text = meaning_for(scheme, value, current, self.keep_code_meanings) or _DUMMY["LO"]
         if text == current:
             return
         data = _encoded([text], "LO") if raw is not None else None

@@ -66,6 +66,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "reviews": ("review_id",),
     "queues": ("queue_id",),
     "corrections": ("correction_id",),
+    "orders": ("order_key",),
+    "reports": ("report_key",),
 }
 #: How often a commit that lost a race with another writer is tried again.
 _RETRIES = 8

@@ -107,6 +107,8 @@ RESEARCH_VIEWS = (
     "findings",
     "reviews",
     "corrections",
+    "orders",
+    "reports",
 )
 #: Statement types a sandboxed query may run (DESCRIBE, SHOW, FROM and VALUES are SELECTs).
 _READ_ONLY = frozenset({"SELECT", "EXPLAIN"})

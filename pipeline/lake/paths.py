@@ -28,6 +28,8 @@ RESEARCH_TABLES: tuple[str, ...] = (
     "reviews",
     "queues",
     "corrections",
+    "orders",
+    "reports",
 )
 
 

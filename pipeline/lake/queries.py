@@ -230,6 +230,9 @@ def _duck_type(t: pa.DataType) -> str:
         return "BLOB"
     if pa.types.is_list(t):
         return _duck_type(t.value_type) + "[]"
+    if pa.types.is_struct(t):
+        fields = ", ".join(f'"{f.name}" {_duck_type(f.type)}' for f in t)
+        return f"STRUCT({fields})"
     raise TypeError(f"no DuckDB type for {t}")
 
 

@@ -401,6 +401,67 @@ CORRECTIONS = _schema(
     "research: one row per reviewer's corrected mask (issue #23; history kept)",
 )
 
+#: a coding as FHIR carries it (issue #25): system URI, code, display (de-identified as a DICOM
+#: Code Meaning: the canonical meaning of a known code, else null unless kept by configuration)
+_CODING = pa.list_(pa.struct([("system", _S), ("code", _S), ("display", _S)]))
+
+ORDERS = _schema(
+    [
+        _f("order_key", _S, False),  # keyed pseudonym of ServiceRequest/<id>
+        _f("version_id", _S),  # meta.versionId (the newest version of a resource wins)
+        _f("last_updated", _TS),  # meta.lastUpdated, shifted by the patient's offset
+        _f("StudyInstanceUID", _S, False),  # pseudonym 2.25.<int> (as in studies)
+        _f("patient_token", _S, False),
+        _f("accession_token", _S),  # AccessionNumber token (as in the de-identified headers)
+        _f("status", _S),  # ServiceRequest.status
+        _f("intent", _S),
+        _f("priority", _S),  # routine | urgent | asap | stat
+        _f("category", _CODING),
+        _f("code", _CODING),  # the procedure ordered
+        _f("code_codes", pa.list_(_S)),  # the code values of `code`, for filters
+        _f("reason_code", _CODING),  # the indication
+        _f("reason_codes", pa.list_(_S)),  # the code values of `reason_code`, for filters
+        _f("reason_text", _S),  # free text: null unless the profile keeps such text
+        _f("body_site", _CODING),
+        _f("note", _S),  # free text: null unless the profile keeps such text
+        _f("requester_kind", _S),  # resource type of the requester (Practitioner, ...), no id
+        _f("authored_on", _TS),  # shifted
+        _f("occurrence", _TS),  # occurrenceDateTime or occurrencePeriod.start, shifted
+        _f("run_id", _S, False),
+        _f("imported_at", _TS, False),
+    ],
+    "research: one row per ServiceRequest (the order and reason for an exam) matched to a "
+    "crawled study, from the EHR (issue #25)",
+)
+
+REPORTS = _schema(
+    [
+        _f("report_key", _S, False),  # keyed pseudonym of DiagnosticReport/<id>
+        _f("version_id", _S),
+        _f("last_updated", _TS),  # shifted
+        _f("StudyInstanceUID", _S, False),  # pseudonym
+        _f("patient_token", _S, False),
+        _f("accession_token", _S),
+        _f("order_key", _S),  # the ServiceRequest it is basedOn (orders.order_key)
+        _f("status", _S),  # registered | partial | preliminary | final | amended | ...
+        _f("category", _CODING),
+        _f("code", _CODING),
+        _f("code_codes", pa.list_(_S)),
+        _f("conclusion", _S),  # free text: null unless the profile keeps such text
+        _f("conclusion_code", _CODING),  # the coded findings
+        _f("conclusion_codes", pa.list_(_S)),  # the code values of `conclusion_code`
+        _f("performer_kind", pa.list_(_S)),  # resource types of the performers, no ids
+        _f("n_results", _I),  # Observations referenced in `result`
+        _f("has_presented_form", _B),  # the report text attached (never copied)
+        _f("effective", _TS),  # effectiveDateTime or effectivePeriod.start, shifted
+        _f("issued", _TS),  # shifted
+        _f("run_id", _S, False),
+        _f("imported_at", _TS, False),
+    ],
+    "research: one row per radiology DiagnosticReport matched to a crawled study, latest "
+    "version (issue #25)",
+)
+
 #: Every lake table's schema, by table name.
 SCHEMAS: dict[str, pa.Schema] = {
     "index": INDEX,
@@ -417,6 +478,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "reviews": REVIEWS,
     "queues": QUEUES,
     "corrections": CORRECTIONS,
+    "orders": ORDERS,
+    "reports": REPORTS,
 }
 
 

@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 #: The research tables a cohort query can name, plus the view ``cohort`` (tensors x series).
-COHORT_VIEWS = ("tensors", "series", "studies", "patients", "instances")
+COHORT_VIEWS = ("tensors", "series", "studies", "patients", "instances", "orders", "reports")
 
 #: Columns of ``series`` joined to each tensors row in the ``cohort`` view.
 _SERIES_COLUMNS = (
@@ -116,10 +116,12 @@ def cohort(
         The lake.
     sql
         A whole DuckDB query over the views ``cohort`` (the default rows below), ``tensors``,
-        ``series``, ``studies``, ``patients`` and ``instances``. Its result must have a
-        ``tensor_key`` or a ``SeriesInstanceUID`` column: it is joined to ``cohort`` on that
-        column (so ``SELECT SeriesInstanceUID FROM series WHERE ...`` selects every stored
-        volume of those series), keeping the query's own columns and order.
+        ``series``, ``studies``, ``patients``, ``instances``, and ``orders`` and ``reports``
+        (the EHR's context: filter by indication or by the report's coded findings). Its
+        result must have a ``tensor_key`` or a ``SeriesInstanceUID`` column: it is joined to
+        ``cohort`` on that column (so ``SELECT SeriesInstanceUID FROM series WHERE ...``
+        selects every stored volume of those series), keeping the query's own columns and
+        order.
     where
         A DuckDB ``WHERE`` clause on the ``cohort`` view (``"Modality = 'CT' AND
         SliceThickness <= 2.5"``). Not with ``sql``.
