@@ -16,6 +16,7 @@ from pipeline.cli import (
     crawl,
     deid,
     demo,
+    fhir,
     infer,
     models,
     repair,
@@ -72,6 +73,7 @@ tensors.register(app)
 infer.register(app)
 models.register(app)
 writeback.register(app)
+fhir.register(app)
 run.register(app)
 review.register(app)
 vacuum.register(app)
