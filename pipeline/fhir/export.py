@@ -102,8 +102,11 @@ def _measurement_specs(body: Mapping[str, Any] | None) -> dict[str, tuple[Any, A
             triple(spec.get("unit"), f"{where}.unit"),
             triple(derivation, f"{where}.derivation") if derivation is not None else None,
         )
-    # the registry's UCUM "ml" is the same unit as FHIR's customary "mL"
-    return specs
+    # UCUM's "ml" and "mL" are the same unit; FHIR (and UCUM's print form) write "mL"
+    return {
+        k: (c, ("mL", u[1], u[2]) if u[0] == "ml" and u[1] == "UCUM" else u, d)
+        for k, (c, u, d) in specs.items()
+    }
 
 
 def _report_codes(body: Mapping[str, Any] | None) -> tuple[Any, tuple[Any, ...]]:
