@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import json
 import socket
+from typing import Any
 
 import pytest
 
@@ -162,3 +163,29 @@ def test_connection_refused_is_one_transient_line() -> None:
     assert info.value.transient
     assert "connection refused" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_the_registry_names_the_report_code_and_category(tmp_path: Any) -> None:
+    from pipeline.codes import registry_entry
+    from pipeline.fhir.export import _report_codes
+    from pipeline.infer.registry import load_registry
+
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "models:\n  m:\n    bundle: m\n    report:\n"
+        "      code: ['18748-4', LN, Diagnostic imaging study]\n"
+        "      category: [RAD, HL70074, Radiology]\n"
+    )
+    entry = load_registry(path).models["m"]  # the registry accepts the block
+    assert entry.report.code is not None
+    assert entry.report.code.value == "18748-4"
+    code, category = _report_codes(registry_entry(path, entry="m", model="m"))
+    assert code == ("18748-4", "LN", "Diagnostic imaging study")
+    assert category == (("RAD", "HL70074", "Radiology"),)
+    built = build_bundle(
+        dataclasses.replace(_result(), report_code=code, report_category=category),
+        patient_system=SYSTEM,
+    )
+    report = json.loads(built.json_text)["entry"][-1]["resource"]
+    assert report["code"]["coding"][0]["system"] == "http://loinc.org"
+    assert report["category"][0]["coding"][0]["system"].endswith("v2-0074")
