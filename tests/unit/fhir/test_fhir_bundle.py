@@ -189,3 +189,14 @@ def test_the_registry_names_the_report_code_and_category(tmp_path: Any) -> None:
     report = json.loads(built.json_text)["entry"][-1]["resource"]
     assert report["code"]["coding"][0]["system"] == "http://loinc.org"
     assert report["category"][0]["coding"][0]["system"].endswith("v2-0074")
+
+
+def test_a_server_that_never_answers_is_one_timeout_line() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)  # the kernel accepts the connection; nobody ever answers
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        with FhirClient(url, retries=0, timeout_s=0.3) as c, pytest.raises(FhirError) as info:
+            c.search("DiagnosticReport", {"identifier": "x"})
+    assert info.value.transient
+    assert str(info.value) == f"no answer from {url} within 0.3 s"
