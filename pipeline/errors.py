@@ -16,6 +16,7 @@ from pipeline.enums import QuarantineReason
 __all__ = [
     "Cancelled",
     "ConfigError",
+    "FhirError",
     "GeometryError",
     "InputError",
     "LakeError",
@@ -136,6 +137,19 @@ class ModelError(PacsflowError):
 
 class WritebackError(PacsflowError):
     """A result object cannot be built, validated or delivered."""
+
+
+class FhirError(PacsflowError):
+    """A FHIR server refused or could not be reached (``transient``: worth a retry later).
+
+    The message is one line: what failed (HTTP status, connection refused, timeout), never a
+    resource's content.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False, status: int | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.status = status
 
 
 class NoSpace(PacsflowError):

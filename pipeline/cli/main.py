@@ -16,6 +16,7 @@ from pipeline.cli import (
     crawl,
     deid,
     demo,
+    fhir,
     fhir_context,
     infer,
     models,
@@ -73,6 +74,7 @@ tensors.register(app)
 infer.register(app)
 models.register(app)
 writeback.register(app)
+fhir.register(app)
 run.register(app)
 review.register(app)
 vacuum.register(app)

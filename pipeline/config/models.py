@@ -24,6 +24,7 @@ __all__ = [
     "DeidConfig",
     "DimseConfig",
     "DimseTlsConfig",
+    "FhirConfig",
     "FhirContextConfig",
     "InferConfig",
     "LimitsConfig",
@@ -636,6 +637,41 @@ class WritebackConfig(_Section):
     )
 
 
+class FhirConfig(_Section):
+    """``pacsflow fhir``: written-back results as FHIR R4 transaction Bundles (docs/fhir.md)."""
+
+    dest: str | None = Field(
+        None,
+        description="Where the Bundles go: a folder, or a FHIR server's base URL "
+        "(https://host/fhir; http:// only on loopback). Unset: the lake's restricted zone, "
+        "restricted/fhir/outbox/ (sealed like the zone when the lake is encrypted at rest). "
+        "The CLI's --dest wins.",
+    )
+    patient_identifier_system: str = Field(
+        "urn:pacsflow:patient-id",
+        description="The identifier system (a URI) of the site's patient IDs (DICOM PatientID): "
+        "each resource refers to its patient as 'Patient?identifier=<system>|<PatientID>', "
+        "a conditional reference the server resolves; no Patient is ever created.",
+    )
+    token_env: str | None = Field(
+        None,
+        description="Name of the environment variable holding the server's bearer token "
+        "(never the token itself); unset: no Authorization header.",
+    )
+    verify_tls: bool | Path = Field(
+        True, description="Verify the server's TLS certificate: true, false, or a CA bundle file."
+    )
+    timeout_s: float = Field(30.0, gt=0, le=600, description="Timeout of one HTTP request.")
+    retries: int = Field(
+        4, ge=0, le=100, description="Retries of a transient failure (connection, 5xx, 429)."
+    )
+    backoff_s: float = Field(1.0, gt=0, le=600, description="First retry delay (doubles).")
+    backoff_max_s: float = Field(30.0, gt=0, le=3600, description="Longest retry delay.")
+    confirm: bool = Field(
+        True, description="Read every resource back from the server after a transaction."
+    )
+
+
 class RunConfig(_Section):
     """``pacsflow run``: which stages run, in this order (each can be switched off)."""
 
@@ -645,6 +681,11 @@ class RunConfig(_Section):
     tensors: bool = Field(True, description="Build the volumes.")
     infer: bool = Field(True, description="Run infer.model over the volumes.")
     writeback: bool = Field(True, description="Send SEG + SR to writeback.dest (when set).")
+    fhir: bool = Field(
+        True,
+        description="Written-back results as FHIR R4 Bundles to fhir.dest (default: a folder "
+        "in the lake's restricted zone).",
+    )
 
 
 class SynthConfig(_Section):
@@ -879,6 +920,9 @@ class PipelineConfig(_Section):
     infer: InferConfig = Field(default_factory=InferConfig, description="Infer stage.")
     writeback: WritebackConfig = Field(
         default_factory=WritebackConfig, description="Write-back stage."
+    )
+    fhir: FhirConfig = Field(
+        default_factory=FhirConfig, description="FHIR R4 export of written-back results."
     )
     run: RunConfig = Field(default_factory=RunConfig, description="Stages of `pacsflow run`.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Demo archive.")

@@ -73,6 +73,7 @@ __all__ = [
     "ModelEntry",
     "OutputsSpec",
     "Registry",
+    "ReportSpec",
     "TestTime",
     "default_models_dir",
     "default_registry_path",
@@ -124,6 +125,14 @@ class MeasurementSpec(_Strict):
     concept: Code
     unit: Code
     derivation: Code | None = None
+
+
+class ReportSpec(_Strict):
+    """The FHIR DiagnosticReport of the model's written-back results (``pacsflow fhir``):
+    its code and category (defaults: DCM 126000 Imaging Measurement Report; v2-0074 RAD)."""
+
+    code: Code | None = None
+    category: Code | None = None
 
 
 class CandidateSpec(_Strict):
@@ -219,6 +228,8 @@ class ModelEntry(_Strict):
     drop: tuple[str, ...] = ()
     #: which outputs are findings and which per-series measurements (empty: all findings)
     outputs: OutputsSpec = Field(default_factory=lambda: OutputsSpec())
+    #: the FHIR DiagnosticReport's code and category (pipeline.fhir)
+    report: ReportSpec = Field(default_factory=lambda: ReportSpec())
     #: detection models: threshold, top-k and class names of the boxes
     detection: DetectionSpec = Field(default_factory=lambda: DetectionSpec())
     #: ``segmentation`` (label maps), ``classification`` (a class vector per image or
@@ -312,7 +323,7 @@ def _codes(raw: Any, where: str) -> Any:
     if isinstance(raw, dict):
         out = {}
         for key, value in raw.items():
-            if key in ("category", "type", "modifier", "concept", "unit", "derivation"):
+            if key in ("category", "type", "modifier", "concept", "unit", "derivation", "code"):
                 out[key] = Code.parse(value) if value is not None else None
             else:
                 out[key] = _codes(value, f"{where}.{key}")

@@ -16,7 +16,14 @@ if TYPE_CHECKING:
 __all__ = ["RESEARCH_TABLES", "RESTRICTED_TABLES", "LakePaths"]
 
 #: Parquet datasets of the identified zone, under ``restricted/<name>/``.
-RESTRICTED_TABLES: tuple[str, ...] = ("index", "quarantine", "units", "vault", "outbox")
+RESTRICTED_TABLES: tuple[str, ...] = (
+    "index",
+    "quarantine",
+    "units",
+    "vault",
+    "outbox",
+    "fhir_outbox",
+)
 #: Parquet datasets of the de-identified zone, under ``research/tables/<name>/``.
 RESEARCH_TABLES: tuple[str, ...] = (
     "patients",

@@ -462,6 +462,25 @@ REPORTS = _schema(
     "version (issue #25)",
 )
 
+FHIR_OUTBOX = _schema(
+    [
+        _f("bundle_id", _S, False),  # uuid5 of the result's identity: the Bundle's id
+        _f("result_key", _S, False),  # <tensor_key>/<model>@<version>+<weights12> (pseudonyms)
+        _f("dest", _S, False),  # folder path or server base URL (no credentials)
+        _f("status", _S, False),  # built | refused | failed | sent | confirmed
+        _f("detail", _S),  # the server's words or the error, one line (no identifiers)
+        _f("attempts", _I, False),  # sending attempts in this run
+        _f("report_status", _S),  # the DiagnosticReport's: preliminary | final | cancelled
+        _f("bundle_sha256", _S, False),  # of the Bundle's JSON: a changed Bundle is sent again
+        _f("n_resources", _I),
+        _f("path", _S, False),  # the built Bundle, relative to restricted/ (fhir/bundles/...)
+        _f("run_id", _S, False),
+        _f("updated_at", _TS, False),
+    ],
+    "restricted: FHIR Bundles of written-back results, one row per status change (latest "
+    "wins); pseudonymous keys only, the identifiers are in the Bundle files",
+)
+
 #: Every lake table's schema, by table name.
 SCHEMAS: dict[str, pa.Schema] = {
     "index": INDEX,
@@ -480,6 +499,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "corrections": CORRECTIONS,
     "orders": ORDERS,
     "reports": REPORTS,
+    "fhir_outbox": FHIR_OUTBOX,
 }
 
 

@@ -389,6 +389,56 @@ class WritebackStage:
         )
 
 
+class FhirStage:
+    """Written-back results as FHIR R4 transaction Bundles to a folder (default: the lake's
+    restricted zone) or a FHIR server, re-identified, idempotent (docs/fhir.md)."""
+
+    name: ClassVar[str] = "fhir"
+    restricted: ClassVar[bool] = True  # re-identifies: reads the vault and the outbox
+    reads: ClassVar[tuple[str, ...]] = (
+        "outbox",
+        "findings",
+        "reviews",
+        "vault",
+        "index",
+        "fhir_outbox",
+    )
+    writes: ClassVar[tuple[str, ...]] = ("fhir_outbox",)
+    events: ClassVar[tuple[str, ...]] = ()
+
+    def skip(self, ctx: StageContext) -> str | None:
+        return None  # the folder destination is the embedded default
+
+    def run(self, ctx: StageContext) -> StageOutcome:
+        from pipeline.fhir.stage import run as fhir_run
+
+        def audit(**counts: Any) -> None:
+            ctx.audit("reidentified", stage=self.name, **counts)
+
+        with ctx.progress(self.name) as progress:
+            r = fhir_run(
+                ctx.cfg,
+                ctx.lake,
+                run_id=ctx.run_id,
+                dest=ctx.options.get("fhir_dest"),
+                progress=progress,
+                audit=audit,
+            )
+        c, e = r.counts, r.counts.extra
+        details = (
+            f"{e.get('confirmed', 0)} bundles confirmed at {r.dest}, "
+            f"{e.get('final_reports', 0)} reports final, {len(r.pending)} pending"
+        )
+        problem = None
+        if r.error:
+            problem = f"fhir: {r.error} ({len(r.pending)} bundle(s) pending: rerun to send them)"
+        elif r.pending:
+            problem = f"fhir: {len(r.pending)} bundle(s) not confirmed (rerun to send them)"
+        return StageOutcome(
+            c, _line(self.name, c, "exported", "unchanged", details, "results"), problem
+        )
+
+
 def _writeback_problem(volumes: int, refused: int, pending: int) -> str | None:
     """The one line that fails a run whose write-back left work undone (None: all done).
 
@@ -413,6 +463,7 @@ PIPELINE: tuple[Stage, ...] = (
     TensorsStage(),
     InferStage(),
     WritebackStage(),
+    FhirStage(),
 )
 
 

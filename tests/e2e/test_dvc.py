@@ -59,6 +59,7 @@ def test_dvc_repro_runs_the_pipeline_and_only_what_changed(tmp_path: Path) -> No
         "tensors",
         "infer",
         "writeback",
+        "fhir",
     }
     lake = repo / "demo-out" / "lake"
     assert any((lake / "research" / "tables" / "findings").rglob("*.parquet"))

@@ -105,7 +105,15 @@ def test_run_end_to_end_then_nothing_new_then_one_new_study(setup: Path, tmp_pat
     first = _run(config)
     assert "verify: leaks found = 0" in first.output
     manifest = _manifest(run / "lake", first.output)
-    assert set(manifest["stages"]) == {"crawl", "deid", "verify", "tensors", "infer", "writeback"}
+    assert set(manifest["stages"]) == {
+        "crawl", "deid", "verify", "tensors", "infer", "writeback", "fhir",
+    }  # fmt: skip
+    # the FHIR export follows write-back into its embedded default folder (restricted zone)
+    fhir = manifest["stages"]["fhir"]
+    assert fhir["out"] == fhir["seen"] > 0
+    assert (
+        len(list((run / "lake" / "restricted" / "fhir" / "outbox").glob("*.json"))) == fhir["out"]
+    )
     assert manifest["stages"]["verify"]["extra"] == {"leaks": 0}
     lake = LakePaths(run / "lake", keys=LakeKeys(KEY))
     tables = _tables(lake)
@@ -147,6 +155,7 @@ def test_run_end_to_end_then_nothing_new_then_one_new_study(setup: Path, tmp_pat
     assert stages["tensors"]["seen"] == 0
     assert stages["infer"]["seen"] == 0
     assert stages["writeback"]["extra"]["built"] == 0
+    assert stages["fhir"]["skipped"] == stages["fhir"]["seen"] > 0  # nothing resent
     assert _tables(lake) == tables
     # one new study: only it is processed
     _synth(tmp_path / "more", 8181)

@@ -20,6 +20,7 @@ CONTRACT_VERBS = (
     "tensors",
     "infer",
     "writeback",
+    "fhir",
     "review",
     "run",
     "demo",
@@ -40,6 +41,7 @@ CONTRACT = (
     "tensors",
     "infer",
     "writeback",
+    "fhir",
     "run",
     "review",
 )

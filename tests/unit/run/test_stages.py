@@ -21,6 +21,7 @@ def test_every_stage_declares_lake_tables_and_the_run_order() -> None:
         "tensors",
         "infer",
         "writeback",
+        "fhir",
     ]
 
 
@@ -31,7 +32,7 @@ def test_each_object_event_comes_from_exactly_one_stage() -> None:
 
 def test_the_run_switches_pick_the_stages_in_order() -> None:
     cfg = load_config(overrides={"run": {"verify": False, "writeback": False}}, environ={})
-    assert [s.name for s in enabled_stages(cfg)] == ["crawl", "deid", "tensors", "infer"]
+    assert [s.name for s in enabled_stages(cfg)] == ["crawl", "deid", "tensors", "infer", "fhir"]
 
 
 def test_restricted_stages_are_those_reading_identified_tables() -> None:
