@@ -328,9 +328,10 @@ def status(
     sizes (--check: checksums). Exit 1 on a damaged file or a broken audit chain.
     Without a lake, or with --versions: library versions, pixel codecs, compute devices.
 
-    [bold]Example[/bold]
+    Examples:
 
         pacsflow status --lake demo-out/lake --key-file demo-out/demo.key
+        pacsflow status --versions
     """
     cfg = build_config(config, lake=lake)
 
