@@ -23,9 +23,14 @@ from pipeline.cli._common import (
 
 
 def init(lake: LakeOpt = None, key_file: KeyFileOpt = None, config: ConfigOpt = None) -> None:
-    """Create an empty lake in a new or empty folder, bound to the key's fingerprint (the
-    first crawl, `run` or `demo` does the same). Every other command refuses a folder that is
-    not a lake, and a key that is not the lake's."""
+    """Create an empty lake bound to the key's fingerprint.
+
+    The folder must be new or empty; the first crawl, `run` or `demo` does the same. Every
+    other command refuses a folder that is not a lake, and a key that is not the lake's.
+
+    Examples:
+
+        pacsflow init --lake /data/pacsflow/lake --key-file /etc/pacsflow/lake.key"""
     cfg = build_config(config, lake=lake)
 
     def body() -> None:
@@ -49,10 +54,7 @@ def init(lake: LakeOpt = None, key_file: KeyFileOpt = None, config: ConfigOpt = 
 def register(app: typer.Typer) -> None:
     """Add ``init`` and the ``audit`` group."""
     app.command("init")(init)
-    group = typer.Typer(
-        help="The audit log: who viewed or changed what, when (and `repair` of a torn end).",
-        no_args_is_help=False,
-    )
+    group = typer.Typer(no_args_is_help=False)  # its help: the callback's docstring
 
     @group.callback(invoke_without_command=True)
     def audit(
@@ -78,9 +80,16 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
         config: ConfigOpt = None,
     ) -> None:
-        """Who viewed or changed what for a pseudonymous patient, study or series, and when,
-        as a table (every record without a subject). The chain is checked first, with the
-        key; the query is itself audited."""
+        """Who viewed or changed what, and when: the audit log as a table.
+
+        For a pseudonymous patient, study or series, or every record without one. The chain
+        is checked first, with the key; the query is itself audited. `pacsflow audit
+        repair` mends a torn last record.
+
+        Examples:
+
+            pacsflow audit --lake demo-out/lake --event sql
+            pacsflow audit --lake /data/pacsflow/lake --study 2.25.1234 --since 2026-01-01"""
         if ctx.invoked_subcommand is not None:
             return
         cfg = build_config(config, lake=lake)
@@ -125,9 +134,14 @@ def register(app: typer.Typer) -> None:
 
     @group.command("repair")
     def repair(lake: LakeOpt = None, key_file: KeyFileOpt = None, config: ConfigOpt = None) -> None:
-        """Repair a torn last record (a write cut short by a full disk or a crash): the torn
-        bytes are kept aside under restricted/audit/, and the repair is itself audited.
-        Refuses a log that is broken anywhere else (that is not a torn write)."""
+        """Repair a torn last record (a write cut short by a full disk or a crash).
+
+        The torn bytes are kept aside under restricted/audit/, and the repair is itself
+        audited. Refuses a log that is broken anywhere else (that is not a torn write).
+
+        Examples:
+
+            pacsflow audit repair --lake /data/pacsflow/lake"""
         cfg = build_config(config, lake=lake)
 
         def body() -> None:

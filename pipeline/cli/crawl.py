@@ -48,7 +48,13 @@ def crawl(
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
-    """Crawl an archive's headers into the restricted index (incremental; bad ones quarantined)."""
+    """Crawl an archive's headers into the restricted index (incremental; bad ones quarantined).
+
+    Examples:
+
+        pacsflow crawl --source /mnt/export --lake /data/pacsflow/lake --workers 8
+        pacsflow crawl -c configs/local/nightly.yaml --source dicomweb+https://pacs/dicom-web
+    """
     cfg = build_config(
         config,
         lake=lake,

@@ -45,7 +45,13 @@ def register(app: typer.Typer) -> None:
         workers: WorkersOpt = None,
         scheduler: SchedulerOpt = None,
     ) -> None:
-        """De-identify the restricted index into the research tables (PS3.15 Annex E)."""
+        """De-identify the restricted index into the research tables (PS3.15 Annex E).
+
+        Examples:
+
+            pacsflow deid --lake /data/pacsflow/lake --workers 8
+            pacsflow deid --lake demo-out/lake --export-dicom /tmp/deid-dicom
+        """
         extra = {"deid": {"export_dicom": str(export_dicom)}} if export_dicom else None
         cfg = build_config(config, lake=lake, workers=workers, scheduler=scheduler, extra=extra)
         if cfg.lake is None:
@@ -74,13 +80,20 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
     ) -> None:
-        """Read-only DuckDB over the research tables (views instances, series, studies,
-        patients, tensors, findings, reviews) and `lineage` (object key -> pseudonyms -> tensor
-        -> model -> result UID -> delivery status; no identifying column).
+        """Read-only SQL (DuckDB) over the research tables and the `lineage` view.
+
+        Views: instances, series, studies, patients, tensors, findings, reviews, and `lineage`
+        (object key -> pseudonyms -> tensor -> model -> result UID -> delivery status; no
+        identifying column).
 
         A sandbox: only queries run (no COPY, ATTACH, INSTALL, LOAD, SET, CREATE), and no
         file outside research/ can be read. Every call is audited (who, when, the query's
         SHA-256, rows returned). `--as-of RUN` reads the tables as that run left them.
+
+        Examples:
+
+            pacsflow sql --lake demo-out/lake "SELECT Modality, count(*) FROM series GROUP BY 1"
+            pacsflow sql --lake demo-out/lake "SELECT label, count(*) FROM findings GROUP BY 1"
         """
         cfg = build_config(config, lake=lake)
 
@@ -136,6 +149,10 @@ def register(app: typer.Typer) -> None:
         """Scan research outputs for identifiers of the restricted index (non-zero on a hit).
 
         Refuses (exit 2) a folder that is not a lake, and a key that is not the lake's.
+
+        Examples:
+
+            pacsflow verify --lake demo-out/lake --key-file demo-out/demo.key
         """
         cfg = build_config(config, lake=lake)
         if cfg.lake is None:

@@ -51,7 +51,16 @@ def demo(
         int | None, typer.Option("--patients", min=1, help="Synthetic patients (default 3).")
     ] = None,
 ) -> None:
-    """Run the whole pipeline on a generated archive (folder source, local Dask, CPU)."""
+    """Run the whole pipeline on a generated archive (folder source, local Dask, CPU).
+
+    Writes the archive, the lake, a throwaway key and the results under --out; a second run
+    finds everything done.
+
+    Examples:
+
+        pacsflow demo --out demo-out
+        pacsflow demo --out /tmp/demo --patients 5 --workers 2
+    """
     extra: dict[str, Any] = {
         "lake": str(out / "lake"),
         "source": {"uri": str(out / "archive")},

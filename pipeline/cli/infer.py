@@ -61,6 +61,11 @@ def register(app: typer.Typer) -> None:
 
         The model loads from a local folder or zip only; nothing is downloaded. Results go to
         research/masks/ and research/tables/findings/, one row per (volume, model, label).
+
+        Examples:
+
+            pacsflow infer --lake /data/pacsflow/lake --model ct_body_composition --device cuda
+            pacsflow infer --lake demo-out/lake --model ./models/my_bundle --batch-size 32
         """
         extra: dict[str, Any] = {}
         infer_section: dict[str, Any] = {}

@@ -30,12 +30,19 @@ from pipeline.cli import (
     vacuum,
     writeback,
 )
+from pipeline.cli._help import HelpGroup
 from pipeline.cli._logging import setup_logging
 
 app = typer.Typer(
     name="pacsflow",
+    cls=HelpGroup,
     help="AI research and analytics pipeline over PACS archives: crawl, de-identify, "
-    "tabulate, infer, write back, review.",
+    "tabulate, infer, write back, review.\n\n"
+    "Examples:\n\n"
+    "    pacsflow demo --out demo-out\n"
+    "    pacsflow status --lake demo-out/lake --key-file demo-out/demo.key\n"
+    "    pacsflow run configs/local/nightly.yaml\n"
+    "    pacsflow COMMAND --help",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -27,7 +27,10 @@ def _entry_and_path(cfg: Any, ref: str) -> tuple[Any, Path]:
 def register(app: typer.Typer) -> None:
     """Add ``models`` (``check``, ``trust``, ``revoke``)."""
     models = typer.Typer(
-        help="Model bundles: check how one would run; approve or revoke its pinned code.",
+        help="Model bundles: check how one would run; approve or revoke its pinned code.\n\n"
+        "Examples:\n\n"
+        "    pacsflow models check ct_body_composition\n"
+        "    pacsflow models trust lung_nodule_ct_detection",
         no_args_is_help=True,
     )
     app.add_typer(models, name="models")
@@ -39,7 +42,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Load MODEL as `pacsflow infer` would (no volume read): mode, hashes, labels.
 
-        Example: pacsflow models check ../shared/bundles/model-zoo/spleen_ct_segmentation
+        Examples:
+
+            pacsflow models check ../shared/bundles/model-zoo/spleen_ct_segmentation
         """
 
         def body() -> None:
@@ -85,7 +90,9 @@ def register(app: typer.Typer) -> None:
         The bundle runs its config code only when its registry entry also pins this hash
         (`bundle_sha256:`); changing one byte of its configs or scripts withdraws it.
 
-        Example: pacsflow models trust lung_nodule_ct_detection
+        Examples:
+
+            pacsflow models trust lung_nodule_ct_detection
         """
 
         def body() -> None:
@@ -115,7 +122,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Withdraw the approval of MODEL's bundle as it is now.
 
-        Example: pacsflow models revoke lung_nodule_ct_detection
+        Examples:
+
+            pacsflow models revoke lung_nodule_ct_detection
         """
 
         def body() -> None:

@@ -16,11 +16,16 @@ def register(app: typer.Typer) -> None:
         key_file: KeyFileOpt = None,
         config: ConfigOpt = None,
     ) -> None:
-        """Check every table file against the checksum recorded at its commit and rebuild the
-        damaged ones where the restricted zone allows: `instances` rows are de-identified
-        again from the archive, `series`, `studies` and `patients` rebuilt; what cannot be
-        rebuilt (tensors, findings, reviews, restricted tables) is named with what to do.
-        Exit 1 when anything is left damaged. Takes the lake's lock.
+        """Check every table file against its recorded checksum; rebuild the damaged ones.
+
+        Where the restricted zone allows: `instances` rows are de-identified again from the
+        archive, `series`, `studies` and `patients` rebuilt; what cannot be rebuilt (tensors,
+        findings, reviews, restricted tables) is named with what to do. Exit 1 when anything
+        is left damaged. Takes the lake's lock.
+
+        Examples:
+
+            pacsflow repair --lake /data/pacsflow/lake
         """
         cfg = build_config(config, lake=lake, workers=1)
 

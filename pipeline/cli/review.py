@@ -117,7 +117,13 @@ def register(app: typer.Typer) -> None:
         `reviews` table, metrics per model version; or, with --report, one HTML file.
 
         Serves HTTPS with --certfile/--keyfile; plain HTTP only on a loopback address,
-        unless --insecure-http."""
+        unless --insecure-http. Users and roles come from `review:` in the config.
+
+        Examples:
+
+            pacsflow review --lake /data/pacsflow/lake -c configs/local/review.yaml
+            pacsflow review --lake demo-out/lake --report /tmp/review-report.html
+            pacsflow review --hash-password"""
         if hash_password:
             from pipeline.review.app import hash_password as make_hash
 

@@ -29,7 +29,15 @@ def register(app: typer.Typer) -> None:
         """Every stage, as the config says; incremental; one lock per lake.
 
         crawl -> deid -> verify -> tensors -> infer -> writeback (switch stages off under
-        `run:`). Exit 0 only when every enabled stage succeeded and its counts reconcile.
+        `run:`). Exit codes: 0 every enabled stage succeeded and its counts reconcile; 1 a
+        stage failed or left work pending (the reason in one line); 2 a usage or config
+        error; 3 a resource is unavailable; 4 no space left; 130/143 interrupted (SIGINT/
+        SIGTERM). Rerun the same command to resume.
+
+        Examples:
+
+            pacsflow run configs/local/nightly.yaml
+            pacsflow run configs/demo.yaml --lake /tmp/lake --workers 4
         """
         cfg = build_config(config_file, lake=lake, workers=workers, scheduler=scheduler)
         if cfg.lake is None:

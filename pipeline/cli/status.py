@@ -1,4 +1,5 @@
-"""``pacsflow status``: versions, pixel codecs, compute devices, and a lake's state."""
+"""``pacsflow status``: a lake's state first (fast: no torch, no codecs); with ``--versions``
+the library versions, pixel codecs and compute devices."""
 
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
         "objects": {"seen": sum(states.values()), **dict(sorted(states.items()))},
         "quarantine_by_reason": dict(sorted(reasons.items())),
         "writeback": _writeback_status(lake),
+        **_results_status(lake),
         "table_versions": table_versions(lake),
         "runs": len(manifests),
         "runs_by_status": dict(sorted(by_status.items())),
@@ -122,6 +124,7 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
                 for k, v in last.stages.items()
             },
         },
+        "recent_runs": [_run_line(m) for m in manifests[-RECENT_RUNS:]][::-1],
         "audit": {
             "records": chain.records,
             "ok": chain.ok and not audit_problem,
@@ -130,6 +133,47 @@ def lake_report(root: Path, keys: Any = None, witness: str | None = None) -> dic
             "macs_checked": chain.keyed,
             "witness": kept_by.spec if kept_by.path is None else f"{kept_by.spec}: {kept_by.path}",
             "witnessed": chain.witnessed,
+        },
+    }
+
+
+#: How many of the latest runs ``status`` lists.
+RECENT_RUNS = 5
+
+
+def _run_line(m: Any) -> dict[str, Any]:
+    """One run of ``status``'s recent runs: id, command, outcome, start, duration, error."""
+    return {
+        "run_id": m.run_id,
+        "command": m.command,
+        "status": m.status,
+        "started_at": m.started_at,
+        "seconds": m.seconds,
+        "error": m.error,
+    }
+
+
+def _results_status(lake: Any) -> dict[str, Any]:
+    """Findings per model and reviewer decisions (latest per finding), from the research
+    tables (empty ones before the first rows)."""
+    from pipeline.lake.duck import arrow_table, connect
+    from pipeline.lake.queries import status_findings, status_reviews
+
+    con = connect()
+    try:
+        q = status_findings(lake)
+        models = arrow_table(con, q.sql, q.params).to_pylist()
+        q = status_reviews(lake)
+        latest = arrow_table(con, q.sql, q.params).to_pylist()
+    finally:
+        con.close()
+    by_model = {r["model"]: {"rows": int(r["n"]), "volumes": int(r["volumes"])} for r in models}
+    return {
+        "findings": {"rows": sum(v["rows"] for v in by_model.values()), "by_model": by_model},
+        "reviews": {
+            "decisions": int(latest[0]["decisions"]) if latest else 0,
+            "findings_reviewed": sum(int(r["n"]) for r in latest),
+            "latest_decision": {r["decision"]: int(r["n"]) for r in latest},
         },
     }
 
@@ -160,13 +204,15 @@ def _audit_records(lake: Any) -> list[dict[str, Any]]:
 
 def _print_env(env: dict[str, Any]) -> None:
     typer.echo("versions:")
+    width = max(len(n) for n in env["versions"]) + 2
     for name, version in env["versions"].items():
-        typer.echo(f"  {name:<20} {version or '-'}")
-    typer.echo("pixel codecs (transfer syntax: decode | encode):")
+        typer.echo(f"  {name:<{width}}{version or '-'}")
+    typer.echo("pixel codecs (transfer syntax UID, name: decode | encode):")
+    uid_width = max((len(c["transfer_syntax"]) for c in env["codecs"]), default=0) + 2
     for c in env["codecs"]:
         dec = ", ".join(c["decode"]) or "NONE"
         enc = ", ".join(c["encode"]) or "-"
-        typer.echo(f"  {c['name'][:60]:<60} {dec} | {enc}")
+        typer.echo(f"  {c['transfer_syntax']:<{uid_width}}{c['name']}: {dec} | {enc}")
     typer.echo("compute devices:")
     for d in env["devices"]:
         typer.echo(f"  {d['name']:<8} {d['detail']}")
@@ -174,53 +220,68 @@ def _print_env(env: dict[str, Any]) -> None:
         typer.echo("  (no CUDA device: models run on the CPU)")
 
 
+def _counts(mapping: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in mapping.items())
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {sec:02d} s"
+
+
 def _print_lake(rep: dict[str, Any]) -> None:
-    typer.echo(f"lake: {rep['lake']} (format {rep['format']}, id {rep['lake_id']})")
-    typer.echo(f"  key fingerprint: {rep['key_fingerprint']}")
-    objs = rep["objects"]
-    typer.echo("  objects: " + ", ".join(f"{k} {v}" for k, v in objs.items()))
+    """The lake summary: what an operator reads first (one fact per line)."""
+    echo = typer.echo
+    echo(f"lake: {rep['lake']} (format {rep['format']}, id {rep['lake_id']})")
+    echo(f"  key fingerprint: {rep['key_fingerprint']}")
+    objs = dict(rep["objects"])
+    seen = objs.pop("seen")
+    echo(f"  objects: {seen} seen" + (f" ({_counts(objs)})" if objs else ""))
     if rep["quarantine_by_reason"]:
-        typer.echo(
-            "  quarantine by reason: "
-            + ", ".join(f"{k} {v}" for k, v in rep["quarantine_by_reason"].items())
-        )
-    for dest, by_status in rep.get("writeback", {}).items():
-        pending = sum(n for st, n in by_status.items() if st != "confirmed")
-        typer.echo(
-            f"  write-back to {dest}: {by_status.get('confirmed', 0)} confirmed, "
-            f"{pending} pending"
-            + (
-                f" ({', '.join(f'{k} {v}' for k, v in by_status.items() if k != 'confirmed')})"
-                if pending
-                else ""
-            )
-        )
-    if rep.get("table_versions"):
-        typer.echo(
-            "  research tables (Delta versions): "
-            + ", ".join(f"{k} v{v}" for k, v in rep["table_versions"].items())
-        )
-    last = rep["last_run"]
-    if last:
-        typer.echo(
-            f"  last run: {last['run_id']} ({last['command']}) {last['status']}, "
-            f"{last['seconds']} s; {rep['runs']} run(s) in all"
-        )
-        typer.echo(
-            "  runs by status: " + ", ".join(f"{k} {v}" for k, v in rep["runs_by_status"].items())
+        echo(f"  quarantined by reason: {_counts(rep['quarantine_by_reason'])}")
+    f = rep["findings"]
+    per_model = "; ".join(
+        f"{m}: {v['rows']} on {v['volumes']} volume(s)" for m, v in f["by_model"].items()
+    )
+    echo(f"  findings: {f['rows']}" + (f" ({per_model})" if per_model else ""))
+    r = rep["reviews"]
+    if r["decisions"]:
+        echo(
+            f"  reviews: {r['decisions']} decision(s) on {r['findings_reviewed']} finding(s), "
+            f"latest per finding: {_counts(r['latest_decision'])}; "
+            f"{max(f['rows'] - r['findings_reviewed'], 0)} finding(s) unreviewed"
         )
     else:
-        typer.echo("  no runs yet")
+        echo(f"  reviews: none yet ({f['rows']} finding(s) unreviewed)")
+    for dest, by_status in rep.get("writeback", {}).items():
+        pending = {k: v for k, v in by_status.items() if k != "confirmed"}
+        echo(
+            f"  write-back to {dest}: {by_status.get('confirmed', 0)} confirmed, "
+            f"{sum(pending.values())} pending" + (f" ({_counts(pending)})" if pending else "")
+        )
     if rep["running_now"]:
-        typer.echo(f"  running now: {rep['running_now']}")
+        echo(f"  running now: {rep['running_now']}")
+    if rep["recent_runs"]:
+        echo(f"  runs: {rep['runs']} in all ({_counts(rep['runs_by_status'])}); latest first:")
+        for run in rep["recent_runs"]:
+            error = f"  {run['error']}" if run.get("error") else ""
+            echo(
+                f"    {run['run_id']}  {run['command']:<9} {run['status']:<10} "
+                f"{_duration(run['seconds']):>12}{error}"
+            )
+    else:
+        echo("  runs: none yet")
     if rep["abandoned"]:
         shown = ", ".join(rep["abandoned"][-5:])
-        typer.echo(
+        echo(
             f"  abandoned: {len(rep['abandoned'])} run(s) whose process died ({shown}); "
             "finished batches are kept, the next run resumes"
         )
-    if not rep.get("damaged_files"):
-        typer.echo(f"  table files: intact ({rep.get('files_checked')} checked)")
     a = rep["audit"]
     if a["ok"]:
         verdict = "intact" + ("" if a["macs_checked"] else " (links only: MACs need the key)")
@@ -228,15 +289,27 @@ def _print_lake(rep: dict[str, Any]) -> None:
         verdict = f"TORN (not tampering): {a['problem']}"
     else:
         verdict = f"BROKEN: {a['problem']}"
-    typer.echo(f"  audit log: {a['records']} records, chain {verdict}")
+    echo(f"  audit log: {a['records']} records, chain {verdict}")
     kept = "end matches it" if a["witnessed"] else "not read back"
-    typer.echo(f"  audit witness: {a['witness']} ({kept})")
+    echo(f"  audit witness: {a['witness']} ({kept})")
+    if not rep.get("damaged_files"):
+        echo(f"  table files: intact ({rep.get('files_checked')} checked)")
+    if rep.get("table_versions"):
+        echo(f"  research tables (Delta versions): {_counts(rep['table_versions'])}")
 
 
 def status(
     lake: LakeOpt = None,
     key_file: KeyFileOpt = None,
     config: ConfigOpt = None,
+    versions: Annotated[
+        bool,
+        typer.Option(
+            "--versions",
+            help="Also list library versions, pixel codecs and compute devices (imports torch: "
+            "a few seconds).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
     full_check: Annotated[
         bool,
@@ -247,13 +320,23 @@ def status(
         ),
     ] = False,
 ) -> None:
-    """Versions, pixel codecs, compute devices; with --lake: the lake's key fingerprint,
-    counts per state, last run, the audit chain (MACs checked when the key is given) and the
-    table files against their recorded checksums (exit 1 on damage)."""
+    """What a lake holds and how its runs went, in a second.
+
+    Counts per object state, quarantine reasons, findings, review decisions, write-back,
+    the last runs with their outcome and duration, the key fingerprint, the audit chain
+    (MACs checked when the key is given) and the table files against their recorded
+    sizes (--check: checksums). Exit 1 on a damaged file or a broken audit chain.
+    Without a lake, or with --versions: library versions, pixel codecs, compute devices.
+
+    Examples:
+
+        pacsflow status --lake demo-out/lake --key-file demo-out/demo.key
+        pacsflow status --versions
+    """
     cfg = build_config(config, lake=lake)
 
     def body() -> None:
-        report: dict[str, Any] = {"environment": environment_report()}
+        report: dict[str, Any] = {}
         if cfg.lake is not None:
             from pipeline.cli._common import lake_keys
 
@@ -267,12 +350,15 @@ def status(
             damaged = check(LakePaths(cfg.lake), full=full_check)
             report["lake"]["damaged_files"] = [asdict(d) for d in damaged]
             report["lake"]["files_checked"] = "checksums" if full_check else "sizes and times"
+        if versions or cfg.lake is None:
+            report["environment"] = environment_report()
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:
-            _print_env(report["environment"])
             if "lake" in report:
                 _print_lake(report["lake"])
+            if "environment" in report:
+                _print_env(report["environment"])
         if "lake" in report and report["lake"]["damaged_files"]:
             from pipeline.lake.integrity import Damage, damage_line
 

@@ -17,7 +17,15 @@ def register_keygen(app: typer.Typer) -> None:
 
     @app.command("keygen")
     def keygen(path: Annotated[Path, typer.Argument(help="Where to write the key file.")]) -> None:
-        """Create a secret key file (mode 0600) for keyed pseudonyms and date shifts."""
+        """Create a secret key file (mode 0600) for keyed pseudonyms and date shifts.
+
+        Keep it secret and backed up, outside the lake: pseudonyms, date shifts and the way
+        back to the originals depend on it.
+
+        Examples:
+
+            pacsflow keygen /etc/pacsflow/lake.key
+        """
         from pipeline.cli._common import guarded
 
         def body() -> None:

@@ -44,7 +44,13 @@ def synth(
         ),
     ] = None,
 ) -> None:
-    """Write a synthetic archive: CT/MR series with PHI-laden headers, ground truth beside it."""
+    """Write a synthetic archive: CT/MR series with PHI-laden headers, ground truth beside it.
+
+    Examples:
+
+        pacsflow synth /tmp/archive --patients 3
+        pacsflow synth /tmp/big --patients 500 --small --workers 2
+    """
     truth = burned_in_truth or out.parent / f"{out.name}-burned-in-truth.json"
     if burned_in and truth.resolve().is_relative_to(out.resolve()):
         raise typer.BadParameter(

@@ -43,6 +43,10 @@ def register(app: typer.Typer) -> None:
         Objects are read whole through the connector that crawled them; only geometry and
         pixels are taken from them, and the UIDs the tensors table lists are the vault's
         pseudonyms. The key opens the lake (its audit log is keyed).
+
+        Examples:
+
+            pacsflow tensors --lake /data/pacsflow/lake --workers 8
         """
         cfg = build_config(config, lake=lake, workers=workers, scheduler=scheduler)
         if cfg.lake is None:

@@ -51,9 +51,16 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--dry-run", help="List what would go; remove nothing.")
         ] = False,
     ) -> None:
-        """Remove the research tables' data files that neither the latest version nor a pinned
-        one needs: every version a run manifest under runs/ records stays readable (`pacsflow
-        sql --as-of RUN`), and so does each `--keep TABLE=VERSION`. Takes the lake's lock.
+        """Remove research-table data files that no kept version needs.
+
+        Kept: the latest version, every version a run manifest under runs/ records (readable
+        with `pacsflow sql --as-of RUN`), and each `--keep TABLE=VERSION`. Takes the lake's
+        lock.
+
+        Examples:
+
+            pacsflow vacuum --lake /data/pacsflow/lake --dry-run
+            pacsflow vacuum --lake /data/pacsflow/lake --keep findings=3
         """
         cfg = build_config(config, lake=lake)
         extra = _keep(keep or [])

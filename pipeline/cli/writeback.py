@@ -52,6 +52,11 @@ def register(app: typer.Typer) -> None:
         the restricted zone with the key); their UIDs derive from the model and the source
         series, so rerunning never duplicates them. Each object is confirmed at the
         destination after sending.
+
+        Examples:
+
+            pacsflow writeback --lake /data/pacsflow/lake --dest dicomweb+https://pacs.example.org/dicom-web
+            pacsflow writeback --lake demo-out/lake --dest /tmp/results --model ct_body_composition
         """
         cfg = build_config(config, lake=lake, workers=1)  # in-process: no Dask needed
         if cfg.lake is None:

@@ -156,7 +156,15 @@ class SourceConfig(_Section):
     calling_aet: str = Field(
         "PACSFLOW", min_length=1, max_length=16, description="Our AE title for DIMSE."
     )
-    timeout_s: float = Field(30.0, gt=0, description="Network timeout per request, seconds.")
+    timeout_s: float = Field(
+        30.0, gt=0, description="Seconds to wait for each answer of the PACS (read timeout)."
+    )
+    connect_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds to wait for a connection to a DICOMweb PACS (TCP and TLS), apart "
+        "from timeout_s: an unreachable server fails the crawl's first probe this fast.",
+    )
     page_size: int = Field(
         500, ge=1, le=100_000, description="QIDO-RS page size (limit/offset paging of studies)."
     )

@@ -8,12 +8,19 @@ study is skipped without a request beyond the paged study query.
 Credentials are never in the URI: the config names environment variables holding a user and
 password (HTTP basic) or a bearer token, read where the request is made (on Dask workers too,
 so set them there). A CA bundle (PEM) verifies HTTPS.
+
+Two timeouts: ``connect_timeout_s`` for the TCP (and TLS) connection, ``timeout_s`` for each
+answer. :meth:`DicomwebSource.check` probes the server once, without retries, before a crawl:
+a refused, unroutable or silent server, or refused credentials, fail within those timeouts
+with a one-line reason (the requests of the crawl itself are retried, as dicomweb-client
+does, against transient failures).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +65,7 @@ class DicomwebSource:
     token_env: str | None = None
     ca_bundle: str | None = None
     timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
     page_size: int = 500
     study_filters: dict[str, str] = field(default_factory=dict)
     retries: bool = True
@@ -99,15 +107,27 @@ class DicomwebSource:
             token_env=cfg.auth.token_env,
             ca_bundle=str(cfg.ca_bundle) if cfg.ca_bundle else None,
             timeout_s=cfg.timeout_s,
+            connect_timeout_s=cfg.connect_timeout_s,
             page_size=cfg.page_size,
             study_filters=dict(cfg.study_filters),
         )
 
     # ---------------------------------------------------------------------------- client
 
-    def _client(self) -> Any:
+    @property
+    def timeouts(self) -> tuple[float, float]:
+        """``(connect, read)`` seconds, as requests takes them."""
+        return min(self.connect_timeout_s, self.timeout_s), self.timeout_s
+
+    @property
+    def _where(self) -> str:
+        parts = urlsplit(self.base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{parts.hostname}:{port}"
+
+    def _session(self) -> Any:
+        """A requests session with the configured credentials and CA bundle."""
         import requests
-        from dicomweb_client.api import DICOMwebClient
 
         session = requests.Session()
         token = secret(self.token_env)
@@ -126,7 +146,12 @@ class DicomwebSource:
             # REQUESTS_CA_BUNDLE in the environment would override session.verify otherwise
             session.trust_env = False
             session.verify = self.ca_bundle
-        client = DICOMwebClient(self.base_url, session=session, timeout=self.timeout_s)
+        return session
+
+    def _client(self) -> Any:
+        from dicomweb_client.api import DICOMwebClient
+
+        client = DICOMwebClient(self.base_url, session=self._session(), timeout=self.timeouts)
         if not self.retries:
             client.set_http_retry_params(retry=False)
         return client
@@ -138,28 +163,85 @@ class DicomwebSource:
         try:
             return func(*args, **kwargs)
         except requests.HTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else "?"
-            if status in (401, 403):
-                raise SourceError(
-                    f"{self.base_url} refused {what} (HTTP {status}): check source.auth"
-                ) from None
-            raise SourceError(f"{self.base_url}: {what} failed (HTTP {status})") from None
+            status = exc.response.status_code if exc.response is not None else None
+            raise SourceError(self._http_error(what, status)) from None
         except requests.RequestException as exc:
-            raise SourceError(
-                f"cannot reach {self.base_url} for {what} ({type(exc).__name__})"
-            ) from None
+            raise SourceError(self._network_error(what, exc)) from None
+
+    def _http_error(self, what: str, status: int | None) -> str:
+        if status in (401, 403):
+            return f"{self.base_url} refused {what} (HTTP {status}): check source.auth"
+        if status == 404:
+            return (
+                f"{self.base_url}: {what} failed (HTTP 404): no DICOMweb service at this path "
+                "(check the root in the source URI)"
+            )
+        return f"{self.base_url}: {what} failed (HTTP {status or '?'})"
+
+    def _network_error(self, what: str, exc: BaseException) -> str:
+        """One line on why ``exc`` (a requests exception) happened, in the operator's terms."""
+        import requests
+
+        connect, read = self.timeouts
+        text = str(exc)
+        if isinstance(exc, requests.ConnectTimeout):
+            why = (
+                f"no connection to {self._where} within {connect:g} s "
+                "(source.connect_timeout_s): the host is down or unroutable, or a firewall "
+                "drops the packets"
+            )
+        elif isinstance(exc, requests.ReadTimeout):
+            why = (
+                f"{self._where} accepted the connection but sent no answer within {read:g} s "
+                "(source.timeout_s)"
+            )
+        elif isinstance(exc, requests.exceptions.SSLError):
+            why = f"the TLS handshake with {self._where} failed (check source.ca_bundle)"
+        elif "refused" in text.lower():
+            why = f"connection refused by {self._where}: nothing listens there (PACS down? port?)"
+        elif "resolution" in text.lower() or "not known" in text.lower():
+            why = f"the host name of {self._where} does not resolve"
+        else:
+            why = f"{self._where} cannot be reached ({type(exc).__name__})"
+        return f"cannot reach {self.base_url} for {what}: {why}"
 
     # ---------------------------------------------------------------------------- Source
 
     def check(self) -> None:
-        """One QIDO-RS request for a single study; :class:`SourceError` when it fails."""
-        client = self._client()
-        self._call("a study query", client.search_for_studies, limit=1)
+        """Probe the server once: one QIDO-RS request for a single study, no retries, within
+        the connect and read timeouts; :class:`SourceError` with the reason when it fails
+        (refused, unroutable, silent, TLS, credentials, not a DICOMweb path)."""
+        import requests
+
+        connect, read = self.timeouts
+        logger.info(
+            "checking %s (connect timeout %g s, answer timeout %g s)",
+            self.source_id,
+            connect,
+            read,
+        )
+        t0 = time.monotonic()
+        session = self._session()
+        try:
+            response = session.get(
+                f"{self.base_url}/studies",
+                params={"limit": "1"},
+                headers={"Accept": "application/dicom+json"},
+                timeout=self.timeouts,
+            )
+        except requests.RequestException as exc:
+            raise SourceError(self._network_error("a study query", exc)) from None
+        finally:
+            session.close()
+        if response.status_code >= 400:
+            raise SourceError(self._http_error("a study query", response.status_code))
+        logger.info("%s answered in %.1f s", self.source_id, time.monotonic() - t0)
 
     def list_units(self) -> Iterator[Unit]:
         """Page through QIDO-RS studies; one unit per study, watermarked by its counts."""
         client = self._client()
         offset = 0
+        last_log = time.monotonic()
         while True:
             page = self._call(
                 "a study query",
@@ -178,6 +260,9 @@ class DicomwebSource:
             if len(page) < self.page_size:
                 return
             offset += len(page)
+            if time.monotonic() - last_log >= 5:  # progress while a large PACS is listed
+                logger.info("listing %s: %d studies so far", self.source_id, offset)
+                last_log = time.monotonic()
 
     def read_unit(self, unit: Unit) -> Iterator[RawObject]:
         """Each series' WADO-RS metadata, one raw object (a header dataset) per instance."""

@@ -369,6 +369,7 @@ def run(
     run_id: str,
     client: Any = None,
     progress: Progress | None = None,
+    checked: bool = False,
 ) -> CrawlResult:
     """Crawl ``source`` into ``lake``.
 
@@ -386,6 +387,9 @@ def run(
         A ``distributed.Client``; None runs the batches in this process.
     progress:
         Called with the number of units finished, as batches complete.
+    checked:
+        The caller already ran ``source.check()`` (the stage does, before it starts a Dask
+        cluster, so an unreachable PACS fails within its timeouts).
 
     Returns
     -------
@@ -396,7 +400,8 @@ def run(
         # the config's bounds on packages, as the later stages open them (open_source)
         source = replace(source, limits=cfg.limits)
     lake.create()
-    source.check()
+    if not checked:
+        source.check()
     _sweep_dead_runs(lake)
     tmp = lake.root / f".crawl-{run_id}"
     tmp.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline._version import __version__
 from pipeline.errors import ConfigError, LakeError
-from pipeline.lake.io import atomic_write_text
 
 if TYPE_CHECKING:
     from pipeline.lake.keys import LakeKeys
@@ -132,6 +131,8 @@ def _create(lake: LakePaths, keys: LakeKeys, encrypted: bool) -> LakeIdentity:
         encrypted_at_rest=encrypted,
     )
     lake.create()
+    from pipeline.dicom.atomic import atomic_write_text  # pydicom: not at import
+
     atomic_write_text(root / MARKER, identity.to_json())
     (root / MARKER).chmod(0o644)
     return identity

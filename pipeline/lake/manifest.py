@@ -25,7 +25,6 @@ from pipeline.errors import Cancelled
 from pipeline.lake.audit import AuditLog, Witness
 from pipeline.lake.delta import table_versions
 from pipeline.lake.identity import open_lake
-from pipeline.lake.io import atomic_write_text
 from pipeline.lake.paths import LakePaths
 
 if TYPE_CHECKING:
@@ -193,6 +192,8 @@ class RunRecorder:
         )
 
     def _write(self) -> None:
+        from pipeline.dicom.atomic import atomic_write_text  # pydicom: not at import
+
         atomic_write_text(self.path, self.manifest.to_json())
 
     def cancel_now(self, signal_name: str) -> None:
@@ -267,6 +268,8 @@ def mark_abandoned(lake: LakePaths, audit: AuditLog | None = None) -> list[str]:
     other run is alive, and a ``running`` manifest is one whose process died (kill -9, a
     power cut, an out-of-memory kill). Each gets an ``run_abandoned`` audit record.
     """
+    from pipeline.dicom.atomic import atomic_write_text  # pydicom: not at import
+
     marked = []
     for m in list_manifests(lake):
         if m.status != "running":

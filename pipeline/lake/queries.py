@@ -32,7 +32,6 @@ from typing import Any, Final
 
 import pyarrow as pa
 
-from pipeline.dicom.sopclass import NON_VOLUME_SOP_CLASSES
 from pipeline.errors import ConfigError, LakeError
 from pipeline.lake.paths import LakePaths
 from pipeline.lake.schemas import schema_for
@@ -72,6 +71,8 @@ __all__ = [
     "scan_sql",
     "set_temp_directory",
     "sql_path",
+    "status_findings",
+    "status_reviews",
     "subject_series",
     "tensors_todo",
     "version_sql",
@@ -761,8 +762,13 @@ def deid_patients(lake: LakePaths, version: int | None = None) -> Query:
 # ---------------------------------------------------------------------------------------------
 
 
-#: :data:`~pipeline.dicom.sopclass.NON_VOLUME_SOP_CLASSES` as a SQL list (constant UIDs)
-_NON_VOLUME_SQL: Final = ", ".join(f"'{uid}'" for uid in sorted(NON_VOLUME_SOP_CLASSES))
+def _non_volume_sql() -> str:
+    """:data:`~pipeline.dicom.sopclass.NON_VOLUME_SOP_CLASSES` as a SQL list (constant UIDs;
+    imported here, not at the top: ``pipeline.dicom`` loads pydicom, which light readers such
+    as ``pacsflow status`` do without)."""
+    from pipeline.dicom.sopclass import NON_VOLUME_SOP_CLASSES
+
+    return ", ".join(f"'{uid}'" for uid in sorted(NON_VOLUME_SOP_CLASSES))
 
 
 def tensors_todo(lake: LakePaths, preprocessing_hash: str, rules: int = 1) -> Query:
@@ -789,7 +795,7 @@ def tensors_todo(lake: LakePaths, preprocessing_hash: str, rules: int = 1) -> Qu
             WHERE i.state = 'indexed'
               -- volume candidates only (issue #21): no SR, PR, KO, SEG, RT*, documents
               AND coalesce(i.has_pixel_data, true)
-              AND coalesce(i.SOPClassUID, '') NOT IN ({_NON_VOLUME_SQL})
+              AND coalesce(i.SOPClassUID, '') NOT IN ({_non_volume_sql()})
             GROUP BY v.series_pseudonym
         )
         SELECT s.* FROM s
@@ -1013,3 +1019,22 @@ def writeback_confirmed(lake: LakePaths, dest: str) -> Query:
     """result UID and its latest status at ``dest``."""
     latest = latest_sql(lake, "outbox", "result_uid", "updated_at", where="dest = $dest")
     return Query(f"SELECT result_uid, status FROM {latest}", {"dest": dest})
+
+
+def status_findings(lake: LakePaths) -> Query:
+    """``pacsflow status``: findings per model (rows, volumes with a finding)."""
+    return Query(
+        f"""SELECT model || '@' || model_version AS model, count(*) AS n,
+                   count(DISTINCT tensor_key) AS volumes
+            FROM {scan_sql(lake, "findings")} GROUP BY 1 ORDER BY 1"""
+    )
+
+
+def status_reviews(lake: LakePaths) -> Query:
+    """``pacsflow status``: reviewer decisions in all, and the latest decision per finding."""
+    latest = latest_sql(lake, "reviews", "finding_key", "reviewed_at")
+    return Query(
+        f"""SELECT decision, count(*) AS n,
+                   (SELECT count(*) FROM {scan_sql(lake, "reviews")}) AS decisions
+            FROM {latest} GROUP BY 1 ORDER BY 1"""
+    )

@@ -160,9 +160,18 @@ class CrawlStage:
             cache_dir=ctx.lake.restricted / "cache",
             limits=ctx.cfg.limits,
         )
+        # probe the source before a Dask cluster starts (ctx.client): an unreachable PACS, or
+        # refused credentials, fail within the source's timeouts, and say so first
+        source.check()
         with ctx.progress(self.name) as progress:
             r = crawl_run(
-                ctx.cfg, ctx.lake, source, run_id=ctx.run_id, client=ctx.client, progress=progress
+                ctx.cfg,
+                ctx.lake,
+                source,
+                run_id=ctx.run_id,
+                client=ctx.client,
+                progress=progress,
+                checked=True,
             )
         c = r.counts
         skipped = c.extra.get("skipped_by_reason", {})
