@@ -40,6 +40,11 @@ def register(app: typer.Typer) -> None:
         Each result's resources have ids derived from the result, so a rerun updates them and
         never duplicates; a report is preliminary until the QA review accepts it. Bundles
         not confirmed stay pending (exit 1) until a rerun delivers them.
+
+        Examples:
+
+            pacsflow fhir --lake demo-out/lake --key-file demo-out/demo.key
+            pacsflow fhir --lake LAKE --key-file KEY --dest https://ehr.example/fhir
         """
         cfg = build_config(config, lake=lake, workers=1)  # in-process: no Dask needed
         if cfg.lake is None:

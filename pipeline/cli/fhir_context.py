@@ -42,6 +42,11 @@ def import_context(
     profile (removed by the shipped ones), dates shift by the patient's offset. An invalid
     resource becomes a quarantine row. Importing the same export again adds nothing; a newer
     version of a resource (a final report after the preliminary one) replaces the older.
+
+    Examples:
+
+        pacsflow fhir-import ehr-export/ --lake LAKE --key-file KEY
+        pacsflow fhir-import --server https://ehr.example/fhir --lake LAKE --key-file KEY
     """
     extra: dict[str, Any] = {}
     if server is not None:
