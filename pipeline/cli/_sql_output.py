@@ -95,11 +95,11 @@ def _table_text(table: pa.Table, max_rows: int) -> str:
             for v, w, num in zip(values, widths, numeric, strict=True)
         ).rstrip()
 
-    out = [line(names), line(["-" * w for w in widths]), *(line(r) for r in cells)]
+    # a header line, then one line per row (as before: scripts split it on whitespace)
+    out = [line(names), *(line(r) for r in cells)]
     more = table.num_rows - len(rows)
     if more > 0:
         out.append(f"... {more} more rows (--format csv|json|parquet --out FILE writes all)")
-    out.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})")
     return "\n".join(out)
 
 

@@ -42,6 +42,7 @@ from pipeline.compute import map_bounded, set_total
 from pipeline.config import PipelineConfig
 from pipeline.dicom.volume import Volume
 from pipeline.errors import ConfigError, ModelError
+from pipeline.infer.cohort import cohort_columns, extent_mm, finding_name
 from pipeline.lake import LakePaths, StageCounts, sync_filesystem, write_npy, write_partition
 from pipeline.lake.duck import arrow_reader, connect
 from pipeline.lake.queries import infer_todo
@@ -185,7 +186,7 @@ def measure(
     label_values: list[int],
     hounsfield: bool,
 ) -> dict[int, dict[str, Any]]:
-    """Per label value: voxel count, volume (mL), mean value and bounding box.
+    """Per label value: voxel count, volume (mL), mean value, bounding box and centroid.
 
     ``labels`` and ``values`` share the tensor's shape (slices, rows, cols); ``spacing`` is in
     mm in the same axis order. ``mean_hu`` is set when ``hounsfield`` (a rescaled CT tensor).
@@ -205,6 +206,7 @@ def measure(
             "mean_hu": float(sums[v] / n) if n and hounsfield else None,
             "mean_value": float(sums[v] / n) if n else None,
             "bbox": None,
+            "centroid": None,  # (slice, row, column) voxel position of the label's centre
         }
         if n:
             mask = labels == v
@@ -213,6 +215,11 @@ def measure(
             is_ = np.flatnonzero(mask.any(axis=(0, 1)))
             entry["bbox"] = [int(ks[0]), int(js[0]), int(is_[0]), int(ks[-1]), int(js[-1]),
                              int(is_[-1])]  # fmt: skip
+            per_k = mask.sum(axis=(1, 2), dtype=np.int64)
+            per_j = mask.sum(axis=(0, 2), dtype=np.int64)
+            per_i = mask.sum(axis=(0, 1), dtype=np.int64)
+            entry["centroid"] = [float(np.dot(np.arange(c.size), c) / n)
+                                 for c in (per_k, per_j, per_i)]  # fmt: skip
         out[v] = entry
     return out
 
@@ -282,8 +289,8 @@ def infer_batch(
         values, spacing = volume.array, volume.spacing
         hounsfield = bool(row.get("rescaled")) and row.get("Modality") == "CT"
         measured = measure(labels, values, spacing, sorted(label_names), hounsfield)
-        found: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = [
-            (name, value, label_specs.get(name) or {}, measured[value])
+        found: list[tuple[str, int | None, int, dict[str, Any], dict[str, Any]]] = [
+            (name, None, value, label_specs.get(name) or {}, measured[value])
             for value, name in sorted(label_names.items())
         ]
         if entry.get("candidates"):
@@ -297,11 +304,12 @@ def infer_batch(
             }
         rel = f"masks/{key}/{model_ref}.npy"
         mask_checksum = write_npy(lake.research / rel, labels)
-        for name, value, _spec, m in found:
+        for name, instance, value, _spec, m in found:
             extra = m.get("extra", {})
+            centre, size = extent_mm(m.get("centroid"), m["bbox"], volume.affine)
             rows.append(
                 {
-                    "finding_key": f"{key}/{model_ref}/{name}",
+                    "finding_key": f"{key}/{model_ref}/{finding_name(name, instance)}",
                     "SeriesInstanceUID": row["SeriesInstanceUID"],
                     "tensor_key": key,
                     "tensor_checksum": row["checksum"],
@@ -339,6 +347,14 @@ def infer_batch(
                     "task": "segmentation",
                     "predicted": None,
                     "model_entry": entry.get("name"),
+                    # issue #24: cohort keys, the label's instance, typed measurements
+                    **cohort_columns(row),
+                    "instance": instance,
+                    "centre_mm": centre,
+                    "size_mm": size,
+                    "mean_value": m["mean_value"],
+                    "diameter_mm": _value(extra.get("diameter_mm")),
+                    "elongation": _value(extra.get("elongation")),
                 }
             )
     if rows:
@@ -352,6 +368,13 @@ def infer_batch(
     }
 
 
+def _value(measurement: Any) -> float | None:
+    """The number of a ``{"value": ..., "unit": ...}`` measurement (None when absent)."""
+    if isinstance(measurement, dict) and measurement.get("value") is not None:
+        return float(measurement["value"])
+    return None
+
+
 def _candidates(
     labels: npt.NDArray[np.uint8],
     values: npt.NDArray[Any],
@@ -359,14 +382,15 @@ def _candidates(
     hounsfield: bool,
     entry: dict[str, Any],
     first_free: int,
-) -> list[tuple[str, int, dict[str, Any], dict[str, Any]]]:
+) -> list[tuple[str, int | None, int, dict[str, Any], dict[str, Any]]]:
     """Find the registry's lesion candidates; give each its own value in ``labels`` (in place).
 
-    Returns (finding label ``<name>_<n>``, value, codes, measurements) per candidate.
+    Returns (the class ``<name>``, the instance ``n``, value, codes, measurements) per
+    candidate; the finding's unique name is ``<name>_<n>``.
     """
     from pipeline.infer.candidates import find_candidates
 
-    out: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = []
+    out: list[tuple[str, int | None, int, dict[str, Any], dict[str, Any]]] = []
     voxel_ml = float(np.prod(spacing)) / 1000.0
     value = first_free
     for name, spec in sorted(entry["candidates"].items()):
@@ -389,18 +413,21 @@ def _candidates(
             labels[cand.box][cand.mask] = value
             mean = float(values[cand.box][cand.mask].astype(np.float64).mean())
             box = [s.start for s in cand.box] + [s.stop - 1 for s in cand.box]
+            inside = np.nonzero(cand.mask)
+            centroid = [float(ax.mean()) + s.start for ax, s in zip(inside, cand.box, strict=True)]
             measured = {
                 "voxel_count": cand.voxel_count,
                 "volume_ml": cand.voxel_count * voxel_ml,
                 "mean_hu": mean if hounsfield else None,
                 "mean_value": mean,
                 "bbox": [int(b) for b in box],
+                "centroid": centroid,
                 "extra": {
                     "diameter_mm": {"value": round(cand.diameter_mm, 3), "unit": "mm"},
                     "elongation": {"value": round(cand.elongation, 3), "unit": "1"},
                 },
             }
-            out.append((f"{name}_{n}", value, spec, measured))
+            out.append((name, n, value, spec, measured))
             value += 1
     return out
 

@@ -164,7 +164,8 @@ def research_sandbox(lake: LakePaths, tmp: Path, versions: Mapping[str, int] | N
     con = connect(tmp)
     for view in RESEARCH_VIEWS:
         # every view exists from the start: an empty one, typed, before the table's first rows
-        sql = version_sql(lake, view, versions)
+        # findings, reviews and corrections with the cohort keys (issue #24)
+        sql = queries.research_view_sql(lake, view, versions)
         con.execute(queries.create_view(view, RESEARCH_VIEWS, sql))
     if versions is None and any(lake.table("vault").rglob("*.parquet")):
         # pseudonyms, hashes and result UIDs only
