@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["COHORT_COLUMNS", "cohort_columns", "extent_mm", "finding_name"]
+__all__ = ["COHORT_COLUMNS", "cohort_columns", "extent_mm"]
 
 #: The findings columns copied from the tensors row a model ran on.
 COHORT_COLUMNS = (
@@ -34,13 +34,6 @@ def cohort_columns(row: Mapping[str, Any]) -> dict[str, Any]:
     """The cohort columns of a findings row made from the tensors ``row`` (None where the row
     lacks one)."""
     return {k: row.get(k) for k in COHORT_COLUMNS}
-
-
-def finding_name(label: str, instance: int | None) -> str:
-    """The unique name of a finding in its volume and model: ``<label>_<instance>``, or the
-    label where there is no instance (a label map's label, a class). The finding key ends
-    with it, and write-back names the segment with it."""
-    return label if instance is None else f"{label}_{instance}"
 
 
 def extent_mm(

@@ -42,10 +42,10 @@ from pipeline.compute import map_bounded, set_total
 from pipeline.config import PipelineConfig
 from pipeline.dicom.volume import Volume
 from pipeline.errors import ConfigError, ModelError
-from pipeline.infer.cohort import cohort_columns, extent_mm, finding_name
+from pipeline.infer.cohort import cohort_columns, extent_mm
 from pipeline.lake import LakePaths, StageCounts, sync_filesystem, write_npy, write_partition
 from pipeline.lake.duck import arrow_reader, connect
-from pipeline.lake.queries import infer_todo
+from pipeline.lake.queries import finding_name, infer_todo
 
 logger = logging.getLogger(__name__)
 

@@ -59,6 +59,7 @@ __all__ = [
     "deid_studies",
     "empty_sql",
     "filter_expression",
+    "finding_name",
     "finding_name_sql",
     "findings_view_sql",
     "identifier",
@@ -307,6 +308,13 @@ def patient_age_years_sql(column: str) -> str:
         f"(CASE {unit} WHEN 'Y' THEN {num} WHEN 'M' THEN {num} / 12.0 "
         f"WHEN 'W' THEN {num} * 7.0 / 365.25 WHEN 'D' THEN {num} / 365.25 END)"
     )
+
+
+def finding_name(label: str, instance: int | None) -> str:
+    """The unique name of a finding in its volume and model: ``<label>_<instance>``, or the
+    label where there is no instance (a label map's label, a class, a row written before
+    issue #24). The finding key ends with it; write-back names the segment with it."""
+    return label if instance is None else f"{label}_{instance}"
 
 
 def finding_name_sql(alias: str) -> str:

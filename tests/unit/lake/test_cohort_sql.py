@@ -7,8 +7,8 @@ import duckdb
 import numpy as np
 import pytest
 
-from pipeline.infer.cohort import extent_mm, finding_name
-from pipeline.lake.queries import finding_name_sql, patient_age_years_sql
+from pipeline.infer.cohort import extent_mm
+from pipeline.lake.queries import finding_name, finding_name_sql, patient_age_years_sql
 
 
 @pytest.mark.parametrize(
