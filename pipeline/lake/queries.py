@@ -448,12 +448,18 @@ def _keyed_view_sql(
     lake: LakePaths, name: str, versions: Mapping[str, int] | None, columns: Sequence[str]
 ) -> str:
     """Table ``name`` (rows about a finding) with the finding's ``columns`` of the
-    ``findings`` view, where the table lacks them."""
+    ``findings`` view: those the table has are filled where NULL (rows written before they
+    existed), the others added."""
     own = set(schema_for(name).names)
     allowed = [*COHORT_KEYS, "label", "instance", "lesion_id"]
+    filled = ", ".join(
+        f"coalesce(r.{c}, k.{c}) AS {c}"
+        for c in (identifier(c, allowed) for c in columns)
+        if c in own
+    )
     extra = ", ".join(f"k.{identifier(c, allowed)}" for c in columns if c not in own)
     return f"""(
-        SELECT r.*, {extra}
+        SELECT r.*{f" REPLACE ({filled})" if filled else ""}, {extra}
         FROM {version_sql(lake, name, versions)} r
         LEFT JOIN (SELECT * FROM {findings_view_sql(lake, versions)} QUALIFY row_number()
                    OVER (PARTITION BY finding_key ORDER BY inferred_at DESC NULLS LAST) = 1) k

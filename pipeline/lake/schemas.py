@@ -385,6 +385,13 @@ REVIEWS = _schema(
         _f("corrected_label", _S),
         _f("comment", _S),
         _f("reviewed_at", _TS, False),
+        # issue #24: the finding's cohort keys (pseudonyms, shifted date) when decided
+        _f("patient_token", _S),
+        _f("StudyInstanceUID", _S),
+        _f("SeriesInstanceUID", _S),
+        _f("Modality", _S),
+        _f("Manufacturer", _S),
+        _f("StudyDate", pa.date32()),
     ],
     "research: one row per reviewer decision (history kept)",
 )
@@ -421,6 +428,12 @@ CORRECTIONS = _schema(
         _f("shape", pa.list_(_I)),
         _f("reviewer", _S, False),
         _f("corrected_at", _TS, False),
+        # issue #24: the finding's cohort keys (pseudonyms, shifted date) when corrected
+        _f("patient_token", _S),
+        _f("StudyInstanceUID", _S),
+        _f("Modality", _S),
+        _f("Manufacturer", _S),
+        _f("StudyDate", pa.date32()),
     ],
     "research: one row per reviewer's corrected mask (issue #23; history kept)",
 )

@@ -203,3 +203,31 @@ def test_reviews_and_corrections_views_carry_the_keys(built: Built) -> None:
     for view in ("reviews", "corrections"):
         cols = {r["column_name"] for r in built.sql(f"DESCRIBE {view}")}
         assert {*KEYS, "SeriesInstanceUID", "label", "instance", "lesion_id"} <= cols, view
+
+
+def test_decisions_and_corrections_store_the_keys(built: Built, tmp_path: Path) -> None:
+    import numpy as np
+
+    from pipeline.review.corrections import record_correction
+    from pipeline.review.store import record_decision
+
+    root = tmp_path / "reviewed"
+    shutil.copytree(built.lake.root, root)
+    lake = LakePaths(root)
+    con = connect()
+    try:
+        catalog = arrow_table(con, review_catalog(lake).sql).to_pylist()
+    finally:
+        con.close()
+    f = next(r for r in catalog if r["label"] == "lung_nodule_1")
+    record_decision(lake, f, reviewer="qa", decision="accept")
+    record_correction(lake, f, np.zeros(f["shape"], dtype=np.uint8), reviewer="qa")
+    for table in ("reviews", "corrections"):
+        [row] = read_table(lake, table).to_pylist()
+        assert {k: row[k] for k in KEYS} == {k: f[k] for k in KEYS}, table
+        [view] = built.sql(
+            f"SELECT patient_token, label, instance, lesion_id FROM {table}", lake=root
+        )
+        assert (view["label"], view["instance"]) == ("lung_nodule", 1)
+        assert view["patient_token"] == f["patient_token"]
+        assert view["lesion_id"].startswith("L")
