@@ -215,13 +215,25 @@ def measure(
             is_ = np.flatnonzero(mask.any(axis=(0, 1)))
             entry["bbox"] = [int(ks[0]), int(js[0]), int(is_[0]), int(ks[-1]), int(js[-1]),
                              int(is_[-1])]  # fmt: skip
-            per_k = mask.sum(axis=(1, 2), dtype=np.int64)
-            per_j = mask.sum(axis=(0, 2), dtype=np.int64)
-            per_i = mask.sum(axis=(0, 1), dtype=np.int64)
-            entry["centroid"] = [float(np.dot(np.arange(c.size), c) / n)
-                                 for c in (per_k, per_j, per_i)]  # fmt: skip
+            entry["centroid"] = _centroid(mask, (int(ks[0]), int(js[0]), int(is_[0])),
+                                          (int(ks[-1]), int(js[-1]), int(is_[-1])), n)  # fmt: skip
         out[v] = entry
     return out
+
+
+def _centroid(
+    mask: npt.NDArray[np.bool_], lo: tuple[int, int, int], hi: tuple[int, int, int], n: int
+) -> list[float]:
+    """The mean (slice, row, column) of the ``n`` voxels of ``mask`` inside its box ``lo``..
+    ``hi`` (inclusive), counted on the box only (a nodule's box is a few voxels)."""
+    crop = mask[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
+    plane = np.count_nonzero(crop, axis=0)  # (rows, columns)
+    per_k = np.count_nonzero(crop.reshape(crop.shape[0], -1), axis=1)
+    per_j, per_i = plane.sum(axis=1), plane.sum(axis=0)
+    return [
+        start + float(np.dot(np.arange(c.size), c)) / n
+        for start, c in zip(lo, (per_k, per_j, per_i), strict=True)
+    ]
 
 
 def infer_batch(

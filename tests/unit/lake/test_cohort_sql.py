@@ -54,3 +54,16 @@ def test_extent_in_patient_coordinates() -> None:
     assert centre == pytest.approx([10 + 20 * 0.5, 20 + 10 * 0.7, -100 + 4 * 2.0])
     assert size == pytest.approx([5 * 0.5, 5 * 0.7, 3 * 2.0])
     assert extent_mm(None, None, affine) == (None, None)
+
+
+def test_measure_gives_each_label_its_centroid() -> None:
+    from pipeline.infer.stage import measure
+
+    labels = np.zeros((10, 20, 30), np.uint8)
+    labels[2:5, 3:9, 10:20] = 1
+    labels[7, 1, 1] = 2
+    labels[8, 1, 1] = 2
+    m = measure(labels, labels.astype(float), (1.0, 1.0, 1.0), [1, 2, 3], False)
+    assert m[1]["centroid"] == pytest.approx([3.0, 5.5, 14.5])
+    assert m[2]["centroid"] == pytest.approx([7.5, 1.0, 1.0])
+    assert m[3]["centroid"] is None
