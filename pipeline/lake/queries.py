@@ -343,7 +343,7 @@ _COHORT_CTES: Final = """st AS (
             GROUP BY SeriesInstanceUID
         )"""
 _COHORT_COLUMNS: Final = (
-    "s.StudyInstanceUID, s.patient_token, s.Manufacturer, st.StudyDate, "
+    "s.patient_token, s.Manufacturer, st.StudyDate, "
     f"{patient_age_years_sql('st.PatientAge')} AS patient_age_years, "
     "fr.FrameOfReferenceUID, fr.AcquisitionNumber"
 )
@@ -1083,7 +1083,7 @@ def infer_todo(
         }
         SELECT t.tensor_key, t.SeriesInstanceUID, t.path, t.shape, t.spacing, t.affine,
                t.checksum, t.rescaled, t.volume_index, t.preprocessing, t.sop_instance_uids,
-               t.frame_numbers, s.Modality, {_COHORT_COLUMNS}
+               t.frame_numbers, s.Modality, s.StudyInstanceUID, {_COHORT_COLUMNS}
         FROM {scan_sql(lake, "tensors")} t
         JOIN s ON s.SeriesInstanceUID = t.SeriesInstanceUID
         LEFT JOIN st ON st.StudyInstanceUID = s.StudyInstanceUID
@@ -1139,12 +1139,18 @@ def infer_channel_series(lake: LakePaths, *, applies_to: str, channel: str, wher
         ), s AS (
             SELECT * FROM {scan_sql(lake, "series")} JOIN i USING (SeriesInstanceUID)
             WHERE {scope} AND {match}
-        )
+        ), {
+            _COHORT_CTES.format(
+                studies=scan_sql(lake, "studies"), instances=scan_sql(lake, "instances")
+            )
+        }
         SELECT s.StudyInstanceUID, t.tensor_key, t.SeriesInstanceUID, t.path, t.shape,
                t.spacing, t.affine, t.checksum, t.rescaled, t.volume_index, t.preprocessing,
-               t.sop_instance_uids, t.frame_numbers, s.Modality
+               t.sop_instance_uids, t.frame_numbers, s.Modality, {_COHORT_COLUMNS}
         FROM {scan_sql(lake, "tensors")} t
         JOIN s ON s.SeriesInstanceUID = t.SeriesInstanceUID
+        LEFT JOIN st ON st.StudyInstanceUID = s.StudyInstanceUID
+        LEFT JOIN fr ON fr.SeriesInstanceUID = s.SeriesInstanceUID
         WHERE t.status = 'ok' AND t.preprocessing_hash = $h
           AND coalesce(t.tensor_kind, 'volume') = 'volume'
         ORDER BY s.StudyInstanceUID, t.tensor_key
