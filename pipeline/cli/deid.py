@@ -79,12 +79,28 @@ def register(app: typer.Typer) -> None:
                 "a unique prefix; see `pacsflow status`). No `lineage` view then.",
             ),
         ] = None,
+        fmt: Annotated[
+            str,
+            typer.Option(
+                "--format",
+                metavar="FORMAT",
+                help="table (readable, NULL shown as NULL), csv (with a header), json (an "
+                "array of records) or parquet (needs --out).",
+            ),
+        ] = "table",
+        out: Annotated[
+            Path | None,
+            typer.Option("--out", metavar="FILE", help="Write the result to FILE, not stdout."),
+        ] = None,
     ) -> None:
         """Read-only SQL (DuckDB) over the research tables and the `lineage` view.
 
-        Views: instances, series, studies, patients, tensors, findings, reviews, and `lineage`
-        (object key -> pseudonyms -> tensor -> model -> result UID -> delivery status; no
-        identifying column).
+        Views: instances, series, studies, patients, tensors, findings, reviews, corrections,
+        orders, reports, and `lineage` (object key -> pseudonyms -> tensor -> model -> result
+        UID -> delivery status; no identifying column). findings, reviews and corrections
+        carry the cohort keys (patient_token, StudyInstanceUID, SeriesInstanceUID, Modality,
+        Manufacturer, StudyDate): no joins; `lesion_id` links one lesion across
+        reconstructions.
 
         A sandbox: only queries run (no COPY, ATTACH, INSTALL, LOAD, SET, CREATE), and no
         file outside research/ can be read. Every call is audited (who, when, the query's
@@ -93,20 +109,33 @@ def register(app: typer.Typer) -> None:
         Examples:
 
             pacsflow sql --lake demo-out/lake "SELECT Modality, count(*) FROM series GROUP BY 1"
-            pacsflow sql --lake demo-out/lake "SELECT label, count(*) FROM findings GROUP BY 1"
+            pacsflow sql --lake LAKE --format csv --out lesions.csv "SELECT * FROM findings"
         """
+        from pipeline.cli._sql_output import FORMATS
+
+        if fmt not in FORMATS:
+            fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}", 2)
+        if fmt == "parquet" and out is None:
+            fail("--format parquet writes a file: add --out FILE", 2)
         cfg = build_config(config, lake=lake)
 
         def body() -> None:
             import hashlib
             import tempfile
             from pathlib import Path
+            from typing import cast
 
             import duckdb
 
             from pipeline.cli._common import audit_log, lake_keys, open_lake_or_fail
+            from pipeline.cli._sql_output import SqlFormat, render, write
             from pipeline.errors import LakeError
-            from pipeline.lake.duck import SqlRefused, check_read_only, research_sandbox
+            from pipeline.lake.duck import (
+                SqlRefused,
+                check_read_only,
+                relation_arrow,
+                research_sandbox,
+            )
             from pipeline.lake.manifest import versions_of_run
 
             keys = lake_keys(cfg, key_file)
@@ -130,7 +159,7 @@ def register(app: typer.Typer) -> None:
                 con = research_sandbox(paths, Path(tmp), versions)
                 try:
                     rel = con.sql(query)
-                    df = rel.df() if rel is not None else None
+                    table = None if rel is None else relation_arrow(rel)
                 except duckdb.Error as exc:
                     audit.append(
                         "sql_failed", query_sha256=digest, error=type(exc).__name__, **pinned
@@ -138,9 +167,19 @@ def register(app: typer.Typer) -> None:
                     fail(f"SQL error: {str(exc).splitlines()[0]}", 2)
                 finally:
                     con.close()
-            audit.append("sql", query_sha256=digest, rows=0 if df is None else len(df), **pinned)
-            if df is not None:
-                typer.echo(df.to_string(index=False, max_rows=200))
+            rows = 0 if table is None else table.num_rows
+            audit.append("sql", query_sha256=digest, rows=rows, **pinned)
+            if table is None:
+                return
+            kind = cast(SqlFormat, fmt)
+            if out is not None:
+                try:
+                    write(table, kind, out)
+                except OSError as exc:
+                    fail(f"--out {out}: {exc.strerror or exc}", 2)
+                typer.echo(f"sql: {rows} rows written to {out} ({fmt})", err=True)
+            else:
+                typer.echo(render(table, kind).rstrip("\n"))
 
         guarded(body)
 

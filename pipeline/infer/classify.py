@@ -39,6 +39,7 @@ import numpy.typing as npt
 from pipeline.dicom.volume import lps_to_ras
 from pipeline.errors import ModelError
 from pipeline.infer.bundle import Bundle
+from pipeline.infer.cohort import cohort_columns
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +282,7 @@ def findings_rows(
                     "task": "classification",
                     "predicted": value == top,
                     "model_entry": entry_name,
+                    **cohort_columns(row),  # issue #24
                 }
             )
     return rows

@@ -372,14 +372,16 @@ def detect_batch(
 ) -> dict[str, Any]:
     """Box a batch of stored volumes; write one findings row per box (no mask).
 
-    A row's ``label`` is ``<class name>_<rank>`` (rank 1 the best box of the volume), its
-    ``label_value`` the rank, ``score`` the detector's, ``box_class`` the class name, and the
-    box on the tensor grid (``box_voxel``, ``bbox``) and in LPS mm (``box_mm``, ``centre_mm``,
-    ``size_mm``); coded at write-back by its class name (the registry's
-    ``labels[<class name>]``, the code tables, or a local code)."""
+    A row's ``label`` is the class name and ``instance`` the rank (1 the best box of the
+    volume; the finding key ends ``<class name>_<rank>``), its ``label_value`` the rank,
+    ``score`` the detector's, ``box_class`` the class name, and the box on the tensor grid
+    (``box_voxel``, ``bbox``) and in LPS mm (``box_mm``, ``centre_mm``, ``size_mm``); coded
+    at write-back by its class name (the registry's ``labels[<class name>]``, the code
+    tables, or a local code)."""
     import datetime as dt
     import json
 
+    from pipeline.infer.cohort import cohort_columns
     from pipeline.lake import write_partition
 
     bundle = detector.bundle
@@ -417,7 +419,7 @@ def detect_batch(
                     "model": bundle.name,
                     "model_version": bundle.version,
                     "weights_sha256": bundle.weights_sha256,
-                    "label": name,
+                    "label": cls,
                     "label_value": rank,
                     # codes are applied at write-back (pipeline.codes), not copied here
                     "category_code": None,
@@ -449,6 +451,8 @@ def detect_batch(
                     "task": "detection",
                     "predicted": None,
                     "model_entry": entry.get("name"),
+                    **cohort_columns(row),  # issue #24
+                    "instance": rank,
                 }
             )
     if rows:

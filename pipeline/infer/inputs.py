@@ -103,7 +103,8 @@ def match_inputs(
             raise
         by_study: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
-            by_study.setdefault(row.pop("StudyInstanceUID"), []).append(row)
+            # the study stays in the row: a cohort key of the findings (issue #24)
+            by_study.setdefault(row["StudyInstanceUID"], []).append(row)
         per_channel.append(by_study)
         studies.update(by_study)
     q = infer_done_tensors(lake)

@@ -42,9 +42,10 @@ from pipeline.compute import map_bounded, set_total
 from pipeline.config import PipelineConfig
 from pipeline.dicom.volume import Volume
 from pipeline.errors import ConfigError, ModelError
+from pipeline.infer.cohort import cohort_columns, extent_mm
 from pipeline.lake import LakePaths, StageCounts, sync_filesystem, write_npy, write_partition
 from pipeline.lake.duck import arrow_reader, connect
-from pipeline.lake.queries import infer_todo
+from pipeline.lake.queries import finding_name, infer_todo
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def measure(
     label_values: list[int],
     hounsfield: bool,
 ) -> dict[int, dict[str, Any]]:
-    """Per label value: voxel count, volume (mL), mean value and bounding box.
+    """Per label value: voxel count, volume (mL), mean value, bounding box and centroid.
 
     ``labels`` and ``values`` share the tensor's shape (slices, rows, cols); ``spacing`` is in
     mm in the same axis order. ``mean_hu`` is set when ``hounsfield`` (a rescaled CT tensor).
@@ -205,6 +206,7 @@ def measure(
             "mean_hu": float(sums[v] / n) if n and hounsfield else None,
             "mean_value": float(sums[v] / n) if n else None,
             "bbox": None,
+            "centroid": None,  # (slice, row, column) voxel position of the label's centre
         }
         if n:
             mask = labels == v
@@ -213,8 +215,25 @@ def measure(
             is_ = np.flatnonzero(mask.any(axis=(0, 1)))
             entry["bbox"] = [int(ks[0]), int(js[0]), int(is_[0]), int(ks[-1]), int(js[-1]),
                              int(is_[-1])]  # fmt: skip
+            entry["centroid"] = _centroid(mask, (int(ks[0]), int(js[0]), int(is_[0])),
+                                          (int(ks[-1]), int(js[-1]), int(is_[-1])), n)  # fmt: skip
         out[v] = entry
     return out
+
+
+def _centroid(
+    mask: npt.NDArray[np.bool_], lo: tuple[int, int, int], hi: tuple[int, int, int], n: int
+) -> list[float]:
+    """The mean (slice, row, column) of the ``n`` voxels of ``mask`` inside its box ``lo``..
+    ``hi`` (inclusive), counted on the box only (a nodule's box is a few voxels)."""
+    crop = mask[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
+    plane = np.count_nonzero(crop, axis=0)  # (rows, columns)
+    per_k = np.count_nonzero(crop.reshape(crop.shape[0], -1), axis=1)
+    per_j, per_i = plane.sum(axis=1), plane.sum(axis=0)
+    return [
+        start + float(np.dot(np.arange(c.size), c)) / n
+        for start, c in zip(lo, (per_k, per_j, per_i), strict=True)
+    ]
 
 
 def infer_batch(
@@ -282,8 +301,8 @@ def infer_batch(
         values, spacing = volume.array, volume.spacing
         hounsfield = bool(row.get("rescaled")) and row.get("Modality") == "CT"
         measured = measure(labels, values, spacing, sorted(label_names), hounsfield)
-        found: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = [
-            (name, value, label_specs.get(name) or {}, measured[value])
+        found: list[tuple[str, int | None, int, dict[str, Any], dict[str, Any]]] = [
+            (name, None, value, label_specs.get(name) or {}, measured[value])
             for value, name in sorted(label_names.items())
         ]
         if entry.get("candidates"):
@@ -297,11 +316,12 @@ def infer_batch(
             }
         rel = f"masks/{key}/{model_ref}.npy"
         mask_checksum = write_npy(lake.research / rel, labels)
-        for name, value, _spec, m in found:
+        for name, instance, value, _spec, m in found:
             extra = m.get("extra", {})
+            centre, size = extent_mm(m.get("centroid"), m["bbox"], volume.affine)
             rows.append(
                 {
-                    "finding_key": f"{key}/{model_ref}/{name}",
+                    "finding_key": f"{key}/{model_ref}/{finding_name(name, instance)}",
                     "SeriesInstanceUID": row["SeriesInstanceUID"],
                     "tensor_key": key,
                     "tensor_checksum": row["checksum"],
@@ -339,6 +359,14 @@ def infer_batch(
                     "task": "segmentation",
                     "predicted": None,
                     "model_entry": entry.get("name"),
+                    # issue #24: cohort keys, the label's instance, typed measurements
+                    **cohort_columns(row),
+                    "instance": instance,
+                    "centre_mm": centre,
+                    "size_mm": size,
+                    "mean_value": m["mean_value"],
+                    "diameter_mm": _value(extra.get("diameter_mm")),
+                    "elongation": _value(extra.get("elongation")),
                 }
             )
     if rows:
@@ -352,6 +380,13 @@ def infer_batch(
     }
 
 
+def _value(measurement: Any) -> float | None:
+    """The number of a ``{"value": ..., "unit": ...}`` measurement (None when absent)."""
+    if isinstance(measurement, dict) and measurement.get("value") is not None:
+        return float(measurement["value"])
+    return None
+
+
 def _candidates(
     labels: npt.NDArray[np.uint8],
     values: npt.NDArray[Any],
@@ -359,14 +394,15 @@ def _candidates(
     hounsfield: bool,
     entry: dict[str, Any],
     first_free: int,
-) -> list[tuple[str, int, dict[str, Any], dict[str, Any]]]:
+) -> list[tuple[str, int | None, int, dict[str, Any], dict[str, Any]]]:
     """Find the registry's lesion candidates; give each its own value in ``labels`` (in place).
 
-    Returns (finding label ``<name>_<n>``, value, codes, measurements) per candidate.
+    Returns (the class ``<name>``, the instance ``n``, value, codes, measurements) per
+    candidate; the finding's unique name is ``<name>_<n>``.
     """
     from pipeline.infer.candidates import find_candidates
 
-    out: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = []
+    out: list[tuple[str, int | None, int, dict[str, Any], dict[str, Any]]] = []
     voxel_ml = float(np.prod(spacing)) / 1000.0
     value = first_free
     for name, spec in sorted(entry["candidates"].items()):
@@ -389,18 +425,21 @@ def _candidates(
             labels[cand.box][cand.mask] = value
             mean = float(values[cand.box][cand.mask].astype(np.float64).mean())
             box = [s.start for s in cand.box] + [s.stop - 1 for s in cand.box]
+            inside = np.nonzero(cand.mask)
+            centroid = [float(ax.mean()) + s.start for ax, s in zip(inside, cand.box, strict=True)]
             measured = {
                 "voxel_count": cand.voxel_count,
                 "volume_ml": cand.voxel_count * voxel_ml,
                 "mean_hu": mean if hounsfield else None,
                 "mean_value": mean,
                 "bbox": [int(b) for b in box],
+                "centroid": centroid,
                 "extra": {
                     "diameter_mm": {"value": round(cand.diameter_mm, 3), "unit": "mm"},
                     "elongation": {"value": round(cand.elongation, 3), "unit": "1"},
                 },
             }
-            out.append((f"{name}_{n}", value, spec, measured))
+            out.append((name, n, value, spec, measured))
             value += 1
     return out
 

@@ -27,6 +27,7 @@ __all__ = [
     "latest_sql",
     "lineage_sql",
     "object_states",
+    "relation_arrow",
     "research_sandbox",
     "scan_sql",
     "version_sql",
@@ -50,7 +51,11 @@ def connect(tmp: Path | None = None) -> Any:
 
 def arrow_table(con: Any, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
     """Run a query and return an Arrow table (works across duckdb 1.x and 2.x)."""
-    rel = con.sql(sql, params=dict(params) if params else None)
+    return relation_arrow(con.sql(sql, params=dict(params) if params else None))
+
+
+def relation_arrow(rel: Any) -> pa.Table:
+    """A DuckDB relation's rows as an Arrow table (works across duckdb 1.x and 2.x)."""
     fetch = getattr(rel, "to_arrow_table", None) or rel.arrow
     table = fetch()
     return table.read_all() if isinstance(table, pa.RecordBatchReader) else table
@@ -161,7 +166,8 @@ def research_sandbox(lake: LakePaths, tmp: Path, versions: Mapping[str, int] | N
     con = connect(tmp)
     for view in RESEARCH_VIEWS:
         # every view exists from the start: an empty one, typed, before the table's first rows
-        sql = version_sql(lake, view, versions)
+        # findings, reviews and corrections with the cohort keys (issue #24)
+        sql = queries.research_view_sql(lake, view, versions)
         con.execute(queries.create_view(view, RESEARCH_VIEWS, sql))
     if versions is None and any(lake.table("vault").rglob("*.parquet")):
         # pseudonyms, hashes and result UIDs only

@@ -37,6 +37,7 @@ from pipeline.lake.paths import LakePaths
 from pipeline.lake.schemas import schema_for
 
 __all__ = [
+    "COHORT_KEYS",
     "OBJECT_EVENTS",
     "OWN_UIDS",
     "CrawlQueries",
@@ -57,6 +58,9 @@ __all__ = [
     "deid_studies",
     "empty_sql",
     "filter_expression",
+    "finding_name",
+    "finding_name_sql",
+    "findings_view_sql",
     "identifier",
     "infer_channel_series",
     "infer_done_tensors",
@@ -65,6 +69,8 @@ __all__ = [
     "lineage_sql",
     "object_states",
     "parquet_glob",
+    "patient_age_years_sql",
+    "research_view_sql",
     "review_catalog",
     "review_descriptions",
     "run_ids_about",
@@ -292,6 +298,199 @@ def empty_sql(name: str) -> str:
     return f"(SELECT {cols} WHERE false)"
 
 
+#: A DICOM age string (``nnnD``, ``nnnW``, ``nnnM``, ``nnnY``; spaces and fewer digits
+#: tolerated) split into its number and unit.
+_AGE_PATTERN: Final = r"^\s*([0-9]{1,3})\s*([DWMYdwmy])\s*$"
+
+
+def patient_age_years_sql(column: str) -> str:
+    """SQL: the DICOM age string in ``column`` (pacsflow's own text) in years, as a DOUBLE;
+    NULL where it is not one (``'049Y'`` -> 49.0, ``'018M'`` -> 1.5, ``'003W'`` -> 0.0575)."""
+    num = f"TRY_CAST(regexp_extract({column}, '{_AGE_PATTERN}', 1) AS DOUBLE)"
+    unit = f"upper(regexp_extract({column}, '{_AGE_PATTERN}', 2))"
+    return (
+        f"(CASE {unit} WHEN 'Y' THEN {num} WHEN 'M' THEN {num} / 12.0 "
+        f"WHEN 'W' THEN {num} * 7.0 / 365.25 WHEN 'D' THEN {num} / 365.25 END)"
+    )
+
+
+def finding_name(label: str, instance: int | None) -> str:
+    """The unique name of a finding in its volume and model: ``<label>_<instance>``, or the
+    label where there is no instance (a label map's label, a class, a row written before
+    issue #24). The finding key ends with it; write-back names the segment with it."""
+    return label if instance is None else f"{label}_{instance}"
+
+
+def finding_name_sql(alias: str) -> str:
+    """SQL: the unique name of a finding in its volume and model, ``<label>_<instance>``
+    (``lung_nodule_2``; the label alone where ``instance`` is null, as in rows written
+    before issue #24, whose label holds the whole name). Write-back's segment labels and
+    tracking UIDs and the finding keys use it, so they are the same as before the split."""
+    a = identifier(alias, [alias])
+    return (
+        f"(CASE WHEN {a}.instance IS NULL THEN {a}.label "
+        f"ELSE {a}.label || '_' || CAST({a}.instance AS VARCHAR) END)"
+    )
+
+
+#: The cohort keys of a tensor's series (CTEs ``st``: per study, ``fr``: per series; after a
+#: CTE ``s`` of series rows) and the columns :func:`infer_todo` takes from them.
+_COHORT_CTES: Final = """st AS (
+            SELECT StudyInstanceUID, any_value(StudyDate) AS StudyDate,
+                   any_value(PatientAge) AS PatientAge
+            FROM {studies} GROUP BY StudyInstanceUID
+        ), fr AS (
+            SELECT SeriesInstanceUID, min(FrameOfReferenceUID) AS FrameOfReferenceUID,
+                   min(AcquisitionNumber) AS AcquisitionNumber
+            FROM {instances}
+            WHERE SeriesInstanceUID IN (SELECT SeriesInstanceUID FROM s)
+            GROUP BY SeriesInstanceUID
+        )"""
+_COHORT_COLUMNS: Final = (
+    "s.patient_token, s.Manufacturer, st.StudyDate, "
+    f"{patient_age_years_sql('st.PatientAge')} AS patient_age_years, "
+    "fr.FrameOfReferenceUID, fr.AcquisitionNumber"
+)
+#: The cohort keys the result views carry (issue #24).
+COHORT_KEYS: Final = (
+    "patient_token",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "Manufacturer",
+    "StudyDate",
+)
+#: Old rows' ``label`` ``<class>_<n>``: the rows of candidates (their measurements hold a
+#: diameter) and of boxes (``box_class``) before issue #24 split label and instance.
+_OLD_INSTANCE: Final = (
+    "(f.instance IS NULL AND regexp_matches(f.label, '_[0-9]+$') AND (f.box_class IS NOT NULL "
+    "OR json_extract(f.measurements, '$.diameter_mm') IS NOT NULL))"
+)
+
+
+def _measured(key: str) -> str:
+    return f"TRY_CAST(json_extract_string(f.measurements, '$.{key}.value') AS DOUBLE)"
+
+
+def findings_view_sql(lake: LakePaths, versions: Mapping[str, int] | None = None) -> str:
+    """The ``findings`` view of ``pacsflow sql`` (at the table ``versions`` a run recorded;
+    None: the latest): the rows with their cohort keys, typed measurements and ``lesion_id``.
+
+    - Rows inferred before issue #24 get the cohort keys from ``series`` and ``studies``, the
+      typed measurements from ``measurements``, and ``label`` / ``instance`` split
+      (``lung_nodule_2`` -> ``lung_nodule``, 2) where the row is a candidate or a box.
+    - ``lesion_id`` links the findings of one acquisition (the same study, frame of
+      reference and acquisition number: e.g. a soft-tissue and a lung-kernel reconstruction)
+      by the same model and label whose centres lie in each other's extent (one's centre
+      within the other's ``size_mm`` box, in patient coordinates): count
+      ``DISTINCT lesion_id`` per patient, not rows. Linked through at most two steps; a row
+      without a frame of reference or a centre is its own lesion. Its value: ``L`` and 16 hex
+      digits of the SHA-256 of the smallest ``finding_key`` linked.
+    """
+    f = version_sql(lake, "findings", versions)
+    series = version_sql(lake, "series", versions)
+    studies = version_sql(lake, "studies", versions)
+    keys = ", ".join(
+        f"coalesce(f.{k}, s.{k}) AS {k}"
+        for k in ("patient_token", "StudyInstanceUID", "Modality", "Manufacturer")
+    )
+
+    def inside(box: str) -> str:  # one centre within ``box``'s extent, on each axis
+        return " AND ".join(
+            f"abs(a.centre_mm[{i}] - b.centre_mm[{i}]) <= {box}.size_mm[{i}] / 2" for i in (1, 2, 3)
+        )
+
+    within = f"({inside('a')}) OR ({inside('b')})"
+    return f"""(
+        WITH n AS (
+            SELECT f.* REPLACE (
+                   {keys},
+                   coalesce(f.StudyDate, st.StudyDate) AS StudyDate,
+                   coalesce(f.patient_age_years, {patient_age_years_sql("st.PatientAge")})
+                       AS patient_age_years,
+                   CASE WHEN {_OLD_INSTANCE} THEN regexp_replace(f.label, '_[0-9]+$', '')
+                        ELSE f.label END AS label,
+                   CASE WHEN {_OLD_INSTANCE}
+                        THEN CAST(regexp_extract(f.label, '_([0-9]+)$', 1) AS BIGINT)
+                        ELSE f.instance END AS instance,
+                   coalesce(f.mean_value, {_measured("mean_value")}) AS mean_value,
+                   coalesce(f.diameter_mm, {_measured("diameter_mm")}) AS diameter_mm,
+                   coalesce(f.elongation, {_measured("elongation")}) AS elongation)
+            FROM {f} f
+            LEFT JOIN (SELECT * FROM {series} QUALIFY row_number() OVER
+                       (PARTITION BY SeriesInstanceUID ORDER BY n_instances DESC NULLS LAST) = 1) s
+                   ON s.SeriesInstanceUID = f.SeriesInstanceUID
+            LEFT JOIN (SELECT * FROM {studies} QUALIFY row_number() OVER
+                       (PARTITION BY StudyInstanceUID ORDER BY n_series DESC NULLS LAST) = 1) st
+                   ON st.StudyInstanceUID = coalesce(f.StudyInstanceUID, s.StudyInstanceUID)
+        ), edges AS (
+            SELECT a.finding_key AS k, b.finding_key AS other
+            FROM n a JOIN n b
+              ON a.FrameOfReferenceUID = b.FrameOfReferenceUID
+             AND a.AcquisitionNumber IS NOT DISTINCT FROM b.AcquisitionNumber
+             AND a.StudyInstanceUID IS NOT DISTINCT FROM b.StudyInstanceUID
+             AND a.model = b.model AND a.label = b.label
+             AND a.finding_key <> b.finding_key
+             -- never two findings of one mask (two nodules of one volume)
+             AND NOT (a.tensor_key = b.tensor_key AND a.model_version = b.model_version
+                      AND a.weights_sha256 = b.weights_sha256)
+            WHERE len(a.centre_mm) = 3 AND len(b.centre_mm) = 3
+              AND len(a.size_mm) = 3 AND len(b.size_mm) = 3
+              AND ({within})
+            UNION ALL SELECT finding_key, finding_key FROM n
+        ), hop AS (
+            SELECT k, min(other) AS m FROM edges GROUP BY k
+        ), hop2 AS (
+            SELECT e.k, min(h.m) AS m FROM edges e JOIN hop h ON h.k = e.other GROUP BY e.k
+        )
+        SELECT n.*, 'L' || substr(sha256(coalesce(h.m, n.finding_key)), 1, 16) AS lesion_id
+        FROM n LEFT JOIN hop2 h ON h.k = n.finding_key
+    )"""
+
+
+def _keyed_view_sql(
+    lake: LakePaths, name: str, versions: Mapping[str, int] | None, columns: Sequence[str]
+) -> str:
+    """Table ``name`` (rows about a finding) with the finding's ``columns`` of the
+    ``findings`` view: those the table has are filled where NULL (rows written before they
+    existed), the others added."""
+    own = set(schema_for(name).names)
+    allowed = [*COHORT_KEYS, "label", "instance", "lesion_id"]
+    filled = ", ".join(
+        f"coalesce(r.{c}, k.{c}) AS {c}"
+        for c in (identifier(c, allowed) for c in columns)
+        if c in own
+    )
+    extra = ", ".join(f"k.{identifier(c, allowed)}" for c in columns if c not in own)
+    return f"""(
+        SELECT r.*{f" REPLACE ({filled})" if filled else ""}, {extra}
+        FROM {version_sql(lake, name, versions)} r
+        LEFT JOIN (SELECT * FROM {findings_view_sql(lake, versions)} QUALIFY row_number()
+                   OVER (PARTITION BY finding_key ORDER BY inferred_at DESC NULLS LAST) = 1) k
+               ON k.finding_key = r.finding_key
+    )"""
+
+
+def research_view_sql(lake: LakePaths, name: str, versions: Mapping[str, int] | None = None) -> str:
+    """The relation of the research view ``name`` of ``pacsflow sql``: the table as it is
+    (:func:`version_sql`), except ``findings`` (:func:`findings_view_sql`), ``reviews`` and
+    ``corrections`` (with their finding's cohort keys, label, instance and lesion) and
+    ``studies`` (``patient_age_years`` also for rows written before it)."""
+    if name == "findings":
+        return findings_view_sql(lake, versions)
+    if name in ("reviews", "corrections"):
+        return _keyed_view_sql(
+            lake, name, versions, [*COHORT_KEYS, "label", "instance", "lesion_id"]
+        )
+    if name == "studies":
+        age = patient_age_years_sql("PatientAge")
+        return (
+            f"(SELECT * REPLACE (coalesce(patient_age_years, {age}) AS patient_age_years) "
+            f"FROM {version_sql(lake, name, versions)})"
+        )
+    return version_sql(lake, name, versions)
+
+
 def latest_sql(lake: LakePaths, name: str, key: str, order: str, where: str = "true") -> str:
     """The latest row of each ``key`` of table ``name`` by ``order``.
 
@@ -462,8 +661,9 @@ def review_catalog(lake: LakePaths) -> Query:
     """The findings joined with their volume, series and study (the review catalog)."""
     return Query(f"""
         SELECT f.finding_key, f.SeriesInstanceUID, f.tensor_key, f.tensor_checksum,
-               f.volume_index, f.model, f.model_version, f.weights_sha256, f.label,
-               f.label_value, f.score, f.voxel_count, f.volume_ml, f.mean_hu, f.bbox,
+               f.volume_index, f.model, f.model_version, f.weights_sha256,
+               {finding_name_sql("f")} AS label, f.label_value, f.score, f.voxel_count,
+               f.volume_ml, f.mean_hu, f.bbox,
                f.measurements, f.mask_path, f.mask_checksum, f.device, f.run_id, f.inferred_at,
                f.box_class, f.box_mm, f.centre_mm, f.size_mm, f.task, f.predicted,
                t.path AS tensor_path, t.shape, t.spacing, t.rescaled,
@@ -736,13 +936,14 @@ def deid_series_instances(lake: LakePaths, version: int | None = None) -> Query:
 def deid_studies(lake: LakePaths, version: int | None = None) -> Query:
     """The ``studies`` aggregate of ``instances`` (at ``version``)."""
     return Query(
-        f"""SELECT StudyInstanceUID, any_value(patient_token) AS patient_token,
+        f"""SELECT *, {patient_age_years_sql("PatientAge")} AS patient_age_years FROM (
+            SELECT StudyInstanceUID, any_value(patient_token) AS patient_token,
                    min(coalesce(StudyDate, ContentDate)) AS StudyDate,
                    any_value(PatientAge) AS PatientAge,
                    list_sort(list_distinct(list(Modality))) AS ModalitiesInStudy,
                    count(DISTINCT SeriesInstanceUID) AS n_series, count(*) AS n_instances
             FROM {scan_sql(lake, "instances", version)}
-            GROUP BY StudyInstanceUID ORDER BY StudyInstanceUID"""
+            GROUP BY StudyInstanceUID) ORDER BY StudyInstanceUID"""
     )
 
 
@@ -881,14 +1082,21 @@ def infer_todo(
     return Query(
         f"""
         WITH s AS (
-            SELECT SeriesInstanceUID, Modality FROM {scan_sql(lake, "series")}
+            SELECT SeriesInstanceUID, Modality, StudyInstanceUID, patient_token, Manufacturer
+            FROM {scan_sql(lake, "series")}
             WHERE {where}
-        )
+        ), {
+            _COHORT_CTES.format(
+                studies=scan_sql(lake, "studies"), instances=scan_sql(lake, "instances")
+            )
+        }
         SELECT t.tensor_key, t.SeriesInstanceUID, t.path, t.shape, t.spacing, t.affine,
                t.checksum, t.rescaled, t.volume_index, t.preprocessing, t.sop_instance_uids,
-               t.frame_numbers, s.Modality
+               t.frame_numbers, s.Modality, s.StudyInstanceUID, {_COHORT_COLUMNS}
         FROM {scan_sql(lake, "tensors")} t
         JOIN s ON s.SeriesInstanceUID = t.SeriesInstanceUID
+        LEFT JOIN st ON st.StudyInstanceUID = s.StudyInstanceUID
+        LEFT JOIN fr ON fr.SeriesInstanceUID = s.SeriesInstanceUID
         WHERE t.status = 'ok' AND t.preprocessing_hash = $h
           -- the kinds of tensor the model takes: volumes for a volume model, 2D images
           -- (issue #21) for a 2D classifier
@@ -940,12 +1148,18 @@ def infer_channel_series(lake: LakePaths, *, applies_to: str, channel: str, wher
         ), s AS (
             SELECT * FROM {scan_sql(lake, "series")} JOIN i USING (SeriesInstanceUID)
             WHERE {scope} AND {match}
-        )
+        ), {
+            _COHORT_CTES.format(
+                studies=scan_sql(lake, "studies"), instances=scan_sql(lake, "instances")
+            )
+        }
         SELECT s.StudyInstanceUID, t.tensor_key, t.SeriesInstanceUID, t.path, t.shape,
                t.spacing, t.affine, t.checksum, t.rescaled, t.volume_index, t.preprocessing,
-               t.sop_instance_uids, t.frame_numbers, s.Modality
+               t.sop_instance_uids, t.frame_numbers, s.Modality, {_COHORT_COLUMNS}
         FROM {scan_sql(lake, "tensors")} t
         JOIN s ON s.SeriesInstanceUID = t.SeriesInstanceUID
+        LEFT JOIN st ON st.StudyInstanceUID = s.StudyInstanceUID
+        LEFT JOIN fr ON fr.SeriesInstanceUID = s.SeriesInstanceUID
         WHERE t.status = 'ok' AND t.preprocessing_hash = $h
           AND coalesce(t.tensor_kind, 'volume') = 'volume'
         ORDER BY s.StudyInstanceUID, t.tensor_key
@@ -975,7 +1189,7 @@ def writeback_groups(lake: LakePaths, model: str | None, *, with_entry: bool = T
                {entry} AS model_entry,
                any_value(f.SeriesInstanceUID) AS series_pseudonym,
                any_value(f.mask_path) AS mask_path,
-               list(struct_pack(label := f.label, value := f.label_value,
+               list(struct_pack(label := {finding_name_sql("f")}, value := f.label_value,
                                 category := f.category_code, type := f.type_code,
                                 volume_ml := f.volume_ml, mean_hu := f.mean_hu,
                                 voxels := f.voxel_count, score := f.score,

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 __all__ = ["SCHEMAS", "SCHEMA_VERSION", "schema_for"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -167,6 +167,8 @@ STUDIES = _schema(
         _f("ModalitiesInStudy", pa.list_(_S)),
         _f("n_series", _I),
         _f("n_instances", _I),
+        # issue #24: PatientAge ('049Y', '018M', '003W', '010D') in years, null when absent
+        _f("patient_age_years", _F),
     ],
     "research: one row per study",
 )
@@ -340,12 +342,34 @@ FINDINGS = _schema(
         _f("box_class", _S),  # the detector's class name (registry detection.classes)
         _f("box_voxel", pa.list_(_F)),  # [k0, j0, i0, k1, j1, i1] continuous tensor indices
         _f("box_mm", pa.list_(_F)),  # [x0, y0, z0, x1, y1, z1] LPS mm
+        # boxes, and (issue #24) segmentation labels: the centroid of the label's voxels
         _f("centre_mm", pa.list_(_F)),  # [x, y, z] LPS mm
         _f("size_mm", pa.list_(_F)),  # [x, y, z] extents, mm
         # issue #22: classification models (one row per class, score its probability)
         _f("task", _S),  # segmentation (null in rows before it) | classification
         _f("predicted", _B),  # classification: this class is the image's top score
         _f("model_entry", _S),  # the registry entry that ran (write-back codes from it)
+        # issue #24: the keys a cohort filters on, copied from the research tables at
+        # inference (pseudonyms and the shifted date), so that no join is needed
+        _f("patient_token", _S),
+        _f("StudyInstanceUID", _S),  # pseudonym
+        _f("Modality", _S),
+        _f("Manufacturer", _S),
+        _f("StudyDate", pa.date32()),  # shifted
+        _f("patient_age_years", _F),  # the study's PatientAge in years
+        # the acquisition: reconstructions of one acquisition (soft-tissue and lung kernels)
+        # share both; findings there are linked by the `findings` view's lesion_id
+        _f("FrameOfReferenceUID", _S),  # pseudonym
+        _f("AcquisitionNumber", _I),
+        # `label` is the class (lung_nodule); `instance` numbers the candidates or boxes of a
+        # class in one volume (1 = the first; null for a label map's label or a class). Rows
+        # before issue #24 held `<class>_<n>` in `label` and null here: the `findings` view
+        # splits them. The segment's unique name is `<label>_<instance>` (finding_key).
+        _f("instance", _I),
+        # typed measurements (also in `measurements`, with units)
+        _f("mean_value", _F),  # mean stored value in the label (any modality)
+        _f("diameter_mm", _F),  # candidates: diameter of the sphere of the same volume
+        _f("elongation", _F),  # candidates: longest / shortest bounding-box side
     ],
     "research: one row per (volume, model, label or box); a new model version adds rows",
 )
@@ -361,6 +385,13 @@ REVIEWS = _schema(
         _f("corrected_label", _S),
         _f("comment", _S),
         _f("reviewed_at", _TS, False),
+        # issue #24: the finding's cohort keys (pseudonyms, shifted date) when decided
+        _f("patient_token", _S),
+        _f("StudyInstanceUID", _S),
+        _f("SeriesInstanceUID", _S),
+        _f("Modality", _S),
+        _f("Manufacturer", _S),
+        _f("StudyDate", pa.date32()),
     ],
     "research: one row per reviewer decision (history kept)",
 )
@@ -397,6 +428,12 @@ CORRECTIONS = _schema(
         _f("shape", pa.list_(_I)),
         _f("reviewer", _S, False),
         _f("corrected_at", _TS, False),
+        # issue #24: the finding's cohort keys (pseudonyms, shifted date) when corrected
+        _f("patient_token", _S),
+        _f("StudyInstanceUID", _S),
+        _f("Modality", _S),
+        _f("Manufacturer", _S),
+        _f("StudyDate", pa.date32()),
     ],
     "research: one row per reviewer's corrected mask (issue #23; history kept)",
 )

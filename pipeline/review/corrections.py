@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.dicom.atomic import atomic_write_bytes
 from pipeline.lake.io import read_table, write_partition
 from pipeline.lake.paths import LakePaths
+from pipeline.lake.queries import COHORT_KEYS
 
 __all__ = [
     "CORRECTION_ID",
@@ -106,6 +107,8 @@ def record_correction(
         "shape": list(shape),
         "reviewer": reviewer,
         "corrected_at": when,
+        # the cohort keys of the finding (issue #24): corrections filter without a join
+        **{k: finding.get(k) for k in COHORT_KEYS if k != "SeriesInstanceUID"},
     }
     part = f"{when.strftime('%Y%m%dT%H%M%S%f')}-{correction_id[:12]}"
     write_partition(lake, "corrections", [row], part=part)

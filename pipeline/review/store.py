@@ -24,7 +24,7 @@ import pyarrow as pa
 from pipeline.lake.duck import arrow_table, connect
 from pipeline.lake.io import read_table, write_partition
 from pipeline.lake.paths import LakePaths
-from pipeline.lake.queries import review_catalog
+from pipeline.lake.queries import COHORT_KEYS, review_catalog
 
 __all__ = [
     "DECISIONS",
@@ -93,6 +93,8 @@ def record_decision(
         "corrected_label": (corrected_label or "").strip() or None,
         "comment": (comment or "").strip() or None,
         "reviewed_at": when,
+        # the cohort keys of the finding (issue #24): reviews filter without a join
+        **{k: finding.get(k) for k in COHORT_KEYS},
     }
     part = f"{when.strftime('%Y%m%dT%H%M%S%f')}-{review_id[:12]}"
     write_partition(lake, "reviews", [row], part=part)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.lake import LakePaths, read_table
+from pipeline.lake.queries import finding_name
 
 __all__ = ["LesionMatch", "match_lesions"]
 
@@ -47,7 +48,10 @@ def match_lesions(
     }
     tensors = [r for r in read_table(lake, "tensors").to_pylist() if r.get("checksum")]
     findings = [
-        f for f in read_table(lake, "findings").to_pylist() if f["label"].startswith(prefix)
+        f
+        for f in read_table(lake, "findings").to_pylist()
+        # the unique name (lung_nodule_2): label and instance apart since issue #24
+        if finding_name(f["label"], f.get("instance")).startswith(prefix)
     ]
     out: list[LesionMatch] = []
     for series in ground_truth.get("series", []):

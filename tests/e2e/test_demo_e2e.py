@@ -94,3 +94,27 @@ def test_logs_carry_no_phi(small_demo: tuple[Path, str], tmp_path: Path) -> None
                 assert value not in logs, key
     for series in truth["series"]:
         assert series["StudyInstanceUID"] not in logs
+
+
+def test_a_cohort_in_one_query_on_the_demo_lake(small_demo: tuple[Path, str]) -> None:
+    """Issue #24 §1: lung nodules per patient without a join, each nodule once although the
+    studies have a soft-tissue and a lung-kernel reconstruction of one acquisition."""
+    out, _ = small_demo
+    truth = json.loads((out / "archive" / "ground_truth.json").read_text())
+    per_study: dict[str, int] = {}
+    for s in truth["series"]:
+        n = len(s.get("lesions") or [])
+        per_study[s["StudyInstanceUID"]] = max(per_study.get(s["StudyInstanceUID"], 0), n)
+    query = (
+        "SELECT patient_token, count(DISTINCT lesion_id) AS nodules, count(*) AS n_rows "
+        "FROM findings WHERE label = 'lung_nodule' AND Modality = 'CT' GROUP BY ALL"
+    )
+    done = _pacsflow(
+        "sql", "--lake", str(out / "lake"), "--key-file", str(out / "demo.key"),
+        "--format", "json", query,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+    assert sum(r["nodules"] for r in rows) == sum(per_study.values())
+    assert sum(r["n_rows"] for r in rows) > sum(r["nodules"] for r in rows)  # two kernels
+    assert all(isinstance(r["nodules"], int) for r in rows)

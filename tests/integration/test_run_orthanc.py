@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from pipeline.cli.main import app
 from pipeline.lake import LakePaths, read_table
 from pipeline.lake.keys import LakeKeys
+from pipeline.lake.queries import finding_name
 from pipeline.synth.lesions import match_lesions
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -132,7 +133,8 @@ def test_orthanc_to_orthanc_every_lesion_comes_back(
             ]
             # SEG and SR of the volume, found by QIDO-RS in the original study
             study = series["StudyInstanceUID"]
-            nodules = {f["label"] for f in mine}
+            # the segments' unique names (label and instance apart since issue #24)
+            nodules = {finding_name(f["label"], f["instance"]) for f in mine}
             (volume,) = {f["tensor_key"] for f in mine}
             ours = {r["kind"]: r for r in outbox if r["tensor_key"] == volume}
             assert set(ours) == {"SEG", "SR"}

@@ -188,7 +188,9 @@ def test_detection_through_infer_and_writeback(tmp_path: Path) -> None:
     result = runner.invoke(app, ["infer", *common, "--workers", "1"])
     assert result.exit_code == 0, result.output
     [row] = read_table(lake, "findings").to_pylist()
-    assert row["label"] == "lung_nodule_1"
+    # issue #24: the class and the box's rank apart; the key keeps the unique name
+    assert (row["label"], row["instance"]) == ("lung_nodule", 1)
+    assert row["finding_key"].endswith("/lung_nodule_1")
     assert row["box_class"] == "lung_nodule"
     assert row["score"] == pytest.approx(1 / (1 + np.exp(-10.0)), rel=1e-5)
     lo = _world(np.array([14, 9, 3.0]), AFFINE)
@@ -201,6 +203,7 @@ def test_detection_through_infer_and_writeback(tmp_path: Path) -> None:
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
     assert sr.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.2"  # the original study
     [group] = sr.content.get_volumetric_roi_measurement_groups()
+    assert str(group.tracking_identifier) == "lung_nodule_1"  # as before issue #24
     assert group.roi.graphic_type == hd.sr.GraphicTypeValues3D.ELLIPSOID
     points = np.asarray(group.roi.graphic_data, dtype=np.float64).reshape(6, 3)
     assert [*points.min(0), *points.max(0)] == pytest.approx([*lo, *hi], abs=1e-3)

@@ -298,6 +298,12 @@ def test_brats_four_sequences_infer_and_writeback(tmp_path: Path) -> None:
     assert measured["input_channels"] == ["T1c", "T1", "T2", "FLAIR"]
     assert measured["input_series"][0] == tensors[key]["SeriesInstanceUID"]
     assert tensors[key]["shape"] == [32, 64, 64]
+    # issue #24: a multi-sequence model's findings carry the cohort keys too
+    for r in rows:
+        assert r["StudyInstanceUID"]
+        assert r["patient_token"]
+        assert r["Modality"] == "MR"
+        assert r["FrameOfReferenceUID"] is not None
     runs = sorted((lake.root / "runs").rglob("*.json"))
     manifest = json.loads(runs[-2].read_text()) if len(runs) > 1 else {}
     assert "refused_studies" in json.dumps(manifest) or manifest == {}
