@@ -43,6 +43,7 @@ from pipeline.fhir.bundle import (
     SeriesRecord,
 )
 from pipeline.lake import LakePaths, read_table
+from pipeline.lake.queries import finding_name
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +241,10 @@ def written_back_results(lake: LakePaths, *, registry: Path | None) -> Results:
         pending.append((key, objs, mine))
     for key, objs, mine in pending:
         tensor_key, model, version, weights = key
-        rows = sorted(by_group[key], key=lambda r: (r.get("label_value") or 0, r["label"]))
+        rows = sorted(
+            by_group[key],
+            key=lambda r: (r.get("label_value") or 0, r["label"], r.get("instance") or 0),
+        )
         sr = objs["SR"]
         entry = rows[0].get("model_entry")
         body = registry_entry(registry or default_registry_path(), entry=entry, model=model)
@@ -265,7 +269,8 @@ def written_back_results(lake: LakePaths, *, registry: Path | None) -> Results:
             records.append(
                 FindingRecord(
                     finding_key=r["finding_key"],
-                    label=r["label"],
+                    # the finding's unique name (lung_nodule_2): its Observations' ids
+                    label=finding_name(r["label"], r.get("instance")),
                     category=c.category,
                     type=c.type,
                     region=c.region,

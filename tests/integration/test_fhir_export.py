@@ -360,6 +360,12 @@ def test_folder_destination_validates(built: tuple[Path, LakePaths], tmp_path: P
         types = [e["resource"]["resourceType"] for e in bundle["entry"]]
         assert "Patient" not in types
         assert {"ImagingStudy", "DiagnosticReport", "Observation", "Device"} <= set(types)
+        urls = [e["fullUrl"] for e in bundle["entry"]]
+        assert len(urls) == len(set(urls)), "two resources of one Bundle share an id"
+        texts = [
+            e["resource"]["code"].get("text") for e in bundle["entry"] if "code" in e["resource"]
+        ]
+        assert not any(t == "lung_nodule" for t in texts), "a nodule named by its class alone"
     again = fhir_run(_cfg(root, token_env=None), lake, run_id="f2")
     assert again.counts.extra["skipped"] == n
     assert again.counts.extra["sent"] == 0
