@@ -52,7 +52,7 @@ from pipeline.lake.keys import Pseudonymizer
 from pipeline.lake.paths import LakePaths
 
 if TYPE_CHECKING:
-    from pipeline.fhir.search import FhirSearch
+    from pipeline.fhir.client import FhirClient
 
 logger = logging.getLogger(__name__)
 
@@ -656,7 +656,7 @@ def import_context(
 
 def import_from_server(
     lake: LakePaths,
-    client: FhirSearch,
+    client: FhirClient,
     *,
     pseudonymizer: Pseudonymizer,
     rules: DeidRules,
@@ -672,7 +672,7 @@ def import_from_server(
 
     Raises
     ------
-    SourceError
+    FhirError
         The server unreachable, refusing the token, or answering with an error.
     InputError
         A bad resource, with ``on_invalid="raise"``.
