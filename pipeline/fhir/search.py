@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.fhir.client import FhirClient
 from pipeline.fhir.ndjson import ExportFile, NdjsonLine
+from pipeline.fhir.systems import study_identifier
 
 __all__ = ["study_resources"]
 
@@ -48,7 +49,7 @@ def study_resources(
             for resource in client.search("DiagnosticReport", {"identifier": accession}):
                 keep(resource)
         for uid in uids:
-            query = {"identifier": f"urn:dicom:uid|urn:oid:{uid}"}
+            query = {"identifier": study_identifier(uid)}
             for resource in client.search("ImagingStudy", query):
                 keep(resource)
                 for ref in resource.get("basedOn") or []:

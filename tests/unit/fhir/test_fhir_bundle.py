@@ -211,3 +211,16 @@ def test_a_next_link_off_the_base_url_is_not_followed() -> None:
         for url in ("http://evil.example/fhir/X?p=2", "http://127.0.0.1:1/fhirx/X"):
             with pytest.raises(FhirError, match="outside its base URL"):
                 c._next({"link": [{"relation": "next", "url": url}]})
+
+
+def test_the_import_recognises_the_exported_study_identifiers() -> None:
+    """Both directions share one notion of a study's identifiers (pipeline.fhir.systems): the
+    ImagingStudy the export writes is matched by the import's accession and UID rules."""
+    from pipeline.fhir.context import _identifiers
+    from pipeline.fhir.systems import study_identifier
+
+    entries = json.loads(build_bundle(_result(), patient_system=SYSTEM).json_text)["entry"]
+    study = next(e["resource"] for e in entries if e["resource"]["resourceType"] == "ImagingStudy")
+    assert _identifiers(study) == ({"DEMOACC1"}, {"2.25.1"})
+    system, value = study_identifier("2.25.1").split("|")
+    assert {"system": system, "value": value} in study["identifier"]
