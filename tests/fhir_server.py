@@ -9,15 +9,19 @@ transactions, ``fhirsnake`` serves files read-only), so the tests talk to this o
   create); conditional references (``Patient?identifier=s|v``) and ``urn:uuid`` full URLs
   resolved; all or nothing (a 412 for a conditional reference that matches no resource or
   several, nothing stored);
-- ``GET [base]/Type/id`` (read) and ``GET [base]/Type?params`` (search: ``_id``,
-  ``identifier`` as ``system|value`` or ``value``, ``subject``, ``patient``, ``status``,
-  ``subject:identifier``/``patient:identifier`` on the reference's logical identifier);
+- ``GET [base]/Type/id`` (read); search as ``GET [base]/Type?params`` or ``POST
+  [base]/Type/_search`` with a form body: ``_id``, ``identifier`` as ``system|value`` or
+  ``value`` (an accession number is found by its value, whatever its ``ACSN`` type), ``subject``,
+  ``patient``, ``status``, ``based-on``, ``subject:identifier``/``patient:identifier`` on the
+  reference's logical identifier; ``_count`` pages, each with a ``next`` link (a GET that
+  repeats the parameters, as many servers' links do);
 - every resource (and the Bundle) validated by ``fhir.resources`` (R4B models): 400 with an
   OperationOutcome otherwise; a bearer token checked (401); storage on disk, one JSON file per
   resource, written atomically, so a stopped and restarted server keeps its data; an update
   with unchanged content keeps its version (as HAPI does).
 
-Run: ``python tests/fhir_server.py --port P --data DIR [--token T]``.
+Run: ``python tests/fhir_server.py --port P --data DIR [--token T]``; in tests,
+:class:`FhirTestServer` runs it in a subprocess.
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 import uuid
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fhir.resources.R4B import get_fhir_model_class
 
@@ -128,6 +137,9 @@ def matches(resource: dict[str, Any], params: list[tuple[str, str]]) -> bool:
             ok = _match_identifier([ref.get("identifier") or {}], value)
         elif name == "status":
             ok = resource.get("status") == value
+        elif name == "based-on":
+            refs = [str((r or {}).get("reference")) for r in resource.get("basedOn") or []]
+            ok = value in refs
         else:
             raise Refused(400, "not-supported", f"search parameter {name!r} not supported")
         if not ok:
@@ -142,6 +154,25 @@ class Server:
     def search(self, rtype: str, query: str) -> list[dict[str, Any]]:
         params = parse_qsl(query, keep_blank_values=True)
         return [r for r in self.store.all(rtype) if matches(r, params)]
+
+    def searchset(self, rtype: str, query: str, base: str) -> dict[str, Any]:
+        """One page of a search (``_count``, ``_offset``), with a ``next`` link if more."""
+        found = self.search(rtype, query)
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        count = int(params.get("_count") or 50)
+        offset = int(params.get("_offset") or 0)
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(found),
+            "entry": [
+                {"resource": r, "search": {"mode": "match"}} for r in found[offset : offset + count]
+            ],
+        }
+        if offset + count < len(found):
+            after = urlencode({**params, "_offset": str(offset + count)})
+            bundle["link"] = [{"relation": "next", "url": f"{base}/{rtype}?{after}"}]
+        return bundle
 
     def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
         if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "transaction":
@@ -248,6 +279,9 @@ def make_handler(server: Server, token: str | None) -> type[BaseHTTPRequestHandl
             self._send(401, _outcome("security", "bad or missing bearer token"))
             return False
 
+        def _base(self) -> str:
+            return f"http://{self.headers.get('Host')}"
+
         def do_GET(self) -> None:
             if not self._authorised():
                 return
@@ -266,18 +300,7 @@ def make_handler(server: Server, token: str | None) -> type[BaseHTTPRequestHandl
                         self._send(200, {"resourceType": "CapabilityStatement"})
                         return
                     if len(segs) == 1:
-                        found = server.search(segs[0], parts.query)
-                        self._send(
-                            200,
-                            {
-                                "resourceType": "Bundle",
-                                "type": "searchset",
-                                "total": len(found),
-                                "entry": [
-                                    {"resource": r, "search": {"mode": "match"}} for r in found
-                                ],
-                            },
-                        )
+                        self._send(200, server.searchset(segs[0], parts.query, self._base()))
                         return
                 self._send(404, _outcome("not-found", "unknown path"))
             except Refused as exc:
@@ -288,8 +311,17 @@ def make_handler(server: Server, token: str | None) -> type[BaseHTTPRequestHandl
             raw = self.rfile.read(length)
             if not self._authorised():
                 return
-            if urlsplit(self.path).path.strip("/"):
-                self._send(404, _outcome("not-supported", "POST [base] only"))
+            segs = [s for s in urlsplit(self.path).path.split("/") if s]
+            if len(segs) == 2 and segs[1] == "_search":
+                try:
+                    with _LOCK:
+                        page = server.searchset(segs[0], raw.decode(), self._base())
+                    self._send(200, page)
+                except Refused as exc:
+                    self._send(exc.status, _outcome(exc.code, exc.text))
+                return
+            if segs:
+                self._send(404, _outcome("not-supported", "POST [base] or [base]/Type/_search"))
                 return
             try:
                 bundle = json.loads(raw)
@@ -301,6 +333,72 @@ def make_handler(server: Server, token: str | None) -> type[BaseHTTPRequestHandl
                 self._send(exc.status, _outcome(exc.code, exc.text))
 
     return Handler
+
+
+def seed(data: Path, resources: Iterable[dict[str, Any]]) -> int:
+    """Store ``resources`` in the data folder ``data`` as they are (their ids and ``meta``
+    kept, as the EHR holds them), skipping those ``fhir.resources`` finds invalid (a server
+    holds valid resources only); how many were stored. Call it while the server is stopped."""
+    store = Store(data)
+    n = 0
+    for resource in resources:
+        try:
+            _validate(resource)
+        except Refused:
+            continue
+        p = store.path(resource["resourceType"], resource["id"])
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(resource))
+        n += 1
+    return n
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class FhirTestServer:
+    """This server in a subprocess on loopback, its data in ``data``; ``stop()`` and
+    ``start()`` keep the data."""
+
+    def __init__(self, data: Path, token: str | None = None) -> None:
+        self.data, self.token, self.port = data, token, _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import requests
+
+        token = ["--token", self.token] if self.token else []
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--port", str(self.port), "--data", str(self.data),
+             *token],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{self.url}/metadata", timeout=1)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("the FHIR test server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def count(self, rtype: str) -> int:
+        folder = self.data / rtype
+        return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
 
 
 def main(argv: list[str] | None = None) -> None:

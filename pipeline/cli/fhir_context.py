@@ -62,11 +62,10 @@ def import_context(
 
     def body() -> None:
         from pipeline.cli._common import audit_log, lake_keys, open_lake_or_fail
-        from pipeline.config.env import secret
         from pipeline.deid.rules import ProfileRules
+        from pipeline.fhir.client import FhirClient
         from pipeline.fhir.context import import_context as from_folder
         from pipeline.fhir.context import import_from_server
-        from pipeline.fhir.search import FhirSearch
         from pipeline.lake.lock import lake_lock
         from pipeline.lake.manifest import new_run_id
 
@@ -83,15 +82,15 @@ def import_context(
         with lake_lock(paths, "fhir-import"):
             if fc.source == "server":
                 assert fc.url is not None
-                token = secret(fc.token_env)
-                if fc.token_env and not token:
-                    fail(f"the bearer token variable {fc.token_env} is not set", 2)
-                client = FhirSearch(
+                client = FhirClient.from_env(
                     fc.url,
-                    token=token,
-                    ca_bundle=fc.ca_bundle,
+                    token_env=fc.token_env,
+                    section="fhir_context",
+                    verify=str(fc.ca_bundle) if fc.ca_bundle is not None else True,
                     timeout_s=fc.timeout_s,
                     page_size=fc.page_size,
+                    retries=2,
+                    backoff_s=0.2,
                 )
                 try:
                     result = import_from_server(

@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pipeline.fhir.systems import ACSN, DICOM_UID, SYSTEMS, V2_0203, oid
+
 __all__ = [
     "DEFAULT_MEASUREMENTS",
     "NAMESPACE",
@@ -53,15 +55,6 @@ Triple = tuple[str, str, str]  # (code value, coding scheme designator, code mea
 #: the namespace of every id pacsflow gives a FHIR resource (UUID 5)
 NAMESPACE: Final = uuid.UUID("5b0f3c4e-5d0a-5a83-9d6c-2a3f7c1e9b11")
 
-#: DICOM coding scheme designators -> FHIR code systems
-SYSTEMS: Final = {
-    "SCT": "http://snomed.info/sct",
-    "DCM": "http://dicom.nema.org/resources/ontology/DCM",
-    "UCUM": "http://unitsofmeasure.org",
-    "LN": "http://loinc.org",
-    "99PACSFLOW": "urn:pacsflow:local-codes",
-}
-DICOM_UID: Final = "urn:dicom:uid"
 RESULT_SYSTEM: Final = "urn:pacsflow:result"
 WEIGHTS_SYSTEM: Final = "urn:pacsflow:weights-sha256"
 SOP_CLASS_SEG: Final = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -81,7 +74,6 @@ DEFAULT_MEASUREMENTS: Final[dict[str, tuple[Triple, Triple, Triple | None]]] = {
 #: the report's code and category when the registry entry has no ``report``
 DEFAULT_REPORT_CODE: Final[Triple] = ("126000", "DCM", "Imaging Measurement Report")
 DEFAULT_REPORT_CATEGORY: Final[tuple[Triple, ...]] = (("RAD", "HL70074", "Radiology"),)
-_EXTRA_SYSTEMS: Final = {"HL70074": "http://terminology.hl7.org/CodeSystem/v2-0074"}
 
 
 @dataclass(frozen=True)
@@ -170,12 +162,8 @@ def coding(code: Triple) -> dict[str, str]:
     """A FHIR Coding of a DICOM-style code triple (SCT, DCM, UCUM, LN and pacsflow's local
     scheme map to their FHIR systems; any other designator to ``urn:pacsflow:scheme:<it>``)."""
     value, scheme, meaning = code
-    system = SYSTEMS.get(scheme) or _EXTRA_SYSTEMS.get(scheme) or f"urn:pacsflow:scheme:{scheme}"
+    system = SYSTEMS.get(scheme) or f"urn:pacsflow:scheme:{scheme}"
     return {"system": system, "code": value, "display": meaning}
-
-
-def _oid(uid: str) -> str:
-    return f"urn:oid:{uid}"
 
 
 def _instant(when: dt.datetime) -> str:
@@ -285,21 +273,10 @@ def build_bundle(result: ResultRecord, *, patient_system: str) -> BuiltBundle:
     issued = _instant(result.issued)
     resources: list[dict[str, Any]] = []
 
-    identifiers: list[dict[str, Any]] = [{"system": DICOM_UID, "value": _oid(result.study_uid)}]
+    identifiers: list[dict[str, Any]] = [{"system": DICOM_UID, "value": oid(result.study_uid)}]
     if result.accession:
-        identifiers.append(
-            {
-                "type": {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/v2-0203",
-                            "code": "ACSN",
-                        }
-                    ]
-                },
-                "value": result.accession,
-            }
-        )
+        acsn = {"coding": [{"system": V2_0203, "code": ACSN}]}
+        identifiers.append({"type": acsn, "value": result.accession})
     modalities = sorted({s.modality for s in result.series if s.modality})
     study: dict[str, Any] = {
         "resourceType": "ImagingStudy",
@@ -319,7 +296,7 @@ def build_bundle(result: ResultRecord, *, patient_system: str) -> BuiltBundle:
                 "instance": [
                     {
                         "uid": sop,
-                        "sopClass": {"system": "urn:ietf:rfc:3986", "code": _oid(cls)},
+                        "sopClass": {"system": "urn:ietf:rfc:3986", "code": oid(cls)},
                         **({"number": number} if number is not None else {}),
                     }
                     for sop, cls, number in s.instances
@@ -349,7 +326,7 @@ def build_bundle(result: ResultRecord, *, patient_system: str) -> BuiltBundle:
     document = {
         "resourceType": "DocumentReference",
         "id": doc_id,
-        "masterIdentifier": {"system": DICOM_UID, "value": _oid(result.sr_uid)},
+        "masterIdentifier": {"system": DICOM_UID, "value": oid(result.sr_uid)},
         "status": "current",
         "docStatus": status if status in ("preliminary", "final") else "entered-in-error",
         "type": {"coding": [coding(result.report_code)]},

@@ -47,12 +47,13 @@ from pipeline.enums import QuarantineReason, Stage
 from pipeline.errors import InputError
 from pipeline.fhir.deid import DeidRules, codings, resource_key, shift_datetime, text
 from pipeline.fhir.ndjson import NdjsonLine, export_files, read_lines
+from pipeline.fhir.systems import DICOM_UID, is_accession, uid_of
 from pipeline.lake.io import commit_rows, read_table, write_partition
 from pipeline.lake.keys import Pseudonymizer
 from pipeline.lake.paths import LakePaths
 
 if TYPE_CHECKING:
-    from pipeline.fhir.search import FhirSearch
+    from pipeline.fhir.client import FhirClient
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,6 @@ __all__ = [
     "study_links",
 ]
 
-#: HL7 v2-0203 identifier type of an accession number
-_ACSN = "ACSN"
-_DICOM_UID_SYSTEM = "urn:dicom:uid"
 #: how far each status has come (a later status supersedes an earlier one of one version)
 _STATUS_RANK: dict[str, int] = {
     # DiagnosticReport
@@ -170,13 +168,6 @@ def study_links(
 # ------------------------------------------------------------------------------- references
 
 
-def _is_accession(identifier: Mapping[str, Any]) -> bool:
-    typ = identifier.get("type") or {}
-    return any(
-        (c or {}).get("code") == _ACSN for c in (typ.get("coding") or []) if isinstance(c, dict)
-    )
-
-
 def _identifiers(resource: Mapping[str, Any]) -> tuple[set[str], set[str]]:
     """(accession numbers, Study Instance UIDs) among ``resource``'s identifiers."""
     accessions: set[str] = set()
@@ -185,10 +176,10 @@ def _identifiers(resource: Mapping[str, Any]) -> tuple[set[str], set[str]]:
         if not isinstance(ident, dict) or not isinstance(ident.get("value"), str):
             continue
         value = ident["value"].strip()
-        if _is_accession(ident):
+        if is_accession(ident):
             accessions.add(value)
-        elif ident.get("system") == _DICOM_UID_SYSTEM:
-            uids.add(value.removeprefix("urn:oid:"))
+        elif ident.get("system") == DICOM_UID:
+            uids.add(uid_of(value))
     return accessions, uids
 
 
@@ -220,7 +211,7 @@ def _logical_accessions(resource: Mapping[str, Any], element: str) -> set[str]:
         if isinstance(ref, dict)
         and isinstance(ref.get("identifier"), dict)
         and isinstance(ref["identifier"].get("value"), str)
-        and _is_accession(ref["identifier"])
+        and is_accession(ref["identifier"])
     }
 
 
@@ -656,7 +647,7 @@ def import_context(
 
 def import_from_server(
     lake: LakePaths,
-    client: FhirSearch,
+    client: FhirClient,
     *,
     pseudonymizer: Pseudonymizer,
     rules: DeidRules,
@@ -672,7 +663,7 @@ def import_from_server(
 
     Raises
     ------
-    SourceError
+    FhirError
         The server unreachable, refusing the token, or answering with an error.
     InputError
         A bad resource, with ``on_invalid="raise"``.

@@ -15,7 +15,7 @@ import each other):
 - codes (``Coding``): system and code kept, ``display`` as a DICOM Code Meaning (the
   canonical meaning of a known code; else null unless ``deid.keep_code_meanings`` names the
   scheme); the FHIR system URI is mapped to its DICOM Coding Scheme Designator
-  (:data:`SCHEMES`) for that decision;
+  (:data:`pipeline.fhir.systems.SCHEMES`) for that decision;
 - identifiers: never copied; the study, patient and accession become the keyed pseudonyms
   the DICOM headers got, the resource ids keyed tokens (:func:`resource_key`).
 """
@@ -25,11 +25,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Protocol
 
+from pipeline.fhir.systems import SCHEMES
 from pipeline.lake.keys import Pseudonymizer
 
 __all__ = [
     "COUNTERPARTS",
-    "SCHEMES",
     "DeidRules",
     "codings",
     "resource_key",
@@ -49,20 +49,6 @@ COUNTERPARTS: dict[str, int] = {
     "DiagnosticReport.conclusion": 0x40080300,  # Impressions
     "DiagnosticReport.code.text": 0x00081030,  # Study Description
     "meta.lastUpdated": 0x00080023,  # Content Date
-}
-
-#: FHIR code system URI -> DICOM Coding Scheme Designator (PS3.16 Table 8-1); other systems
-#: are named by their URI (which ``deid.keep_code_meanings`` may then name)
-SCHEMES: dict[str, str] = {
-    "http://snomed.info/sct": "SCT",
-    "http://loinc.org": "LN",
-    "http://dicom.nema.org/resources/ontology/DCM": "DCM",
-    "http://unitsofmeasure.org": "UCUM",
-    "http://radlex.org": "RADLEX",
-    "http://www.radlex.org": "RADLEX",
-    "http://ncimeta.nci.nih.gov": "NCIt",
-    "http://hl7.org/fhir/sid/icd-10": "I10",
-    "http://hl7.org/fhir/sid/icd-10-cm": "I10C",
 }
 
 _TIME_KEPT = frozenset({"K"})

@@ -36,9 +36,8 @@ from typing import Any, Final
 
 from pipeline.compute import set_total
 from pipeline.config import PipelineConfig
-from pipeline.config.env import secret
 from pipeline.enums import Zone
-from pipeline.errors import ConfigError, FhirError
+from pipeline.errors import FhirError
 from pipeline.fhir.bundle import BuiltBundle, build_bundle
 from pipeline.fhir.client import FhirClient, is_server
 from pipeline.fhir.export import written_back_results
@@ -75,16 +74,11 @@ def public_dest(dest: str) -> str:
 
 
 def _client(cfg: PipelineConfig, dest: str) -> FhirClient:
-    token = secret(cfg.fhir.token_env)
-    if cfg.fhir.token_env and token is None:
-        raise ConfigError(
-            f"fhir.token_env names {cfg.fhir.token_env}, which is not set: export the token "
-            "in that variable"
-        )
     verify = cfg.fhir.verify_tls
-    return FhirClient(
+    return FhirClient.from_env(
         dest,
-        token=token,
+        token_env=cfg.fhir.token_env,
+        section="fhir",
         verify=str(verify) if isinstance(verify, Path) else verify,
         timeout_s=cfg.fhir.timeout_s,
         retries=cfg.fhir.retries,

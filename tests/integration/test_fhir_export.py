@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -16,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fhir_server
 import pytest
-import requests
 from bundle_factory import make_bundle, write_registry
 
 from pipeline.config import load_config
@@ -41,7 +40,6 @@ KEY = b"f" * 32
 SEED = 2525
 SYSTEM = "urn:oid:1.2.826.0.1.3680043.10.1234.1"
 TOKEN = "test-token-1"
-SERVER = Path(__file__).resolve().parents[1] / "fhir_server.py"
 
 
 def _cfg(root: Path, **fhir: Any) -> Any:
@@ -94,50 +92,14 @@ def _copy(lake: LakePaths, to: Path) -> LakePaths:
     return LakePaths(to).with_keys(lake.keys)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class FhirTestServer(fhir_server.FhirTestServer):
+    """The test server with this module's token and a client of it."""
 
-
-class FhirTestServer:
-    """tests/fhir_server.py in a subprocess; stop() and start() keep its data."""
-
-    def __init__(self, data: Path, token: str = TOKEN) -> None:
-        self.data, self.token, self.port = data, token, _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SERVER), "--port", str(self.port), "--data", str(self.data),
-             "--token", self.token],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                requests.get(f"{self.url}/metadata", timeout=1)
-                return
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("the FHIR test server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
+    def __init__(self, data: Path) -> None:
+        super().__init__(data, token=TOKEN)
 
     def client(self) -> FhirClient:
-        return FhirClient(self.url, token=self.token, retries=0)
-
-    def count(self, rtype: str) -> int:
-        folder = self.data / rtype
-        return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
+        return FhirClient(self.url, token=TOKEN, retries=0)
 
 
 @pytest.fixture

@@ -200,3 +200,27 @@ def test_a_server_that_never_answers_is_one_timeout_line() -> None:
             c.search("DiagnosticReport", {"identifier": "x"})
     assert info.value.transient
     assert str(info.value) == f"no answer from {url} within 0.3 s"
+
+
+def test_a_next_link_off_the_base_url_is_not_followed() -> None:
+    """The bearer token goes to the base URL only: a next page elsewhere is one error."""
+    with FhirClient("http://127.0.0.1:1/fhir", token="t") as c:
+        inside = {"link": [{"relation": "next", "url": "http://127.0.0.1:1/fhir/X?p=2"}]}
+        assert c._next(inside) == "http://127.0.0.1:1/fhir/X?p=2"
+        assert c._next({"link": [{"relation": "self", "url": "http://x/"}]}) is None
+        for url in ("http://evil.example/fhir/X?p=2", "http://127.0.0.1:1/fhirx/X"):
+            with pytest.raises(FhirError, match="outside its base URL"):
+                c._next({"link": [{"relation": "next", "url": url}]})
+
+
+def test_the_import_recognises_the_exported_study_identifiers() -> None:
+    """Both directions share one notion of a study's identifiers (pipeline.fhir.systems): the
+    ImagingStudy the export writes is matched by the import's accession and UID rules."""
+    from pipeline.fhir.context import _identifiers
+    from pipeline.fhir.systems import study_identifier
+
+    entries = json.loads(build_bundle(_result(), patient_system=SYSTEM).json_text)["entry"]
+    study = next(e["resource"] for e in entries if e["resource"]["resourceType"] == "ImagingStudy")
+    assert _identifiers(study) == ({"DEMOACC1"}, {"2.25.1"})
+    system, value = study_identifier("2.25.1").split("|")
+    assert {"system": system, "value": value} in study["identifier"]
