@@ -23,6 +23,8 @@ from pipeline.deid.stage import run as deid_run
 from pipeline.infer.stage import run as infer_run
 from pipeline.lake import LakePaths, read_table
 from pipeline.lake.arrays import load_tensor
+from pipeline.lake.identity import open_lake
+from pipeline.lake.keys import LakeKeys
 from pipeline.review.corrections import record_correction
 from pipeline.tensors.stage import run as tensors_run
 from pipeline.writeback.stage import dciodvfy_errors
@@ -60,6 +62,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LakePaths]:
     write_registry(root / "models.yaml", bundle)
     cfg = _cfg(root)
     lake = LakePaths(root / "lake")
+    open_lake(lake, LakeKeys(KEY), create=True)  # the CLI test opens it as a lake
     crawl_run(cfg, lake, FolderSource(root / "archive"), run_id="c")
     deid_run(cfg, lake, key=KEY, run_id="d")
     tensors_run(cfg, lake, run_id="t")
@@ -184,3 +187,47 @@ def test_corrections_reach_orthanc_as_seg_with_the_reviewer(
     assert erased.counts.extra["corrections_refused"] == 1
     assert erased.counts.extra["sent"] == 0
     assert _in_pacs(orthanc, row["SeriesInstanceUID"]) == 2
+
+
+def test_cli_corrections_flag_writes_them_once_to_a_folder(
+    built: tuple[Path, LakePaths], tmp_path: Path
+) -> None:
+    """`pacsflow writeback --corrections` sends the corrections the config leaves off."""
+    import base64
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli.main import app
+
+    root, base = built
+    lake = LakePaths(tmp_path / "lake")
+    shutil.copytree(base.root, lake.root)
+    finding, _tensor = _finding(lake)
+    mask = (load_tensor(lake, finding["mask_path"]) == finding["label_value"]).astype(np.uint8)
+    mask[0] = 1  # a whole slice added
+    record_correction(lake, finding, mask, reviewer=REVIEWER)
+    key_file = tmp_path / "k.key"
+    key_file.write_text(f"pacsflow-key-v1\n{base64.b64encode(KEY).decode()}\n")
+    key_file.chmod(0o600)
+    config = tmp_path / "wb.yaml"
+    config.write_text(yaml.safe_dump({
+        "infer": {"registry": str(root / "models.yaml")},
+        "logging": {"level": "WARNING"},
+    }))  # fmt: skip
+    dest = tmp_path / "results"
+    argv = ["writeback", "--lake", str(lake.root), "--dest", str(dest),
+            "--key-file", str(key_file), "--config", str(config)]  # fmt: skip
+
+    def corrected() -> list[pydicom.Dataset]:
+        found = [pydicom.dcmread(f) for f in sorted(dest.rglob("*.dcm"))]
+        return [ds for ds in found if ds.get("ContentLabel") == "CORRECTED"]
+
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert corrected() == []
+    for _ in range(2):  # twice = once
+        result = CliRunner().invoke(app, [*argv, "--corrections"])
+        assert result.exit_code == 0, result.output
+        (seg,) = corrected()
+    assert seg.ContentCreatorName.family_name == REVIEWER
