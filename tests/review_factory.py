@@ -62,6 +62,78 @@ def build_review_lake(root: Path, key: bytes, *, seed: int) -> LakePaths:
     return paths
 
 
+def add_big_ct(lake: LakePaths, like: dict[str, Any], shape: tuple[int, int, int]) -> str:
+    """A CT of ``shape`` (int16 HU, as the tensors stage stores CT) and a mask of a sphere
+    written into the research zone with their tensors and findings rows; the key."""
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.lake import write_partition
+
+    n, r, c = shape
+    k, j, i = np.ogrid[:n, :r, :c]
+    body = ((j - r // 2) ** 2 + (i - c // 2) ** 2) < (0.45 * r) ** 2
+    vol = np.broadcast_to(np.where(body, 40, -1000), shape).astype(np.int16)
+    vol += ((k * 7 + j * 3 + i) % 23).astype(np.int16)  # texture, so slices differ
+    ball = (k - n // 2) ** 2 + ((j - r // 2.5) ** 2 + (i - c // 1.7) ** 2) * 0.7**2 < 15**2
+    vol[ball] = 60
+    mask = ball.astype(np.uint8)
+    tensor_key = f"{like['SeriesInstanceUID']}/big-ct-{n}x{r}x{c}"
+    folder = lake.research / "tensors" / f"big{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "ct.npy", vol)
+    (lake.research / "masks" / f"big{n}").mkdir(parents=True, exist_ok=True)
+    np.save(lake.research / "masks" / f"big{n}" / "ct.npy", mask)
+    checksum = "sha256:" + hashlib.sha256((folder / "ct.npy").read_bytes()).hexdigest()
+    affine = [0.7, 0, 0, -180.0, 0, 0.7, 0, -180.0, 0, 0, 1.0, -150.0, 0, 0, 0, 1]
+    write_partition(
+        lake,
+        "tensors",
+        [
+            {
+                "tensor_key": tensor_key,
+                "SeriesInstanceUID": like["SeriesInstanceUID"],
+                "status": "ok",
+                "path": f"tensors/big{n}/ct.npy",
+                "shape": list(shape),
+                "spacing": [1.0, 0.7, 0.7],
+                "affine": affine,
+                "dtype": "int16",
+                "checksum": checksum,
+                "rescaled": True,
+            }
+        ],
+        part=f"big-ct-{n}",
+    )
+    key = f"{tensor_key}/{like['model']}@{like['model_version']}/nodule"
+    write_partition(
+        lake,
+        "findings",
+        [
+            {
+                "finding_key": key,
+                "SeriesInstanceUID": like["SeriesInstanceUID"],
+                "tensor_key": tensor_key,
+                "tensor_checksum": checksum,
+                "model": like["model"],
+                "model_version": like["model_version"],
+                "weights_sha256": like["weights_sha256"],
+                "label": "nodule",
+                "label_value": 1,
+                "voxel_count": int(mask.sum()),
+                "bbox": [
+                    int(v) for a in (np.argwhere(ball).min(0), np.argwhere(ball).max(0)) for v in a
+                ],
+                "mask_path": f"masks/big{n}/ct.npy",
+                "inferred_at": like["inferred_at"],
+            }
+        ],
+        part=f"big-ct-{n}",
+    )
+    return key
+
+
 @contextlib.contextmanager
 def headless_chromium(
     *extra_args: str, console_log: bool = True, webgl: bool = False

@@ -836,6 +836,12 @@ class ReviewConfig(_Section):
     report_images: int = Field(
         500, ge=0, le=100_000, description="Findings with an embedded image in --report."
     )
+    write_back_corrections: bool = Field(
+        False,
+        description="The write-back stage also sends each finding's latest corrected mask as "
+        "a DICOM SEG (the reviewer its content creator, the model its algorithm), once per "
+        "correction (`pacsflow writeback --corrections` asks for it once).",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ReviewConfig:

@@ -5,7 +5,8 @@ and reviewers' corrected masks.
   long-cached under a versioned name, gzipped when the browser accepts it);
 - ``GET /volume.nii?key=<finding>`` and ``GET /mask.nii?key=<finding>[&correction=<id>]``:
   the de-identified volume and the finding's mask (1 on the finding; or a stored correction)
-  as NIfTI-1 in RAS (:mod:`pipeline.review.nifti`), raw or with ``gz=1`` gzipped; login and
+  as NIfTI-1 in RAS (:mod:`pipeline.review.nifti`), raw or with ``gz=1`` gzipped, whole or
+  with ``step=n`` every n-th voxel along each axis (a preview the page shows first); login and
   the ``view`` permission required, each answer (a 304 too) audited as a view; ``Cache-Control:
   private, no-cache`` with an ETag, so a browser revalidates (and is audited) every time;
 - ``POST /correction?key=<finding>``: a drawn mask (NIfTI, gzipped or not) from a role with the
@@ -56,6 +57,19 @@ _STATIC_TYPES = {NIIVUE: "text/javascript", "LICENSE": "text/plain; charset=utf-
 #: 512x512x300 CT is 75 MiB and must be gzipped).
 MAX_CORRECTION_BYTES = 64 * 1024 * 1024
 _NII_TYPES = frozenset({"uint8", "int16", "int32", "float32", "int8", "uint16"})
+
+
+#: Largest ``step`` of a preview volume (every step-th voxel along each axis).
+MAX_STEP = 16
+
+
+def _step(request: Request) -> int | None:
+    """The request's ``step`` (1 when absent), or None when it is not an integer 1..MAX_STEP."""
+    text = request.query_params.get("step", "1")
+    if not (text.isascii() and text.isdigit() and len(text) <= 2):
+        return None
+    step = int(text)
+    return step if 1 <= step <= MAX_STEP else None
 
 
 class Viewer:
@@ -186,6 +200,8 @@ class Viewer:
             return PlainTextResponse("no such finding or volume", status_code=404)
         if request.query_params.get("gz", "0") not in ("0", "1"):
             return PlainTextResponse("gz must be 0 or 1", status_code=400)
+        if _step(request) is None:
+            return PlainTextResponse(f"step must be 1..{MAX_STEP}", status_code=400)
         return who, f
 
     def _nifti(
@@ -194,10 +210,17 @@ class Viewer:
         from starlette.responses import Response
 
         gz = request.query_params.get("gz", "0") == "1"
-        etag = '"' + hashlib.sha256(f"{tag}|{int(gz)}".encode()).hexdigest()[:32] + '"'
+        step = _step(request) or 1
+        etag = '"' + hashlib.sha256(f"{tag}|{int(gz)}|{step}".encode()).hexdigest()[:32] + '"'
         headers = {"Cache-Control": "private, no-cache", "ETag": etag}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
+        if step > 1:  # a preview: every step-th voxel, the affine's voxel axes scaled
+            array = array[::step, ::step, ::step]
+            scaled = np.asarray(affine, dtype=np.float64).reshape(4, 4) @ np.diag(
+                [step, step, step, 1.0]
+            )
+            affine = [float(v) for v in scaled.reshape(-1)]
         if array.dtype.name not in _NII_TYPES:
             array = array.astype(np.float32 if array.dtype.kind == "f" else np.int32)
         body = (

@@ -355,7 +355,14 @@ class WritebackStage:
 
     name: ClassVar[str] = "writeback"
     restricted: ClassVar[bool] = True  # re-identifies: reads the vault and the archive
-    reads: ClassVar[tuple[str, ...]] = ("findings", "tensors", "vault", "index", "outbox")
+    reads: ClassVar[tuple[str, ...]] = (
+        "findings",
+        "tensors",
+        "vault",
+        "index",
+        "outbox",
+        "corrections",
+    )
     writes: ClassVar[tuple[str, ...]] = ("outbox",)
     events: ClassVar[tuple[str, ...]] = ("written_back",)
 
@@ -383,6 +390,7 @@ class WritebackStage:
                 model=ctx.options.get("model"),
                 progress=progress,
                 audit=audit,
+                corrections=ctx.options.get("corrections"),
             )
         c, e = r.counts, r.counts.extra
         refused = int(e.get("refused_volumes", 0))

@@ -26,6 +26,7 @@ Nothing here reads the lake: callers pass the original (re-identified) source he
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -35,7 +36,14 @@ import numpy.typing as npt
 
 from pipeline.errors import WritebackError
 
-__all__ = ["SegmentSpec", "build_seg", "build_sr", "referenced_segment", "segment_of_frames"]
+__all__ = [
+    "ReviewerObserver",
+    "SegmentSpec",
+    "build_seg",
+    "build_sr",
+    "referenced_segment",
+    "segment_of_frames",
+]
 
 MANUFACTURER: Final = "pacsflow"
 _PROCEDURE_FALLBACK: Final = ("363679005", "SCT", "Imaging procedure")
@@ -58,12 +66,46 @@ class SegmentSpec:
     rgb: tuple[int, int, int] | None = None  # recommended display colour
 
 
+@dataclass(frozen=True)
+class ReviewerObserver:
+    """The reviewer who corrected a mask, as the observer (content creator) of its SEG.
+
+    ``login`` is the review app's account name, the name its audit log records: staff, never a
+    patient's. It becomes the Content Creator's Name (a PN of one component, the family name,
+    DICOM-unsafe characters replaced) and a person identification code in pacsflow's local
+    scheme.
+
+    Raises:
+        WritebackError: an empty login.
+    """
+
+    login: str
+
+    def __post_init__(self) -> None:
+        if not self.login.strip():
+            raise WritebackError("a correction's reviewer has no name")
+
+    @property
+    def person_name(self) -> str:
+        """The login as a DICOM PN of one component, the family name (a trailing caret says
+        so; no other component or group separator, at most 64 chars)."""
+        return re.sub(r"[^A-Za-z0-9 ._@-]", "_", self.login.strip())[:63] + "^"
+
+    def code(self) -> Any:
+        """The reviewer's person identification code (local scheme ``99PACSFLOW``)."""
+        from pipeline.codes import LOCAL_SCHEME
+
+        name = self.person_name.removesuffix("^")
+        return _code((self.login.strip()[:64], LOCAL_SCHEME, f"review user {name}"))
+
+
 #: SNOMED CT laterality codes (CID 244) a type or region modifier may carry into an SR site
 _LATERALITY: Final = {"7771000", "24028007", "51440002", "66459002"}
 
 
-def _coding_schemes(segments: Sequence[SegmentSpec]) -> list[Any]:
-    """Coding Scheme Identification items for the private schemes ``segments`` use."""
+def _coding_schemes(segments: Sequence[SegmentSpec], *, local: bool = False) -> list[Any]:
+    """Coding Scheme Identification items for the private schemes ``segments`` use (and the
+    local scheme when ``local``: a reviewer's identification code)."""
     from pydicom.dataset import Dataset
 
     from pipeline.codes import LOCAL_SCHEME, LOCAL_SCHEME_NAME
@@ -75,7 +117,7 @@ def _coding_schemes(segments: Sequence[SegmentSpec]) -> list[Any]:
         if t is not None
     }
     items = []
-    if LOCAL_SCHEME in used:
+    if local or LOCAL_SCHEME in used:
         item = Dataset()
         item.CodingSchemeDesignator = LOCAL_SCHEME
         item.CodingSchemeName = LOCAL_SCHEME_NAME
@@ -195,11 +237,15 @@ def build_seg(
     series_instance_uid: str,
     sop_instance_uid: str,
     series_number: int = 9901,
+    reviewer: ReviewerObserver | None = None,
 ) -> Any:
     """A BINARY ``highdicom.seg.Segmentation`` of ``segments`` over ``source_images``.
 
     ``source_images[k]`` is the original dataset of slice ``k`` (one per slice; the same
     multi-frame dataset repeated for an enhanced source, with ``frame_numbers[k]`` its frame).
+    With a ``reviewer`` the SEG is a reviewer's correction of the model's mask: the segments are
+    SEMIAUTOMATIC (the model still named as their algorithm), the reviewer is the content
+    creator (Content Creator's Name and Identification), labelled ``CORRECTED``.
 
     Raises:
         WritebackError: the mask does not fit the source images, or no segment is given.
@@ -245,7 +291,11 @@ def build_seg(
             segment_label=spec.label[:64],
             segmented_property_category=_code(spec.category),
             segmented_property_type=_code(spec.type),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_type=(
+                hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+                if reviewer is None
+                else hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC
+            ),
             algorithm_identification=_algorithm(model, model_version, weights_sha256),
             tracking_uid=spec.tracking_uid or hd.UID(),
             tracking_id=spec.label,
@@ -261,6 +311,20 @@ def build_seg(
                 0
             ].SegmentedPropertyTypeModifierCodeSequence = [_code(spec.type_modifier)]
         descriptions.append(description)
+    creator: dict[str, Any] = {}
+    series_description = f"{model} {model_version} segmentation"
+    if reviewer is not None:
+        institution = str(sources[0].get("InstitutionName") or "") or f"{MANUFACTURER} review"
+        creator = {
+            "content_label": "CORRECTED",
+            "content_description": f"{model} {model_version} corrected in review"[:64],
+            "content_creator_name": reviewer.person_name,
+            "content_creator_identification": hd.ContentCreatorIdentificationCodeSequence(
+                person_identification_codes=[reviewer.code()],
+                institution_name=institution[:64],
+            ),
+        }
+        series_description = f"{model} {model_version} corrected"
     try:
         seg = hd.seg.Segmentation(
             source_images=sources,
@@ -275,12 +339,13 @@ def build_seg(
             manufacturer_model_name=model[:64],
             software_versions=model_version[:64],
             device_serial_number=weights_sha256.removeprefix("sha256:")[:16],
-            series_description=f"{model} {model_version} segmentation"[:64],
+            series_description=series_description[:64],
             omit_empty_frames=True,
+            **creator,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise WritebackError(f"highdicom refused the SEG: {str(exc).splitlines()[0]}") from None
-    schemes = _coding_schemes(segments)
+    schemes = _coding_schemes(segments, local=reviewer is not None)
     if schemes:
         seg.CodingSchemeIdentificationSequence = schemes
     return seg

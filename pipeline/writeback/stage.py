@@ -163,8 +163,11 @@ def run(
     model: str | None = None,
     progress: Progress | None = None,
     audit: Callable[..., None] | None = None,
+    corrections: bool | None = None,
 ) -> WritebackRunResult:
-    """Write the findings of every volume (of ``model``, default all) back to ``dest``."""
+    """Write the findings of every volume (of ``model``, default all) back to ``dest``; with
+    ``corrections`` (default ``review.write_back_corrections``) also each finding's latest
+    corrected mask, as a SEG whose content creator is the reviewer."""
     from pipeline.writeback.objects import SegmentSpec, build_seg, build_sr
 
     t0 = time.perf_counter()
@@ -182,12 +185,48 @@ def run(
     public = _public_dest(dest)
     con = connect()
     rows: list[dict[str, Any]] = []
-    counts = {"groups": 0, "built": 0, "sent": 0, "confirmed": 0, "skipped": 0, "failed": 0}
+    counts = {
+        "groups": 0,
+        "built": 0,
+        "sent": 0,
+        "confirmed": 0,
+        "skipped": 0,
+        "failed": 0,
+        "corrections": 0,
+        "corrections_refused": 0,
+    }
     refused = 0  # volumes write-back cannot map onto the original frames (WritebackError)
     unfinished: set[str] = set()  # volumes with an object not confirmed at the destination
     reidentified = 0
     pending: list[str] = []
     objects_dir = lake.restricted / "results"  # built SEG/SR (identified: original UIDs)
+
+    def deliver(todo: list[dict[str, Any]]) -> None:
+        """Validate, send and confirm the built objects ``todo``."""
+        with _clear_files(objects_dir, [o["path_name"] for o in todo], files) as clear:
+            ready = []
+            for obj in todo:
+                path = clear[obj["path_name"]]
+                if cfg.writeback.check_iod:
+                    errors = dciodvfy_errors(path)
+                    if errors:
+                        counts["failed"] += 1
+                        row(obj, "invalid", errors[0][:500])
+                        pending.append(obj["result_uid"])
+                        unfinished.add(obj["tensor_key"])
+                        continue
+                ready.append((obj, path))
+            for obj, path in ready:
+                ok = _send(cfg, destination, obj, path, row)
+                counts["sent"] += 1 if ok is not None else 0
+                if ok:
+                    counts["confirmed"] += 1
+                    if files is not None:  # the destination holds it now: none kept here
+                        (objects_dir / obj["path_name"]).unlink(missing_ok=True)
+                else:
+                    counts["failed"] += 1
+                    pending.append(obj["result_uid"])
+                    unfinished.add(obj["tensor_key"])
 
     def row(obj: dict[str, Any], status: str, detail: str | None, attempts: int = 0) -> None:
         rows.append(
@@ -306,30 +345,30 @@ def run(
                     atomic_write_bytes(objects_dir / name, data)
                     counts["built"] += 1
                     row(obj, "built", None)
-            with _clear_files(objects_dir, [o["path_name"] for o in todo], files) as clear:
-                ready = []
-                for obj in todo:
-                    path = clear[obj["path_name"]]
-                    if cfg.writeback.check_iod:
-                        errors = dciodvfy_errors(path)
-                        if errors:
-                            counts["failed"] += 1
-                            row(obj, "invalid", errors[0][:500])
-                            pending.append(obj["result_uid"])
-                            unfinished.add(group["tensor_key"])
-                            continue
-                    ready.append((obj, path))
-                for obj, path in ready:
-                    ok = _send(cfg, destination, obj, path, row)
-                    counts["sent"] += 1 if ok is not None else 0
-                    if ok:
-                        counts["confirmed"] += 1
-                        if files is not None:  # the destination holds it now: none kept here
-                            (objects_dir / obj["path_name"]).unlink(missing_ok=True)
-                    else:
-                        counts["failed"] += 1
-                        pending.append(obj["result_uid"])
-                        unfinished.add(group["tensor_key"])
+            deliver(todo)
+        if corrections if corrections is not None else cfg.review.write_back_corrections:
+            for obj, task in _correction_plans(con, lake, pseudo, cipher, groups, model):
+                counts["corrections"] += 1
+                if isinstance(task, str):  # refused: said why
+                    counts["corrections_refused"] += 1
+                    logger.warning("correction %s not written back: %s", obj, task)
+                    continue
+                if status_at_dest.get(obj["result_uid"]) == "confirmed":
+                    counts["skipped"] += 1
+                    continue
+                if not (objects_dir / obj["path_name"]).is_file():
+                    headers = _read_sources(cfg, lake, obj["originals"])
+                    reidentified += len(headers)
+                    try:
+                        seg = _correction_seg(cfg, lake, pseudo, obj, task, headers)
+                    except WritebackError as exc:
+                        counts["corrections_refused"] += 1
+                        logger.warning("correction %s not written back: %s", obj["id"], exc)
+                        continue
+                    _save(objects_dir, obj, seg, files)
+                    counts["built"] += 1
+                    row(obj, "built", f"correction {obj['id']}")
+                deliver([obj])
     finally:
         if rows:
             write_partition(lake, "outbox", rows, part=f"{run_id}-{len(rows):06d}")
@@ -540,6 +579,123 @@ def _box_sr(
     )
     declare_schemes(sr, [t for spec in specs for t in (spec.category, spec.type)])
     return sr
+
+
+def _correction_plans(
+    con: Any,
+    lake: LakePaths,
+    pseudo: Pseudonymizer,
+    cipher: VaultCipher,
+    groups: list[dict[str, Any]],
+    model: str | None,
+) -> Iterator[tuple[Any, dict[str, Any] | str]]:
+    """Each corrected finding's latest correction (of ``model``) as the SEG to write: its
+    object (UIDs keyed by the correction: one SEG per correction version, all versions of a
+    finding in one series) and its task (the correction row, the group of its volume and
+    model, the finding's label); or (correction id, why not) when it cannot be written."""
+    from pipeline.lake import read_table
+
+    latest: dict[str, dict[str, Any]] = {}
+    for corr in read_table(lake, "corrections").to_pylist():
+        if model is not None and corr["model"] != model:
+            continue
+        have = latest.get(corr["finding_key"])
+        order = (corr["corrected_at"], corr["correction_id"])
+        if have is None or order > (have["corrected_at"], have["correction_id"]):
+            latest[corr["finding_key"]] = corr
+    by_identity = {
+        (g["tensor_key"], g["model"], g["model_version"], g["weights_sha256"]): g for g in groups
+    }
+    for corr in sorted(latest.values(), key=lambda c: (c["tensor_key"], c["finding_key"])):
+        cid = corr["correction_id"]
+        group = by_identity.get(
+            (corr["tensor_key"], corr["model"], corr["model_version"], corr["weights_sha256"])
+        )
+        if group is None:
+            yield cid, "its model's findings of that volume are gone"
+            continue
+        labels = [lab for lab in group["labels"] if lab["value"] == corr["label_value"]]
+        if not labels:
+            yield cid, f"the model has no label of value {corr['label_value']}"
+            continue
+        # a mask on the volume's grid, whatever the model's findings were (boxes, classes)
+        as_seg = {**group, "task": "segmentation", "labels": [{**labels[0], "box_mm": None}]}
+        try:
+            seg_obj = _plan(con, lake, pseudo, cipher, as_seg)[0]
+        except WritebackError as exc:
+            yield cid, str(exc)
+            continue
+        key = "\x1f".join([seg_obj["seg_key"], "correction", corr["finding_key"]])
+        uid = pseudo.derived_uid(_DOMAIN, key, cid, str(corr["mask_checksum"]))
+        obj = {
+            **seg_obj,
+            "id": cid,
+            "result_uid": uid,
+            "SeriesInstanceUID": pseudo.derived_uid(_DOMAIN, key, "series"),
+            "path": f"results/{uid}.dcm",
+            "path_name": f"{uid}.dcm",
+            "tracking_uid": pseudo.derived_uid(_DOMAIN, key, "segment"),
+        }
+        yield obj, {"correction": corr, "group": group, "label": labels[0]}
+
+
+def _correction_seg(
+    cfg: PipelineConfig,
+    lake: LakePaths,
+    pseudo: Pseudonymizer,
+    obj: dict[str, Any],
+    task: dict[str, Any],
+    headers: list[Any],
+) -> Any:
+    """The SEG of a reviewer's corrected mask: one segment (the finding's label, its codes),
+    SEMIAUTOMATIC with the model as its algorithm, the reviewer its content creator.
+
+    Raises
+    ------
+    WritebackError
+        The stored mask is not the one the corrections row names, is empty, or does not fit.
+    """
+    import hashlib
+
+    from pipeline.writeback.objects import ReviewerObserver, SegmentSpec, build_seg
+
+    corr, group, label = task["correction"], task["group"], task["label"]
+    path = lake.research / str(corr["mask_path"])
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise WritebackError("its mask file is missing") from None
+    if "sha256:" + hashlib.sha256(data).hexdigest() != corr["mask_checksum"]:
+        raise WritebackError("its mask file does not match the checksum its row records")
+    mask = _mask_volume(lake, {**group, "mask_path": corr["mask_path"]})
+    array = (np.asarray(mask.array) > 0).astype(np.uint8)
+    if not array.any():
+        raise WritebackError("the corrected mask is empty (the finding erased): no segment")
+    codes = _codes(cfg, {**group, "labels": [label]})[label["label"]]
+    spec = SegmentSpec(
+        label=label["label"],
+        value=1,
+        category=codes.category,
+        type=codes.type,
+        tracking_uid=obj["tracking_uid"],
+        type_modifier=codes.type_modifier,
+        region=codes.region,
+        region_modifier=codes.region_modifier,
+        rgb=codes.rgb,
+    )
+    return build_seg(
+        headers,
+        mask.frame_numbers,
+        array,
+        [spec],
+        model=group["model"],
+        model_version=group["model_version"],
+        weights_sha256=group["weights_sha256"],
+        series_instance_uid=obj["SeriesInstanceUID"],
+        sop_instance_uid=obj["result_uid"],
+        series_number=cfg.writeback.series_number + 4,
+        reviewer=ReviewerObserver(str(corr["reviewer"])),
+    )
 
 
 def _save(folder: Path, obj: dict[str, Any], ds: Any, files: FileCipher | None) -> None:

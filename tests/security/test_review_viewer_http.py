@@ -95,6 +95,35 @@ def test_volume_and_mask_are_nifti_for_a_login_and_audited(lake: LakePaths, base
     assert ("review_mask_viewed", key) in events
 
 
+def test_preview_is_every_nth_voxel_with_a_scaled_affine(lake: LakePaths, base: str) -> None:
+    """``step=n`` serves every n-th voxel along each axis (the page's preview of a large
+    volume), the affine's voxel axes scaled so voxel i of the preview sits where voxel n*i of
+    the whole does; a step outside 1..16 or not a number is refused; it is audited too."""
+    f = _positive(lake)
+    key = f["finding_key"]
+    full_mask = np.load(lake.research / f["mask_path"]) == f["label_value"]
+    with logged_in(base, "lena") as s:
+        whole = s.get(base + "/mask.nii", params={"key": key}, timeout=WAIT_S)
+        part = s.get(base + "/mask.nii", params={"key": key, "step": "2"}, timeout=WAIT_S)
+        assert part.status_code == 200
+        assert part.headers["ETag"] != whole.headers["ETag"]
+        want = full_mask[::2, ::2, ::2]
+        assert struct.unpack_from("<8h", part.content, 40)[1:4] == tuple(reversed(want.shape))
+        got = np.frombuffer(part.content, dtype=np.uint8, offset=HEADER_BYTES)
+        assert np.array_equal(got.reshape(want.shape), want.astype(np.uint8))
+        srow = np.array(struct.unpack_from("<12f", part.content, 280)).reshape(3, 4)
+        full = np.array(struct.unpack_from("<12f", whole.content, 280)).reshape(3, 4)
+        np.testing.assert_allclose(srow[:, :3], 2 * full[:, :3], rtol=1e-6)
+        np.testing.assert_allclose(srow[:, 3], full[:, 3], rtol=1e-6)
+        vol = s.get(base + "/volume.nii", params={"key": key, "step": "3"}, timeout=WAIT_S)
+        assert vol.status_code == 200
+        for bad in ("0", "17", "-1", "1.5", "x", "٣", "100"):
+            r = s.get(base + "/volume.nii", params={"key": key, "step": bad}, timeout=WAIT_S)
+            assert r.status_code == 400, bad
+    events = [(r["event"], r["details"].get("finding_key")) for r in audit_records(lake)]
+    assert ("review_mask_viewed", key) in events
+
+
 def _mask_nii(shape: list[int], affine: list[float] | None = None) -> bytes:
     mask = np.zeros(shape, dtype=np.uint8)
     mask[tuple(s // 2 for s in shape)] = 1

@@ -7,15 +7,44 @@
 const el = document.getElementById("nv");
 const $ = (id) => document.getElementById(id);
 const status = (text) => { $("nv-status").textContent = text; };
-const api = { ready: false, error: null, loadMs: null, moduleMs: null, nv: null };
+// timings: ms since the navigation began (performance.now()'s origin) at each step; when the
+// first frame with volume and mask is on screen, #nv gets data-loaded="<ms>" (benchmarks, tests)
+const api = { ready: false, error: null, loadMs: null, moduleMs: null, nv: null, timings: {} };
 window.pacsflowViewer = api;
+const mark = (name) => { api.timings[name] = Math.round(performance.now()); };
+
+// A volume over this many voxels is shown first as a preview (every n-th voxel along each axis,
+// n chosen to stay under it), then swapped for the full one: with WebGL on the CPU (SwiftShader,
+// headless) NiiVue's passes over a 512x512x300 CT take tens of seconds; on a GPU, milliseconds.
+const PREVIEW_VOXELS = 2 ** 21;
+
+// fetch a NIfTI route as bytes (the volume every `step`-th voxel when step > 1)
+async function bytes(url, step) {
+  const r = await fetch(step > 1 ? `${url}&step=${step}` : url, { credentials: "same-origin" });
+  if (!r.ok) throw new Error(`${r.status} ${await r.text()}`);
+  return r.arrayBuffer();
+}
 
 async function main() {
   const t0 = performance.now();
-  const { Niivue, SLICE_TYPE } = await import(el.dataset.module);
-  const t1 = performance.now();
+  mark("start");
   const presets = JSON.parse(el.dataset.presets || "{}");
   const shape = el.dataset.shape.split(",").map(Number); // slices, rows, columns
+  const voxels = shape[0] * shape[1] * shape[2];
+  const step = voxels > PREVIEW_VOXELS ? Math.ceil(Math.cbrt(voxels / PREVIEW_VOXELS)) : 1;
+  const maskUrl = el.dataset.correction || el.dataset.mask;
+  // the downloads start now, while the module loads: the preview's (when any) first
+  const first = [bytes(el.dataset.volume, step), maskUrl ? bytes(maskUrl, step) : null];
+  const full = step === 1 ? first : [null, null];
+  const fetchFull = () => {
+    full[0] = bytes(el.dataset.volume, 1);
+    full[1] = maskUrl ? bytes(maskUrl, 1) : null;
+  };
+  if (step > 1) Promise.all(first).then(fetchFull, fetchFull);
+  first.forEach((p) => p && p.catch(() => {})); // a failure is reported where awaited
+  const { Niivue, NVImage, SLICE_TYPE, SHOW_RENDER } = await import(el.dataset.module);
+  const t1 = performance.now();
+  mark("module");
   const nv = new Niivue({
     backColor: [0, 0, 0, 1],
     isRadiologicalConvention: true, // patient's left on the image's right
@@ -23,31 +52,57 @@ async function main() {
     dragAndDropEnabled: false,
     show3Dcrosshair: false,
     crosshairColor: [1, 0.85, 0, 0.8],
+    multiplanarShowRender: SHOW_RENDER.NEVER, // three planes; the 3-D render is a layout
     logLevel: "error",
   });
   api.nv = nv;
   await nv.attachToCanvas($("nv-canvas"));
   nv.setSliceType(SLICE_TYPE.MULTIPLANAR);
-  await nv.loadVolumes([{ url: el.dataset.volume, name: "volume.nii", colormap: "gray" }]);
-  const maskUrl = el.dataset.correction || el.dataset.mask;
-  if (maskUrl) {
-    await nv.loadDrawingFromUrl(maskUrl);
-  } else {
-    nv.createEmptyDrawing();
+  mark("attached");
+  // the first window is set before the upload (no second pass, no histogram of the volume)
+  const preset = presets[$("nv-window").value];
+  let cal = preset ? [preset[0] - preset[1] / 2, preset[0] + preset[1] / 2] : [NaN, NaN];
+  async function show(volumeBytes, maskBytes, what) {
+    const img = await NVImage.new(await volumeBytes, "volume.nii", "gray", 1, null, cal[0], cal[1]);
+    cal = [img.cal_min, img.cal_max]; // "auto": the preview's range serves the full volume
+    nv.drawBitmap = null;
+    nv.volumes = [];
+    nv.addVolume(img);
+    mark(`${what}volume`);
+    if (maskBytes) {
+      // the app's mask has the volume's geometry (same dims, affine): its voxels go to the
+      // drawing layer as they are, without a second NIfTI parse and range scan
+      const buf = await maskBytes;
+      const head = new DataView(buf, 0, 352);
+      const dims = [1, 2, 3].map((d) => head.getInt16(40 + 2 * d, true));
+      if (head.getInt16(70, true) !== 2 || dims.some((v, d) => v !== img.hdr.dims[d + 1])) {
+        throw new Error("the mask is not an 8-bit image of the volume's shape");
+      }
+      const voxels = new Uint8Array(buf, head.getFloat32(108, true), dims[0] * dims[1] * dims[2]);
+      nv.loadDrawing({ hdr: img.hdr, img: voxels, permRAS: img.permRAS });
+    } else {
+      nv.createEmptyDrawing();
+    }
+    mark(`${what}mask`);
   }
+  await show(first[0], first[1], step > 1 ? "preview-" : "");
   api.loadMs = performance.now() - t1;
   api.moduleMs = t1 - t0;
-
-  const vol = nv.volumes[0];
   function applyWindow(name) {
-    const p = presets[name];
+    const vol = nv.volumes[0], p = presets[name];
     if (p) {
-      vol.cal_min = p[0] - p[1] / 2;
-      vol.cal_max = p[0] + p[1] / 2;
+      cal = [p[0] - p[1] / 2, p[0] + p[1] / 2];
     } else {
-      vol.cal_min = vol.robust_min;
-      vol.cal_max = vol.robust_max;
+      if (preset) { // the volume came with a preset's range: compute its own now
+        vol.hdr.cal_min = NaN;
+        vol.hdr.cal_max = NaN;
+        vol.calMinMax();
+      }
+      cal = [vol.robust_min, vol.robust_max];
     }
+    if (vol.cal_min === cal[0] && vol.cal_max === cal[1]) return;
+    vol.cal_min = cal[0];
+    vol.cal_max = cal[1];
     nv.updateGLVolume();
   }
   function applyMask() {
@@ -75,7 +130,7 @@ async function main() {
     api.vox = v;
   };
   const layouts = { axial: SLICE_TYPE.AXIAL, coronal: SLICE_TYPE.CORONAL,
-    sagittal: SLICE_TYPE.SAGITTAL, multiplanar: SLICE_TYPE.MULTIPLANAR };
+    sagittal: SLICE_TYPE.SAGITTAL, multiplanar: SLICE_TYPE.MULTIPLANAR, "3-D": SLICE_TYPE.RENDER };
   $("nv-layout").addEventListener("change", (e) => nv.setSliceType(layouts[e.target.value]));
   $("nv-window").addEventListener("change", (e) => applyWindow(e.target.value));
   $("nv-mask-mode").addEventListener("change", applyMask);
@@ -125,10 +180,30 @@ async function main() {
   api.applyWindow = applyWindow;
   api.applyMask = applyMask;
   api.centre = centre;
-  applyWindow($("nv-window").value);
+  // a frame on screen: the next animation frame, once the GPU has done all it was asked
+  // (reading one pixel waits for it; WebGL calls only queue work)
+  const frame = () => new Promise((resolve) => requestAnimationFrame(() => {
+    nv.gl.readPixels(0, 0, 1, 1, nv.gl.RGBA, nv.gl.UNSIGNED_BYTE, new Uint8Array(4));
+    resolve();
+  }));
   applyMask();
   centre();
+  await frame();
+  if (step > 1) { // the preview is on screen: now the full volume (no drawing until then)
+    mark("preview");
+    el.dataset.preview = String(api.timings.preview);
+    for (const id of ["nv-brush", "nv-erase", "nv-save"]) if ($(id)) $(id).disabled = true;
+    status(`preview (every ${step}th voxel); loading the full volume…`);
+    await show(full[0], full[1], "");
+    for (const id of ["nv-brush", "nv-erase", "nv-save"]) if ($(id)) $(id).disabled = false;
+    applyWindow($("nv-window").value);
+    applyMask();
+    centre();
+    await frame();
+  }
+  mark("frame");
   api.ready = true;
+  el.dataset.loaded = String(api.timings.frame);
   status("");
 }
 
