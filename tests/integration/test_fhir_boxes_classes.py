@@ -1,10 +1,11 @@
 """FHIR export of detection and classification results (issue #25: "for each written-back
 result, a Bundle"): one CT volume, the model zoo's lung nodule detector with a known-answer
 network (one box) and a tiny 3D classifier (three classes), both inferred and written back
-(box SR, classification SR), then exported to a folder. Each result is a valid transaction
-Bundle: a box is an Observation coded by its class with its probability, centre and extents
-as components; a classification an Observation whose value is the predicted class, with every
-class's probability; a rerun adds nothing; an accepted review turns the report final."""
+(box SR, classification SR), then exported to a folder and to the FHIR test server
+(tests/fhir_server.py). Each result is a valid transaction Bundle: a box is an Observation
+coded by its class with its probability, centre and extents as components; a classification
+an Observation whose value is the predicted class, with every class's probability; a rerun
+adds nothing; an accepted review turns the report final."""
 
 from __future__ import annotations
 
@@ -123,14 +124,14 @@ def _classifier_bundle(root: Path) -> Path:
     return path
 
 
-def _cfg(root: Path, model: str) -> Any:
+def _cfg(root: Path, model: str, **fhir: Any) -> Any:
     return load_config(
         overrides={
             "compute": {"workers": 1, "device": "cpu"},
             "infer": {"registry": str(root / "models.yaml"), "model": model,
                       "trust_store": str(root / "trust.json")},
             "writeback": {"check_iod": False},
-            "fhir": {"patient_identifier_system": SYSTEM},
+            "fhir": {"patient_identifier_system": SYSTEM, **fhir},
         },
         environ={},
     )  # fmt: skip
@@ -293,3 +294,56 @@ def test_boxes_and_classes_export_as_observations(
         before = [(e["resource"]["resourceType"], e["resource"]["id"])
                   for e in bundles[model]["entry"]]  # fmt: skip
         assert ids == before
+
+
+def test_boxes_and_classes_at_the_test_server(
+    built: tuple[Path, LakePaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The FHIR test server (every resource validated) takes both Bundles; the Observations
+    are found by the patient's identifier; a rerun sends nothing."""
+    import shutil
+
+    import fhir_server
+
+    from pipeline.fhir.client import FhirClient
+
+    root, base = built
+    shutil.copytree(base.root, tmp_path / "lake")
+    lake = LakePaths(tmp_path / "lake").with_keys(base.keys)
+    [pid] = {r["PatientID"] for r in read_table(lake, "vault").to_pylist()}
+    srv = fhir_server.FhirTestServer(tmp_path / "fhir-data", token="t")
+    srv.start()
+    try:
+        with FhirClient(srv.url, token="t", retries=0) as c:
+            c.transaction(
+                {
+                    "resourceType": "Bundle",
+                    "type": "transaction",
+                    "entry": [
+                        {
+                            "resource": {
+                                "resourceType": "Patient",
+                                "id": "p0",
+                                "identifier": [{"system": SYSTEM, "value": pid}],
+                            },
+                            "request": {"method": "PUT", "url": "Patient/p0"},
+                        }
+                    ],
+                }
+            )
+        monkeypatch.setenv("PACSFLOW_TEST_FHIR_TOKEN", "t")
+        cfg = _cfg(root, "nodules", token_env="PACSFLOW_TEST_FHIR_TOKEN")
+        r = fhir_run(cfg, lake, run_id="s1", dest=srv.url)
+        assert r.counts.extra["confirmed"] == 2
+        assert srv.count("Observation") == 2
+        with FhirClient(srv.url, token="t", retries=0) as c:
+            found = c.search("Observation", {"patient:identifier": f"{SYSTEM}|{pid}"})
+        assert len(found) == 2
+        assert sum("valueCodeableConcept" in o for o in found) == 1  # the classification
+        assert all(o["subject"]["reference"] == "Patient/p0" for o in found)
+        again = fhir_run(cfg, lake, run_id="s2", dest=srv.url)
+        assert again.counts.extra["skipped"] == 2
+        assert again.counts.extra["sent"] == 0
+        assert srv.count("Observation") == 2
+    finally:
+        srv.stop()
