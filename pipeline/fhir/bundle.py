@@ -11,9 +11,15 @@ One Bundle per result (a volume's SEG + SR of one model identity), every resourc
   ``derivedFrom`` the ImagingStudy *and* the SR; its ``masterIdentifier`` is the SR's SOP
   Instance UID (``urn:oid:...``);
 - ``Device``: the model, its version and its weights' SHA-256;
-- per label, a grouping ``Observation`` (code: the label's finding type) whose ``hasMember``
-  are one ``Observation`` per measurement (volume mL, mean HU, diameter mm; UCUM units; the
-  registry's SNOMED CT / DCM concepts);
+- per label of a segmentation, a grouping ``Observation`` (code: the label's finding type)
+  whose ``hasMember`` are one ``Observation`` per measurement (volume mL, mean HU, diameter
+  mm; UCUM units; the registry's SNOMED CT / DCM concepts);
+- per detected box, one ``Observation`` (code: the box class's finding type) whose
+  ``component`` are the detector's probability (UCUM ``1``) and the box's centre and extents
+  (LPS, UCUM ``mm``);
+- per classification (an image's or volume's class vector), one ``Observation`` (code: what
+  is classified, the classes' category) whose ``valueCodeableConcept`` is the predicted class's
+  code, with the probability of the predicted class and of every class as ``component``;
 - ``DiagnosticReport``: ``preliminary`` until the QA review accepts it (then ``final``),
   ``conclusion`` generated from the findings, code and category from the registry.
 
@@ -36,8 +42,13 @@ from typing import Any, Final
 from pipeline.fhir.systems import ACSN, DICOM_UID, SYSTEMS, V2_0203, oid
 
 __all__ = [
+    "BOX_CENTRE",
+    "BOX_SIZE",
     "DEFAULT_MEASUREMENTS",
+    "MILLIMETRE",
     "NAMESPACE",
+    "PROBABILITY",
+    "UNIT_ONE",
     "BuiltBundle",
     "FindingRecord",
     "MeasurementRecord",
@@ -71,6 +82,22 @@ DEFAULT_MEASUREMENTS: Final[dict[str, tuple[Triple, Triple, Triple | None]]] = {
     ),
     "diameter_mm": (("81827009", "SCT", "Diameter"), ("mm", "UCUM", "millimeter"), None),
 }
+#: a detector's score and a class's probability (as the box and classification SRs say)
+PROBABILITY: Final[Triple] = ("122157", "DCM", "Probability")
+UNIT_ONE: Final[Triple] = ("1", "UCUM", "no units")
+MILLIMETRE: Final[Triple] = ("mm", "UCUM", "millimeter")
+#: a box's extents along x, y, z (LPS; the box SR's Width, Height, Depth)
+BOX_SIZE: Final[tuple[Triple, Triple, Triple]] = (
+    ("103355008", "SCT", "Width"),
+    ("121207", "DCM", "Height"),
+    ("131197000", "SCT", "Depth"),
+)
+#: a box's centre x, y, z (LPS mm): no standard concept names a coordinate, so local codes
+BOX_CENTRE: Final[tuple[Triple, Triple, Triple]] = (
+    ("box-centre-x", "99PACSFLOW", "Box centre x (LPS)"),
+    ("box-centre-y", "99PACSFLOW", "Box centre y (LPS)"),
+    ("box-centre-z", "99PACSFLOW", "Box centre z (LPS)"),
+)
 #: the report's code and category when the registry entry has no ``report``
 DEFAULT_REPORT_CODE: Final[Triple] = ("126000", "DCM", "Imaging Measurement Report")
 DEFAULT_REPORT_CATEGORY: Final[tuple[Triple, ...]] = (("RAD", "HL70074", "Radiology"),)
@@ -80,7 +107,9 @@ DEFAULT_REPORT_CATEGORY: Final[tuple[Triple, ...]] = (("RAD", "HL70074", "Radiol
 class MeasurementRecord:
     """One measured value of a label, with its concept and UCUM unit."""
 
-    name: str  # volume_ml | mean_hu | diameter_mm
+    #: volume_ml | mean_hu | diameter_mm; boxes: probability, centre_<x|y|z>_mm,
+    #: size_<x|y|z>_mm; classes: probability, probability_<class>
+    name: str
     value: float
     concept: Triple
     unit: Triple
@@ -102,6 +131,12 @@ class FindingRecord:
     #: measurement (tissue volumes: never a worklist row)
     reviewable: bool = True
     measurements: tuple[MeasurementRecord, ...] = ()
+    #: segmentation (a grouping Observation and one per measurement) | detection (a box) |
+    #: classification (the predicted class): the last two are one Observation each, their
+    #: measurements its components
+    kind: str = "segmentation"
+    #: classification: the predicted class's code (``type`` is then what is classified)
+    value: Triple | None = None
 
 
 @dataclass(frozen=True)
@@ -217,13 +252,20 @@ def conclusion(result: ResultRecord, status: str) -> str:
         if f.decision == "reject":
             rejected.append(f.label)
             continue
+        if f.kind == "classification" and f.value is not None:
+            p = next((m.value for m in f.measurements if m.name == "probability"), None)
+            said = f", probability {p:.2f}" if p is not None else ""
+            lines.append(f"{f.type[2]}: {f.value[2]} ({f.label}{said}).")
+            continue
         parts = []
         for m in f.measurements:
+            if m.name.startswith("centre_"):
+                continue  # a position, not a finding's size: in the Observation only
             unit = {"[hnsf'U]": "HU"}.get(m.unit[0], m.unit[0])
             what = {"volume_ml": "volume", "mean_hu": "mean", "diameter_mm": "diameter"}.get(
                 m.name, m.concept[2].lower()
             )
-            parts.append(f"{what} {_number(m.value)} {unit}")
+            parts.append(f"{what} {_number(m.value)}" + (f" {unit}" if unit != "1" else ""))
         lines.append(f"{f.label} ({f.type[2]}): {', '.join(parts) or 'no measurement'}.")
     if rejected:
         lines.append(f"Rejected on review: {', '.join(rejected)}.")
@@ -348,6 +390,19 @@ def build_bundle(result: ResultRecord, *, patient_system: str) -> BuiltBundle:
     groups = []
     for finding in result.findings:
         fid = resource_id("Observation", ident, finding.label)
+        if finding.kind != "segmentation":  # a box or a classification: one Observation
+            groups.append(
+                _single_observation(
+                    finding,
+                    fid,
+                    identifier=f"{rid}/{finding.label}",
+                    patient=patient,
+                    issued=issued,
+                    device_id=device_id,
+                    derived=[study_ref, sr_ref],
+                )
+            )
+            continue
         members = []
         for m in finding.measurements:
             mid = resource_id("Observation", ident, finding.label, m.name)
@@ -438,6 +493,58 @@ def build_bundle(result: ResultRecord, *, patient_system: str) -> BuiltBundle:
         sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         resources=tuple((str(r["resourceType"]), str(r["id"])) for r in resources),
     )
+
+
+def _quantity(m: MeasurementRecord) -> dict[str, Any]:
+    return {
+        "value": float(round(m.value, 6)),
+        "unit": m.unit[2],
+        "system": SYSTEMS["UCUM"],
+        "code": m.unit[0],
+    }
+
+
+def _single_observation(
+    finding: FindingRecord,
+    fid: str,
+    *,
+    identifier: str,
+    patient: dict[str, Any],
+    issued: str,
+    device_id: str,
+    derived: list[dict[str, str]],
+) -> dict[str, Any]:
+    """The one Observation of a detected box or of a classification: its measurements
+    (probability, box centre and extents; the class probabilities) as components, the
+    predicted class (classification) as its value."""
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": fid,
+        "identifier": [{"system": RESULT_SYSTEM, "value": identifier}],
+        "status": _observation_status(finding),
+        "category": [_imaging_category()],
+        "code": {"coding": [coding(finding.type)], "text": finding.label},
+        "subject": patient,
+        "issued": issued,
+        "device": {"reference": f"Device/{device_id}"},
+        "derivedFrom": derived,
+    }
+    if finding.region is not None:
+        obs["bodySite"] = {"coding": [coding(finding.region)]}
+    if finding.value is not None:
+        obs["valueCodeableConcept"] = {"coding": [coding(finding.value)]}
+    components = []
+    for m in finding.measurements:
+        component: dict[str, Any] = {
+            "code": {"coding": [coding(m.concept)], "text": m.name},
+            "valueQuantity": _quantity(m),
+        }
+        components.append(component)
+    if components:
+        obs["component"] = components
+    elif finding.value is None:
+        obs["dataAbsentReason"] = {"text": "no measurement"}
+    return obs
 
 
 def _imaging_category() -> dict[str, Any]:

@@ -11,8 +11,9 @@ SOP Instance UIDs, decrypted with the lake's key) and the index (SOP classes, in
 numbers). The research tables supply the measurements (``findings``) and the QA decisions
 (``reviews``); the model registry the codes (:mod:`pipeline.codes`).
 
-Write-back results of classification and detection models are not exported yet (counted as
-``unsupported``): their SRs carry class scores and boxes, not volume measurements.
+Every task write-back writes is exported: a segmentation's labels (volume measurements), a
+detector's boxes (probability, centre, extents) and a classifier's predicted class (with every
+class's probability). Findings of another task are counted as ``unsupported``.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ from pipeline.codes import default_registry_path, registry_codes, registry_entry
 from pipeline.codes.outputs import OutputRoles, output_kind
 from pipeline.errors import ConfigError
 from pipeline.fhir.bundle import (
+    BOX_CENTRE,
+    BOX_SIZE,
     DEFAULT_MEASUREMENTS,
     DEFAULT_REPORT_CATEGORY,
     DEFAULT_REPORT_CODE,
+    MILLIMETRE,
+    PROBABILITY,
     SOP_CLASS_COMPREHENSIVE_3D_SR,
     SOP_CLASS_SEG,
+    UNIT_ONE,
     FindingRecord,
     MeasurementRecord,
     ResultRecord,
@@ -51,6 +57,8 @@ __all__ = ["Results", "written_back_results"]
 
 #: measurement names exported, in the order of a label's Observations
 MEASURED = ("volume_ml", "mean_hu", "diameter_mm")
+#: the tasks whose written-back results are exported
+TASKS = frozenset({"segmentation", "detection", "classification"})
 
 
 @dataclass
@@ -58,7 +66,7 @@ class Results:
     """The written-back results of a lake and what was left out, with why (counts)."""
 
     records: list[ResultRecord] = field(default_factory=list)
-    unsupported: int = 0  # classification / detection results (not exported yet)
+    unsupported: int = 0  # results of a task write-back does not write (none today)
     incomplete: int = 0  # no vault rows (deid rebuilt?) or no findings rows
     reidentified: int = 0  # vault rows read back to originals
 
@@ -143,6 +151,60 @@ def _measurements(
     return tuple(out)
 
 
+def _task(row: Mapping[str, Any]) -> str:
+    """The task of a findings row: ``detection`` for a box (rows before the column said
+    nothing), the row's ``task`` otherwise (null: ``segmentation``)."""
+    if row.get("box_mm"):
+        return "detection"
+    return str(row.get("task") or "segmentation")
+
+
+def _coded_as(row: Mapping[str, Any]) -> str:
+    """The label a row is coded by: a box by its class (as write-back codes it)."""
+    return str(row.get("box_class") or row["label"])
+
+
+def _box_measurements(row: Mapping[str, Any]) -> tuple[MeasurementRecord, ...]:
+    """A box's probability (UCUM 1), then its centre and extents along x, y, z (LPS, mm);
+    the extents from ``box_mm`` where ``size_mm`` is null, as the box SR has them."""
+    out = []
+    if row.get("score") is not None:
+        out.append(MeasurementRecord("probability", float(row["score"]), PROBABILITY, UNIT_ONE))
+    box = [float(v) for v in row.get("box_mm") or ()]
+    centre = row.get("centre_mm") or (
+        [(box[a] + box[a + 3]) / 2 for a in range(3)] if len(box) == 6 else None
+    )
+    size = row.get("size_mm") or (
+        [box[a + 3] - box[a] for a in range(3)] if len(box) == 6 else None
+    )
+    for name, values, concepts in (("centre", centre, BOX_CENTRE), ("size", size, BOX_SIZE)):
+        if values is None:
+            continue
+        for axis, value, concept in zip("xyz", values, concepts, strict=True):
+            out.append(MeasurementRecord(f"{name}_{axis}_mm", float(value), concept, MILLIMETRE))
+    return tuple(out)
+
+
+def _class_probabilities(
+    predicted: Mapping[str, Any], rows: list[dict[str, Any]], codes: Mapping[str, Any]
+) -> tuple[MeasurementRecord, ...]:
+    """The predicted class's probability, then every class's of the same image (coded by the
+    class's type, as the classification SR's measurements are), in class order."""
+    out = []
+    if predicted.get("score") is not None:
+        out.append(
+            MeasurementRecord("probability", float(predicted["score"]), PROBABILITY, UNIT_ONE)
+        )
+    for r in sorted(rows, key=lambda r: (r.get("label_value") or 0, r["label"])):
+        if r.get("score") is None:
+            continue
+        concept = codes[_coded_as(r)].type
+        out.append(
+            MeasurementRecord(f"probability_{r['label']}", float(r["score"]), concept, UNIT_ONE)
+        )
+    return tuple(out)
+
+
 def written_back_results(lake: LakePaths, *, registry: Path | None) -> Results:
     """Every written-back result of ``lake``, re-identified (``lake`` must carry its keys when
     its restricted zone is encrypted at rest).
@@ -207,7 +269,7 @@ def written_back_results(lake: LakePaths, *, registry: Path | None) -> Results:
             out.incomplete += 1
             logger.warning("fhir: result %s has no findings or vault rows, left out", key[0])
             continue
-        if any(r.get("task") == "classification" or r.get("box_mm") for r in rows):
+        if any(_task(r) not in TASKS for r in rows):
             out.unsupported += 1
             continue
         study = sr["StudyInstanceUID"]
@@ -232,10 +294,18 @@ def written_back_results(lake: LakePaths, *, registry: Path | None) -> Results:
         for kind, cls in (("SEG", SOP_CLASS_SEG), ("SR", SOP_CLASS_COMPREHENSIVE_3D_SR)):
             if kind in objs:
                 o = objs[kind]
+                # a classification's SRs (one per image) may share a series: list them all
+                listed = study_series[study].get(o["SeriesInstanceUID"])
+                sops = {u: c for u, c, _ in listed.instances} if listed else {}
+                sops[o["result_uid"]] = cls
                 study_series[study][o["SeriesInstanceUID"]] = SeriesRecord(
                     uid=o["SeriesInstanceUID"],
                     modality=kind,
-                    instances=((o["result_uid"], cls, 1),),
+                    instances=(
+                        ((o["result_uid"], cls, 1),)
+                        if len(sops) == 1
+                        else tuple((u, c, None) for u, c in sorted(sops.items()))
+                    ),
                     description=f"{key[1]} {key[2]} {kind}",
                 )
         pending.append((key, objs, mine))
@@ -251,7 +321,7 @@ def written_back_results(lake: LakePaths, *, registry: Path | None) -> Results:
         roles = OutputRoles.from_entry(body) if body is not None else OutputRoles()
         try:
             codes = registry_codes(registry, entry=entry, model=model).resolve(
-                sorted({r["label"] for r in rows})
+                sorted({_coded_as(r) for r in rows})
             )
             specs = _measurement_specs(body)
             report_code, report_category = _report_codes(body)
@@ -259,24 +329,47 @@ def written_back_results(lake: LakePaths, *, registry: Path | None) -> Results:
             raise ConfigError(f"model registry, entry of {model}: {exc}") from None
         records = []
         when = [r["inferred_at"] for r in rows if r.get("inferred_at") is not None]
+        classes = [r for r in rows if _task(r) == "classification"]
         for r in rows:
-            if not r.get("voxel_count"):
+            task = _task(r)
+            if task == "segmentation" and not r.get("voxel_count"):
                 continue  # an empty label has no segment: nothing was written back
-            c = codes[r["label"]]
+            if task == "detection" and not r.get("box_mm"):
+                continue  # no box: nothing was written back
+            if task == "classification" and not r.get("predicted"):
+                continue  # a class score: a component of the predicted class's Observation
+            c = codes[_coded_as(r)]
             decision = decisions.get(r["finding_key"])
             if decision is not None:
                 when.append(decision["reviewed_at"])
+            kind = output_kind(
+                roles,
+                r["label"],
+                task=r.get("task"),
+                box=task == "detection",
+                predicted=r.get("predicted"),
+            )
+            if task == "classification":
+                measured = _class_probabilities(r, classes, codes)
+            elif task == "detection":
+                measured = _box_measurements(r)
+            else:
+                measured = _measurements(r, specs)
             records.append(
                 FindingRecord(
                     finding_key=r["finding_key"],
                     # the finding's unique name (lung_nodule_2): its Observations' ids
                     label=finding_name(r["label"], r.get("instance")),
                     category=c.category,
-                    type=c.type,
+                    # a classification's Observation is coded by what is classified, its
+                    # value the predicted class (as the SR's qualitative evaluation)
+                    type=c.category if task == "classification" else c.type,
                     region=c.region,
                     decision=decision["decision"] if decision else None,
-                    reviewable=output_kind(roles, r["label"]) == "finding",
-                    measurements=_measurements(r, specs),
+                    reviewable=kind == "finding",
+                    measurements=measured,
+                    kind=task,
+                    value=c.type if task == "classification" else None,
                 )
             )
         patients = {s["PatientID"] for s in mine if s.get("PatientID")}

@@ -224,3 +224,81 @@ def test_the_import_recognises_the_exported_study_identifiers() -> None:
     assert _identifiers(study) == ({"DEMOACC1"}, {"2.25.1"})
     system, value = study_identifier("2.25.1").split("|")
     assert {"system": system, "value": value} in study["identifier"]
+
+
+def test_a_box_and_a_classification_are_one_observation_each() -> None:
+    """A detected box: coded by its class's finding type, with its body site and its
+    probability, centre and extents as components; a classification: coded by what is
+    classified, its value the predicted class, the probabilities as components. Both in a
+    report that turns final when the reviewer accepts them."""
+    from pipeline.fhir.bundle import BOX_CENTRE, BOX_SIZE, MILLIMETRE, PROBABILITY, UNIT_ONE
+
+    box = FindingRecord(
+        finding_key="t/m/lung_nodule_1",
+        label="lung_nodule_1",
+        category=("49755003", "SCT", "Morphologically Altered Structure"),
+        type=("27925004", "SCT", "Nodule"),
+        region=("39607008", "SCT", "Lung"),
+        kind="detection",
+        measurements=(
+            MeasurementRecord("probability", 0.91, PROBABILITY, UNIT_ONE),
+            *(
+                MeasurementRecord(f"centre_{a}_mm", v, c, MILLIMETRE)
+                for a, v, c in zip("xyz", (1.5, -2.0, 30.25), BOX_CENTRE, strict=True)
+            ),
+            *(
+                MeasurementRecord(f"size_{a}_mm", v, c, MILLIMETRE)
+                for a, v, c in zip("xyz", (4.2, 5.6, 5.0), BOX_SIZE, strict=True)
+            ),
+        ),
+    )
+    density = ("129715009", "SCT", "Breast composition")
+    fatty = ("129716005", "SCT", "Almost entirely fatty breast")
+    dense = ("129718006", "SCT", "Heterogeneously dense breast")
+    cls = FindingRecord(
+        finding_key="t/m/A",
+        label="A",
+        category=density,
+        type=density,
+        value=fatty,
+        kind="classification",
+        measurements=(
+            MeasurementRecord("probability", 0.8, PROBABILITY, UNIT_ONE),
+            MeasurementRecord("probability_A", 0.8, fatty, UNIT_ONE),
+            MeasurementRecord("probability_C", 0.2, dense, UNIT_ONE),
+        ),
+    )
+    for finding in (box, cls):
+        built = build_bundle(_result(finding), patient_system=SYSTEM)
+        assert built.report_status == "preliminary"
+        bundle = json.loads(built.json_text)
+        validate_resource(bundle)
+        entries = [e["resource"] for e in bundle["entry"]]
+        [obs] = [r for r in entries if r["resourceType"] == "Observation"]
+        validate_resource(obs)
+        assert obs["code"]["coding"][0]["code"] == finding.type[0]
+        assert [c["code"]["coding"][0]["code"] for c in obs["component"]] == [
+            m.concept[0] for m in finding.measurements
+        ]
+        assert obs["component"][0]["valueQuantity"]["code"] == "1"
+        assert [d["reference"].split("/")[0] for d in obs["derivedFrom"]] == [
+            "ImagingStudy",
+            "DocumentReference",
+        ]
+        accepted = build_bundle(
+            _result(dataclasses.replace(finding, decision="accept")), patient_system=SYSTEM
+        )
+        assert accepted.report_status == "final"
+        assert accepted.resources == built.resources  # same ids: the rerun updates
+        report = json.loads(built.json_text)["entry"][-1]["resource"]
+        if finding is box:
+            assert obs["bodySite"]["coding"][0]["code"] == "39607008"
+            assert {c["valueQuantity"]["code"] for c in obs["component"][1:]} == {"mm"}
+            assert "valueCodeableConcept" not in obs
+            assert "lung_nodule_1 (Nodule): probability 0.91, width 4.20 mm" in report["conclusion"]
+        else:
+            assert obs["valueCodeableConcept"]["coding"][0]["code"] == fatty[0]
+            assert (
+                "Breast composition: Almost entirely fatty breast (A, probability 0.80)."
+                in (report["conclusion"])
+            )
