@@ -111,12 +111,9 @@ def data_root(shared: Path | None = None, cache: Path | None = None) -> Path | N
 
 
 def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
+    """Hex SHA-256 of a file."""
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def mirrored(url: str, mirror: str | None) -> str:
