@@ -536,6 +536,8 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 "--scheduler-file",
                 str(scheduler_file),
                 "--no-dashboard",
+                "--dashboard-address",  # its HTTP server still starts: loopback, a free port
+                "127.0.0.1:0",
             ],
             log_path=logs["scheduler"],
             cwd=workdir,

@@ -168,7 +168,9 @@ def dask_client(cfg: PipelineConfig) -> Iterator[Any]:
                 threads_per_worker=cfg.compute.threads_per_worker,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address=None,
+                # no dashboard; the scheduler's HTTP server (health routes) still starts: on a
+                # free loopback port, never 0.0.0.0:8787 (taken: a leaked socket, a warning)
+                dashboard_address="127.0.0.1:0",
                 scheduler_kwargs={"dashboard": False},
                 silence_logs=logging.ERROR,
             ) as cluster,
