@@ -258,7 +258,13 @@ class Server:
         return {"resourceType": "Bundle", "type": "transaction-response", "entry": answers}
 
 
-def make_handler(server: Server, token: str | None) -> type[BaseHTTPRequestHandler]:
+def make_handler(
+    server: Server, token: str | None, die_after: int | None = None
+) -> type[BaseHTTPRequestHandler]:
+    """The request handler; ``die_after``: once that many transactions are answered, the
+    process exits at once (as if killed) when the next one arrives, storing nothing of it."""
+    answered = [0]
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -325,8 +331,11 @@ def make_handler(server: Server, token: str | None) -> type[BaseHTTPRequestHandl
                 return
             try:
                 bundle = json.loads(raw)
+                if die_after is not None and answered[0] >= die_after:
+                    os._exit(0)  # gone before the next Bundle, its answers all read back
                 with _LOCK:
                     self._send(200, server.transaction(bundle))
+                    answered[0] += 1
             except json.JSONDecodeError:
                 self._send(400, _outcome("invalid", "not JSON"))
             except Refused as exc:
@@ -371,10 +380,14 @@ class FhirTestServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, die_after: int | None = None) -> None:
+        """Start it; ``die_after``: it exits by itself at the transaction after that many."""
         import requests
 
+        self.stop()  # reap an earlier process (one that exited by itself too)
         token = ["--token", self.token] if self.token else []
+        if die_after is not None:
+            token += ["--die-after-transactions", str(die_after)]
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--port", str(self.port), "--data", str(self.data),
              *token],
@@ -406,10 +419,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--token", default=None)
+    ap.add_argument("--die-after-transactions", type=int, default=None)
     args = ap.parse_args(argv)
-    httpd = ThreadingHTTPServer(
-        ("127.0.0.1", args.port), make_handler(Server(Store(args.data)), args.token)
-    )
+    handler = make_handler(Server(Store(args.data)), args.token, args.die_after_transactions)
+    httpd = ThreadingHTTPServer(("127.0.0.1", args.port), handler)
     print(f"fhir test server on http://127.0.0.1:{args.port}", flush=True)
     httpd.serve_forever()
 

@@ -272,18 +272,8 @@ def test_server_stopped_mid_export_then_restarted_delivers_once(
     root, base = built
     lake = _copy(base, tmp_path / "lake")
     monkeypatch.setenv("PACSFLOW_TEST_FHIR_TOKEN", TOKEN)
-    from pipeline.fhir import client as client_module
-
-    real = client_module.FhirClient.transaction
-    calls = {"n": 0}
-
-    def transaction_then_stop(self: FhirClient, bundle: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            server.stop()  # the real server goes away between two Bundles
-        return real(self, bundle)
-
-    monkeypatch.setattr(client_module.FhirClient, "transaction", transaction_then_stop)
+    server.stop()
+    server.start(die_after=1)  # the real server exits when the second Bundle arrives
     first = fhir_run(_cfg(root), lake, run_id="f1", dest=server.url)
     n = first.counts.extra["results"]
     assert first.error is not None
@@ -291,7 +281,6 @@ def test_server_stopped_mid_export_then_restarted_delivers_once(
     assert first.counts.extra["confirmed"] == 1
     assert len(first.pending) == n - 1
     server.start()
-    monkeypatch.setattr(client_module.FhirClient, "transaction", real)
     second = fhir_run(_cfg(root), lake, run_id="f2", dest=server.url)
     assert second.counts.extra["confirmed"] == n - 1
     assert second.counts.extra["skipped"] == 1
