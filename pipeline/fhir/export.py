@@ -49,7 +49,7 @@ from pipeline.fhir.bundle import (
     SeriesRecord,
 )
 from pipeline.lake import LakePaths, read_table
-from pipeline.lake.queries import finding_name
+from pipeline.lake.queries import finding_name, latest_decisions
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +87,9 @@ def _in(column: str, values: set[str]) -> Any:
 
 
 def _latest_decisions(lake: LakePaths, keys: set[str]) -> dict[str, dict[str, Any]]:
-    """finding key -> its latest review row (latest ``reviewed_at``, ties by ``review_id``, as
-    the review app decides)."""
+    """finding key -> its latest review row, by the review app's own rule."""
     rows = read_table(lake, "reviews", filter=_in("finding_key", keys)).to_pylist() if keys else []
-    out: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        have = out.get(row["finding_key"])
-        if have is None or (row["reviewed_at"], row["review_id"]) > (
-            have["reviewed_at"],
-            have["review_id"],
-        ):
-            out[row["finding_key"]] = row
-    return out
+    return latest_decisions(rows)
 
 
 def _measurement_specs(body: Mapping[str, Any] | None) -> dict[str, tuple[Any, Any, Any]]:

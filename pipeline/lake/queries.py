@@ -1252,3 +1252,19 @@ def status_reviews(lake: LakePaths) -> Query:
                    (SELECT count(*) FROM {scan_sql(lake, "reviews")}) AS decisions
             FROM {latest} GROUP BY 1 ORDER BY 1"""
     )
+
+
+def latest_decisions(reviews: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The status of each reviewed finding (``reviews`` rows): its latest decision (latest
+    ``reviewed_at`` wins; ties broken by ``review_id`` so the answer never depends on file
+    order). The review app and the FHIR report status both decide by it."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in reviews:
+        key = row["finding_key"]
+        have = latest.get(key)
+        if have is None or (row["reviewed_at"], row["review_id"]) > (
+            have["reviewed_at"],
+            have["review_id"],
+        ):
+            latest[key] = dict(row)
+    return latest

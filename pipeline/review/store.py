@@ -24,7 +24,7 @@ import pyarrow as pa
 from pipeline.lake.duck import arrow_table, connect
 from pipeline.lake.io import read_table, write_partition
 from pipeline.lake.paths import LakePaths
-from pipeline.lake.queries import COHORT_KEYS, review_catalog
+from pipeline.lake.queries import COHORT_KEYS, latest_decisions, review_catalog
 
 __all__ = [
     "DECISIONS",
@@ -106,21 +106,6 @@ def load_reviews(lake: LakePaths) -> list[dict[str, Any]]:
     rows = read_table(lake, "reviews").to_pylist()
     rows.sort(key=lambda r: (r["reviewed_at"], r["review_id"]))
     return rows
-
-
-def latest_decisions(reviews: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The status of each reviewed finding: its latest decision (latest ``reviewed_at`` wins;
-    ties broken by ``review_id`` so the answer never depends on file order)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for row in reviews:
-        key = row["finding_key"]
-        have = latest.get(key)
-        if have is None or (row["reviewed_at"], row["review_id"]) > (
-            have["reviewed_at"],
-            have["review_id"],
-        ):
-            latest[key] = dict(row)
-    return latest
 
 
 def history(reviews: Iterable[Mapping[str, Any]], finding_key: str) -> list[dict[str, Any]]:
