@@ -10,7 +10,9 @@ folder under ``bench/out/`` (git-ignored):
   <config default deid section>).deidentify(ds, in_place=True)`` -> ``stage._export`` (the header by
   ``pipeline.deid.encode.encode_part10``, the pixel data copied from the source by
   ``copy_file_range``; temporary file and rename, named
-  ``<study>/<series>/<sop>.dcm`` by pseudonyms), then one ``sync_filesystem``
+  ``<study>/<series>/<sop>.dcm`` by pseudonyms under the pass's one output folder, as the
+  stage writes them: a series' files share one folder; renamed ``<index>.dcm`` after the
+  timed pass, untimed, for the checks), then one ``sync_filesystem``
   (syncfs) per pass, as ``deid_batch`` does once per batch (its time is spread over the files);
 - **pacsflow tables**: ``stage.deid_batch`` on a fresh temporary lake with the default config
   (no export): header-only read (``stop_before_pixels``) through the folder connector,
@@ -64,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import datetime as dt
 import hashlib
@@ -146,11 +149,15 @@ def _setup(name: str) -> tuple[str, Callable[..., Any], Callable[[Path], None] |
             # deid_batch's export branch, file by file: read (force), de-identify in place
             # (the dataset is ours), _export (atomic, not yet durable); then one
             # sync_filesystem for the pass, as deid_batch does once per batch
-            def export(src: str, dst: Path) -> None:
+            # into one export folder (``dst.parent``), as the stage does: the series' files
+            # share its <study>/<series> folder (a repeated SOP Instance UID gets its own);
+            # the path written is returned so that the worker can name it by its source
+            # after the timed pass
+            def export(src: str, dst: Path) -> Path:
                 with open(src, "rb") as fp:
                     ds, fp2, tail = read_object(fp, True)
                     out = deid.deidentify(ds, in_place=True).dataset
-                    _export(out, dst.with_suffix(""), fp2, tail)
+                    return _export(out, dst.parent, fp2, tail)
 
             return "file", export, (sync_filesystem if name == "pacsflow-export" else None)
 
@@ -267,12 +274,16 @@ def worker(name: str) -> int:
         times: list[float | None] | None = None
         clock = time.perf_counter
         t0 = clock()
+        written: list[Any] = []
         if kind == "file":
             times = [None] * n
+            written = [None] * n
+            own = set(listing.get("own_folder", ())) if name.startswith("pacsflow") else set()
             for i, src in enumerate(listing["abs"][:n]):
+                target = dst / f"{i:05d}" / "own.dcm" if i in own else dst / f"{i:05d}.dcm"
                 t1 = clock()
                 try:
-                    fn(src, dst / f"{i:05d}.dcm")
+                    written[i] = fn(src, target)
                     times[i] = clock() - t1
                 except Exception as exc:
                     failed += 1
@@ -286,6 +297,7 @@ def worker(name: str) -> int:
         if finish is not None:
             finish(dst)
         seconds, finish_s = clock() - t0, clock() - t1
+        _name_by_source(dst, written)  # untimed
         reply = {
             "seconds": seconds,
             "n": n,
@@ -296,6 +308,20 @@ def worker(name: str) -> int:
         }
         proto.write(json.dumps(reply) + "\n")
     return 0
+
+
+def _name_by_source(dst: Path, written: list[Any]) -> None:
+    """Outputs a contender wrote under its own name (a returned path) renamed to
+    ``dst/<source index>.dcm``, as the others write them, for :func:`check_outputs`."""
+    moved = False
+    for i, path in enumerate(written):
+        if isinstance(path, Path) and path != dst / f"{i:05d}.dcm":
+            path.replace(dst / f"{i:05d}.dcm")
+            moved = True
+    if moved:
+        for folder in sorted((p for p in dst.rglob("*") if p.is_dir()), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 # ---------------------------------------------------------------------------------- datasets
@@ -527,9 +553,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             w.ready()
         for dname in args.datasets:
             listing = prepare(dname, args)
+            originals = _originals(listing)
+            # sources whose SOP Instance UID an earlier one has (the real corpus holds a few
+            # objects twice): pacsflow names its output by that UID's pseudonym, so these get
+            # a folder of their own instead of replacing the earlier output
+            seen: set[str] = set()
+            listing["own_folder"] = [
+                i for i, o in enumerate(originals) if o["sop"] in seen or seen.add(o["sop"])
+            ]
             list_path = out / f"{dname}.json"
             list_path.write_text(json.dumps(listing))
-            originals = _originals(listing)
             n = len(listing["rel"])
             size = sum((Path(listing["root"]) / r).stat().st_size for r in listing["rel"])
             print(f"\n== {dname}: {listing['desc']}, {size / 2**20:.1f} MiB", flush=True)

@@ -344,8 +344,9 @@ def _read_whole(fp: Any, limits: LimitsConfig) -> tuple[Any, Any]:
     return ds, data
 
 
-def _export(ds: Any, folder: Any, source: Any = None, tail: tuple[int, int] | None = None) -> None:
-    """Write a de-identified dataset as a Part 10 file, atomically, named by pseudonyms.
+def _export(ds: Any, folder: Any, source: Any = None, tail: tuple[int, int] | None = None) -> Path:
+    """Write a de-identified dataset as a Part 10 file, atomically, named by pseudonyms;
+    return its path (``folder/<study>/<series>/<instance>.dcm``).
 
     With ``tail`` (offset and size of the Pixel Data element in ``source``, see
     :func:`pipeline.deid.encode.pixel_tail`) the header is encoded and the pixel data copied
@@ -359,6 +360,7 @@ def _export(ds: Any, folder: Any, source: Any = None, tail: tuple[int, int] | No
         write_with_tail(path, encode_part10(ds), source, tail)
     else:
         atomic_write_bytes(path, encode_part10(ds), durable=False)
+    return path
 
 
 def _quarantine_row(
