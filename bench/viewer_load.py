@@ -119,6 +119,7 @@ const n = performance.getEntriesByType('navigation')[0];
 const page = {response: Math.round(n.responseStart), html: Math.round(n.responseEnd),
               interactive: Math.round(n.domInteractive)};
 return {error: v.error, loaded: el.dataset.loaded || null, preview: el.dataset.preview || null,
+        first: el.dataset.first || null, renderer: v.renderer, why: v.rendererWhy,
         timings: v.timings, page: page,
         resources: res};
 """
@@ -138,7 +139,7 @@ def _top_functions(profile: dict[str, Any], n: int = 25) -> list[tuple[str, floa
 
 
 def _browser_runs(
-    base: str, key: str, runs: int, wait_s: float, profile: bool = False
+    base: str, key: str, runs: int, wait_s: float, profile: bool = False, viewer: str = ""
 ) -> list[dict[str, Any]]:
     from review_factory import headless_chromium
     from selenium.common.exceptions import TimeoutException
@@ -165,7 +166,9 @@ def _browser_runs(
             # navigate without waiting for the load event (a renderer busy in SwiftShader
             # would time the command out), then wait for the new page's viewer
             driver.execute_script(
-                "location.href = arguments[0]", f"{base}/finding?key={quote(key, safe='')}"
+                "location.href = arguments[0]",
+                f"{base}/finding?key={quote(key, safe='')}"
+                + (f"&viewer={viewer}" if viewer else ""),
             )
             WebDriverWait(
                 driver, wait_s, poll_frequency=0.05, ignored_exceptions=(TimeoutException,)
@@ -193,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--wait", type=float, default=600.0, help="seconds a run may take")
     ap.add_argument("--profile", action="store_true", help="print the JS functions' self time")
+    ap.add_argument(
+        "--viewer",
+        choices=("niivue", "slices"),
+        help="force a renderer (default: the page's own choice: slices on CPU WebGL)",
+    )
     args = ap.parse_args(argv)
     shape = (int(args.shape[0]), int(args.shape[1]), int(args.shape[2]))
     with tempfile.TemporaryDirectory(prefix="pacsflow-viewer-bench-") as tmp:
@@ -201,11 +209,23 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server = _server_side(base, key)
             print("server:", json.dumps(server), flush=True)
-            runs = _browser_runs(base, key, args.runs, args.wait, args.profile)
+            runs = _browser_runs(base, key, args.runs, args.wait, args.profile, args.viewer or "")
         finally:
             srv.should_exit = True
             thread.join(timeout=30)
-    steps = ("module", "attached", "preview-volume", "preview", "volume", "mask", "frame")
+    steps = (
+        "script",
+        "probe",
+        "module",
+        "attached",
+        "preview-volume",
+        "preview",
+        "planes",
+        "first",
+        "volume",
+        "mask",
+        "frame",
+    )
     print(f"\nshape {shape}: ms since navigation (Chromium headless, SwiftShader)")
     print("| run | " + " | ".join(steps) + " | wall s |")
     print("|---" * (len(steps) + 2) + "|")

@@ -104,7 +104,8 @@ _STATIC = {
     "style.css": "text/css",
     "finding.js": "text/javascript",
     "keys.js": "text/javascript",
-    "viewer.js": "text/javascript",  # issue #23: the NiiVue viewer (pipeline.review.viewer)
+    "viewer.js": "text/javascript",  # issue #23: the viewer (pipeline.review.viewer)
+    "slices.js": "text/javascript",  # its slice renderer (2-D canvas, no WebGL)
 }
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

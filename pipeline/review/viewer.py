@@ -5,8 +5,12 @@ and reviewers' corrected masks.
   long-cached under a versioned name, gzipped when the browser accepts it);
 - ``GET /volume.nii?key=<finding>`` and ``GET /mask.nii?key=<finding>[&correction=<id>]``:
   the de-identified volume and the finding's mask (1 on the finding; or a stored correction)
-  as NIfTI-1 in RAS (:mod:`pipeline.review.nifti`), raw or with ``gz=1`` gzipped, whole or
-  with ``step=n`` every n-th voxel along each axis (a preview the page shows first); login and
+  as NIfTI-1 in RAS (:mod:`pipeline.review.nifti`), raw or with ``gz=1`` gzipped, whole, or
+  with ``step=n`` every n-th voxel along each axis (a preview), or with ``plane=a,n`` the one
+  plane ``n`` (from 0) across array axis ``a`` (0 slice, 1 row, 2 column; the slice viewer's
+  first frame, read from the memory-mapped tensor without the rest), or for a mask with
+  ``crop=1`` the smallest box holding the finding; ``X-Region-Start`` gives the (k, j, i) of
+  the answer's first voxel in the whole volume, and the affine is moved to it; login and
   the ``view`` permission required, each answer (a 304 too) audited as a view; ``Cache-Control:
   private, no-cache`` with an ETag, so a browser revalidates (and is audited) every time;
 - ``POST /correction?key=<finding>``: a drawn mask (NIfTI, gzipped or not) from a role with the
@@ -61,6 +65,23 @@ _NII_TYPES = frozenset({"uint8", "int16", "int32", "float32", "int8", "uint16"})
 
 #: Largest ``step`` of a preview volume (every step-th voxel along each axis).
 MAX_STEP = 16
+#: Bytes per chunk of a raw NIfTI answer.
+_CHUNK = 8 << 20
+
+
+def _plane(request: Request, shape: Any) -> tuple[int, int] | bool | None:
+    """The request's ``plane=axis,index`` as (axis, index); None when absent; False when it
+    is not two integers with axis 0..2 and index inside the volume."""
+    text = request.query_params.get("plane")
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 5 for p in parts):
+        return False
+    axis, index = int(parts[0]), int(parts[1])
+    if axis > 2 or index >= int(shape[axis]):
+        return False
+    return axis, index
 
 
 def _step(request: Request) -> int | None:
@@ -80,6 +101,7 @@ class Viewer:
         self._lock = threading.Lock()
         self._gz: dict[str, bytes] = {}
         self._tensors: dict[str, dict[str, Any]] = {}
+        self._extents: dict[str, tuple[slice, slice, slice]] = {}
 
     def routes(self) -> list[Route]:
         """The routes to register in the app."""
@@ -105,9 +127,14 @@ class Viewer:
         corrections = [c for c in load_corrections(self.app.lake) if c["finding_key"] == key]
         latest = latest_corrections(corrections).get(key)
         centre = self.centre_mm(f)
+        t = self.tensor(str(f["tensor_key"]))
+        vox = self.centre_vox(f)
         ct = f.get("Modality") == "CT" and bool(f.get("rescaled", True))
         return {
             "module": f"/static/niivue/{NIIVUE}",
+            "slices": "/static/slices.js",
+            "affine": ",".join(f"{float(v):.6g}" for v in t["affine"]) if t else "",
+            "centre_vox": ",".join(str(v) for v in vox) if vox else "",
             "volume": "/volume.nii?" + urlencode({"key": key}),
             "mask": "/mask.nii?" + urlencode({"key": key}) if has_mask else "",
             "correction": (
@@ -161,6 +188,30 @@ class Viewer:
             return [-float(c[0]), -float(c[1]), float(c[2])]
         return None
 
+    def centre_vox(self, f: dict[str, Any]) -> list[int] | None:
+        """The finding's centre as a voxel (k, j, i) of its volume: its box's middle, else
+        ``centre_mm`` (LPS) through the affine, else None (the volume's middle)."""
+        shape = [int(v) for v in f.get("shape") or ()]
+        if len(shape) != 3:
+            return None
+        bbox = f.get("bbox")
+        if bbox:
+            vox = [(int(bbox[a]) + int(bbox[a + 3])) // 2 for a in range(3)]
+        else:
+            t = self.tensor(str(f["tensor_key"]))
+            c = f.get("centre_mm")
+            if t is None or not c or len(c) != 3:
+                return None
+            a = np.asarray(t["affine"], dtype=np.float64).reshape(4, 4)
+            try:
+                ijk = np.linalg.solve(a, np.array([float(v) for v in c] + [1.0]))[:3]
+            except np.linalg.LinAlgError:
+                return None
+            if not np.all(np.isfinite(ijk)):
+                return None
+            vox = [round(float(ijk[2])), round(float(ijk[1])), round(float(ijk[0]))]
+        return [min(max(v, 0), n - 1) for v, n in zip(vox, shape, strict=True)]
+
     # ---------------------------------------------------------------- static
 
     def static(self, request: Request) -> Response:
@@ -202,39 +253,76 @@ class Viewer:
             return PlainTextResponse("gz must be 0 or 1", status_code=400)
         if _step(request) is None:
             return PlainTextResponse(f"step must be 1..{MAX_STEP}", status_code=400)
+        plane = _plane(request, f["shape"])
+        if plane is False:
+            return PlainTextResponse(
+                "plane must be axis,index: axis 0..2, index inside the volume", status_code=400
+            )
+        if plane is not None and "step" in request.query_params:
+            return PlainTextResponse("plane and step do not go together", status_code=400)
         return who, f
 
+    @staticmethod
+    def _region(request: Request, shape: Any) -> tuple[slice, slice, slice]:
+        """The part of the (slices, rows, columns) array a request asks for."""
+        plane = _plane(request, shape)
+        step = _step(request) or 1
+        region = [slice(None, None, step)] * 3
+        if isinstance(plane, tuple):
+            region[plane[0]] = slice(plane[1], plane[1] + 1)
+        return region[0], region[1], region[2]
+
     def _nifti(
-        self, request: Request, array: np.ndarray[Any, Any], affine: list[float], tag: str
+        self,
+        request: Request,
+        array: np.ndarray[Any, Any],
+        affine: list[float],
+        tag: str,
+        region: tuple[slice, slice, slice],
     ) -> Response:
-        from starlette.responses import Response
+        from starlette.responses import Response, StreamingResponse
 
         gz = request.query_params.get("gz", "0") == "1"
         step = _step(request) or 1
-        etag = '"' + hashlib.sha256(f"{tag}|{int(gz)}|{step}".encode()).hexdigest()[:32] + '"'
-        headers = {"Cache-Control": "private, no-cache", "ETag": etag}
-        if request.headers.get("if-none-match") == etag:
+        starts = ",".join(str(r.start or 0) for r in region)
+        cut = ",".join(f"{r.start}:{r.stop}:{r.step}" for r in region)
+        etag = hashlib.sha256(f"{tag}|{int(gz)}|{cut}".encode()).hexdigest()[:32]
+        headers = {
+            "Cache-Control": "private, no-cache",
+            "ETag": f'"{etag}"',
+            "X-Region-Start": starts,  # (k, j, i) of its first voxel in the whole volume
+        }
+        if request.headers.get("if-none-match") == headers["ETag"]:
             return Response(status_code=304, headers=headers)
-        if step > 1:  # a preview: every step-th voxel, the affine's voxel axes scaled
-            array = array[::step, ::step, ::step]
-            scaled = np.asarray(affine, dtype=np.float64).reshape(4, 4) @ np.diag(
-                [step, step, step, 1.0]
-            )
-            affine = [float(v) for v in scaled.reshape(-1)]
+        # the region asked for (``array`` is already cut to it): the affine moved to its
+        # first voxel and its voxel axes scaled by the step, so that its voxel (i, j, k)
+        # sits where the whole volume's voxel does
+        start = [float(region[a].start or 0) for a in (2, 1, 0)]  # (i, j, k)
+        if step > 1 or any(start):
+            move = np.diag([float(step), float(step), float(step), 1.0])
+            move[:3, 3] = start
+            moved = np.asarray(affine, dtype=np.float64).reshape(4, 4) @ move
+            affine = [float(v) for v in moved.reshape(-1)]
         if array.dtype.name not in _NII_TYPES:
             array = array.astype(np.float32 if array.dtype.kind == "f" else np.int32)
-        body = (
-            nifti_header(array.shape, array.dtype, affine)
-            + np.ascontiguousarray(array)
-            .astype(array.dtype.newbyteorder("<"), copy=False)
-            .tobytes()
-        )
-        if gz:
-            body = gzip.compress(body, compresslevel=1, mtime=0)
-        media = "application/gzip" if gz else "application/octet-stream"
+        head = nifti_header(array.shape, array.dtype, affine)
+        data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
         name = "volume.nii.gz" if gz else "volume.nii"
         headers["Content-Disposition"] = f'inline; filename="{name}"'
-        return Response(body, media_type=media, headers=headers)
+        if gz:
+            body = gzip.compress(head + data.tobytes(), compresslevel=1, mtime=0)
+            return Response(body, media_type="application/gzip", headers=headers)
+        # raw: the header, then the array's own bytes (a memory-mapped tensor's pages, not
+        # copied into one more 157 MB string for a 512x512x300 CT)
+        view = data.reshape(-1).view(np.uint8).data
+        headers["Content-Length"] = str(len(head) + view.nbytes)
+
+        def chunks() -> Any:
+            yield head
+            for at in range(0, view.nbytes, _CHUNK):
+                yield view[at : at + _CHUNK]
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream", headers=headers)
 
     def volume(self, request: Request) -> Response:
         """A finding's de-identified volume as NIfTI (audited)."""
@@ -248,8 +336,11 @@ class Viewer:
         vol = self.app.volumes.get(str(f["tensor_path"]))
         if t is None or vol.ndim != 3:
             return PlainTextResponse("this volume cannot be shown in 3-D", status_code=404)
+        if "crop" in request.query_params:
+            return PlainTextResponse("crop is for masks", status_code=400)
         self.app.record("review_volume_viewed", request, who[0], finding_key=f["finding_key"])
-        return self._nifti(request, vol, t["affine"], f"volume|{t['checksum']}")
+        region = self._region(request, vol.shape)
+        return self._nifti(request, vol[region], t["affine"], f"volume|{t['checksum']}", region)
 
     def mask(self, request: Request) -> Response:
         """A finding's mask (1 on the finding), or one of its corrections, as NIfTI (audited)."""
@@ -263,6 +354,7 @@ class Viewer:
         if t is None:
             return PlainTextResponse("this volume cannot be shown in 3-D", status_code=404)
         shape = tuple(int(v) for v in f["shape"])
+        region = self._region(request, shape)
         correction = request.query_params.get("correction")
         if correction is not None:
             if not CORRECTION_ID.match(correction):
@@ -275,21 +367,33 @@ class Viewer:
             if not rows:
                 return PlainTextResponse("no such correction of this finding", status_code=404)
             path = correction_path(self.app.lake, str(f["tensor_key"]), correction)
-            mask = np.load(path, mmap_mode="r", allow_pickle=False)
+            full = np.load(path, mmap_mode="r", allow_pickle=False)
             tag = f"correction|{rows[0]['mask_checksum']}"
+            value = None
         elif f.get("mask_path"):
             full = self.app.volumes.get(str(f["mask_path"]))
-            mask = (np.asarray(full) == int(f.get("label_value") or 1)).astype(np.uint8)
             tag = f"mask|{f.get('mask_checksum')}|{f.get('label_value')}"
+            value = int(f.get("label_value") or 1)
         elif f.get("bbox"):
             k0, j0, i0, k1, j1, i1 = (int(v) for v in f["bbox"])
-            mask = np.zeros(shape, dtype=np.uint8)
-            mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] = 1
+            full = np.zeros(shape, dtype=np.uint8)
+            full[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] = 1
             tag = f"box|{f['finding_key']}|{f['bbox']}"
+            value = None
         else:
             return PlainTextResponse("this finding has no mask", status_code=404)
-        if tuple(mask.shape) != shape:
+        if tuple(full.shape) != shape:
             return PlainTextResponse("the mask is not the volume's shape", status_code=404)
+        crop = request.query_params.get("crop", "0")
+        if crop not in ("0", "1"):
+            return PlainTextResponse("crop must be 0 or 1", status_code=400)
+        if crop == "1":
+            if "plane" in request.query_params or "step" in request.query_params:
+                return PlainTextResponse("crop goes with neither plane nor step", status_code=400)
+            region = self._extent(tag, full, value)
+        # only the region asked for is read (a plane of a memory-mapped label map)
+        part = np.asarray(full[region])
+        mask = (part == value).astype(np.uint8) if value is not None else part
         self.app.record(
             "review_mask_viewed",
             request,
@@ -297,7 +401,28 @@ class Viewer:
             finding_key=f["finding_key"],
             correction_id=correction,
         )
-        return self._nifti(request, mask, t["affine"], tag)
+        return self._nifti(request, mask, t["affine"], tag, region)
+
+    def _extent(
+        self, tag: str, full: np.ndarray[Any, Any], value: int | None
+    ) -> tuple[slice, slice, slice]:
+        """The smallest box holding every voxel of a mask (``== value``, else non-zero), as
+        the region to serve for ``crop=1``; one voxel at the origin for an empty mask. Kept
+        per mask (its tag names its checksum)."""
+        with self._lock:
+            got = self._extents.get(tag)
+        if got is not None:
+            return got
+        on = np.asarray(full == value) if value is not None else np.asarray(full) != 0
+        bounds = [slice(0, 1)] * 3  # an empty mask: one voxel at the origin
+        if on.any():
+            for axis in range(3):
+                hit = np.flatnonzero(on.any(axis=tuple(a for a in range(3) if a != axis)))
+                bounds[axis] = slice(int(hit[0]), int(hit[-1]) + 1)
+        region = (bounds[0], bounds[1], bounds[2])
+        with self._lock:
+            self._extents[tag] = region
+        return region
 
     # ---------------------------------------------------------------- corrections
 

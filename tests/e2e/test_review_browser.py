@@ -575,8 +575,11 @@ def test_viewer_renders_and_corrections_are_stored_and_exported(
     )
     accepted = record_decision(lake, f, reviewer="lena", decision="accept")["finding_key"]
     _login(driver, server, "rudi", PASSWORDS["rudi"])
-    driver.get(f"{server}/finding?key={quote(accepted, safe='')}")
+    # NiiVue asked for by name: this browser's WebGL is SwiftShader's, where the page would
+    # choose the slice viewer (test_slice_viewer_renders_planes_fast_and_switches_to_niivue)
+    driver.get(f"{server}/finding?key={quote(accepted, safe='')}&viewer=niivue")
     _viewer_ready(driver)
+    assert driver.execute_script("return window.pacsflowViewer.renderer") == "niivue"
 
     # the canvas renders the volume, and two slices give different pixels
     driver.execute_script(
@@ -650,7 +653,7 @@ def test_viewer_renders_and_corrections_are_stored_and_exported(
     # a volume over 2**21 voxels is shown first as a preview (every n-th voxel), then whole;
     # measured and printed (bench/viewer_load.py measures 512x512x300, see bench/RESULTS.md)
     big = add_big_ct(lake, f, (120, 256, 256))
-    driver.get(f"{server}/finding?key={quote(big, safe='')}")
+    driver.get(f"{server}/finding?key={quote(big, safe='')}&viewer=niivue")
     _viewer_ready(driver, 300)
     t = driver.execute_script("return window.pacsflowViewer.timings")
     nv = driver.find_element("id", "nv")
@@ -663,3 +666,221 @@ def test_viewer_renders_and_corrections_are_stored_and_exported(
     assert drawn == 120 * 256 * 256
     print(f"viewer: 120x256x256 CT + mask, preview in {t['preview']} ms, whole in {t['frame']} ms")
     assert t["preview"] < t["frame"] < 300000, t
+
+
+# the slice viewer's canvas: size, lit pixels and a hash of its pixels (2-D context)
+_SLICE_PIXELS = """
+const c = document.getElementById('nv-slices'), w = c.width, h = c.height;
+const px = c.getContext('2d').getImageData(0, 0, w, h).data;
+let lit = 0, red = 0, hash = 0;
+for (let i = 0; i < px.length; i += 4) {
+  const v = px[i] + px[i + 1] + px[i + 2]; if (v > 30) lit++;
+  if (px[i] > px[i + 1] + 60) red++;
+  hash = (hash * 31 + v) % 1000000007;
+}
+return [w, h, lit, red, hash];
+"""
+
+# orientation of the three planes for a few affines (LPS, row-major), from the module itself
+_ORIENTATION = """
+const done = arguments[arguments.length - 1];
+import('/static/slices.js').then((m) => {
+  const cols = (a) => [[a[0], a[4], a[8]], [a[1], a[5], a[9]], [a[2], a[6], a[10]]];
+  const out = {};
+  for (const [name, a] of Object.entries(arguments[0])) {
+    out[name] = [0, 1, 2].map((axis) => {
+      const s = m.screenOf(axis, cols(a));
+      return [s.kind, s.labels.left, s.labels.right, s.labels.top, s.labels.bottom];
+    });
+  }
+  done(out);
+}, (e) => done({error: String(e)}));
+"""
+
+
+def test_slice_viewer_renders_planes_fast_and_switches_to_niivue(
+    lake: LakePaths, server: str, gl_browser: Any
+) -> None:
+    """On a browser whose WebGL is the CPU's (SwiftShader here) the page picks the slice
+    viewer: the three planes through the finding come first, then the whole volume; the
+    canvas shows volume and mask, scrolls, windows and turns planes by the affine; the 3-D
+    layout switches to NiiVue. Before: NiiVue only, 9 s for a 120x256x256 CT here and
+    81-100 s for a 512x512x300 one (bench/viewer_load.py)."""
+    import numpy as np
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = gl_browser
+    findings = read_table(lake, "findings").to_pylist()
+    f = max(
+        (x for x in findings if (x["voxel_count"] or 0) > 0 and x.get("bbox")),
+        key=lambda x: (x["voxel_count"], x["finding_key"]),
+    )
+    _login(driver, server, "rudi", PASSWORDS["rudi"])
+    big = add_big_ct(lake, f, (120, 256, 256))
+    driver.get(f"{server}/finding?key={quote(big, safe='')}")
+    _viewer_ready(driver)
+    state = driver.execute_script(
+        "const v = window.pacsflowViewer; return [v.renderer, v.rendererWhy, v.timings, "
+        "v.slices.volume.dims, v.slices.maskBlock.dims, v.slices.maskBlock.start, v.vox]"
+    )
+    renderer, why, t, vol_dims, mask_dims, mask_start, vox = state
+    assert renderer == "slices", why
+    assert "SwiftShader" in why, why
+    assert vol_dims == [256, 256, 120]  # the whole volume, x = column
+    # the mask came cut to the finding (crop=1): the box of its voxels, where it lies
+    big_f = next(x for x in read_table(lake, "findings").to_pylist() if x["finding_key"] == big)
+    on = np.load(lake.research / big_f["mask_path"]) == big_f["label_value"]
+    hits = [np.flatnonzero(on.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    assert mask_start == [int(hits[a][0]) for a in (2, 1, 0)]
+    assert mask_dims == [int(hits[a][-1] - hits[a][0] + 1) for a in (2, 1, 0)]
+    assert int(np.prod(mask_dims)) < 256 * 256 * 120 / 20
+    nv = driver.find_element("id", "nv")
+    assert nv.get_attribute("data-first") == str(t["first"])
+    assert nv.get_attribute("data-loaded") == str(t["frame"])
+    assert t["planes"] <= t["first"] <= t["frame"], t
+    print(
+        f"slice viewer: 120x256x256 CT + mask, first frame {t['first']} ms, whole {t['frame']} ms"
+    )
+
+    # it opened on the finding: the position is inside its box, numbered from 1
+    k0, j0, i0, k1, j1, i1 = big_f["bbox"]
+    assert k0 <= vox[2] <= k1, (vox, big_f["bbox"])
+    assert j0 <= vox[1] <= j1, (vox, big_f["bbox"])
+    assert i0 <= vox[0] <= i1, (vox, big_f["bbox"])
+    assert driver.find_element("id", "nv-pos").text.startswith(f"slice {vox[2] + 1} / 120 ")
+    w, h, lit, red, first = driver.execute_script(_SLICE_PIXELS)
+    assert w > 300, (w, h)
+    assert h > 200, (w, h)
+    assert lit > 0.05 * w * h, (w, h, lit)
+    assert red > 20, red  # the mask, filled, through the finding
+
+    # mask off, then outline: fewer red pixels; back to fill
+    driver.execute_script(
+        "const m = document.getElementById('nv-mask-mode'); m.value = 'off';"
+        "m.dispatchEvent(new Event('change'))"
+    )
+    assert driver.execute_script(_SLICE_PIXELS)[3] < red / 10
+    driver.execute_script(
+        "const m = document.getElementById('nv-mask-mode'); m.value = 'outline';"
+        "m.dispatchEvent(new Event('change'))"
+    )
+    outline = driver.execute_script(_SLICE_PIXELS)[3]
+    assert 0 < outline < red, (outline, red)
+    driver.execute_script(
+        "const m = document.getElementById('nv-mask-mode'); m.value = 'fill';"
+        "m.dispatchEvent(new Event('change'))"
+    )
+
+    # a window preset changes the picture
+    driver.execute_script(
+        "const m = document.getElementById('nv-window'); m.value = 'bone';"
+        "m.dispatchEvent(new Event('change'))"
+    )
+    assert driver.execute_script(_SLICE_PIXELS)[4] != first
+
+    # the wheel over the axial pane moves one slice; the planes differ
+    c = driver.find_element("id", "nv-slices")
+    driver.execute_script(
+        "const c = arguments[0], r = c.getBoundingClientRect();"
+        "for (let n = 0; n < 20; n++) c.dispatchEvent(new WheelEvent('wheel', {deltaY: 100,"
+        " clientX: r.left + r.width / 6, clientY: r.top + r.height / 2, bubbles: true,"
+        " cancelable: true}));",
+        c,
+    )
+    moved = driver.execute_script("return window.pacsflowViewer.vox")
+    assert moved[2] == max(vox[2] - 20, 0), (moved, vox)
+    assert moved[:2] == vox[:2], (moved, vox)
+    assert driver.find_element("id", "nv-pos").text.startswith(f"slice {moved[2] + 1} / 120 ")
+    other = driver.execute_script(_SLICE_PIXELS)[4]
+    driver.find_element("id", "nv-centre").click()
+    assert driver.execute_script("return window.pacsflowViewer.vox") == vox
+    assert driver.execute_script(_SLICE_PIXELS)[4] != other
+
+    # zoom changes the picture, reset brings it back; a click in the axial pane moves the
+    # crosshair within the slice; a right drag changes the window
+    centred = driver.execute_script(_SLICE_PIXELS)[4]
+    driver.find_element("id", "nv-zoom-in").click()
+    assert driver.execute_script(_SLICE_PIXELS)[4] != centred
+    driver.find_element("id", "nv-reset").click()
+    assert driver.execute_script(_SLICE_PIXELS)[4] == centred
+    pointer = (
+        "const c = arguments[0], r = c.getBoundingClientRect(), b = arguments[1];"
+        "const at = (x, y) => ({clientX: r.left + x * r.width, clientY: r.top + y * r.height,"
+        " button: b, pointerId: 1, bubbles: true});"
+        "c.dispatchEvent(new PointerEvent('pointerdown', at(arguments[2], arguments[3])));"
+        "c.dispatchEvent(new PointerEvent('pointermove', at(arguments[4], arguments[5])));"
+        "c.dispatchEvent(new PointerEvent('pointerup', at(arguments[4], arguments[5])));"
+        "return [window.pacsflowViewer.vox, window.pacsflowViewer.slices.window];"
+    )
+    before_window = driver.execute_script("return window.pacsflowViewer.slices.window")
+    clicked, same_window = driver.execute_script(pointer, c, 0, 0.1, 0.3, 0.1, 0.3)
+    assert clicked[2] == vox[2], (clicked, vox)  # the axial pane: same slice
+    assert clicked[:2] != vox[:2], (clicked, vox)
+    assert same_window == before_window
+    _, dragged = driver.execute_script(pointer, c, 2, 0.5, 0.5, 0.6, 0.45)
+    assert dragged != before_window, (dragged, before_window)
+    driver.find_element("id", "nv-centre").click()
+    driver.execute_script(  # the preset again (the screenshot below)
+        "document.getElementById('nv-window').dispatchEvent(new Event('change'))"
+    )
+    assert driver.execute_script("return window.pacsflowViewer.slices.window") == before_window
+
+    # planes turned by the affine: radiological axial (patient's left on the right, anterior
+    # up), coronal (left on the right, head up), sagittal (anterior on the left, head up); an
+    # axial series stored feet first and a sagittal MR stored as slices keep that convention
+    orient = driver.execute_async_script(
+        _ORIENTATION,
+        {
+            "axial": [0.7, 0, 0, 0, 0, 0.7, 0, 0, 0, 0, 2.5, 0, 0, 0, 0, 1],
+            "feet_first": [-0.7, 0, 0, 0, 0, -0.7, 0, 0, 0, 0, -2.5, 0, 0, 0, 0, 1],
+            "sagittal_slices": [0, 0, 1, 0, 1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0, 1],
+        },
+    )
+    assert "error" not in orient, orient
+    axial = [["axial", "R", "L", "A", "P"], ["coronal", "R", "L", "S", "I"],
+             ["sagittal", "A", "P", "S", "I"]]  # fmt: skip
+    assert orient["axial"] == axial
+    assert orient["feet_first"] == axial
+    assert sorted(p[0] for p in orient["sagittal_slices"]) == ["axial", "coronal", "sagittal"]
+    assert orient["sagittal_slices"][0] == ["sagittal", "A", "P", "S", "I"]
+    driver.execute_script("document.getElementById('nv').scrollIntoView()")
+    _screenshot(driver, "review-slices.png")
+
+    # nothing came from anywhere but the app; the policy blocked nothing
+    urls = driver.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => e.name)"
+    )
+    assert any("plane=" in u for u in urls), urls
+    assert all(u.startswith(server + "/") for u in urls), urls
+    blocked = [
+        e["message"]
+        for e in driver.get_log("browser")
+        if "Content Security Policy" in e["message"] or "Refused to" in e["message"]
+    ]
+    assert blocked == []
+
+    # the probe ran once the first page had loaded; this tab's next pages skip it
+    driver.refresh()
+    _viewer_ready(driver)
+    again = driver.execute_script(
+        "const v = window.pacsflowViewer; return [v.renderer, v.rendererWhy, v.timings]"
+    )
+    assert again[0] == "slices"
+    assert again[1] == why
+    assert "probe" not in again[2], again[2]
+
+    # the 3-D layout switches to NiiVue, which loads the same volume
+    driver.execute_script(
+        "const m = document.getElementById('nv-layout'); m.value = '3-D';"
+        "m.dispatchEvent(new Event('change'))"
+    )
+    WebDriverWait(driver, 300).until(
+        lambda d: d.execute_script(
+            "const v = window.pacsflowViewer; return v.error || (v.nv && v.nv.volumes.length"
+            " && v.nv.back && v.nv.back.dims[3] === 120 && v.timings.frame > v.timings.first)"
+        )
+    )
+    assert driver.execute_script("return window.pacsflowViewer.error") is None
+    assert driver.execute_script("return window.pacsflowViewer.renderer") == "niivue"
+    assert not driver.find_element("id", "nv-slices").is_displayed()
+    assert driver.find_element("id", "nv-canvas").is_displayed()

@@ -30,7 +30,7 @@ from test_review_support import (
     shared_lake,
 )
 
-from pipeline.lake import LakePaths
+from pipeline.lake import LakePaths, read_table
 from pipeline.review.nifti import HEADER_BYTES, nifti_header
 
 pytestmark = pytest.mark.slow
@@ -122,6 +122,102 @@ def test_preview_is_every_nth_voxel_with_a_scaled_affine(lake: LakePaths, base: 
             assert r.status_code == 400, bad
     events = [(r["event"], r["details"].get("finding_key")) for r in audit_records(lake)]
     assert ("review_mask_viewed", key) in events
+
+
+def test_one_plane_is_that_plane_with_a_moved_affine(lake: LakePaths, base: str) -> None:
+    """``plane=a,n`` serves plane n across array axis a of the volume and of the mask (the
+    slice viewer's first frame), the affine moved so its voxels sit where the whole's do; an
+    axis or index outside the volume, a malformed value, or plane with step is refused (400),
+    and each plane served is an audited view."""
+    f = _positive(lake)
+    key = f["finding_key"]
+    full_mask = np.load(lake.research / f["mask_path"]) == f["label_value"]
+    tensors = read_table(lake, "tensors").to_pylist()
+    path = next(t["path"] for t in tensors if t["tensor_key"] == f["tensor_key"])
+    volume = np.load(lake.research / path)
+    k, j, i = (int((a + b) // 2) for a, b in zip(f["bbox"][:3], f["bbox"][3:], strict=True))
+    before = len(audit_records(lake))
+    with logged_in(base, "lena") as s:
+        whole = s.get(base + "/volume.nii", params={"key": key}, timeout=WAIT_S)
+        full_srow = np.array(struct.unpack_from("<12f", whole.content, 280)).reshape(3, 4)
+        for axis, index in ((0, k), (1, j), (2, i)):
+            region = [slice(None)] * 3
+            region[axis] = slice(index, index + 1)
+            want_mask = full_mask[tuple(region)].astype(np.uint8)
+            want_vol = volume[tuple(region)]
+            m = s.get(base + "/mask.nii", params={"key": key, "plane": f"{axis},{index}"})
+            v = s.get(base + "/volume.nii", params={"key": key, "plane": f"{axis},{index}"})
+            assert m.status_code == v.status_code == 200, (m.text, v.text)
+            dims = struct.unpack_from("<8h", v.content, 40)[1:4]
+            assert dims == tuple(reversed(want_vol.shape))
+            got = np.frombuffer(v.content, dtype=want_vol.dtype.newbyteorder("<"), offset=352)
+            assert np.array_equal(got.reshape(want_vol.shape), want_vol)
+            got_m = np.frombuffer(m.content, dtype=np.uint8, offset=HEADER_BYTES)
+            assert np.array_equal(got_m.reshape(want_mask.shape), want_mask)
+            assert int(got_m.sum()) > 0  # the planes through the finding's box cross it
+            # the plane's voxel 0 is the whole's voxel with `index` along `axis`
+            srow = np.array(struct.unpack_from("<12f", v.content, 280)).reshape(3, 4)
+            np.testing.assert_allclose(srow[:, :3], full_srow[:, :3], rtol=1e-6)
+            ijk = np.zeros(4)
+            ijk[2 - axis], ijk[3] = index, 1.0
+            np.testing.assert_allclose(srow[:, 3], full_srow @ ijk, rtol=1e-5, atol=1e-3)
+            assert v.headers["ETag"] != whole.headers["ETag"]
+        shape = volume.shape
+        for bad in (
+            "3,0",
+            f"0,{shape[0]}",
+            f"2,{shape[2]}",
+            "0",
+            "0,1,2",
+            "-1,0",
+            "0,x",
+            "0,٣",
+            "0, 1",
+            "",
+            "0,1000000",
+        ):
+            r = s.get(base + "/volume.nii", params={"key": key, "plane": bad}, timeout=WAIT_S)
+            assert r.status_code == 400, bad
+        r = s.get(base + "/mask.nii", params={"key": key, "plane": "0,0", "step": "2"})
+        assert r.status_code == 400
+    events = [r["event"] for r in audit_records(lake)[before:]]
+    assert events.count("review_volume_viewed") >= 4  # the whole and the three planes
+    assert events.count("review_mask_viewed") >= 3
+
+
+def test_a_cropped_mask_is_the_box_of_the_finding(lake: LakePaths, base: str) -> None:
+    """``crop=1`` serves the mask cut to the smallest box holding the finding, its first
+    voxel in ``X-Region-Start`` (k, j, i) and in the moved affine; refused with plane or step
+    and on the volume; audited like the whole mask."""
+    f = _positive(lake)
+    key = f["finding_key"]
+    on = np.load(lake.research / f["mask_path"]) == f["label_value"]
+    hits = [np.flatnonzero(on.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    box = tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hits)
+    before = len(audit_records(lake))
+    with logged_in(base, "lena") as s:
+        whole = s.get(base + "/mask.nii", params={"key": key}, timeout=WAIT_S)
+        r = s.get(base + "/mask.nii", params={"key": key, "crop": "1"}, timeout=WAIT_S)
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Region-Start"] == ",".join(str(b.start) for b in box)
+        assert whole.headers["X-Region-Start"] == "0,0,0"
+        assert r.headers["ETag"] != whole.headers["ETag"]
+        want = on[box].astype(np.uint8)
+        assert struct.unpack_from("<8h", r.content, 40)[1:4] == tuple(reversed(want.shape))
+        got = np.frombuffer(r.content, dtype=np.uint8, offset=HEADER_BYTES)
+        assert np.array_equal(got.reshape(want.shape), want)
+        assert int(got.sum()) == int(on.sum())  # nothing of the finding left out
+        srow = np.array(struct.unpack_from("<12f", r.content, 280)).reshape(3, 4)
+        full = np.array(struct.unpack_from("<12f", whole.content, 280)).reshape(3, 4)
+        ijk = np.array([box[2].start, box[1].start, box[0].start, 1.0])
+        np.testing.assert_allclose(srow[:, 3], full @ ijk, rtol=1e-5, atol=1e-3)
+        for params in ({"crop": "1", "plane": "0,0"}, {"crop": "1", "step": "2"}, {"crop": "2"}):
+            bad = s.get(base + "/mask.nii", params={"key": key, **params}, timeout=WAIT_S)
+            assert bad.status_code == 400, params
+        bad = s.get(base + "/volume.nii", params={"key": key, "crop": "1"}, timeout=WAIT_S)
+        assert bad.status_code == 400
+    events = [r["event"] for r in audit_records(lake)[before:]]
+    assert events.count("review_mask_viewed") >= 2
 
 
 def _mask_nii(shape: list[int], affine: list[float] | None = None) -> bytes:
