@@ -534,6 +534,23 @@ def gl_browser() -> Iterator[Any]:
         yield driver
 
 
+def _only_from_the_app(driver: Any, server: str) -> list[str]:
+    """Nothing the page loaded came from anywhere but the app, and the Content-Security-Policy
+    blocked nothing: the page's resource URLs."""
+    urls = driver.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => e.name).concat([location.href])"
+    )
+    assert urls, urls
+    assert all(u.startswith(server + "/") for u in urls), urls
+    blocked = [
+        e["message"]
+        for e in driver.get_log("browser")
+        if "Content Security Policy" in e["message"] or "Refused to" in e["message"]
+    ]
+    assert blocked == []
+    return list(urls)
+
+
 def _viewer_ready(driver: Any, wait_s: float = WAIT_S) -> dict[str, Any]:
     def ready(d: Any) -> Any:
         state = d.execute_script(
@@ -627,18 +644,7 @@ def test_viewer_renders_and_corrections_are_stored_and_exported(
     assert rows[-1]["model_version"] == f["model_version"]
     assert int(np.load(lake.research / rows[-1]["mask_path"]).sum()) == 8
 
-    # nothing came from anywhere but the app, and the policy blocked nothing
-    urls = driver.execute_script(
-        "return performance.getEntriesByType('resource').map((e) => e.name).concat([location.href])"
-    )
-    assert urls, urls
-    assert all(u.startswith(server + "/") for u in urls), urls
-    blocked = [
-        e["message"]
-        for e in driver.get_log("browser")
-        if "Content Security Policy" in e["message"] or "Refused to" in e["message"]
-    ]
-    assert blocked == []
+    _only_from_the_app(driver, server)
     driver.execute_script("window.pacsflowViewer.nv.setSliceType(3)")
     driver.find_element("id", "nv-centre").click()
     driver.execute_script("document.getElementById('nv').scrollIntoView()")
@@ -846,18 +852,8 @@ def test_slice_viewer_renders_planes_fast_and_switches_to_niivue(
     driver.execute_script("document.getElementById('nv').scrollIntoView()")
     _screenshot(driver, "review-slices.png")
 
-    # nothing came from anywhere but the app; the policy blocked nothing
-    urls = driver.execute_script(
-        "return performance.getEntriesByType('resource').map((e) => e.name)"
-    )
+    urls = _only_from_the_app(driver, server)
     assert any("plane=" in u for u in urls), urls
-    assert all(u.startswith(server + "/") for u in urls), urls
-    blocked = [
-        e["message"]
-        for e in driver.get_log("browser")
-        if "Content Security Policy" in e["message"] or "Refused to" in e["message"]
-    ]
-    assert blocked == []
 
     # the probe ran once the first page had loaded; this tab's next pages skip it
     driver.refresh()
