@@ -1229,10 +1229,13 @@ def writeback_originals(lake: LakePaths, sops: Sequence[str]) -> Query:
     )
 
 
-def writeback_confirmed(lake: LakePaths, dest: str) -> Query:
-    """result UID and its latest status at ``dest``."""
-    latest = latest_sql(lake, "outbox", "result_uid", "updated_at", where="dest = $dest")
-    return Query(f"SELECT result_uid, status FROM {latest}", {"dest": dest})
+def writeback_confirmed(lake: LakePaths, dests: list[str]) -> Query:
+    """result UID and its latest status at the destination recorded under any of ``dests``
+    (one destination's names: see ``pipeline.writeback.stage._dest_aliases``)."""
+    latest = latest_sql(
+        lake, "outbox", "result_uid", "updated_at", where="list_contains($dests, dest)"
+    )
+    return Query(f"SELECT result_uid, status FROM {latest}", {"dests": list(dests)})
 
 
 def status_findings(lake: LakePaths) -> Query:

@@ -124,15 +124,26 @@ def _originals(
     return {r["sop_pseudonym"]: cipher.decrypt_row(opened(r)) for r in rows}
 
 
-def _confirmed(con: Any, lake: LakePaths, dest: str) -> dict[str, str]:
-    """result UID -> latest status at ``dest``."""
-    q = writeback_confirmed(lake, dest)
+def _confirmed(con: Any, lake: LakePaths, dests: list[str]) -> dict[str, str]:
+    """result UID -> latest status at the destination recorded under any of ``dests``."""
+    q = writeback_confirmed(lake, dests)
     return {r["result_uid"]: r["status"] for r in arrow_table(con, q.sql, q.params).to_pylist()}
 
 
 def _public_dest(dest: str) -> str:
-    """The destination as recorded: no credentials in a URI."""
-    return re.sub(r"//[^/@]*@", "//", dest) if "://" in dest and "dimse://" not in dest else dest
+    """The destination as recorded: no credentials in a URI; a folder as its absolute path
+    (the folder connector's ``source_id``), so that ``--dest results`` and ``--dest
+    /abs/results`` are one destination (a rerun sends nothing again)."""
+    if "://" not in dest:
+        return str(Path(dest).resolve())
+    return re.sub(r"//[^/@]*@", "//", dest) if "dimse://" not in dest else dest
+
+
+def _dest_aliases(dest: str) -> list[str]:
+    """The names the destination may be recorded under: as now, and as written before a
+    folder was recorded by its absolute path (the path as given)."""
+    public = _public_dest(dest)
+    return [public] if dest == public or "://" in dest else [public, dest]
 
 
 def _read_sources(
@@ -242,7 +253,7 @@ def run(
         )
 
     try:
-        status_at_dest = _confirmed(con, lake, public)
+        status_at_dest = _confirmed(con, lake, _dest_aliases(dest))
         groups = _groups(con, lake, model)
         set_total(progress, len(groups))
         for group in groups:

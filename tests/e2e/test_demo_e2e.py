@@ -25,13 +25,10 @@ def _pacsflow(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[s
 
 
 @pytest.fixture(scope="module")
-def small_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("demo")
-    cfg = out / "small.yaml"
-    cfg.write_text("synth: {patients: 2, ct_slices: 24, rows: 128, columns: 128}\n")
-    done = _pacsflow("demo", "--out", str(out), "--config", str(cfg))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, done.stdout
+def small_demo(small_demo_run: tuple[Path, str]) -> tuple[Path, str]:
+    """The session's small demo (``tests/e2e/conftest.py``): its output folder and stdout."""
+    work, stdout = small_demo_run
+    return work / "demo-out", stdout
 
 
 def test_demo_synthesises_crawls_and_checks_against_ground_truth(
@@ -59,7 +56,9 @@ def test_demo_synthesises_crawls_and_checks_against_ground_truth(
 
 def test_demo_rerun_reads_nothing_new(small_demo: tuple[Path, str]) -> None:
     out, _ = small_demo
-    cfg = out / "small.yaml"
+    cfg = out.parent / "small.yaml"
+    # the first run was given `--out demo-out` in its folder; this one the absolute path: the
+    # same archive, lake and results folder (write-back once sent all again: 12 objects)
     done = _pacsflow("demo", "--out", str(out), "--config", str(cfg))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reusing the archive" in done.stdout
