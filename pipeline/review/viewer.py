@@ -84,6 +84,19 @@ def _plane(request: Request, shape: Any) -> tuple[int, int] | bool | None:
     return axis, index
 
 
+def _box_part(
+    shape: tuple[int, ...], box: tuple[slice, slice, slice], region: tuple[slice, slice, slice]
+) -> np.ndarray[Any, Any]:
+    """The uint8 mask that is 1 inside ``box`` and 0 elsewhere in a volume of ``shape``, over
+    ``region`` only (one axis indicator each, multiplied out)."""
+    axes = []
+    for n, inside, cut in zip(shape, box, region, strict=True):
+        on = np.zeros(n, dtype=np.uint8)
+        on[inside] = 1
+        axes.append(on[cut])
+    return axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+
+
 def _step(request: Request) -> int | None:
     """The request's ``step`` (1 when absent), or None when it is not an integer 1..MAX_STEP."""
     text = request.query_params.get("step", "1")
@@ -375,14 +388,15 @@ class Viewer:
             tag = f"mask|{f.get('mask_checksum')}|{f.get('label_value')}"
             value = int(f.get("label_value") or 1)
         elif f.get("bbox"):
-            k0, j0, i0, k1, j1, i1 = (int(v) for v in f["bbox"])
-            full = np.zeros(shape, dtype=np.uint8)
-            full[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] = 1
+            # a box: never built at the volume's size, only over the region asked for
+            b = [int(v) for v in f["bbox"]]
+            box = (slice(b[0], b[3] + 1), slice(b[1], b[4] + 1), slice(b[2], b[5] + 1))
+            full = None
             tag = f"box|{f['finding_key']}|{f['bbox']}"
             value = None
         else:
             return PlainTextResponse("this finding has no mask", status_code=404)
-        if tuple(full.shape) != shape:
+        if full is not None and tuple(full.shape) != shape:
             return PlainTextResponse("the mask is not the volume's shape", status_code=404)
         crop = request.query_params.get("crop", "0")
         if crop not in ("0", "1"):
@@ -390,10 +404,12 @@ class Viewer:
         if crop == "1":
             if "plane" in request.query_params or "step" in request.query_params:
                 return PlainTextResponse("crop goes with neither plane nor step", status_code=400)
-            region = self._extent(tag, full, value)
-        # only the region asked for is read (a plane of a memory-mapped label map)
-        part = np.asarray(full[region])
-        mask = (part == value).astype(np.uint8) if value is not None else part
+            region = box if full is None else self._extent(tag, full, value)
+        if full is None:
+            mask = _box_part(shape, box, region)
+        else:  # only the region asked for is read (a plane of a memory-mapped label map)
+            part = np.asarray(full[region])
+            mask = (part == value).astype(np.uint8) if value is not None else part
         self.app.record(
             "review_mask_viewed",
             request,

@@ -183,10 +183,11 @@ async function slicesMain() {
 const impl = {};
 function applyWindow(name) { if (impl.applyWindow) impl.applyWindow(name); }
 function applyMask() {
-  const mode = $("nv-mask-mode").value, op = Number($("nv-opacity").value);
-  if (impl.applyMask) impl.applyMask(mode, op);
-  else if (api.slices) { api.slices.mask = { mode, opacity: op }; api.slices.draw(); }
+  if (impl.applyMask) impl.applyMask($("nv-mask-mode").value, Number($("nv-opacity").value));
 }
+impl.applyMask = (mode, opacity) => {
+  if (api.slices) { api.slices.mask = { mode, opacity }; api.slices.draw(); }
+};
 impl.applyWindow = (name) => {
   const sv = api.slices, p = presets[name];
   if (!sv) return;

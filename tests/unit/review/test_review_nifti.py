@@ -120,3 +120,25 @@ def test_corrections_are_stored_beside_the_models_mask_and_exported(tmp_path: Pa
             correction_path(lake, bad_key, first["correction_id"])
     with pytest.raises(ValueError, match="32 hex digits"):
         correction_path(lake, "t1", "../x")
+
+
+def test_a_box_mask_is_built_over_the_region_asked_for_only() -> None:
+    """A detection's box is served without a volume-sized array: over any region (whole,
+    preview, one plane, the box itself) it equals the whole mask cut to that region."""
+    from pipeline.review.viewer import _box_part
+
+    shape = (7, 9, 11)
+    box = (slice(2, 5), slice(1, 8), slice(3, 4))
+    whole = np.zeros(shape, dtype=np.uint8)
+    whole[box] = 1
+    every = slice(None, None, 1)
+    for region in (
+        (every, every, every),
+        (slice(None, None, 2),) * 3,
+        (slice(3, 4), every, every),
+        (every, every, slice(10, 11)),
+        box,
+    ):
+        got = _box_part(shape, box, region)
+        assert got.dtype == np.uint8
+        assert np.array_equal(got, whole[region]), region
